@@ -1,0 +1,67 @@
+"""Typed engine configuration. Field names follow vLLM's engine arguments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CPU_DEFAULT_KV_CACHE_BYTES = 4 << 30  # like vLLM's VLLM_CPU_KVCACHE_SPACE default (4 GiB)
+RUNTIME_RESERVE_FRACTION = 0.05  # of device memory, for activations and allocator slack
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # None: the default model (SmolLM2-135M-Instruct)
+    served_model_name: str | None = None
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"  # auto: cuda if available, else cpu
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    block_size: int = 16
+    gpu_memory_utilization: float | None = None  # fraction of device memory (CPU: of available RAM)
+    kv_cache_memory: int | None = None  # bytes; overrides gpu_memory_utilization
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # default: 2048 on CUDA, 512 on CPU
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    chat_template: str | None = None  # a path or a template string
+    attention_backend: str | None = None
+    num_threads: int | None = None  # CPU threads for torch; default: all cores
+
+    def __post_init__(self) -> None:
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be a power of two in [1, 128], got {self.block_size}")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use --device cpu")
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        return dev
+
+    def resolve_dtype(self, device: torch.device) -> torch.dtype:
+        names = {
+            "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+            "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+        }
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if self.dtype not in names:
+            raise ValueError(f"dtype must be one of {sorted(names) + ['auto']}, got {self.dtype!r}")
+        return names[self.dtype]

@@ -1,0 +1,325 @@
+"""LLMEngine: one step = schedule -> run the model -> sample -> update requests -> outputs.
+
+Also the front door for requests: validation happens in add_request, before anything is
+scheduled, and `n > 1` is expanded into n sequences that share one parent id.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pagedserve.config import EngineConfig
+from pagedserve.engine.detokenizer import IncrementalDetokenizer
+from pagedserve.engine.kv_cache import KVCacheManager
+from pagedserve.engine.model_runner import ModelRunner
+from pagedserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedserve.engine.request import Request, RequestStatus
+from pagedserve.engine.sampling_params import OutputKind, SamplingParams
+from pagedserve.engine.scheduler import Scheduler
+from pagedserve.model.arch import ModelArch
+from pagedserve.model.loader import load_hf_config, load_weights, resolve_model
+from pagedserve.model.tokenizer import load_tokenizer
+
+log = logging.getLogger("pagedserve.engine")
+
+
+@dataclass
+class _Parent:
+    """A user request: n sequences that report together."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    children: list[Request]
+    detoks: list[IncrementalDetokenizer]
+    pending: list[Request] = field(default_factory=list)  # siblings admitted after the first's prefill
+    prompt_logprobs: list | None = None
+    num_finished: int = 0
+    lp_sent: list[int] = field(default_factory=list)  # logprob entries already sent per child (DELTA)
+    tok_sent: list[int] = field(default_factory=list)
+
+
+@dataclass
+class EngineStats:
+    """Counters read by the metrics exporter; the engine only increments them."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    finished: dict[str, int] = field(default_factory=lambda: {"stop": 0, "length": 0, "abort": 0})
+    steps: int = 0
+    last_step_time: float = field(default_factory=time.monotonic)
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig):
+        t0 = time.monotonic()
+        self.cfg = cfg
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.model_path: Path = resolve_model(cfg.model)
+        hf_cfg = load_hf_config(self.model_path)
+        self.arch = ModelArch.from_hf_config(hf_cfg)
+        self.tokenizer = load_tokenizer(self.model_path, cfg.chat_template)
+        self.max_model_len = cfg.max_model_len or self.arch.max_position_embeddings
+        if self.arch.sliding_window and self.max_model_len > self.arch.sliding_window:
+            raise ValueError(
+                f"this model uses sliding-window attention ({self.arch.sliding_window} tokens), which "
+                f"pagedserve does not implement: set --max-model-len <= {self.arch.sliding_window}"
+            )
+        self.eos_token_ids = frozenset(self._eos_ids(hf_cfg))
+        self.runner = ModelRunner(cfg, self.arch, load_weights(self.model_path), self.max_model_len)
+        self.kv = KVCacheManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        device = self.runner.device
+        default_budget = 2048 if device.type == "cuda" else 512
+        self.max_num_batched_tokens = cfg.max_num_batched_tokens or default_budget
+        self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, self.max_num_batched_tokens)
+        self.parents: dict[str, _Parent] = {}
+        self.req_to_parent: dict[str, _Parent] = {}
+        self.stats = EngineStats()
+        self._seq = itertools.count()
+        self._ids = itertools.count()
+        self._pending_outputs: list[RequestOutput] = []  # e.g. aborts, reported on the next step
+        self.served_model_name = cfg.served_model_name or (cfg.model or "SmolLM2-135M-Instruct")
+        self.startup_seconds = time.monotonic() - t0
+        r = self.runner
+        log.info(
+            "engine ready in %.1fs: model=%s arch=%s params=%.1fM dtype=%s device=%s attention=%s "
+            "kv_cache=%.0fMiB blocks=%d block_size=%d tokens=%d max_model_len=%d "
+            "max_concurrency=%.1f (at max_model_len) max_num_batched_tokens=%d prefix_caching=%s",
+            self.startup_seconds, self.model_path, self.arch.architecture, self.arch.num_parameters() / 1e6,
+            str(r.dtype).removeprefix("torch."), device, r.model.layers[0].self_attn.backend.name,
+            r.kv_bytes / 2**20, r.num_blocks, cfg.block_size, r.num_blocks * cfg.block_size,
+            self.max_model_len, r.max_concurrency, self.max_num_batched_tokens, cfg.enable_prefix_caching,
+        )
+
+    def _eos_ids(self, hf_cfg: dict) -> set[int]:
+        ids = set(self.arch.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        gen = self.model_path / "generation_config.json"
+        if gen.exists():
+            e = json.loads(gen.read_text()).get("eos_token_id")
+            ids.update([e] if isinstance(e, int) else (e or []))
+        return ids
+
+    # -- requests --------------------------------------------------------------------------
+    def tokenize(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids
+
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt: str | list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> str:
+        """Validate and queue a request. Raises ValueError (naming the field) on bad input."""
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.parents:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            text = prompt
+            token_ids = self.tokenize(prompt) if prompt else []
+        else:
+            text, token_ids = None, [int(t) for t in prompt]
+        if not token_ids:
+            raise ValueError("prompt must not be empty")
+        V = self.arch.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"prompt has token ids outside [0, {V}): {bad[:5]}")
+        params.validate_token_ids(V)
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt is {len(token_ids)} tokens, but max_model_len is {self.max_model_len}: "
+                "shorten the prompt or raise --max-model-len"
+            )
+        room = self.max_model_len - len(token_ids)
+        max_tokens = params.max_tokens if params.max_tokens is not None else room
+        if max_tokens > room:
+            raise ValueError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but "
+                f"{len(token_ids) + max_tokens} were requested ({len(token_ids)} in the prompt, "
+                f"{max_tokens} in max_tokens): reduce the prompt or max_tokens"
+            )
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        eos = frozenset() if params.ignore_eos else self.eos_token_ids
+        children = []
+        for i in range(params.n):
+            req = Request(
+                request_id=request_id if params.n == 1 else f"{request_id}#{i}",
+                prompt_token_ids=token_ids,
+                sampling_params=params,
+                max_tokens=max_tokens,
+                eos_token_ids=eos,
+                priority=priority,
+                arrival_time=arrival,
+                parent_id=request_id,
+                index=i,
+                seq_no=next(self._seq),
+            )
+            if params.seed is not None:
+                req.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
+            children.append(req)
+        parent = _Parent(
+            request_id, text, token_ids, params, children,
+            [IncrementalDetokenizer(self.tokenizer, params) for _ in children],
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+            lp_sent=[0] * params.n, tok_sent=[0] * params.n,
+        )
+        self.parents[request_id] = parent
+        for c in children:
+            self.req_to_parent[c.request_id] = parent
+        # With prefix caching, siblings wait for the first one's prompt and then share its blocks.
+        if params.n > 1 and self.cfg.enable_prefix_caching:
+            parent.pending = children[1:]
+            self.scheduler.add(children[0])
+        else:
+            for c in children:
+                self.scheduler.add(c)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        parent = self.parents.get(request_id)
+        if parent is None:
+            return
+        for req in parent.children:
+            if not req.finished:
+                self._finish(parent, req, RequestStatus.FINISHED_ABORTED)
+        parent.pending.clear()
+        self._pending_outputs.extend(self._make_outputs({parent.request_id: set(range(len(parent.children)))}))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.parents) or bool(self._pending_outputs)
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting + sum(len(p.pending) for p in self.parents.values())
+
+    # -- the step --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending_outputs = self._pending_outputs, []
+        sched = self.scheduler.schedule()
+        self.stats.last_step_time = time.monotonic()
+        if not sched.requests:
+            return outputs
+        now = time.monotonic()
+        for r in sched.requests:
+            if r.metrics.first_scheduled_time is None:
+                r.metrics.first_scheduled_time = now
+        result = self.runner.execute(sched, self.kv)
+        self.scheduler.update_after_step(sched)
+        self.stats.steps += 1
+        now = time.monotonic()
+        changed: dict[str, set[int]] = {}
+        for req in sched.requests:
+            parent = self.req_to_parent[req.request_id]
+            if req.request_id in result.prompt_logprobs and req.index == 0:
+                for tok, lp in result.prompt_logprobs[req.request_id]:
+                    parent.prompt_logprobs.append(self._logprob_entry(tok, lp))
+            tok = result.sampled.get(req.request_id)
+            if tok is None:
+                continue
+            self._append(parent, req, tok, result.logprobs.get(req.request_id), now)
+            changed.setdefault(parent.request_id, set()).add(req.index)
+            if req.num_output_tokens == 1 and parent.pending and req.index == 0:
+                for sib in parent.pending:
+                    self.scheduler.add(sib)
+                parent.pending = []
+        outputs.extend(self._make_outputs(changed))
+        self.stats.last_step_time = time.monotonic()
+        return outputs
+
+    def _append(self, parent: _Parent, req: Request, tok: int, lp, now: float) -> None:
+        p = req.sampling_params
+        req.append_token(tok)
+        self.stats.generation_tokens += 1
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+            self.stats.prompt_tokens += req.num_prompt_tokens
+        req.metrics.last_token_time = now
+        if lp is not None:
+            req.cumulative_logprob += lp[0]
+            req.logprobs.append(self._logprob_entry(tok, lp))
+        may_stop = req.num_output_tokens >= p.min_tokens
+        stop_str = parent.detoks[req.index].add_token(tok, check_stop=may_stop)
+        status = None
+        if may_stop and tok in req.eos_token_ids:
+            status = RequestStatus.FINISHED_STOPPED
+        elif may_stop and tok in p.stop_token_ids:
+            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, tok
+        elif may_stop and stop_str is not None:
+            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
+        elif req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            self._finish(parent, req, status)
+
+    def _finish(self, parent: _Parent, req: Request, status: RequestStatus) -> None:
+        self.scheduler.finish(req, status)
+        req.metrics.finished_time = time.monotonic()
+        parent.num_finished += 1
+        self.stats.finished[status.value] += 1
+
+    def _logprob_entry(self, tok: int, lp) -> dict[int, Logprob]:
+        chosen, rank, ids, vals = lp
+        entry = {tok: Logprob(chosen, rank, self.tokenizer.decode([tok]))}
+        for r, (i, v) in enumerate(zip(ids, vals), start=1):
+            if i not in entry:
+                entry[i] = Logprob(v, r, self.tokenizer.decode([i]))
+        return entry
+
+    def _make_outputs(self, changed: dict[str, set[int]]) -> list[RequestOutput]:
+        outs = []
+        for pid, indexes in changed.items():
+            parent = self.parents[pid]
+            done = parent.num_finished == len(parent.children)
+            delta = parent.params.output_kind is OutputKind.DELTA
+            if not delta and not done:
+                continue
+            comps = []
+            for i in sorted(indexes) if delta else range(len(parent.children)):
+                req, detok = parent.children[i], parent.detoks[i]
+                finish = req.status.value if req.finished else None
+                want_lp = parent.params.logprobs is not None
+                if delta:
+                    toks = req.output_token_ids[parent.tok_sent[i] :]
+                    lps = req.logprobs[parent.lp_sent[i] :] if want_lp else None
+                    parent.tok_sent[i] = req.num_output_tokens
+                    parent.lp_sent[i] = len(req.logprobs)
+                    text = detok.delta(req.finished)
+                else:
+                    toks, lps, text = list(req.output_token_ids), (req.logprobs if want_lp else None), detok.text
+                comps.append(
+                    CompletionOutput(
+                        index=i, text=text, token_ids=toks,
+                        cumulative_logprob=req.cumulative_logprob if want_lp else None,
+                        logprobs=lps, finish_reason=finish, stop_reason=req.stop_reason,
+                    )
+                )
+            first = parent.children[0]
+            outs.append(
+                RequestOutput(
+                    request_id=pid, prompt=parent.prompt, prompt_token_ids=parent.prompt_token_ids,
+                    outputs=comps, finished=done, prompt_logprobs=parent.prompt_logprobs,
+                    metrics=first.metrics, num_cached_tokens=first.metrics.num_cached_tokens,
+                )
+            )
+            if done:
+                del self.parents[pid]
+                for c in parent.children:
+                    self.req_to_parent.pop(c.request_id, None)
+        return outs

@@ -1,0 +1,178 @@
+"""Runs one scheduled step on the model: flatten inputs, forward, sample.
+
+Owns the model weights and the KV cache tensor. The KV budget is decided once here, at start.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import psutil
+import torch
+
+from pagedserve.config import CPU_DEFAULT_KV_CACHE_BYTES, RUNTIME_RESERVE_FRACTION, EngineConfig
+from pagedserve.engine.kv_cache import KVCacheManager
+from pagedserve.engine.request import Request
+from pagedserve.engine.scheduler import SchedulerOutput
+from pagedserve.model.arch import ModelArch
+from pagedserve.model.attention import AttentionMetadata, PrefillChunk, get_attention_backend
+from pagedserve.model.llama import LlamaForCausalLM
+from pagedserve.model.sampler import Sampler, SamplerOutput, top_logprobs
+
+log = logging.getLogger("pagedserve.runner")
+
+
+@dataclass
+class StepResult:
+    sampled: dict[str, int]  # request id -> new token (only requests that finished their tokens)
+    logprobs: dict[str, tuple]  # request id -> sampler logprob tuple
+    prompt_logprobs: dict[str, list]  # request id -> list of (token, logprob tuple) for this chunk
+
+
+def kv_cache_bytes(cfg: EngineConfig, device: torch.device, weight_bytes: int) -> int:
+    """The KV budget: explicit bytes, else a fraction of device memory minus weights and a reserve."""
+    if cfg.kv_cache_memory is not None:
+        return cfg.kv_cache_memory
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        frac = cfg.gpu_memory_utilization or 0.9
+        budget = int(total * frac) - weight_bytes - int(total * RUNTIME_RESERVE_FRACTION)
+    elif cfg.gpu_memory_utilization is not None:
+        avail = psutil.virtual_memory().available
+        budget = int(avail * cfg.gpu_memory_utilization) - int(avail * RUNTIME_RESERVE_FRACTION)
+    else:
+        budget = CPU_DEFAULT_KV_CACHE_BYTES
+    if budget <= 0:
+        raise ValueError(
+            f"no memory left for the KV cache after {weight_bytes / 2**30:.2f} GiB of weights: "
+            "raise --gpu-memory-utilization or set --kv-cache-memory"
+        )
+    return budget
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig, arch: ModelArch, weights: dict[str, torch.Tensor], max_model_len: int):
+        self.cfg = cfg
+        self.arch = arch
+        self.device = cfg.resolve_device()
+        self.dtype = cfg.resolve_dtype(self.device)
+        self.block_size = cfg.block_size
+        self.max_model_len = max_model_len
+        backend = get_attention_backend(self.device, cfg.attention_backend)
+        with torch.device("meta"):
+            model = LlamaForCausalLM(arch, backend, max_model_len)
+        model = model.to_empty(device=self.device).to(self.dtype)
+        model.tie_weights()
+        model.load_weights(weights)
+        model.rotary = model.rotary.__class__(arch, max_model_len).to(self.device)
+        self.model = model.eval()
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.sampler = Sampler(arch.vocab_size)
+
+        per_token = arch.kv_bytes_per_token(torch.empty((), dtype=self.dtype).element_size())
+        budget = kv_cache_bytes(cfg, self.device, self.weight_bytes)
+        self.num_blocks = budget // (per_token * self.block_size)
+        blocks_per_seq = -(-max_model_len // self.block_size)
+        if self.num_blocks < blocks_per_seq:
+            raise ValueError(
+                f"the KV cache holds {self.num_blocks * self.block_size} tokens "
+                f"({budget / 2**20:.0f} MiB), fewer than one sequence of max_model_len={max_model_len}: "
+                "lower --max-model-len, or raise --kv-cache-memory / --gpu-memory-utilization"
+            )
+        # Zeroed: padded attention reads must see finite numbers (0 * NaN would poison outputs).
+        self.kv_caches = torch.zeros(
+            (arch.num_layers, 2, self.num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim),
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.kv_bytes = self.kv_caches.numel() * self.kv_caches.element_size()
+        self.max_concurrency = self.num_blocks / blocks_per_seq
+
+    # ------------------------------------------------------------------------------------------
+    def execute(self, out: SchedulerOutput, kv: KVCacheManager) -> StepResult:
+        bs = self.block_size
+        decodes: list[Request] = []
+        prefills: list[Request] = []
+        for r in out.requests:
+            (decodes if out.num_scheduled_tokens[r.request_id] == 1 else prefills).append(r)
+        ordered = decodes + prefills
+
+        tokens: list[int] = []
+        positions: list[np.ndarray] = []
+        slots: list[np.ndarray] = []
+        chunks: list[PrefillChunk] = []
+        sample_idx: list[int] = []
+        sample_reqs: list[Request] = []
+        plp_spans: list[tuple[Request, int, int, int]] = []  # req, first row, rows, first position
+        tables = [np.asarray(kv.block_ids(r.request_id), dtype=np.int64) for r in ordered]
+        t = 0
+        for r, table in zip(ordered, tables):
+            n = out.num_scheduled_tokens[r.request_id]
+            c = r.num_computed_tokens
+            pos = np.arange(c, c + n, dtype=np.int64)
+            tokens.extend(r.all_token_ids[c : c + n])
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            if n > 1:
+                chunks.append(PrefillChunk(t, n, c + n, torch.from_numpy(table).to(self.device)))
+            if r.sampling_params.prompt_logprobs is not None and c < r.num_prompt_tokens:
+                plp_spans.append((r, t, min(n, r.num_prompt_tokens - c), c))
+            if c + n == r.num_tokens:
+                sample_idx.append(t + n - 1)
+                sample_reqs.append(r)
+            t += n
+
+        dev = self.device
+        nd = len(decodes)
+        dec_tables = dec_lens = None
+        max_ctx = 0
+        if nd:
+            width = max(len(tb) for tb in tables[:nd])
+            padded = np.zeros((nd, width), dtype=np.int64)
+            for i, tb in enumerate(tables[:nd]):
+                padded[i, : len(tb)] = tb
+            lens = np.array([r.num_computed_tokens + 1 for r in decodes], dtype=np.int64)
+            max_ctx = int(lens.max())
+            dec_tables = torch.from_numpy(padded).to(dev)
+            dec_lens = torch.from_numpy(lens).to(dev)
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
+            num_decodes=nd,
+            decode_block_tables=dec_tables,
+            decode_context_lens=dec_lens,
+            decode_max_context=max_ctx,
+            prefills=chunks,
+            block_size=bs,
+        )
+        input_ids = torch.tensor(tokens, dtype=torch.long, device=dev)
+        pos_t = torch.from_numpy(np.concatenate(positions)).to(dev)
+        hidden = self.model(input_ids, pos_t, self.kv_caches, meta)
+
+        result = StepResult({}, {}, {})
+        if plp_spans:
+            result.prompt_logprobs = self._prompt_logprobs(hidden, plp_spans)
+        if sample_reqs:
+            logits = self.model.compute_logits(hidden[torch.tensor(sample_idx, device=dev)])
+            s: SamplerOutput = self.sampler(logits, sample_reqs)
+            for r, tok, lp in zip(sample_reqs, s.token_ids, s.logprobs):
+                result.sampled[r.request_id] = tok
+                if lp is not None:
+                    result.logprobs[r.request_id] = lp
+        return result
+
+    def _prompt_logprobs(self, hidden, spans) -> dict[str, list]:
+        """Logprob of each prompt token given the tokens before it (the first has none)."""
+        res: dict[str, list] = {}
+        for r, row, rows, first_pos in spans:
+            k = r.sampling_params.prompt_logprobs
+            lps = torch.log_softmax(self.model.compute_logits(hidden[row : row + rows]), dim=-1)
+            entries = []
+            for j in range(rows):
+                nxt = first_pos + j + 1  # the prompt token this row predicts
+                if nxt < r.num_prompt_tokens:
+                    tok = r.prompt_token_ids[nxt]
+                    entries.append((tok, top_logprobs(lps[j], tok, k)))
+            res[r.request_id] = entries
+        return res

@@ -1,0 +1,128 @@
+"""Paged attention over a flattened batch, behind one interface.
+
+A step's tokens arrive concatenated: first one token per decoding request, then the chunks of
+requests that are prefilling. Every token's K/V is written into its slot
+(block_id * block_size + offset) of the layer's cache, then:
+  - decodes attend over their whole context, read through their block tables;
+  - each prefill chunk attends causally over its cached prefix plus itself.
+
+Backends implement `forward`; `get_attention_backend` picks one for the device. The pure-PyTorch
+backend runs anywhere (CPU float32 here, CUDA bfloat16 where a GPU exists).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    start: int  # index of the chunk's first token in the flattened batch
+    num_tokens: int
+    context_len: int  # tokens in the cache after this chunk (prefix + chunk)
+    block_table: torch.Tensor  # [num_blocks] int64
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64: where each token's K/V goes
+    num_decodes: int  # the first num_decodes tokens are decodes, one per request
+    decode_block_tables: torch.Tensor | None  # [D, max_blocks] int64 (padded with 0)
+    decode_context_lens: torch.Tensor | None  # [D] int64
+    decode_max_context: int
+    prefills: list[PrefillChunk]
+    block_size: int
+
+
+class AttentionBackend:
+    name = "base"
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, H, D]
+        k: torch.Tensor,  # [T, KVH, D]
+        v: torch.Tensor,  # [T, KVH, D]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, KVH, D]
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, H, D]
+        raise NotImplementedError
+
+
+class TorchPagedAttention(AttentionBackend):
+    """Reference backend in plain PyTorch; SDPA does the math."""
+
+    name = "torch"
+
+    def forward(self, q, k, v, kv_cache, meta, scale):
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        kvh, d = k.shape[1], k.shape[2]
+        k_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, scale)
+        for p in meta.prefills:
+            sl = slice(p.start, p.start + p.num_tokens)
+            out[sl] = self._prefill(q[sl], k[sl], v[sl], k_cache, v_cache, p, meta.block_size, scale)
+        return out
+
+    @staticmethod
+    def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale):
+        n, h, d = q.shape
+        kvh = k_cache.shape[2]
+        bs = meta.block_size
+        nblocks = -(-meta.decode_max_context // bs)
+        bt = meta.decode_block_tables[:, :nblocks]
+        # Gather each request's blocks: [n, L, KVH, D] -> [n, KVH, L, D].
+        keys = k_cache[bt].view(n, nblocks * bs, kvh, d).transpose(1, 2)
+        values = v_cache[bt].view(n, nblocks * bs, kvh, d).transpose(1, 2)
+        pos = torch.arange(nblocks * bs, device=q.device)
+        mask = (pos[None, :] < meta.decode_context_lens[:, None])[:, None, None, :]  # [n,1,1,L]
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2),  # [n, H, 1, D]
+            keys,
+            values,
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=h != kvh,
+        )
+        return o.squeeze(2)
+
+    @staticmethod
+    def _prefill(q, k, v, k_cache, v_cache, p: PrefillChunk, bs, scale):
+        qn, h, d = q.shape
+        kvh = k.shape[1]
+        if p.context_len == qn:  # nothing cached before this chunk: use K/V as computed
+            keys, values, mask, causal = k, v, None, True
+        else:
+            nblocks = -(-p.context_len // bs)
+            keys = k_cache[p.block_table[:nblocks]].view(-1, kvh, d)[: p.context_len]
+            values = v_cache[p.block_table[:nblocks]].view(-1, kvh, d)[: p.context_len]
+            offset = p.context_len - qn
+            qpos = torch.arange(qn, device=q.device)[:, None] + offset
+            mask = torch.arange(p.context_len, device=q.device)[None, :] <= qpos
+            causal = False
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1),
+            keys.transpose(0, 1),
+            values.transpose(0, 1),
+            attn_mask=mask,
+            is_causal=causal,
+            scale=scale,
+            enable_gqa=h != kvh,
+        )
+        return o.transpose(0, 1)
+
+
+def get_attention_backend(device: torch.device, name: str | None = None) -> AttentionBackend:
+    """Pick the attention backend. Only the PyTorch one exists today; faster CPU or CUDA
+    kernels plug in here and are chosen by name or device, falling back to this one."""
+    backends = {"torch": TorchPagedAttention}
+    if name is not None and name not in backends:
+        raise ValueError(f"unknown attention backend {name!r}; available: {sorted(backends)}")
+    return backends[name or "torch"]()

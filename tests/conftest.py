@@ -1,0 +1,42 @@
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    from pagedserve.model.loader import resolve_model
+
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    from pagedserve.testing import make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {k: make_tiny_model(root / k, k) for k in ("llama", "llama3", "qwen2", "mistral")}
+
+
+@pytest.fixture(scope="session")
+def llm(default_model_dir):
+    """The default model, shared by the engine tests (each test leaves it idle and leak-free)."""
+    from pagedserve import LLM
+
+    return LLM(str(default_model_dir), max_model_len=2048, kv_cache_memory=256 << 20)
+
+
+@pytest.fixture(scope="session")
+def hf_model(default_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(default_model_dir), dtype=torch.float32).eval()
+
+
+def assert_no_leaks(engine):
+    assert not engine.has_unfinished_requests()
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks, "KV blocks leaked"
+    assert not engine.kv.req_blocks

@@ -1,0 +1,116 @@
+"""Our model and engine against Hugging Face transformers in float32 (the reference)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import assert_no_leaks
+from pagedserve import LLM, SamplingParams
+from pagedserve.engine.sampling_params import OutputKind
+from prompts import parity_prompts
+
+MAX_NEW = 24
+
+
+def hf_greedy(hf, tok, prompt, max_new):
+    ids = torch.tensor([tok(prompt).input_ids])
+    out = hf.generate(ids, max_new_tokens=max_new, do_sample=False, eos_token_id=2, pad_token_id=2)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def references(llm, hf_model):
+    tok = llm.get_tokenizer()
+    prompts = parity_prompts(tok)
+    assert len(prompts) >= 20
+    assert max(len(tok(p).input_ids) for p in prompts) > 512
+    return prompts, [hf_greedy(hf_model, tok, p, MAX_NEW) for p in prompts]
+
+
+def test_greedy_matches_transformers_alone(llm, references):
+    prompts, refs = references
+    greedy = SamplingParams(temperature=0, max_tokens=MAX_NEW)
+    for p, ref in zip(prompts, refs):
+        out = llm.generate(p, greedy, use_tqdm=False)[0].outputs[0]
+        assert out.token_ids == ref, f"mismatch for prompt {p[:40]!r}"
+    assert_no_leaks(llm.engine)
+
+
+def test_greedy_matches_transformers_batched_mid_flight(llm, references):
+    """All prompts in one engine, half arriving while the others are mid-generation, with
+    extra requests of other lengths mixed in; each output must equal its solo reference."""
+    prompts, refs = references
+    eng = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, output_kind=OutputKind.FINAL_ONLY)
+    done = {}
+    for i in range(0, len(prompts), 2):
+        eng.add_request(f"p{i}", prompts[i], params)
+    for _ in range(3):
+        for o in eng.step():
+            done[o.request_id] = o
+    for i in range(1, len(prompts), 2):
+        eng.add_request(f"p{i}", prompts[i], params)
+        eng.add_request(f"extra{i}", "Some other text " * (i + 1), SamplingParams(temperature=0.8, max_tokens=7 + i))
+        for o in eng.step():
+            done[o.request_id] = o
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            done[o.request_id] = o
+    for i, ref in enumerate(refs):
+        assert done[f"p{i}"].outputs[0].token_ids == ref, f"prompt {i} differs in a batch"
+    assert_no_leaks(eng)
+
+
+class LogitRecorder:
+    """Wraps compute_logits to keep what the engine computed (observation only)."""
+
+    def __init__(self, model):
+        self.model, self.orig, self.calls = model, model.compute_logits, []
+
+    def __enter__(self):
+        def rec(h):
+            out = self.orig(h)
+            self.calls.append(out.detach().clone())
+            return out
+
+        self.model.compute_logits = rec
+        return self
+
+    def __exit__(self, *a):
+        self.model.compute_logits = self.orig
+
+
+def check_logits(llm, hf, prompt_ids, tol, max_new=6):
+    """Prefill logits (every prompt position, via prompt_logprobs) and decode-step logits."""
+    params = SamplingParams(temperature=0, max_tokens=max_new, prompt_logprobs=0, ignore_eos=True)
+    with LogitRecorder(llm.engine.runner.model) as rec:
+        out = llm.generate([prompt_ids], params, use_tqdm=False)[0].outputs[0]
+    full = torch.tensor([prompt_ids + out.token_ids])
+    with torch.no_grad():
+        ref = hf(full).logits[0].float()
+    P = len(prompt_ids)
+    prefill = torch.cat([c for c in rec.calls if c.shape[0] > 1])  # prompt_logprobs chunks
+    assert prefill.shape[0] == P
+    prefill_err = (prefill - ref[:P]).abs().max().item()
+    decodes = [c for c in rec.calls if c.shape[0] == 1][1:]  # [0] is the prefill's last row sampled
+    assert len(decodes) == max_new - 1
+    decode_err = max((d[0] - ref[P + j]).abs().max().item() for j, d in enumerate(decodes))
+    assert prefill_err < tol, f"prefill logits differ by {prefill_err}"
+    assert decode_err < tol, f"decode logits differ by {decode_err}"
+    return prefill_err, decode_err
+
+
+def test_logits_default_model(llm, hf_model):
+    tok = llm.get_tokenizer()
+    ids = tok("Paged attention stores the KV cache in fixed-size blocks, so that " * 12).input_ids
+    check_logits(llm, hf_model, ids, tol=5e-3)
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama3", "qwen2", "mistral"])
+def test_logits_tiny_models(tiny_dirs, kind):
+    # block_size 4 and a small token budget: the prompt spans many blocks and is chunked.
+    llm = LLM(str(tiny_dirs[kind]), kv_cache_memory=16 << 20, block_size=4, max_num_batched_tokens=32)
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_dirs[kind]), dtype=torch.float32).eval()
+    ids = list(range(100, 190)) + list(range(5000, 5040))
+    check_logits(llm, hf, ids, tol=1e-3)
+    assert_no_leaks(llm.engine)
