@@ -77,18 +77,23 @@ def _resolve_hub_id(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+    # Read at call time (huggingface_hub reads its env vars once, at import).
+    cache_dir = os.environ.get("HF_HUB_CACHE") or None
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-    except Exception:
-        pass
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as e:  # offline, unknown repo, gated...
-        raise FileNotFoundError(
-            f"model {repo_id!r} is neither a local path nor in the Hugging Face cache, and could "
-            f"not be downloaded ({type(e).__name__}: {e}). Download it where there is network "
-            f"(`huggingface-cli download {repo_id}`) or pass a local folder."
-        ) from None
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True, cache_dir=cache_dir))
+    except Exception as e:
+        err: Exception = e
+    if not offline:
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir))
+        except Exception as e:  # no network, unknown repo, gated...
+            err = e
+    raise FileNotFoundError(
+        f"model {repo_id!r} is neither a local path nor in the Hugging Face cache"
+        + (" (HF_HUB_OFFLINE is set)" if offline else f", and could not be downloaded ({type(err).__name__})")
+        + f". Download it where there is network (`huggingface-cli download {repo_id}`) or pass a local folder."
+    ) from None
 
 
 def load_hf_config(folder: Path) -> dict:

@@ -1,0 +1,97 @@
+"""Model loading: GGUF conversion, HF folders, hub ids through the HF cache, and clear errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from pagedserve.model.loader import default_model_gguf, read_gguf_weights, resolve_model
+
+
+def test_gguf_dequantization_matches_transformers(default_model_dir):
+    """Our GGUF reader (incl. undoing llama.cpp's Q/K row permutation) gives the same tensors
+    as transformers' own GGUF loader."""
+    from transformers import AutoModelForCausalLM
+
+    gguf = default_model_gguf()
+    ours = read_gguf_weights(gguf, 9, 3, "llama")
+    ref = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).state_dict()
+    for name in ["model.layers.0.self_attn.q_proj.weight", "model.layers.3.self_attn.k_proj.weight",
+                 "model.layers.7.mlp.down_proj.weight", "model.embed_tokens.weight", "model.norm.weight"]:
+        assert torch.equal(ours[name], ref[name]), name
+    assert "lm_head.weight" not in ours  # tied embeddings
+
+
+def test_default_model_cached_folder(default_model_dir):
+    assert (default_model_dir / "model.safetensors").exists()
+    assert (default_model_dir / "tokenizer.json").exists()
+    cfg = json.loads((default_model_dir / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 30 and cfg["tie_word_embeddings"] is True
+    assert resolve_model(None) == default_model_dir
+    assert resolve_model(str(default_model_gguf())) == default_model_dir
+
+
+def test_hub_id_resolves_from_hf_cache(tiny_dirs, tmp_path, monkeypatch):
+    """A hub id found in the Hugging Face cache loads offline."""
+    from pagedserve import LLM, SamplingParams
+
+    cache = tmp_path / "hub"
+    snap = cache / "models--tiny-org--tiny-llama" / "snapshots" / "0123456789abcdef"
+    shutil.copytree(tiny_dirs["llama"], snap)
+    (cache / "models--tiny-org--tiny-llama" / "refs").mkdir()
+    (cache / "models--tiny-org--tiny-llama" / "refs" / "main").write_text("0123456789abcdef")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_model("tiny-org/tiny-llama") == snap
+    llm = LLM("tiny-org/tiny-llama", kv_cache_memory=8 << 20, max_model_len=256)
+    assert len(llm.generate("hello", SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids) == 4
+
+
+def test_unknown_hub_id_names_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="nobody/no-such-model"):
+        resolve_model("nobody/no-such-model")
+
+
+def test_missing_path_and_files(tmp_path, tiny_dirs):
+    from pagedserve import LLM
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_model(str(tmp_path / "nope"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_model(str(empty))
+    no_weights = tmp_path / "noweights"
+    shutil.copytree(tiny_dirs["llama"], no_weights)
+    (no_weights / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        LLM(str(no_weights), kv_cache_memory=8 << 20)
+
+
+def test_unsupported_architecture(tmp_path, tiny_dirs):
+    from pagedserve import LLM
+
+    bad = tmp_path / "gpt2"
+    shutil.copytree(tiny_dirs["llama"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["architectures"], cfg["model_type"] = ["GPT2LMHeadModel"], "gpt2"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+        LLM(str(bad), kv_cache_memory=8 << 20)
+
+
+def test_missing_weight_is_named(tmp_path, tiny_dirs):
+    from safetensors.torch import load_file, save_file
+
+    from pagedserve import LLM
+
+    bad = tmp_path / "partial"
+    shutil.copytree(tiny_dirs["llama"], bad)
+    w = load_file(str(bad / "model.safetensors"))
+    del w["model.layers.1.mlp.down_proj.weight"]
+    save_file(w, str(bad / "model.safetensors"))
+    with pytest.raises(ValueError, match="down_proj"):
+        LLM(str(bad), kv_cache_memory=8 << 20)
