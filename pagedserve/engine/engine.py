@@ -124,8 +124,19 @@ class LLMEngine:
     ) -> str:
         """Validate and queue a request. Raises ValueError (naming the field) on bad input."""
         request_id = request_id if request_id is not None else str(next(self._ids))
-        if request_id in self.parents:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+        self.enqueue(self.make_request(request_id, prompt, params, priority, arrival_time))
+        return request_id
+
+    def make_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> _Parent:
+        """Validate and build a request without touching engine state, so the server can call it
+        from its own thread and answer 400 before anything is queued."""
         if isinstance(prompt, str):
             text = prompt
             token_ids = self.tokenize(prompt) if prompt else []
@@ -176,17 +187,21 @@ class LLMEngine:
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
             lp_sent=[0] * params.n, tok_sent=[0] * params.n,
         )
-        self.parents[request_id] = parent
-        for c in children:
+        return parent
+
+    def enqueue(self, parent: _Parent) -> None:
+        if parent.request_id in self.parents:
+            raise ValueError(f"request_id {parent.request_id!r} is already in use")
+        self.parents[parent.request_id] = parent
+        for c in parent.children:
             self.req_to_parent[c.request_id] = parent
         # With prefix caching, siblings wait for the first one's prompt and then share its blocks.
-        if params.n > 1 and self.cfg.enable_prefix_caching:
-            parent.pending = children[1:]
-            self.scheduler.add(children[0])
+        if len(parent.children) > 1 and self.cfg.enable_prefix_caching:
+            parent.pending = parent.children[1:]
+            self.scheduler.add(parent.children[0])
         else:
-            for c in children:
+            for c in parent.children:
                 self.scheduler.add(c)
-        return request_id
 
     def abort_request(self, request_id: str) -> None:
         parent = self.parents.get(request_id)

@@ -1,0 +1,144 @@
+"""`pagedserve serve | bench | plan | gateway ...` — flags follow `vllm serve` where they apply."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+import time
+
+T0 = time.monotonic()
+log = logging.getLogger("pagedserve")
+
+
+def parse_bytes(s: str) -> int:
+    """'4294967296', '4GiB', '512MiB', '2G', '1.5GB' -> bytes."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)(i?b?)\s*", s.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {s!r} (use bytes, or e.g. 512MiB, 4GiB)")
+    num, unit, ib = float(m.group(1)), m.group(2), m.group(3)
+    base = 1024 if ib.startswith("i") or not ib else 1000
+    return int(num * base ** " kmgt".index(unit or " "))
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_tag", nargs="?", default=None, help="model: HF folder, .gguf file, or hub id (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help="same as the positional MODEL")
+    p.add_argument("--served-model-name", nargs="+", default=None, help="name(s) clients use in 'model' (default: the model path/id)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (the Helm chart passes 0.0.0.0)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + output); default: the model's")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="fraction of device memory for weights + KV cache (CUDA default 0.9; on CPU, of available RAM)")
+    p.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
+                   help="KV cache size in bytes (e.g. 4GiB); overrides --gpu-memory-utilization. CPU default 4GiB")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="max sequences in one batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step (default 512 CPU, 2048 CUDA)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse KV blocks of shared prompt prefixes (default on)")
+    p.add_argument("--api-key", default=os.environ.get("PAGEDSERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (or env PAGEDSERVE_API_KEY)")
+    p.add_argument("--chat-template", default=None, help="chat template file or Jinja string (default: the tokenizer's)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for unseeded sampling")
+    p.add_argument("--uvicorn-log-level", default="warning", choices=["critical", "error", "warning", "info", "debug", "trace"])
+    p.add_argument("--max-waiting-requests", type=int, default=1024, help="queue depth before answering 503 + Retry-After")
+    p.add_argument("--max-request-body-bytes", type=parse_bytes, default=4 << 20, help="larger bodies get 413 (default 4MiB)")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds one request may take before 504")
+    p.add_argument("--engine-stall-timeout", type=float, default=10.0, help="seconds one engine step may take before /health says 503")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="on SIGTERM, seconds to finish in-flight requests")
+    p.add_argument("--attention-backend", default=None, help="attention kernel: auto (default), cpp or torch")
+    p.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    # vllm serve flags accepted for compatibility.
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="only 1 is supported (one device per replica)")
+    for flag in ("--trust-remote-code", "--enforce-eager", "--disable-log-requests", "--disable-log-stats"):
+        p.add_argument(flag, action="store_true", help="accepted for vllm compatibility; no effect")
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from pagedserve.config import EngineConfig
+    from pagedserve.engine.async_engine import AsyncEngine
+    from pagedserve.engine.engine import LLMEngine
+    from pagedserve.server.app import ServerSettings, build_app
+
+    if args.tensor_parallel_size != 1:
+        raise SystemExit("error: --tensor-parallel-size > 1 is not supported; run one replica per device and "
+                         "put `pagedserve gateway` in front")
+    model = args.model or args.model_tag
+    cfg = EngineConfig(
+        model=model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+        block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
+        seed=args.seed, chat_template=args.chat_template, attention_backend=args.attention_backend,
+        num_threads=args.num_threads,
+    )
+    import torch
+
+    torch.manual_seed(args.seed)
+    engine = LLMEngine(cfg)
+    names = args.served_model_name or [model or "SmolLM2-135M-Instruct"]
+    settings = ServerSettings(
+        served_model_names=names, api_key=args.api_key, max_waiting_requests=args.max_waiting_requests,
+        max_request_body_bytes=args.max_request_body_bytes, request_timeout=args.request_timeout,
+        root_model=str(engine.model_path),
+    )
+    async_engine = AsyncEngine(engine, stall_timeout=args.engine_stall_timeout)
+    app = build_app(async_engine, settings)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                            timeout_graceful_shutdown=args.shutdown_timeout, access_log=False)
+    server = uvicorn.Server(config)
+
+    orig_startup = server.startup
+
+    async def startup(sockets=None):
+        await orig_startup(sockets)
+        if server.started:
+            r = engine.runner
+            log.info(
+                "ready url=http://%s:%d model=%s served_as=%s dtype=%s device=%s kv_blocks=%d kv_tokens=%d "
+                "max_model_len=%d max_concurrency=%.1f auth=%s ready_in=%.1fs",
+                args.host, args.port, engine.model_path, ",".join(names), str(r.dtype).removeprefix("torch."),
+                r.device, r.num_blocks, r.num_blocks * cfg.block_size, engine.max_model_len, r.max_concurrency,
+                "api-key" if args.api_key else "none", time.monotonic() - T0,
+            )
+
+    server.startup = startup
+    server.run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="pagedserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="serve a model over the OpenAI API",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_serve_args(p_serve)
+    from pagedserve.bench.cli import add_bench_args
+
+    p_bench = sub.add_parser("bench", help="load-test any OpenAI-compatible server",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_bench_args(p_bench)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return serve(args)
+        if args.command == "bench":
+            from pagedserve.bench.cli import run_bench
+
+            return run_bench(args)
+    except (ValueError, FileNotFoundError) as e:  # bad flags or model: say what to change, no traceback
+        log.error("%s", e)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""OpenAI-style errors: {"error": {"message", "type", "param", "code"}} with the right status."""
+
+from __future__ import annotations
+
+from fastapi.responses import JSONResponse
+
+_TYPES = {
+    400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 408: "TimeoutError",
+    413: "RequestTooLargeError", 422: "BadRequestError", 429: "RateLimitError",
+    500: "InternalServerError", 503: "ServiceUnavailableError", 504: "TimeoutError",
+}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+    def body(self) -> dict:
+        return error_body(self.status, self.message, self.param, self.code)
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | int | None = None) -> dict:
+    return {"error": {"message": message, "type": _TYPES.get(status, "APIError"), "param": param,
+                      "code": code if code is not None else status}}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
