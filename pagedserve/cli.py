@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import re
+import signal
 import sys
 import time
 
@@ -110,7 +111,11 @@ def serve(args: argparse.Namespace) -> int:
             )
 
     server.startup = startup
+    # uvicorn re-raises SIGTERM after its graceful shutdown; a no-op handler makes that re-raise
+    # harmless, so a drained server exits 0 (Kubernetes rolling updates read it as clean).
+    signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
+    log.info("stopped cleanly")
     return 0
 
 

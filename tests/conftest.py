@@ -40,3 +40,26 @@ def assert_no_leaks(engine):
     assert not engine.has_unfinished_requests()
     assert engine.kv.num_free_blocks == engine.kv.num_blocks, "KV blocks leaked"
     assert not engine.kv.req_blocks
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, default_model_dir):
+    """The default model behind a real server process."""
+    from server_utils import ServerProcess
+
+    s = ServerProcess([str(default_model_dir), "--served-model-name", "smol", "--kv-cache-memory", "256MiB",
+                       "--max-model-len", "2048"], tmp_path_factory.mktemp("srv") / "server.log")
+    yield s
+    assert s.stop() == 0
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tmp_path_factory, tiny_dirs):
+    """A tiny random model behind a real server, for tests where the model does not matter."""
+    from server_utils import ServerProcess
+
+    s = ServerProcess([str(tiny_dirs["llama"]), "--served-model-name", "tiny", "--kv-cache-memory", "32MiB",
+                       "--max-model-len", "512", "--max-request-body-bytes", "65536"],
+                      tmp_path_factory.mktemp("tiny-srv") / "server.log")
+    yield s
+    assert s.stop() == 0

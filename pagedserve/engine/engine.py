@@ -112,6 +112,10 @@ class LLMEngine:
 
     # -- requests --------------------------------------------------------------------------
     def tokenize(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # e.g. a lone surrogate from a JSON "\ud800" escape
+            raise ValueError(f"prompt is not valid Unicode text: {e.reason} at position {e.start}") from None
         return self.tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids
 
     def add_request(
