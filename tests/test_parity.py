@@ -106,11 +106,27 @@ def test_logits_default_model(llm, hf_model):
     check_logits(llm, hf_model, ids, tol=5e-3)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
 @pytest.mark.parametrize("kind", ["llama", "llama3", "qwen2", "mistral"])
-def test_logits_tiny_models(tiny_dirs, kind):
+def test_logits_tiny_models(tiny_dirs, kind, backend):
     # block_size 4 and a small token budget: the prompt spans many blocks and is chunked.
-    llm = LLM(str(tiny_dirs[kind]), kv_cache_memory=16 << 20, block_size=4, max_num_batched_tokens=32)
+    llm = LLM(str(tiny_dirs[kind]), kv_cache_memory=16 << 20, block_size=4, max_num_batched_tokens=32,
+              attention_backend=backend)
+    assert llm.engine.runner.model.layers[0].self_attn.backend.name == backend
     hf = AutoModelForCausalLM.from_pretrained(str(tiny_dirs[kind]), dtype=torch.float32).eval()
     ids = list(range(100, 190)) + list(range(5000, 5040))
     check_logits(llm, hf, ids, tol=1e-3)
     assert_no_leaks(llm.engine)
+
+
+def test_torch_backend_greedy_matches_transformers(default_model_dir, references):
+    """The pure-PyTorch fallback path stays exact too (the default path uses the C++ kernel)."""
+    prompts, refs = references
+    llm = LLM(str(default_model_dir), max_model_len=2048, kv_cache_memory=128 << 20, attention_backend="torch")
+    outs = llm.generate(prompts[-6:], SamplingParams(temperature=0, max_tokens=MAX_NEW), use_tqdm=False)
+    for o, ref in zip(outs, refs[-6:]):
+        assert o.outputs[0].token_ids == ref
+
+
+def test_default_backend_is_the_cpp_kernel(llm):
+    assert llm.engine.runner.model.layers[0].self_attn.backend.name == "cpp"

@@ -60,7 +60,7 @@ class ModelRunner:
         self.dtype = cfg.resolve_dtype(self.device)
         self.block_size = cfg.block_size
         self.max_model_len = max_model_len
-        backend = get_attention_backend(self.device, cfg.attention_backend)
+        backend = get_attention_backend(self.device, self.dtype, cfg.attention_backend)
         with torch.device("meta"):
             model = LlamaForCausalLM(arch, backend, max_model_len)
         model = model.to_empty(device=self.device).to(self.dtype)

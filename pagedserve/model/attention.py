@@ -119,10 +119,41 @@ class TorchPagedAttention(AttentionBackend):
         return o.transpose(0, 1)
 
 
-def get_attention_backend(device: torch.device, name: str | None = None) -> AttentionBackend:
-    """Pick the attention backend. Only the PyTorch one exists today; faster CPU or CUDA
-    kernels plug in here and are chosen by name or device, falling back to this one."""
-    backends = {"torch": TorchPagedAttention}
-    if name is not None and name not in backends:
-        raise ValueError(f"unknown attention backend {name!r}; available: {sorted(backends)}")
-    return backends[name or "torch"]()
+class CppCpuPagedAttention(TorchPagedAttention):
+    """Decode attention in C++ (csrc/paged_attention_cpu.cpp) that reads K/V blocks in place
+    through the block tables; prefill chunks use the PyTorch path (their compute dominates)."""
+
+    name = "cpp"
+
+    def __init__(self):
+        from pagedserve.model import cpu_kernels
+
+        self.ops = cpu_kernels.load(required=True)
+
+    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale):
+        out = torch.empty_like(q)
+        self.ops.paged_attention_decode(
+            out, q.contiguous(), k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale
+        )
+        return out
+
+
+def get_attention_backend(device: torch.device, dtype: torch.dtype, name: str | None = None) -> AttentionBackend:
+    """Pick the attention backend: by name ("torch", "cpp"), or "auto"/None: the C++ kernel for
+    CPU float32 when it builds here, else the pure-PyTorch one (any device and dtype). A CUDA
+    kernel would plug in here the same way."""
+    name = name or "auto"
+    if name == "torch":
+        return TorchPagedAttention()
+    if name == "cpp":
+        if device.type != "cpu" or dtype != torch.float32:
+            raise ValueError("the 'cpp' attention backend runs on CPU with float32 only; use 'torch' or 'auto'")
+        return CppCpuPagedAttention()
+    if name != "auto":
+        raise ValueError(f"unknown attention backend {name!r}; choose auto, cpp or torch")
+    if device.type == "cpu" and dtype == torch.float32:
+        from pagedserve.model import cpu_kernels
+
+        if cpu_kernels.load() is not None:
+            return CppCpuPagedAttention()
+    return TorchPagedAttention()
