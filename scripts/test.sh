@@ -2,6 +2,14 @@
 # Set up everything (scripts/setup.sh plus the Debian packages the tests use), then run the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Debian packages: a real Prometheus scrapes the server in the metrics tests.
+need=()
+command -v prometheus >/dev/null || need+=(prometheus)
+if [ ${#need[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
 bash scripts/setup.sh
 . .venv/bin/activate
 exec python -m pytest -q "$@"

@@ -16,9 +16,9 @@ def test_cpp_decode_matches_torch(heads, kv_heads, head_dim, block_size):
     # Scattered, overlapping block tables (shared blocks are fine for attention).
     perm = torch.randperm(num_blocks, generator=g)
     tables = torch.stack([perm.roll(i * 3)[:max_blocks] for i in range(n)]).contiguous()
-    kv = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=g)
+    kv = torch.randn(2, num_blocks, kv_heads, block_size, head_dim, generator=g)
     q = torch.randn(n, heads, head_dim, generator=g)
-    meta = AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.long), num_decodes=n,
+    meta = AttentionMetadata(slot_blocks=torch.zeros(0, dtype=torch.long), slot_offsets=torch.zeros(0, dtype=torch.long), num_decodes=n,
                              decode_block_tables=tables, decode_context_lens=lens,
                              decode_max_context=int(lens.max()), prefills=[], block_size=block_size)
     scale = head_dim**-0.5

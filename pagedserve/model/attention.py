@@ -1,8 +1,10 @@
 """Paged attention over a flattened batch, behind one interface.
 
 A step's tokens arrive concatenated: first one token per decoding request, then the chunks of
-requests that are prefilling. Every token's K/V is written into its slot
-(block_id * block_size + offset) of the layer's cache, then:
+requests that are prefilling. A layer's cache is [2, num_blocks, kv_heads, block_size, head_dim]:
+head-major inside a block, so one head's keys of a block are contiguous (4 KiB for 16 tokens of
+64 floats), which is what a decode kernel streams. Every token's K/V is written into its slot
+(block_id, offset), then:
   - decodes attend over their whole context, read through their block tables;
   - each prefill chunk attends causally over its cached prefix plus itself.
 
@@ -28,7 +30,8 @@ class PrefillChunk:
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T] int64: where each token's K/V goes
+    slot_blocks: torch.Tensor  # [T] int64: the block each token's K/V goes to
+    slot_offsets: torch.Tensor  # [T] int64: its offset inside that block
     num_decodes: int  # the first num_decodes tokens are decodes, one per request
     decode_block_tables: torch.Tensor | None  # [D, max_blocks] int64 (padded with 0)
     decode_context_lens: torch.Tensor | None  # [D] int64
@@ -45,7 +48,7 @@ class AttentionBackend:
         q: torch.Tensor,  # [T, H, D]
         k: torch.Tensor,  # [T, KVH, D]
         v: torch.Tensor,  # [T, KVH, D]
-        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, KVH, D]
+        kv_cache: torch.Tensor,  # [2, num_blocks, KVH, block_size, D]
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # [T, H, D]
@@ -59,9 +62,8 @@ class TorchPagedAttention(AttentionBackend):
 
     def forward(self, q, k, v, kv_cache, meta, scale):
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        kvh, d = k.shape[1], k.shape[2]
-        k_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, v)
+        k_cache[meta.slot_blocks, :, meta.slot_offsets] = k
+        v_cache[meta.slot_blocks, :, meta.slot_offsets] = v
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
@@ -74,13 +76,13 @@ class TorchPagedAttention(AttentionBackend):
     @staticmethod
     def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale):
         n, h, d = q.shape
-        kvh = k_cache.shape[2]
+        kvh = k_cache.shape[1]
         bs = meta.block_size
         nblocks = -(-meta.decode_max_context // bs)
         bt = meta.decode_block_tables[:, :nblocks]
-        # Gather each request's blocks: [n, L, KVH, D] -> [n, KVH, L, D].
-        keys = k_cache[bt].view(n, nblocks * bs, kvh, d).transpose(1, 2)
-        values = v_cache[bt].view(n, nblocks * bs, kvh, d).transpose(1, 2)
+        # Gather each request's blocks: [n, MB, KVH, BS, D] -> [n, KVH, L, D] (a copy).
+        keys = k_cache[bt].transpose(1, 2).reshape(n, kvh, nblocks * bs, d)
+        values = v_cache[bt].transpose(1, 2).reshape(n, kvh, nblocks * bs, d)
         pos = torch.arange(nblocks * bs, device=q.device)
         mask = (pos[None, :] < meta.decode_context_lens[:, None])[:, None, None, :]  # [n,1,1,L]
         o = F.scaled_dot_product_attention(
@@ -101,8 +103,10 @@ class TorchPagedAttention(AttentionBackend):
             keys, values, mask, causal = k, v, None, True
         else:
             nblocks = -(-p.context_len // bs)
-            keys = k_cache[p.block_table[:nblocks]].view(-1, kvh, d)[: p.context_len]
-            values = v_cache[p.block_table[:nblocks]].view(-1, kvh, d)[: p.context_len]
+            blocks = p.block_table[:nblocks]
+            # [nb, KVH, BS, D] -> [L, KVH, D] in token order.
+            keys = k_cache[blocks].transpose(0, 1).reshape(kvh, -1, d)[:, : p.context_len].transpose(0, 1)
+            values = v_cache[blocks].transpose(0, 1).reshape(kvh, -1, d)[:, : p.context_len].transpose(0, 1)
             offset = p.context_len - qn
             qpos = torch.arange(qn, device=q.device)[:, None] + offset
             mask = torch.arange(p.context_len, device=q.device)[None, :] <= qpos

@@ -141,7 +141,7 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
-        kv_caches: torch.Tensor,  # [layers, 2, num_blocks, block_size, KVH, D]
+        kv_caches: torch.Tensor,  # [layers, 2, num_blocks, KVH, block_size, D]
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # hidden states [T, hidden]
         x = self.embed_tokens(input_ids)

@@ -1,7 +1,8 @@
 // Paged decode attention for CPU (float32): each query token attends over its context, reading
 // K/V blocks in place through the block table; nothing is gathered or copied.
 //
-// Shapes: q, out [n, H, D]; k_cache, v_cache [num_blocks, block_size, KVH, D];
+// Shapes: q, out [n, H, D]; k_cache, v_cache [num_blocks, KVH, block_size, D] (head-major inside a
+// block, so one head's keys of a block are contiguous and stream well);
 // block_tables [n, max_blocks] int64; context_lens [n] int64. H = KVH * G (grouped-query).
 // Work is split over (sequence, kv head) pairs; each pair reads its keys once for all G query
 // heads that share them, and its values once. Two passes: scores + max, then exp and the
@@ -14,6 +15,12 @@
 #include <limits>
 #include <vector>
 
+// Blocks come in table order, i.e. scattered in memory: ask for the next block's lines while
+// this one is being used, since the hardware prefetcher cannot guess the jump.
+static inline void prefetch_block(const float* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i, 0, 1);
+}
+
 void paged_attention_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                             torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32,
@@ -24,10 +31,10 @@ void paged_attention_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k_
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && context_lens.scalar_type() == torch::kInt64,
               "paged_attention_decode: block_tables and context_lens must be int64");
   const int64_t n = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t BS = k_cache.size(1), KVH = k_cache.size(2);
+  const int64_t KVH = k_cache.size(1), BS = k_cache.size(2);
   TORCH_CHECK(H % KVH == 0 && k_cache.size(3) == D, "paged_attention_decode: shape mismatch");
   const int64_t G = H / KVH, MB = block_tables.size(1);
-  const int64_t tok_stride = KVH * D, blk_stride = BS * KVH * D;
+  const int64_t head_stride = BS * D, blk_stride = KVH * BS * D;
   const float* qp = q.data_ptr<float>();
   const float* kp = k_cache.data_ptr<float>();
   const float* vp = v_cache.data_ptr<float>();
@@ -45,7 +52,8 @@ void paged_attention_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k_
       scores.resize(G * L);
       std::fill(mx.begin(), mx.end(), -std::numeric_limits<float>::infinity());
       for (int64_t t = 0; t < L; ++t) {
-        const float* kt = kp + table[t / BS] * blk_stride + (t % BS) * tok_stride + h * D;
+        if (t % BS == 0 && t + BS < L) prefetch_block(kp + table[t / BS + 1] * blk_stride + h * head_stride, BS * D);
+        const float* kt = kp + table[t / BS] * blk_stride + h * head_stride + (t % BS) * D;
         for (int64_t g = 0; g < G; ++g) {
           const float* qg = qs + g * D;
           float dot = 0.f;
@@ -66,8 +74,10 @@ void paged_attention_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k_
         inv[g] = 1.f / sum;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
+      prefetch_block(vp + table[0] * blk_stride + h * head_stride, std::min(L, BS) * D);
       for (int64_t t = 0; t < L; ++t) {
-        const float* vt = vp + table[t / BS] * blk_stride + (t % BS) * tok_stride + h * D;
+        if (t % BS == 0 && t + BS < L) prefetch_block(vp + table[t / BS + 1] * blk_stride + h * head_stride, BS * D);
+        const float* vt = vp + table[t / BS] * blk_stride + h * head_stride + (t % BS) * D;
         for (int64_t g = 0; g < G; ++g) {
           const float p = scores[g * L + t];
           float* ag = acc.data() + g * D;

@@ -1,0 +1,100 @@
+"""Exercise the CUDA path where a GPU exists (CI has none; run by hand or on a lent GPU machine).
+
+Checks, on tiny random Llama and Qwen2 models built with transformers:
+  1. float32 on CUDA: prefill and decode logits match transformers on CUDA (< 1e-3);
+  2. bfloat16 on CUDA (the default there): greedy tokens match transformers bf16 for most steps,
+     and logits stay close (bf16 differs in low bits, so the bar is looser);
+  3. the engine's features on CUDA: batched greedy == solo greedy, preemption under a tiny KV
+     budget gives the same tokens, the prefix cache hits, no blocks leak;
+  4. the KV budget is sized from --gpu-memory-utilization (a fraction of device memory).
+Prints a line per check and exits non-zero on any failure.
+
+    python scripts/check_cuda.py MODEL_DIR [MODEL_DIR ...]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+
+def main(dirs: list[str]) -> int:
+    from transformers import AutoModelForCausalLM
+
+    from pagedserve import LLM, SamplingParams
+
+    assert torch.cuda.is_available(), "no CUDA device"
+    print("device:", torch.cuda.get_device_name(0), "torch", torch.__version__)
+    failures = 0
+
+    def check(name, ok, detail=""):
+        nonlocal failures
+        failures += not ok
+        print(f"{'PASS' if ok else 'FAIL'} {name} {detail}")
+
+    prompts = [list(range(100 + i, 160 + 7 * i)) for i in range(8)]
+    for d in dirs:
+        for dtype, tol in (("float32", 1e-3), ("bfloat16", None)):
+            t0 = time.time()
+            llm = LLM(d, device="cuda", dtype=dtype, kv_cache_memory=64 << 20, block_size=16, max_model_len=512)
+            eng = llm.engine
+            check(f"{d}:{dtype} backend on cuda", eng.runner.model.layers[0].self_attn.backend.name == "torch"
+                  and eng.runner.kv_caches.is_cuda, f"({time.time() - t0:.1f}s load)")
+            hf = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, dtype)).cuda().eval()
+            params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+            solo = [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+            batch = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+            check(f"{d}:{dtype} batched == solo", solo == batch)
+            agree = total = 0
+            max_err = 0.0
+            for p, toks in zip(prompts, solo):
+                with torch.no_grad():
+                    ref = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=12, min_new_tokens=12,
+                                      do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+                    ours_full = torch.tensor([p + toks], device="cuda")
+                    ref_logits = hf(ours_full).logits[0].float()
+                agree += sum(a == b for a, b in zip(ref, toks))
+                total += len(toks)
+                # our logits for the same sequence, via prompt_logprobs is indirect; compare the
+                # final-position distribution through a one-token greedy step instead:
+                lp = llm.generate([p + toks[:-1]], SamplingParams(temperature=0, max_tokens=1, logprobs=5,
+                                                                  ignore_eos=True), use_tqdm=False)[0].outputs[0]
+                pos = lp.logprobs[0]
+                ref_lp = torch.log_softmax(ref_logits[len(p) + len(toks) - 2], -1)
+                for tok, l in pos.items():
+                    max_err = max(max_err, abs(l.logprob - ref_lp[tok].item()))
+            if tol is not None:
+                check(f"{d}:{dtype} greedy == transformers", agree == total, f"{agree}/{total}")
+                check(f"{d}:{dtype} logprobs match", max_err < tol, f"max err {max_err:.2e}")
+            else:
+                check(f"{d}:{dtype} greedy ~ transformers", agree >= 0.9 * total, f"{agree}/{total} tokens agree")
+                check(f"{d}:{dtype} logprobs close", max_err < 0.1, f"max err {max_err:.2e}")
+            check(f"{d}:{dtype} no leaks", eng.kv.num_free_blocks == eng.kv.num_blocks)
+            del llm, hf
+            torch.cuda.empty_cache()
+        # Preemption and prefix caching on the GPU.
+        small = LLM(d, device="cuda", dtype="float32", kv_cache_memory=20 * 16 * 2 * 2 * 2 * 16 * 4,
+                    block_size=16, max_model_len=256)
+        ample = LLM(d, device="cuda", dtype="float32", kv_cache_memory=64 << 20, max_model_len=256)
+        params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+        a = [o.outputs[0].token_ids for o in ample.generate(prompts, params, use_tqdm=False)]
+        b = [o.outputs[0].token_ids for o in small.generate(prompts, params, use_tqdm=False)]
+        check(f"{d} preemption keeps outputs", a == b, f"({small.engine.scheduler.num_preemptions} preemptions, "
+              f"{small.engine.kv.num_blocks} blocks)")
+        hits = ample.engine.kv.prefix_hits
+        ample.generate([prompts[7] + [5, 6, 7]], params, use_tqdm=False)
+        check(f"{d} prefix cache hits on cuda", ample.engine.kv.prefix_hits - hits >= 48)
+        del small, ample
+        torch.cuda.empty_cache()
+    util = LLM(dirs[0], device="cuda", gpu_memory_utilization=0.3, max_model_len=512)
+    total = torch.cuda.get_device_properties(0).total_memory
+    kv = util.engine.runner.kv_bytes
+    check("gpu_memory_utilization sizes the KV cache", 0.2 * total < kv < 0.3 * total, f"{kv / 2**30:.1f} GiB of {total / 2**30:.0f}")
+    print(f"{failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
