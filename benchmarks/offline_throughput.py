@@ -27,10 +27,10 @@ from pagedserve.bench.workload import synthetic_workload
 RESULTS = Path(__file__).parent / "results"
 
 
-def run_pagedserve(model_dir, reqs, max_model_len, reserve_seqs):
+def run_pagedserve(model_dir, reqs, max_model_len, reserve_seqs, max_num_seqs=256, kv_bytes=None):
     per_token = 46080  # SmolLM2-135M fp32 KV bytes per token (checked against the engine below)
-    llm = LLM(str(model_dir), max_model_len=max_model_len, kv_cache_memory=reserve_seqs * max_model_len * per_token,
-              max_num_seqs=256)
+    llm = LLM(str(model_dir), max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+              kv_cache_memory=kv_bytes or reserve_seqs * max_model_len * per_token)
     eng = llm.engine
     assert eng.arch.kv_bytes_per_token(4) == per_token
     params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
@@ -61,7 +61,8 @@ def run_pagedserve(model_dir, reqs, max_model_len, reserve_seqs):
         "kv_blocks": eng.kv.num_blocks, "kv_tokens": eng.kv.num_blocks * eng.kv.block_size,
         "kv_waste_at_peak": waste_at_peak, "peak_allocated_slots": peak_alloc, "peak_used_slots": peak_used,
         "peak_concurrent_seqs": peak_seqs, "reserved_max_model_len_seqs": reserve_seqs,
-        "concurrency_gain": peak_seqs / reserve_seqs, "preemptions": eng.scheduler.num_preemptions,
+        "concurrency_gain": peak_seqs * max_model_len / (eng.kv.num_blocks * eng.kv.block_size),
+        "preemptions": eng.scheduler.num_preemptions,
     }
 
 
@@ -103,6 +104,9 @@ def main():
     ap.add_argument("--static-batch", type=int, default=32)
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--reserve-seqs", type=int, default=8, help="KV budget = this many max_model_len sequences")
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--kv-cache-memory", type=int, default=None, help="bytes; overrides --reserve-seqs")
+    ap.add_argument("--only-pagedserve", action="store_true", help="skip the transformers baselines (exploration)")
     ap.add_argument("--out", default=str(RESULTS / "offline_throughput.json"))
     args = ap.parse_args()
 
@@ -112,7 +116,11 @@ def main():
 
     model_dir = resolve_model(None)
     reqs = synthetic_workload(args.num_requests, seed=0)
-    res = {"paged": run_pagedserve(model_dir, reqs, args.max_model_len, args.reserve_seqs)}
+    res = {"paged": run_pagedserve(model_dir, reqs, args.max_model_len, args.reserve_seqs, args.max_num_seqs,
+                                   args.kv_cache_memory)}
+    if args.only_pagedserve:
+        print(json.dumps(res["paged"], indent=2))
+        return
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     res["hf_static"] = run_hf_static(hf, reqs, args.static_batch)
     res["hf_solo"] = run_hf_solo(hf, reqs[: args.hf_solo])

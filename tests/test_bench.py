@@ -1,0 +1,55 @@
+"""`pagedserve bench` against a real server: fixed concurrency and Poisson arrivals."""
+
+import json
+import subprocess
+import sys
+
+from pagedserve.bench.workload import synthetic_workload
+
+
+def test_workload_is_seeded_and_in_range():
+    a, b = synthetic_workload(50, seed=3), synthetic_workload(50, seed=3)
+    assert [r.prompt_token_ids for r in a] == [r.prompt_token_ids for r in b]
+    assert all(32 <= len(r.prompt_token_ids) <= 512 and 32 <= r.max_tokens <= 256 for r in a)
+    assert synthetic_workload(5, seed=4)[0].prompt_token_ids != a[0].prompt_token_ids
+
+
+def run_bench(tiny_server, tmp_path, *extra):
+    out = tmp_path / "res.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pagedserve.cli", "bench", "--base-url", tiny_server.base, "--num-requests", "12",
+         "--prompt-len", "8", "32", "--output-len", "4", "12", "--label", "tiny", "--out", str(out), *extra],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads(out.read_text()), out, proc.stdout
+
+
+def test_bench_concurrency_levels(tiny_server, tmp_path):
+    res, out, stdout = run_bench(tiny_server, tmp_path, "--concurrency", "1", "4")
+    assert [lv["concurrency"] for lv in res["levels"]] == [1, 4]
+    expected_tokens = sum(r.max_tokens for r in synthetic_workload(12, (8, 32), (4, 12), seed=0))
+    for lv in res["levels"]:
+        assert lv["ok"] == 12 and lv["errors"] == 0
+        assert lv["output_tokens"] == expected_tokens  # ignore_eos: every request runs to max_tokens
+        assert 0 < lv["ttft_p50"] <= lv["ttft_p99"] and lv["itl_p50"] > 0 and lv["e2e_p50"] >= lv["ttft_p50"]
+        assert lv["output_tok_s"] > 0
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert "out tok/s" in stdout
+
+
+def test_bench_poisson_rate(tiny_server, tmp_path):
+    res, _, _ = run_bench(tiny_server, tmp_path, "--request-rate", "20")
+    (lv,) = res["levels"]
+    assert lv["request_rate"] == 20 and lv["ok"] == 12 and lv["errors"] == 0
+
+
+def test_bench_reports_errors(tmp_path):
+    from server_utils import free_port
+
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "pagedserve.cli", "bench", "--base-url",
+                           f"http://127.0.0.1:{free_port()}/v1", "--model", "x", "--num-requests", "3",
+                           "--concurrency", "2", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    lv = json.loads(out.read_text())["levels"][0]
+    assert lv["errors"] == 3 and "Connect" in lv["error_samples"][0]
