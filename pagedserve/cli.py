@@ -131,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     p_bench = sub.add_parser("bench", help="load-test any OpenAI-compatible server",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_bench_args(p_bench)
+    from pagedserve.planner.cli import add_plan_args
+
+    p_plan = sub.add_parser("plan", help="size GPUs, replicas and cost for a model and workload",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_plan_args(p_plan)
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
@@ -139,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
             from pagedserve.bench.cli import run_bench
 
             return run_bench(args)
+        if args.command == "plan":
+            from pagedserve.planner.cli import run_plan
+
+            return run_plan(args)
     except (ValueError, FileNotFoundError) as e:  # bad flags or model: say what to change, no traceback
         log.error("%s", e)
         return 2

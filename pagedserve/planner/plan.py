@@ -1,0 +1,317 @@
+"""The GPU math: memory, KV cache, roofline, capacity and cost, each step with its formula.
+
+Everything here is plain arithmetic over ModelSpec and HardwareSpec; `Plan.explain` records every
+formula with its numbers, which `pagedserve plan --explain` prints.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from pagedserve.config import RUNTIME_RESERVE_FRACTION
+from pagedserve.planner.specs import KV_BYTES, WEIGHT_BITS, HardwareSpec, ModelSpec
+
+GB = 1e9
+HOURS_PER_MONTH = 730
+TP_DEGREES = (1, 2, 4, 8)
+
+
+@dataclass
+class Workload:
+    kind: str = "chat"  # chat: latency-bound; batch: throughput-bound
+    daily_users: float = 1000
+    requests_per_user: float = 10
+    input_tokens: int = 500
+    output_tokens: int = 200
+    peak_factor: float = 3.0
+    ttft_target_s: float = 1.0
+    itl_target_s: float = 0.05
+
+    def validate(self) -> None:
+        if self.kind not in ("chat", "batch"):
+            raise ValueError(f"workload must be 'chat' or 'batch', got {self.kind!r}")
+        for name in ("daily_users", "requests_per_user", "peak_factor", "ttft_target_s", "itl_target_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.input_tokens < 1 or self.output_tokens < 1:
+            raise ValueError("input and output tokens per request must be >= 1")
+        if self.peak_factor < 1:
+            raise ValueError(f"peak_factor is peak / average traffic and must be >= 1, got {self.peak_factor}")
+
+
+@dataclass
+class PlanInputs:
+    model: ModelSpec
+    hw: HardwareSpec
+    weight_dtype: str = "bf16"
+    kv_dtype: str | None = None  # None: same as weights (16-bit for quantized weights)
+    max_model_len: int = 8192
+    gpu_memory_utilization: float = 0.9
+    tp: int | None = None  # None: the smallest that fits
+    workload: Workload = field(default_factory=Workload)
+    gpu_hourly_price: float | None = None
+    api_prices: dict[str, dict[str, float]] = field(default_factory=dict)
+    ops_fte: float = 0.0
+    fte_annual_usd: float = 200_000
+    max_num_seqs_cap: int = 512
+
+    def validate(self) -> None:
+        if self.weight_dtype not in WEIGHT_BITS:
+            raise ValueError(f"weight dtype must be one of {sorted(WEIGHT_BITS)}, got {self.weight_dtype!r}")
+        if self.kv_dtype is not None and self.kv_dtype not in KV_BYTES:
+            raise ValueError(f"KV cache dtype must be one of {sorted(KV_BYTES)}, got {self.kv_dtype!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.tp is not None and self.tp not in TP_DEGREES:
+            raise ValueError(f"tensor-parallel degree must be one of {TP_DEGREES}, got {self.tp}")
+        if self.workload.input_tokens + self.workload.output_tokens > self.max_model_len:
+            raise ValueError(f"input + output tokens ({self.workload.input_tokens + self.workload.output_tokens}) "
+                             f"exceed max_model_len ({self.max_model_len})")
+        if self.ops_fte < 0:
+            raise ValueError("ops FTE fraction must be >= 0")
+        self.workload.validate()
+
+
+class Plan:
+    def __init__(self, inp: PlanInputs):
+        inp.validate()
+        self.inp = inp
+        self.explain: list[tuple[str, str]] = []  # (section, formula with numbers)
+        m, hw = inp.model, inp.hw
+        self.kv_dtype = inp.kv_dtype or ("fp32" if inp.weight_dtype == "fp32" else "bf16")
+        self.memory = self._memory(m, hw)
+        self.tp = self.memory["tp"]
+        self.roofline = self._roofline(m, hw)
+        self.capacity = self._capacity()
+        self.cost = self._cost()
+        self.flags = self._flags()
+
+    def _note(self, section: str, text: str) -> None:
+        self.explain.append((section, text))
+
+    # -- memory ----------------------------------------------------------------------------
+    def _memory(self, m: ModelSpec, hw: HardwareSpec) -> dict:
+        inp = self.inp
+        wbytes = m.weight_bytes(inp.weight_dtype)
+        kv_tok = m.kv_bytes_per_token(self.kv_dtype)
+        self._note("memory", f"weights = layers' params x {WEIGHT_BITS[inp.weight_dtype]} bits/8 + embeddings x 2 B "
+                             f"= {m.layer_params / 1e9:.2f}B x {WEIGHT_BITS[inp.weight_dtype] / 8:g} + "
+                             f"{(m.embedding_params + m.hidden) / 1e9:.2f}B x {4 if inp.weight_dtype == 'fp32' else 2} "
+                             f"= {wbytes / GB:.2f} GB")
+        self._note("memory", f"KV per token = 2 x layers x kv_heads x head_dim x bytes = 2 x {m.layers} x "
+                             f"{m.kv_heads} x {m.head_dim} x {KV_BYTES[self.kv_dtype]} = {kv_tok / 1024:.1f} KiB")
+        dev = hw.memory_gb * GB
+
+        def budget(tp: int) -> float:
+            usable = dev * inp.gpu_memory_utilization
+            reserve = dev * RUNTIME_RESERVE_FRACTION
+            return tp * (usable - wbytes / tp - reserve)
+
+        seq = kv_tok * inp.max_model_len
+        fitting = [tp for tp in TP_DEGREES if budget(tp) >= seq]
+        min_tp = fitting[0] if fitting else None
+        tp = inp.tp or min_tp or TP_DEGREES[-1]
+        kv_budget = budget(tp)
+        fits = kv_budget >= seq
+        avg_len = inp.workload.input_tokens + inp.workload.output_tokens
+        self._note("memory", f"KV budget = TP x (memory x utilization - weights/TP - {RUNTIME_RESERVE_FRACTION:.0%} "
+                             f"reserve) = {tp} x ({hw.memory_gb:g} x {inp.gpu_memory_utilization:g} - "
+                             f"{wbytes / GB / tp:.2f} - {hw.memory_gb * RUNTIME_RESERVE_FRACTION:.2f}) GB "
+                             f"= {kv_budget / GB:.2f} GB")
+        max_seqs_full = max(0, int(kv_budget // seq))
+        max_seqs_avg = max(0, int(kv_budget // (kv_tok * avg_len)))
+        self._note("memory", f"max sequences = KV budget / (KV per token x length): at max_model_len "
+                             f"{inp.max_model_len}: {max_seqs_full}; at the workload's {avg_len} tokens: {max_seqs_avg}")
+        return {"weight_bytes": wbytes, "kv_bytes_per_token": kv_tok, "kv_bytes_per_block": kv_tok * 16,
+                "kv_budget_bytes": kv_budget, "fits": fits, "min_tp": min_tp, "tp": tp,
+                "max_seqs_at_max_model_len": max_seqs_full, "max_seqs_at_avg_len": max_seqs_avg,
+                "device_memory_bytes": dev}
+
+    # -- roofline --------------------------------------------------------------------------
+    def step_time(self, batch: int, context: float | None = None) -> dict:
+        """One decode step at `batch` sequences of average `context` tokens."""
+        m, hw, inp = self.inp.model, self.inp.hw, self.inp
+        ctx = context if context is not None else inp.workload.input_tokens + inp.workload.output_tokens / 2
+        tp = self.memory["tp"]
+        flops = 2 * m.active_params * batch + 4 * m.layers * m.heads * m.head_dim * ctx * batch
+        weights = self._weights_read(batch)
+        kv = batch * ctx * self.memory["kv_bytes_per_token"]
+        peak = hw.peak_flops(inp.weight_dtype) * hw.compute_efficiency * tp
+        bw = hw.bandwidth_gbs * GB * hw.bandwidth_efficiency * tp
+        t_compute, t_memory = flops / peak, (weights + kv) / bw
+        t = max(t_compute, t_memory) + hw.step_overhead_s
+        return {"batch": batch, "flops": flops, "bytes": weights + kv, "intensity": flops / (weights + kv),
+                "t_compute": t_compute, "t_memory": t_memory, "t_step": t, "tokens_per_s": batch / t,
+                "bound": "compute" if t_compute > t_memory else "memory"}
+
+    def _weights_read(self, batch: int) -> float:
+        """Bytes of weights one step reads. MoE: only the experts some token in the batch routes
+        to, in expectation E x (1 - (1 - k/E)^B)."""
+        m, dtype = self.inp.model, self.inp.weight_dtype
+        total = m.weight_bytes(dtype)
+        if not m.experts:
+            return total
+        per_expert = m.layers * 3 * m.hidden * m.expert_intermediate * WEIGHT_BITS[dtype] / 8
+        touched = m.experts * (1 - (1 - m.experts_per_token / m.experts) ** batch)
+        return total - (m.experts - touched) * per_expert
+
+    def _prefill_time(self, tokens: int) -> float:
+        m, hw = self.inp.model, self.inp.hw
+        flops = 2 * m.active_params * tokens + 2 * m.layers * m.heads * m.head_dim * tokens**2
+        peak = hw.peak_flops(self.inp.weight_dtype) * hw.compute_efficiency * self.memory["tp"]
+        return max(flops / peak, self._weights_read(tokens) / (hw.bandwidth_gbs * GB * hw.bandwidth_efficiency * self.memory["tp"]))
+
+    def _roofline(self, m: ModelSpec, hw: HardwareSpec) -> dict:
+        inp = self.inp
+        peak = hw.peak_flops(inp.weight_dtype) * hw.compute_efficiency
+        bw = hw.bandwidth_gbs * GB * hw.bandwidth_efficiency
+        ridge = peak / bw
+        self._note("roofline", f"ops:byte of the hardware = peak / bandwidth = {hw.peak_flops(inp.weight_dtype) / 1e12:.1f} "
+                               f"TFLOP/s / {hw.bandwidth_gbs:g} GB/s = {hw.peak_flops(inp.weight_dtype) / (hw.bandwidth_gbs * GB):.0f} FLOP/B "
+                               f"(achievable: x{hw.compute_efficiency:g} compute, x{hw.bandwidth_efficiency:g} bandwidth -> {ridge:.0f})")
+        batches = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, 512})
+        curve = [self.step_time(b) for b in batches]
+        # Decode turns compute-bound where 2 P B / peak = (W + B ctx kv) / bw.
+        ctx = inp.workload.input_tokens + inp.workload.output_tokens / 2
+        kv = self.memory["kv_bytes_per_token"]
+        denom = 2 * m.active_params / peak - ctx * kv / bw
+        crossover = (m.weight_bytes(inp.weight_dtype) / bw) / denom if denom > 0 else math.inf
+        self._note("roofline", f"decode intensity at batch B = 2 x active params x B / (weights + B x context x KV/token); "
+                               f"active params {m.active_params / 1e9:.2f}B, context {ctx:.0f}")
+        self._note("roofline", "compute-bound from batch B* = (weights / bw) / (2 P / peak - ctx x kv / bw) = "
+                               + (f"{crossover:.0f}" if math.isfinite(crossover) else "never (KV traffic grows as fast as compute)"))
+        ttft = self._prefill_time(inp.workload.input_tokens)
+        self._note("roofline", f"prefill of {inp.workload.input_tokens} tokens = max(2 P n + attention, weights) / rate "
+                               f"= {ttft * 1000:.1f} ms (TTFT without queueing)")
+        return {"ops_per_byte": hw.peak_flops(inp.weight_dtype) / (hw.bandwidth_gbs * GB), "achievable_ridge": ridge,
+                "compute_bound_from_batch": crossover, "curve": curve, "prefill_s": ttft}
+
+    # -- capacity --------------------------------------------------------------------------
+    def _capacity(self) -> dict:
+        inp, w = self.inp, self.inp.workload
+        kv_cap = min(self.memory["max_seqs_at_avg_len"], inp.max_num_seqs_cap)
+        if kv_cap < 1:
+            return {"batch": 0, "feasible": False, "reason": "not even one sequence fits the KV cache"}
+        if w.kind == "batch":
+            batch = kv_cap
+        else:
+            batch = 0
+            for b in range(1, kv_cap + 1):
+                if self.step_time(b)["t_step"] <= w.itl_target_s:
+                    batch = b
+                else:
+                    break
+        feasible = batch >= 1 and (w.kind == "batch" or self.roofline["prefill_s"] <= w.ttft_target_s)
+        if batch == 0:
+            st = self.step_time(1)
+            return {"batch": 0, "feasible": False,
+                    "reason": f"even batch 1 takes {st['t_step'] * 1000:.1f} ms per token, over the "
+                              f"{w.itl_target_s * 1000:.0f} ms inter-token target"}
+        st = self.step_time(batch)
+        t_prefill = self._prefill_time(w.input_tokens)
+        # Each second, prefill takes r x t_prefill, decode steps the rest: r O = (1 - r t_prefill) B / t_step.
+        dec_rate = batch / st["t_step"]
+        req_rate = dec_rate / (w.output_tokens + t_prefill * dec_rate)
+        avg_rps = w.daily_users * w.requests_per_user / 86400
+        peak_rps = avg_rps * w.peak_factor
+        replicas = max(1, math.ceil(peak_rps / req_rate))
+        self._note("capacity", f"batch = largest B with step time <= ITL target {w.itl_target_s * 1000:.0f} ms "
+                               f"(and <= KV capacity {kv_cap}): {batch}, step {st['t_step'] * 1000:.1f} ms"
+                   if w.kind == "chat" else f"batch = KV capacity at the workload's length = {batch}")
+        self._note("capacity", f"requests/s per replica = (B/t_step) / (output + t_prefill x B/t_step) = "
+                               f"{dec_rate:.0f} / ({w.output_tokens} + {t_prefill:.3f} x {dec_rate:.0f}) = {req_rate:.2f}")
+        self._note("capacity", f"peak requests/s = users x requests/user / 86400 x peak factor = {w.daily_users:g} x "
+                               f"{w.requests_per_user:g} / 86400 x {w.peak_factor:g} = {peak_rps:.2f}; "
+                               f"replicas = ceil({peak_rps:.2f} / {req_rate:.2f}) = {replicas}")
+        return {"batch": batch, "feasible": feasible, "step_s": st["t_step"], "itl_s": st["t_step"],
+                "ttft_s": t_prefill, "output_tok_s_per_replica": req_rate * w.output_tokens,
+                "requests_per_s_per_replica": req_rate, "avg_rps": avg_rps, "peak_rps": peak_rps,
+                "replicas": replicas, "gpus": replicas * self.memory["tp"],
+                "reason": None if feasible else f"prefill alone takes {t_prefill:.2f}s, over the TTFT target"}
+
+    # -- cost ------------------------------------------------------------------------------
+    def _monthly_self_host(self, daily_users: float) -> float:
+        cap = self.capacity
+        if not cap.get("batch"):
+            return math.inf
+        w = self.inp.workload
+        peak_rps = daily_users * w.requests_per_user / 86400 * w.peak_factor
+        replicas = max(1, math.ceil(peak_rps / cap["requests_per_s_per_replica"]))
+        price = self.inp.gpu_hourly_price if self.inp.gpu_hourly_price is not None else self.inp.hw.usd_per_hour
+        ops = self.inp.ops_fte * self.inp.fte_annual_usd / 12
+        return replicas * self.memory["tp"] * price * HOURS_PER_MONTH + ops
+
+    def _monthly_api(self, daily_users: float, prices: dict[str, float]) -> float:
+        w = self.inp.workload
+        reqs = daily_users * w.requests_per_user * 30.4
+        return reqs * (w.input_tokens * prices["input"] + w.output_tokens * prices["output"]) / 1e6
+
+    def _cost(self) -> dict:
+        w, cap = self.inp.workload, self.capacity
+        price = self.inp.gpu_hourly_price if self.inp.gpu_hourly_price is not None else self.inp.hw.usd_per_hour
+        monthly = self._monthly_self_host(w.daily_users)
+        reqs_month = w.daily_users * w.requests_per_user * 30.4
+        tokens_month = reqs_month * (w.input_tokens + w.output_tokens)
+        out = {"gpu_hourly_usd": price, "monthly_usd": monthly, "requests_per_month": reqs_month,
+               "usd_per_million_tokens": monthly / (tokens_month / 1e6) if tokens_month else math.inf,
+               "usd_per_million_output_tokens_at_capacity": (
+                   price * self.memory["tp"] / 3600 / cap["output_tok_s_per_replica"] * 1e6
+                   if cap.get("batch") else math.inf),
+               "api": {}}
+        self._note("cost", f"self-hosted $/month = replicas x GPUs/replica x ${price:g}/h x {HOURS_PER_MONTH} h"
+                           + (f" + {self.inp.ops_fte:g} FTE x ${self.inp.fte_annual_usd:,.0f}/12" if self.inp.ops_fte else "")
+                           + f" = ${monthly:,.0f} (provisioned for peak)")
+        for name, prices in self.inp.api_prices.items():
+            api_monthly = self._monthly_api(w.daily_users, prices)
+            out["api"][name] = {"monthly_usd": api_monthly, "crossover_daily_users": self._crossover(prices)}
+        if self.inp.api_prices:
+            self._note("cost", "API $/month = requests x (input tokens x $in + output tokens x $out) / 1e6; "
+                               "crossover = fewest daily users where self-hosting costs less")
+        return out
+
+    def _crossover(self, prices: dict[str, float]) -> float | None:
+        lo, hi = 1.0, 1e9
+        if self._monthly_self_host(hi) > self._monthly_api(hi, prices):
+            return None  # never cheaper
+        if self._monthly_self_host(lo) <= self._monthly_api(lo, prices):
+            return lo
+        for _ in range(80):  # self-host cost is a step function: bisect on the sign
+            mid = math.sqrt(lo * hi)
+            if self._monthly_self_host(mid) <= self._monthly_api(mid, prices):
+                hi = mid
+            else:
+                lo = mid
+        return hi
+
+    # -- recommendations -------------------------------------------------------------------
+    def _flags(self) -> dict:
+        inp = self.inp
+        f = {"--max-model-len": inp.max_model_len, "--gpu-memory-utilization": inp.gpu_memory_utilization,
+             "--max-num-seqs": max(1, self.capacity.get("batch") or 1)}
+        if self.memory["tp"] > 1:
+            f["--tensor-parallel-size"] = self.memory["tp"]
+        if inp.weight_dtype in ("awq", "gptq", "fp8"):
+            f["--quantization"] = inp.weight_dtype
+        if self.kv_dtype in ("fp8", "int8"):
+            f["--kv-cache-dtype"] = self.kv_dtype
+        return f
+
+    def helm_values(self, model_ref: str) -> dict:
+        args = []
+        for k, v in self.flags.items():
+            args += [k, str(v)]
+        return {"model": model_ref, "replicaCount": self.capacity.get("replicas", 1),
+                "resources": {"limits": {"nvidia.com/gpu": self.memory["tp"]}},
+                "engineArgs": args,
+                "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": max(1, self.capacity.get("replicas", 1)),
+                                "metric": "vllm:num_requests_waiting"}}
+
+    def to_dict(self) -> dict:
+        m = self.inp.model
+        return {"model": {"name": m.name, "total_params": m.total_params, "active_params": m.active_params},
+                "hardware": self.inp.hw.name, "weight_dtype": self.inp.weight_dtype, "kv_dtype": self.kv_dtype,
+                "memory": self.memory, "roofline": self.roofline, "capacity": self.capacity, "cost": self.cost,
+                "flags": self.flags, "explain": [{"section": s, "formula": t} for s, t in self.explain]}

@@ -1,0 +1,240 @@
+"""What the planner computes with: a model's shape and a device's figures.
+
+ModelSpec is read from a config.json (dense or MoE; GQA; tied embeddings). HardwareSpec comes
+from the catalog (hardware.yaml, vendor datasheets) or from measuring this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).parent
+
+# Bits per weight of the decoder's linear layers. Embeddings and the output head stay 16-bit
+# (fp32 for fp32 models), as vLLM's fp8/int8/AWQ/GPTQ checkpoints keep them. int4 = 4 bits plus a
+# 16-bit scale and 16-bit zero point per group of 128 weights.
+WEIGHT_BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "awq": 4.25, "gptq": 4.25, "int4": 4.25}
+KV_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied_embeddings: bool
+    experts: int = 0  # 0: dense
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+    shared_experts: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: dict, name: str = "model") -> "ModelSpec":
+        need = ["num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size"]
+        missing = [k for k in need if k not in cfg]
+        if "intermediate_size" not in cfg and "moe_intermediate_size" not in cfg:
+            missing.append("intermediate_size")
+        if missing:
+            raise ValueError(f"config for {name!r} lacks {missing}: the planner needs a transformer decoder's "
+                             "config.json (num_hidden_layers, hidden_size, num_attention_heads, "
+                             "intermediate_size, vocab_size)")
+        heads = cfg["num_attention_heads"]
+        experts = cfg.get("num_local_experts") or cfg.get("n_routed_experts") or cfg.get("num_experts") or 0
+        return cls(
+            name=name, layers=cfg["num_hidden_layers"], hidden=cfg["hidden_size"], heads=heads,
+            kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            intermediate=cfg.get("intermediate_size") or cfg["moe_intermediate_size"], vocab=cfg["vocab_size"],
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)), experts=experts,
+            experts_per_token=cfg.get("num_experts_per_tok", 0) if experts else 0,
+            expert_intermediate=(cfg.get("moe_intermediate_size") or cfg.get("intermediate_size")) if experts else 0,
+            shared_experts=cfg.get("n_shared_experts", 0) or 0,
+        )
+
+    # -- parameter counts ------------------------------------------------------------------
+    @property
+    def attn_params(self) -> int:
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return self.hidden * (q + 2 * kv) + q * self.hidden
+
+    def mlp_params(self, active: bool) -> int:
+        if not self.experts:
+            return 3 * self.hidden * self.intermediate
+        per_expert = 3 * self.hidden * self.expert_intermediate
+        n = self.experts_per_token if active else self.experts
+        return (n + self.shared_experts) * per_expert + self.hidden * self.experts  # + router
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+
+    @property
+    def layer_params(self) -> int:  # all experts
+        return self.layers * (self.attn_params + self.mlp_params(False) + 2 * self.hidden)
+
+    @property
+    def total_params(self) -> int:
+        return self.layer_params + self.embedding_params + self.hidden
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token multiplies through (the output head counted once)."""
+        return self.layers * (self.attn_params + self.mlp_params(True)) + self.vocab * self.hidden
+
+    def weight_bytes(self, dtype: str) -> float:
+        bits = WEIGHT_BITS[dtype]
+        emb_bytes = 4 if dtype == "fp32" else 2
+        return self.layer_params * bits / 8 + (self.embedding_params + self.hidden) * emb_bytes
+
+    def kv_bytes_per_token(self, kv_dtype: str) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * KV_BYTES[kv_dtype]
+
+
+def load_model_spec(model: str) -> ModelSpec:
+    """A config.json path, a known model name (known_models.yaml), a model folder, a GGUF or a hub id."""
+    known = yaml.safe_load((HERE / "known_models.yaml").read_text())
+    if model in known:
+        return ModelSpec.from_config(known[model], model)
+    p = Path(model).expanduser()
+    if p.is_file() and p.suffix == ".json":
+        return ModelSpec.from_config(json.loads(p.read_text()), p.parent.name or model)
+    if p.is_dir() and (p / "config.json").exists():
+        return ModelSpec.from_config(json.loads((p / "config.json").read_text()), p.name)
+    if p.is_file() and p.suffix == ".gguf":
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name).to_dict()
+        return ModelSpec.from_config(cfg, p.stem)
+    if model in ("default", "SmolLM2-135M-Instruct"):
+        from pagedserve.model.loader import resolve_model
+
+        folder = resolve_model(None)
+        return ModelSpec.from_config(json.loads((folder / "config.json").read_text()), "SmolLM2-135M-Instruct")
+    from pagedserve.model.loader import resolve_model
+
+    try:
+        folder = resolve_model(model)
+    except FileNotFoundError as e:
+        raise ValueError(f"{e} Known model names: {sorted(known)}; or pass a config.json path.") from None
+    return ModelSpec.from_config(json.loads((folder / "config.json").read_text()), model)
+
+
+@dataclass
+class HardwareSpec:
+    name: str
+    memory_gb: float
+    bandwidth_gbs: float
+    fp32_tflops: float
+    bf16_tflops: float
+    fp8_tflops: float | None
+    int8_tops: float | None
+    usd_per_hour: float
+    source: str = ""
+    # Fractions of the datasheet peaks a tuned engine reaches (measured hardware: 1.0).
+    compute_efficiency: float = 0.6
+    bandwidth_efficiency: float = 0.8
+    step_overhead_s: float = 0.003  # scheduling, sampling, launches per decode step
+    measured: dict = field(default_factory=dict)
+
+    def peak_flops(self, weight_dtype: str) -> float:
+        """FLOP/s the matmuls run at for this weight format (weight-only int4 computes in bf16;
+        fp8 without fp8 tensor cores falls back to bf16 compute)."""
+        if weight_dtype == "fp32":
+            return self.fp32_tflops * 1e12
+        if weight_dtype == "fp8" and self.fp8_tflops:
+            return self.fp8_tflops * 1e12
+        if weight_dtype == "int8" and self.int8_tops:
+            return self.int8_tops * 1e12
+        return self.bf16_tflops * 1e12
+
+    @property
+    def ops_per_byte(self) -> float:
+        return self.bf16_tflops * 1e12 / (self.bandwidth_gbs * 1e9)
+
+
+def load_catalog(path: Path | None = None) -> dict[str, HardwareSpec]:
+    data = yaml.safe_load((path or HERE / "hardware.yaml").read_text())
+    return {name: HardwareSpec(name=name, **fields) for name, fields in data.items()}
+
+
+def get_hardware(name: str, catalog: dict[str, HardwareSpec] | None = None) -> HardwareSpec:
+    catalog = catalog or load_catalog()
+    by_lower = {k.lower(): v for k, v in catalog.items()}
+    hw = by_lower.get(name.lower())
+    if hw is None:
+        raise ValueError(f"unknown hardware {name!r}; known: {', '.join(catalog)}. Or describe it: "
+                         "--hw-custom memory_gb=24,bandwidth_gbs=600,bf16_tflops=125,usd_per_hour=1")
+    return hw
+
+
+def custom_hardware(spec: str) -> HardwareSpec:
+    fields_ = {}
+    for part in spec.split(","):
+        if "=" not in part:
+            raise ValueError(f"--hw-custom takes key=value pairs separated by commas, got {part!r}")
+        k, v = part.split("=", 1)
+        fields_[k.strip()] = float(v)
+    need = ("memory_gb", "bandwidth_gbs", "bf16_tflops")
+    missing = [k for k in need if k not in fields_]
+    if missing:
+        raise ValueError(f"--hw-custom needs {missing}")
+    for k, v in fields_.items():
+        if v <= 0:
+            raise ValueError(f"--hw-custom {k} must be > 0, got {v}")
+    return HardwareSpec(name="custom", memory_gb=fields_["memory_gb"], bandwidth_gbs=fields_["bandwidth_gbs"],
+                        fp32_tflops=fields_.get("fp32_tflops", fields_["bf16_tflops"] / 8),
+                        bf16_tflops=fields_["bf16_tflops"], fp8_tflops=fields_.get("fp8_tflops"),
+                        int8_tops=fields_.get("int8_tops"), usd_per_hour=fields_.get("usd_per_hour", 0.0),
+                        source="user figures")
+
+
+def measure_this_machine(seconds: float = 3.0) -> HardwareSpec:
+    """Measure the local device: fp32 (CPU) or bf16 (CUDA) matmul rate, and the bandwidth at
+    which weights stream through a matrix-vector product (what decode at batch 1 does)."""
+    import psutil
+    import torch
+
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    dt_mm = torch.bfloat16 if cuda else torch.float32
+
+    def timeit(fn, reps):
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t) / reps
+
+    n = 4096 if cuda else 1536
+    a, b = torch.randn(n, n, device=dev, dtype=dt_mm), torch.randn(n, n, device=dev, dtype=dt_mm)
+    mm = 2 * n**3 / timeit(lambda: a @ b, 20 if cuda else 8)
+    # Weight streaming: a matrix-vector product over matrices larger than the caches, cycled.
+    rows, cols, copies = 8192, 1024, 8
+    ws = [torch.randn(rows, cols, device=dev) for _ in range(copies)]
+    x = torch.randn(1, cols, device=dev)
+    it = iter(range(10**9))
+    gemv_t = timeit(lambda: torch.nn.functional.linear(x, ws[next(it) % copies]), 40)
+    bw = rows * cols * 4 / gemv_t
+    mem = (torch.cuda.get_device_properties(0).total_memory if cuda else psutil.virtual_memory().total) / 1e9
+    name = torch.cuda.get_device_name(0) if cuda else f"this machine (CPU, {torch.get_num_threads()} threads)"
+    tf = mm / 1e12
+    return HardwareSpec(
+        name=name, memory_gb=mem, bandwidth_gbs=bw / 1e9, fp32_tflops=tf if not cuda else tf / 16,
+        bf16_tflops=tf, fp8_tflops=None, int8_tops=None, usd_per_hour=0.0, source="measured by pagedserve plan --measure",
+        compute_efficiency=1.0, bandwidth_efficiency=1.0, step_overhead_s=0.0 if cuda else 0.004,
+        measured={"matmul_tflops": tf, "weight_stream_gbs": bw / 1e9, "matmul_n": n},
+    )

@@ -1,0 +1,155 @@
+"""Planner math against hand-checked numbers, plus its CLI and errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pagedserve.planner.plan import Plan, PlanInputs, Workload
+from pagedserve.planner.specs import ModelSpec, custom_hardware, get_hardware, load_model_spec
+
+GiB = 2**30
+
+
+def plan(model="llama-3-8b", gpu="H100-SXM", **kw):
+    w = kw.pop("workload", Workload())
+    return Plan(PlanInputs(model=load_model_spec(model), hw=get_hardware(gpu), workload=w, **kw))
+
+
+def test_llama3_8b_memory_by_hand():
+    m = load_model_spec("llama-3-8b")
+    # 32 x (4096*(4096+2*1024) + 4096*4096 + 3*4096*14336 + 2*4096) + 2*128256*4096 + 4096
+    assert m.total_params == 8_030_261_248
+    assert m.weight_bytes("fp16") == pytest.approx(16.06e9, rel=1e-3)  # "16 GB"
+    assert m.kv_bytes_per_token("fp16") == 128 * 1024  # 2 x 32 x 8 x 128 x 2 bytes
+    assert m.kv_bytes_per_token("fp8") == 64 * 1024  # fp8 KV halves it
+    p = plan(weight_dtype="fp16", kv_dtype="fp8")
+    assert p.memory["kv_bytes_per_token"] == 64 * 1024 and p.memory["kv_bytes_per_block"] == 1 << 20
+    # KV budget on one H100: 80 GB x 0.9 - 16.06 GB weights - 4 GB reserve = 51.94 GB
+    assert p.memory["kv_budget_bytes"] == pytest.approx(72e9 - 16.06e9 - 4e9, rel=1e-3)
+    assert p.memory["max_seqs_at_max_model_len"] == int(p.memory["kv_budget_bytes"] // (64 * 1024 * 8192))
+
+
+def test_awq_int4_8b_is_about_5_gb():
+    # Linear layers at 4 bits + a 16-bit scale and zero per 128 weights; embeddings stay fp16.
+    b = load_model_spec("llama-3-8b").weight_bytes("awq")
+    assert 5.0e9 <= b <= 6.0e9  # 6.98B x 4.25/8 + 1.05B x 2 = 5.81 GB (published AWQ checkpoints: ~5.7 GB)
+
+
+def test_a10_ops_per_byte_from_datasheet():
+    a10 = get_hardware("A10")
+    assert a10.ops_per_byte == pytest.approx(125e12 / 600e9)  # 208 FLOP/B
+    assert plan(gpu="A10").roofline["ops_per_byte"] == pytest.approx(208.33, abs=0.01)
+
+
+def test_70b_bf16_does_not_fit_one_80gb_gpu():
+    p1 = plan("llama-3-70b", "H100-SXM", tp=1)
+    assert not p1.memory["fits"] and p1.memory["weight_bytes"] > 140e9
+    p = plan("llama-3-70b", "H100-SXM")
+    assert p.memory["min_tp"] >= 2 and p.memory["fits"] and p.memory["tp"] == p.memory["min_tp"]
+    assert p.flags["--tensor-parallel-size"] == p.memory["tp"]
+
+
+def test_moe_active_vs_total():
+    m = load_model_spec("mixtral-8x7b")
+    assert 46.0e9 < m.total_params < 47.5e9  # "46.7B"
+    assert 12.5e9 < m.active_params < 13.0e9  # "12.9B active" (2 of 8 experts)
+    p = plan("mixtral-8x7b", "H100-SXM", tp=2)
+    # A batch of one touches 2 experts per layer; a big batch touches all 8.
+    assert p._weights_read(1) < 0.4 * p._weights_read(256)
+    assert p._weights_read(256) == pytest.approx(p.memory["weight_bytes"], rel=1e-3)
+
+
+def test_roofline_memory_then_compute_bound():
+    p = plan()
+    curve = {c["batch"]: c for c in p.roofline["curve"]}
+    assert curve[1]["bound"] == "memory"
+    # Batch 1 streams all weights once: t ~ 16 GB / (3.35 TB/s x 0.8) + overhead.
+    assert curve[1]["t_memory"] == pytest.approx((16.06e9 + 600 * 131072) / (3350e9 * 0.8), rel=1e-3)
+    tps = [curve[b]["tokens_per_s"] for b in sorted(curve)]
+    assert all(b >= a for a, b in zip(tps, tps[1:]))  # more batch, more throughput
+    # H100: ridge ~ 989e12*0.6 / (3350e9*0.8) = 221 FLOP/B; intensity ~ 2 x B at small B.
+    assert p.roofline["achievable_ridge"] == pytest.approx(989e12 * 0.6 / (3350e9 * 0.8))
+
+
+def test_capacity_scales_with_users_and_latency_target():
+    small = plan(workload=Workload(daily_users=1_000))
+    big = plan(workload=Workload(daily_users=2_000_000))
+    assert big.capacity["replicas"] > small.capacity["replicas"] >= 1
+    assert big.capacity["replicas"] == -(-big.capacity["peak_rps"] // big.capacity["requests_per_s_per_replica"])
+    tight = plan(workload=Workload(itl_target_s=0.012))
+    loose = plan(workload=Workload(itl_target_s=0.2))
+    assert tight.capacity["batch"] < loose.capacity["batch"]
+    assert tight.capacity["itl_s"] <= 0.012
+    hopeless = plan(gpu="T4", weight_dtype="awq", workload=Workload(itl_target_s=0.001))
+    assert not hopeless.capacity["feasible"] and "inter-token" in hopeless.capacity["reason"]
+
+
+def test_cost_and_crossover():
+    prices = {"api": {"input": 3.0, "output": 15.0}}
+    p = plan(api_prices=prices, gpu_hourly_price=2.0, workload=Workload(daily_users=10))
+    cost = p.cost
+    assert cost["monthly_usd"] == pytest.approx(p.capacity["replicas"] * 2.0 * 730)
+    x = cost["api"]["api"]["crossover_daily_users"]
+    assert x is not None
+    assert p._monthly_self_host(x) <= p._monthly_api(x, prices["api"])
+    assert p._monthly_self_host(x * 0.98) > p._monthly_api(x * 0.98, prices["api"])
+    with_ops = plan(api_prices=prices, gpu_hourly_price=2.0, ops_fte=0.5, workload=Workload(daily_users=10))
+    assert with_ops.cost["monthly_usd"] == pytest.approx(cost["monthly_usd"] + 0.5 * 200_000 / 12)
+    assert with_ops.cost["api"]["api"]["crossover_daily_users"] > x
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
+    (dict(weight_dtype="int3"), "weight dtype"),
+    (dict(kv_dtype="int2"), "KV cache dtype"),
+    (dict(tp=3), "tensor-parallel"),
+    (dict(max_model_len=100), "max_model_len"),
+    (dict(workload=Workload(daily_users=-5)), "daily_users"),
+    (dict(workload=Workload(peak_factor=0.5)), "peak_factor"),
+])
+def test_bad_inputs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plan(**kwargs)
+
+
+def test_unknown_gpu_and_bad_config(tmp_path):
+    with pytest.raises(ValueError, match="known: .*H100-SXM"):
+        get_hardware("RTX-9090")
+    with pytest.raises(ValueError, match="intermediate_size"):
+        ModelSpec.from_config({"num_hidden_layers": 2, "hidden_size": 8, "num_attention_heads": 2, "vocab_size": 10})
+    with pytest.raises(ValueError, match="bandwidth_gbs"):
+        custom_hardware("memory_gb=24,bf16_tflops=100")
+    with pytest.raises(ValueError, match="> 0"):
+        custom_hardware("memory_gb=24,bf16_tflops=100,bandwidth_gbs=-1")
+
+
+def test_cli_json_plot_helm(tmp_path, tiny_dirs):
+    png, values = tmp_path / "roof.png", tmp_path / "values.yaml"
+    out = subprocess.run([sys.executable, "-m", "pagedserve.cli", "plan", str(tiny_dirs["qwen2"] / "config.json"),
+                          "--gpu", "L4", "--json", "--plot", str(png), "--helm-values", str(values)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads(out.stdout)
+    assert data["hardware"] == "L4" and data["memory"]["fits"] and data["capacity"]["replicas"] >= 1
+    assert any("KV per token" in e["formula"] for e in data["explain"])
+    assert png.stat().st_size > 10_000
+    v = yaml.safe_load(values.read_text())
+    assert v["resources"]["limits"]["nvidia.com/gpu"] == 1 and "--max-num-seqs" in v["engineArgs"]
+    bad = subprocess.run([sys.executable, "-m", "pagedserve.cli", "plan", "llama-3-8b", "--gpu", "nope"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown hardware" in bad.stderr
+    table = subprocess.run([sys.executable, "-m", "pagedserve.cli", "plan", "llama-3-70b", "--gpu", "A10", "--tp", "1",
+                            "--explain"], capture_output=True, text=True, timeout=60)
+    assert table.returncode == 3 and "NO" in table.stdout and "How it was computed" in table.stdout
+
+
+def test_measure_this_machine():
+    from pagedserve.planner.specs import measure_this_machine
+
+    hw = measure_this_machine()
+    assert hw.bf16_tflops > 0.005 and hw.bandwidth_gbs > 0.5 and hw.memory_gb > 1
+    p = Plan(PlanInputs(model=load_model_spec("smollm2-135m"), hw=hw, weight_dtype="fp32", max_model_len=2048))
+    assert p.memory["fits"] and p.roofline["curve"][0]["tokens_per_s"] > 0
