@@ -146,10 +146,18 @@ def test_cli_json_plot_helm(tmp_path, tiny_dirs):
     assert table.returncode == 3 and "NO" in table.stdout and "How it was computed" in table.stdout
 
 
-def test_measure_this_machine():
+def test_measure_this_machine(tiny_dirs):
     from pagedserve.planner.specs import measure_this_machine
 
-    hw = measure_this_machine()
+    spec = load_model_spec(str(tiny_dirs["qwen2"] / "config.json"))
+    hw = measure_this_machine(spec, budget_bytes=16 << 20)
     assert hw.bf16_tflops > 0.005 and hw.bandwidth_gbs > 0.5 and hw.memory_gb > 1
-    p = Plan(PlanInputs(model=load_model_spec("smollm2-135m"), hw=hw, weight_dtype="fp32", max_model_len=2048))
-    assert p.memory["fits"] and p.roofline["curve"][0]["tokens_per_s"] > 0
+    curve = dict(hw.measured["linear_curve"])
+    assert sorted(curve) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    # Batching amortizes the weights: time per row at M=512 is far below time at M=1.
+    assert curve[512] / 512 < curve[1] / 4
+    assert len(hw.measured["layer_elementwise_curve"]) == 10
+    p = Plan(PlanInputs(model=spec, hw=hw, weight_dtype="fp32", max_model_len=2048))
+    assert p.memory["fits"]
+    tps = [c["tokens_per_s"] for c in p.roofline["curve"]]
+    assert tps[0] > 0 and max(tps) > 4 * tps[0]

@@ -43,8 +43,9 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_plan(args) -> Plan:
+    model = load_model_spec(args.model)
     if args.measure:
-        hw = measure_this_machine()
+        hw = measure_this_machine(model)
     elif args.hw_custom:
         hw = custom_hardware(args.hw_custom)
     else:
@@ -59,7 +60,7 @@ def build_plan(args) -> Plan:
     w = Workload(kind=args.workload, daily_users=args.daily_users, requests_per_user=args.requests_per_user,
                  input_tokens=args.input_tokens, output_tokens=args.output_tokens, peak_factor=args.peak_factor,
                  ttft_target_s=args.ttft_target, itl_target_s=args.itl_target)
-    inp = PlanInputs(model=load_model_spec(args.model), hw=hw, weight_dtype=args.dtype, kv_dtype=args.kv_cache_dtype,
+    inp = PlanInputs(model=model, hw=hw, weight_dtype=args.dtype, kv_dtype=args.kv_cache_dtype,
                      max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
                      tp=args.tensor_parallel_size, workload=w, gpu_hourly_price=args.gpu_hourly_price,
                      api_prices=prices, ops_fte=args.ops_fte, fte_annual_usd=args.fte_annual_usd)

@@ -13,6 +13,23 @@ from pagedserve.config import RUNTIME_RESERVE_FRACTION
 from pagedserve.planner.specs import KV_BYTES, WEIGHT_BITS, HardwareSpec, ModelSpec
 
 GB = 1e9
+OPS_PER_LAYER = 45  # torch ops our decoder layer issues per step (norms, projections, rope, attention)
+OPS_PER_STEP = 60  # embedding, final norm, head, sampler
+
+
+def _interp_loglog(curve: list, x: float, extrapolate: bool = True) -> float:
+    """Interpolate a measured (batch, value) curve in log-log space, clamped below the first point
+    and (extrapolate) growing linearly in x past the last one."""
+    xs = [c[0] for c in curve]
+    if x <= xs[0]:
+        return curve[0][1]
+    if x >= xs[-1]:
+        return curve[-1][1] * (x / xs[-1] if extrapolate else 1.0)
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if x0 <= x <= x1:
+            f = math.log(x / x0) / math.log(x1 / x0)
+            return math.exp(math.log(y0) + f * (math.log(y1) - math.log(y0)))
+    return curve[-1][1]
 HOURS_PER_MONTH = 730
 TP_DEGREES = (1, 2, 4, 8)
 
@@ -143,6 +160,20 @@ class Plan:
         bw = hw.bandwidth_gbs * GB * hw.bandwidth_efficiency * tp
         t_compute, t_memory = flops / peak, (weights + kv) / bw
         t = max(t_compute, t_memory) + hw.step_overhead_s
+        curve = hw.measured.get("linear_curve")
+        if curve:  # measured machine: linear layers from the measured curve, attention on top
+            attn_flops = 4 * m.layers * m.heads * m.head_dim * ctx * batch
+            t_lin = weights * _interp_loglog(curve, batch) / tp
+            t_compute = t_lin + attn_flops / peak
+            t_memory = kv / bw
+            other = hw.measured.get("layer_elementwise_curve")
+            if other:  # measured per-layer elementwise work at this batch
+                t_other = m.layers * _interp_loglog(other, batch, extrapolate=False) + OPS_PER_STEP * hw.measured["op_dispatch_s"]
+            else:
+                t_other = (OPS_PER_LAYER * m.layers + OPS_PER_STEP) * hw.measured.get("op_dispatch_s", 0.0)
+            kv_bw = hw.measured.get("kv_read_gbs", hw.bandwidth_gbs) * GB * tp
+            t_memory = kv / kv_bw
+            t = t_lin + max(attn_flops / peak, t_memory) + t_other
         return {"batch": batch, "flops": flops, "bytes": weights + kv, "intensity": flops / (weights + kv),
                 "t_compute": t_compute, "t_memory": t_memory, "t_step": t, "tokens_per_s": batch / t,
                 "bound": "compute" if t_compute > t_memory else "memory"}

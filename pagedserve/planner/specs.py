@@ -198,9 +198,18 @@ def custom_hardware(spec: str) -> HardwareSpec:
                         source="user figures")
 
 
-def measure_this_machine(seconds: float = 3.0) -> HardwareSpec:
-    """Measure the local device: fp32 (CPU) or bf16 (CUDA) matmul rate, and the bandwidth at
-    which weights stream through a matrix-vector product (what decode at batch 1 does)."""
+def linear_shapes(model: "ModelSpec") -> list[tuple[int, int]]:
+    """(out, in) of one decoder layer's fused projections, as our engine runs them."""
+    q, kv = model.heads * model.head_dim, model.kv_heads * model.head_dim
+    inter = model.expert_intermediate * model.experts_per_token if model.experts else model.intermediate
+    return [(q + 2 * kv, model.hidden), (model.hidden, q), (2 * inter, model.hidden), (model.hidden, inter)]
+
+
+def measure_this_machine(model: "ModelSpec | None" = None, budget_bytes: int = 1 << 30) -> HardwareSpec:
+    """Measure the local device: fp32 (CPU) or bf16 (CUDA) matmul rate, the bandwidth at which
+    weights stream through a matrix-vector product (what decode at batch 1 does), and the time of
+    linear layers per weight byte at each batch size. With `model`, the layers have the model's
+    own shapes (a CPU's GEMV speed depends on them); weights stay below `budget_bytes`."""
     import psutil
     import torch
 
@@ -209,15 +218,19 @@ def measure_this_machine(seconds: float = 3.0) -> HardwareSpec:
     dt_mm = torch.bfloat16 if cuda else torch.float32
 
     def timeit(fn, reps):
+        """Best of three timed rounds of `reps` calls (noise on a shared machine only adds time)."""
         fn()
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        if cuda:
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t) / reps
+        best = float("inf")
+        for _ in range(3):
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            if cuda:
+                torch.cuda.synchronize()
+            best = min(best, (time.perf_counter() - t) / reps)
+        return best
 
     n = 4096 if cuda else 1536
     a, b = torch.randn(n, n, device=dev, dtype=dt_mm), torch.randn(n, n, device=dev, dtype=dt_mm)
@@ -229,12 +242,91 @@ def measure_this_machine(seconds: float = 3.0) -> HardwareSpec:
     it = iter(range(10**9))
     gemv_t = timeit(lambda: torch.nn.functional.linear(x, ws[next(it) % copies]), 40)
     bw = rows * cols * 4 / gemv_t
+    # Linear layers at each batch size M, as seconds per weight byte: real BLAS libraries are far
+    # from the roofline at small M (MKL's fp32 GEMM does not reuse weights across 2-16 rows), so the
+    # planner uses this measured curve for the weight part of a decode step instead of max(F/peak, B/bw).
+    del ws
+    shapes = linear_shapes(model) if model is not None else [(rows, cols)]
+    per_layer = sum(o * i for o, i in shapes) * 4
+    n_layers = max(2, min(model.layers if model is not None else 8, budget_bytes // per_layer))
+    layers = [[torch.randn(o, i, device=dev) for o, i in shapes] for _ in range(n_layers)]
+    head = torch.randn(model.vocab, model.hidden, device=dev) if model is not None else None
+    total = n_layers * per_layer + (head.numel() * 4 if head is not None else 0)
+
+    def pseudo_forward(xs):
+        for layer in layers:
+            for w in layer:
+                torch.nn.functional.linear(xs[w.shape[1]], w)
+        if head is not None:
+            torch.nn.functional.linear(xs[head.shape[1]], head)
+
+    curve, other = [], []
+    for m_rows in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512):
+        xs = {i: torch.randn(m_rows, i, device=dev) for i in {s[1] for s in shapes} | ({head.shape[1]} if head is not None else set())}
+        t_lin = timeit(lambda: pseudo_forward(xs), 1 if m_rows >= 128 else 2)
+        curve.append((m_rows, t_lin / total))
+        if model is not None:
+            other.append((m_rows, timeit(lambda: _layer_elementwise(model, m_rows, dev), 20)))
+    del layers, head
+    # Dispatch cost of one small op: a decode step issues ~45 per layer regardless of batch.
+    tiny = torch.randn(64, device=dev)
+    op_s = timeit(lambda: tiny.add(1.0), 2000)
     mem = (torch.cuda.get_device_properties(0).total_memory if cuda else psutil.virtual_memory().total) / 1e9
     name = torch.cuda.get_device_name(0) if cuda else f"this machine (CPU, {torch.get_num_threads()} threads)"
     tf = mm / 1e12
     return HardwareSpec(
         name=name, memory_gb=mem, bandwidth_gbs=bw / 1e9, fp32_tflops=tf if not cuda else tf / 16,
         bf16_tflops=tf, fp8_tflops=None, int8_tops=None, usd_per_hour=0.0, source="measured by pagedserve plan --measure",
-        compute_efficiency=1.0, bandwidth_efficiency=1.0, step_overhead_s=0.0 if cuda else 0.004,
-        measured={"matmul_tflops": tf, "weight_stream_gbs": bw / 1e9, "matmul_n": n},
+        compute_efficiency=1.0, bandwidth_efficiency=1.0, step_overhead_s=0.0,
+        measured={"matmul_tflops": tf, "weight_stream_gbs": bw / 1e9, "matmul_n": n, "linear_curve": curve,
+                  "op_dispatch_s": op_s, "layer_elementwise_curve": other,
+                  **({"kv_read_gbs": _kv_read_gbs(model, dev, timeit)} if model is not None else {})},
     )
+
+
+def _layer_elementwise(model: "ModelSpec", m_rows: int, dev: str) -> None:
+    """The non-matmul work of one decoder layer at batch m_rows, as our model does it: two RMS
+    norms, rotary embedding on q and k, SiLU-gated MLP, residual adds, the KV-cache write."""
+    import torch
+
+    h, d = model.hidden, model.head_dim
+    x = torch.randn(m_rows, h, device=dev)
+    q = torch.randn(m_rows, model.heads, d, device=dev)
+    k = torch.randn(m_rows, model.kv_heads, d, device=dev)
+    cos = torch.randn(m_rows, 1, d, device=dev)
+    gu = torch.randn(m_rows, 2 * (model.expert_intermediate or model.intermediate), device=dev)
+    for _ in range(2):
+        y = x.float()
+        y = x * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6) * 1.0
+    for t in (q, k):
+        half = d // 2
+        t * cos + torch.cat((-t[..., half:], t[..., :half]), dim=-1) * cos
+    g, u = gu.chunk(2, dim=-1)
+    torch.nn.functional.silu(g) * u
+    x + y
+    x + y
+
+
+def _kv_read_gbs(model: "ModelSpec", dev: str, timeit) -> float:
+    """How fast decode attention reads a paged KV cache here: the engine's own attention backend
+    over scattered 16-token blocks (block reads are not a stream, so this is below the streaming
+    bandwidth)."""
+    import torch
+
+    from pagedserve.model.attention import AttentionMetadata, get_attention_backend
+
+    dtype = torch.float32 if dev == "cpu" else torch.bfloat16
+    backend = get_attention_backend(torch.device(dev), dtype)
+    bs, ctx, batch = 16, 256, 64
+    nblocks = batch * ctx // bs
+    # Blocks scattered over a region far larger than any cache (a real KV cache spans GBs).
+    block_bytes = 2 * model.kv_heads * bs * model.head_dim * (4 if dtype == torch.float32 else 2)
+    pool = max(nblocks * 2, (512 << 20) // block_bytes)
+    kv = torch.zeros(2, pool, model.kv_heads, bs, model.head_dim, device=dev, dtype=dtype)
+    tables = torch.randperm(pool, device=dev)[:nblocks].view(batch, ctx // bs).contiguous()
+    q = torch.randn(batch, model.heads, model.head_dim, device=dev, dtype=dtype)
+    meta = AttentionMetadata(slot_blocks=None, slot_offsets=None, num_decodes=batch, decode_block_tables=tables,
+                             decode_context_lens=torch.full((batch,), ctx, device=dev, dtype=torch.long),
+                             decode_max_context=ctx, prefills=[], block_size=bs)
+    t = timeit(lambda: backend._decode(q, kv[0], kv[1], meta, model.head_dim**-0.5), 10)
+    return batch * ctx * 2 * model.kv_heads * model.head_dim * kv.element_size() / t / 1e9
