@@ -104,6 +104,12 @@ def print_report(plan: Plan, explain: bool) -> None:
     for r in rows:
         t.add_row(*r)
     c.print(t)
+    r = Table(title="Decode vs batch (roofline prediction per replica)")
+    for col in ("batch", "FLOP/byte", "bound", "step = inter-token latency (ms)", "tokens/s"):
+        r.add_column(col)
+    for p in roof["curve"]:
+        r.add_row(str(p["batch"]), f"{p['intensity']:.1f}", p["bound"], f"{p['t_step'] * 1000:.1f}", f"{p['tokens_per_s']:.0f}")
+    c.print(r)
     if cost["api"]:
         a = Table(title="Same traffic on API models")
         for col in ("API model", "$/month", "self-hosted $/month", "self-hosting cheaper from (daily users)"):
