@@ -65,8 +65,9 @@ def main():
         import asyncio
 
         levels = []
-        for c in args.concurrency:
+        for i, c in enumerate(args.concurrency):
             ns.concurrency = [c]
+            ns.seed = 100 + i  # fresh prompts per level: no prefix-cache hits from earlier levels
             ns.num_requests = args.requests_at_1 if c == 1 else args.num_requests
             levels += asyncio.run(bench.bench(ns))
     finally:

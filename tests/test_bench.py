@@ -27,8 +27,9 @@ def run_bench(tiny_server, tmp_path, *extra):
 def test_bench_concurrency_levels(tiny_server, tmp_path):
     res, out, stdout = run_bench(tiny_server, tmp_path, "--concurrency", "1", "4")
     assert [lv["concurrency"] for lv in res["levels"]] == [1, 4]
-    expected_tokens = sum(r.max_tokens for r in synthetic_workload(12, (8, 32), (4, 12), seed=0))
-    for lv in res["levels"]:
+    for i, lv in enumerate(res["levels"]):
+        assert lv["seed"] == i  # each level has its own prompts: no prefix-cache carry-over
+        expected_tokens = sum(r.max_tokens for r in synthetic_workload(12, (8, 32), (4, 12), seed=i))
         assert lv["ok"] == 12 and lv["errors"] == 0
         assert lv["output_tokens"] == expected_tokens  # ignore_eos: every request runs to max_tokens
         assert 0 < lv["ttft_p50"] <= lv["ttft_p99"] and lv["itl_p50"] > 0 and lv["e2e_p50"] >= lv["ttft_p50"]

@@ -139,13 +139,18 @@ async def bench(args) -> list[dict]:
             r = await client.get(f"{base}/models")
             r.raise_for_status()
             model = r.json()["data"][0]["id"]
-        reqs = synthetic_workload(args.num_requests, tuple(args.prompt_len), tuple(args.output_len), seed=args.seed)
         url = f"{base}/completions"
         levels = [None] if args.request_rate else args.concurrency
         out = []
-        for c in levels:
+        for i, c in enumerate(levels):
+            # Each level gets its own prompts (seed + level index): reusing them would let the
+            # server's prefix cache skip prefills the earlier levels already ran.
+            seed = args.seed + i
+            reqs = synthetic_workload(args.num_requests, tuple(args.prompt_len), tuple(args.output_len), seed=seed)
             desc = f"{args.label} rate={args.request_rate}/s" if c is None else f"{args.label} c={c}"
-            out.append(await run_level(client, url, model, reqs, c, args.request_rate, args.timeout, args.seed, desc))
+            level = await run_level(client, url, model, reqs, c, args.request_rate, args.timeout, seed, desc)
+            level["seed"] = seed
+            out.append(level)
         return out
 
 
