@@ -69,6 +69,15 @@ def advise_huge_pages(t: torch.Tensor) -> None:
         pass
 
 
+def lazily_zeroed_cpu_tensor(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor whose pages the OS zero-fills on first touch: numpy's zeros is calloc, which
+    maps fresh pages for large sizes, so startup does not write GiBs of zeros (4 GiB took 4 s)."""
+    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    t = torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+    advise_huge_pages(t)  # before the first touch, so the lazily faulted pages can be huge
+    return t
+
+
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, arch: ModelArch, weights: dict[str, torch.Tensor], max_model_len: int):
         self.cfg = cfg
@@ -98,15 +107,12 @@ class ModelRunner:
                 f"({budget / 2**20:.0f} MiB), fewer than one sequence of max_model_len={max_model_len}: "
                 "lower --max-model-len, or raise --kv-cache-memory / --gpu-memory-utilization"
             )
-        self.kv_caches = torch.empty(
-            (arch.num_layers, 2, self.num_blocks, arch.num_kv_heads, self.block_size, arch.head_dim),
-            dtype=self.dtype,
-            device=self.device,
-        )
-        if self.device.type == "cpu":
-            advise_huge_pages(self.kv_caches)
+        shape = (arch.num_layers, 2, self.num_blocks, arch.num_kv_heads, self.block_size, arch.head_dim)
         # Zeroed: padded attention reads must see finite numbers (0 * NaN would poison outputs).
-        self.kv_caches.zero_()
+        if self.device.type == "cpu":
+            self.kv_caches = lazily_zeroed_cpu_tensor(shape, self.dtype)
+        else:
+            self.kv_caches = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.kv_bytes = self.kv_caches.numel() * self.kv_caches.element_size()
         self.max_concurrency = self.num_blocks / blocks_per_seq
 
