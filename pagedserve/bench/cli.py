@@ -12,7 +12,7 @@ import asyncio
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -209,4 +209,4 @@ def run_bench(args) -> int:
     return 1 if any(lv["errors"] for lv in levels) else 0
 
 
-__all__ = ["add_bench_args", "run_bench", "bench", "RequestResult", "asdict"]
+__all__ = ["add_bench_args", "run_bench", "bench", "RequestResult"]

@@ -33,8 +33,13 @@ class Sampler:
         logits = logits.float()
         raw = logits
         params = [r.sampling_params for r in reqs]
-        logits = self._apply_bias_and_min_tokens(logits.clone(), reqs)
-        if any(p.needs_penalties for p in params):
+        masks = any(p.logit_bias or r.num_output_tokens < p.min_tokens for p, r in zip(params, reqs))
+        penalties = any(p.needs_penalties for p in params)
+        if masks or penalties:  # edits happen in place: copy once, keep the raw logits for logprobs
+            logits = logits.clone()
+        if masks:
+            logits = self._apply_bias_and_min_tokens(logits, reqs)
+        if penalties:
             logits = self._apply_penalties(logits, reqs)
 
         greedy = [p.greedy for p in params]
