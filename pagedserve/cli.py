@@ -136,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     p_plan = sub.add_parser("plan", help="size GPUs, replicas and cost for a model and workload",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_plan_args(p_plan)
+    from pagedserve.gateway.cli import add_gateway_args
+
+    p_gw = sub.add_parser("gateway", help="one front door for many replicas and providers (see examples/gateway.yaml)")
+    add_gateway_args(p_gw)
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
@@ -148,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
             from pagedserve.planner.cli import run_plan
 
             return run_plan(args)
+        if args.command == "gateway":
+            from pagedserve.gateway.cli import run_gateway
+
+            return run_gateway(args)
     except (ValueError, FileNotFoundError) as e:  # bad flags or model: say what to change, no traceback
         log.error("%s", e)
         return 2

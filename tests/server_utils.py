@@ -20,11 +20,12 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], log_path: Path, env: dict | None = None, ready_timeout: float = 120):
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None, ready_timeout: float = 120,
+                 command: str = "serve"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        cmd = [sys.executable, "-m", "pagedserve.cli", "serve", *args, "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "pagedserve.cli", command, *args, "--port", str(self.port)]
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})}, start_new_session=True)

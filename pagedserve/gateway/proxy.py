@@ -1,0 +1,255 @@
+"""Forwarding one request: pick a backend, retry before the first byte, overflow to fallback pools,
+relay streams event by event.
+
+Retry rules. A connection error, a timeout, a 5xx or a 429 from a backend *before anything has
+been sent to the client* is retried on another backend of the pool (at most `max_attempts`
+backends). Non-streaming responses are read whole before the client sees a byte, so a replica
+that dies mid-generation is retried too. A stream is committed once its first event arrives;
+after that a failure ends the stream with an error event and is never retried silently.
+A pool that has no available backend, is saturated, or exhausted its attempts overflows to its
+`fallback` pool (following the chain, never revisiting a pool).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import httpx
+from fastapi.responses import Response, StreamingResponse
+
+from pagedserve.gateway.backends import Backend, Pool
+from pagedserve.gateway.metrics import GatewayMetrics
+from pagedserve.gateway.policies import RequestInfo, RoutingPolicy
+from pagedserve.server.errors import APIError, error_body
+
+log = logging.getLogger("pagedserve.gateway")
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Trace:
+    """What happened to one request; becomes its audit row."""
+    pool: str | None = None
+    backend: str | None = None
+    attempts: int = 0
+    fallback: bool = False
+    status: int = 0
+    error: str | None = None
+    ttft_s: float | None = None
+    usage: Usage = field(default_factory=Usage)
+    t0: float = field(default_factory=time.monotonic)  # when the request arrived
+
+
+class _Failed(Exception):
+    def __init__(self, reason: str, response: Response | None = None):
+        super().__init__(reason)
+        self.reason, self.response = reason, response
+
+
+def _usage_of(obj: dict) -> Usage | None:
+    u = obj.get("usage")
+    if isinstance(u, dict):
+        return Usage(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0))
+    return None
+
+
+def _has_content(obj: dict) -> bool:
+    for c in obj.get("choices") or ():
+        if c.get("text") or (c.get("delta") or {}).get("content"):
+            return True
+    return False
+
+
+class Forwarder:
+    def __init__(self, client: httpx.AsyncClient, pools: dict[str, Pool], policies: dict[str, RoutingPolicy],
+                 metrics: GatewayMetrics):
+        self.client, self.pools, self.policies, self.metrics = client, pools, policies, metrics
+        self._bg: set[asyncio.Task] = set()
+
+    def background(self, coro) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(t)
+        t.add_done_callback(self._bg.discard)
+
+    async def forward(self, endpoint: str, body: dict, public_model: str, pool_name: str, info: RequestInfo,
+                      trace: Trace, on_done: Callable[[Trace], None]) -> Response:
+        """Send the request; `on_done(trace)` is called exactly once when the response is complete."""
+        stream = bool(body.get("stream"))
+        pool: Pool | None = self.pools[pool_name]
+        visited: list[str] = []
+        last: _Failed | None = None
+        while pool is not None:
+            visited.append(pool.name)
+            tried: set[str] = set()
+            reason = None
+            candidates = pool.available()
+            if not candidates:
+                reason = "down"
+            elif pool.saturated(candidates):
+                reason = "saturated"
+            else:
+                for _ in range(pool.cfg.max_attempts):
+                    candidates = [b for b in pool.available() if b.name not in tried]
+                    if not candidates:
+                        break
+                    backend = self.policies[pool.name].choose(candidates, info)
+                    tried.add(backend.name)
+                    trace.attempts += 1
+                    trace.pool, trace.backend = pool.name, backend.name
+                    try:
+                        return await self._attempt(endpoint, body, public_model, pool, backend, stream, trace, on_done)
+                    except _Failed as f:
+                        last = f
+                        self.metrics.retries.labels(pool.name, f.reason.split(":")[0]).inc()
+                        log.warning("pool %s backend %s failed before the first byte: %s", pool.name, backend.name,
+                                    f.reason)
+                reason = "failed"
+            nxt = pool.cfg.fallback
+            if nxt is None or nxt in visited:
+                break
+            log.info("pool %s is %s; overflowing to %s", pool.name, reason, nxt)
+            self.metrics.fallbacks.labels(pool.name, nxt, reason).inc()
+            trace.fallback = True
+            pool = self.pools[nxt]
+        if last is not None and last.response is not None:  # every backend answered an error: pass the last on
+            trace.status, trace.error = last.response.status_code, last.reason
+            on_done(trace)
+            return last.response
+        if last is not None:
+            trace.status, trace.error = 502, f"all attempts failed; last: {last.reason}"
+            on_done(trace)
+            raise APIError(502, f"no backend could serve the request ({trace.attempts} attempts over pools "
+                                f"{', '.join(visited)}); last error: {last.reason}")
+        trace.status, trace.error = 503, f"no available backend in pools {', '.join(visited)}"
+        on_done(trace)
+        raise APIError(503, f"no backend is available for model {public_model!r} (pools {', '.join(visited)} are "
+                            "down or saturated); try again shortly", headers={"Retry-After": "1"})
+
+    async def _attempt(self, endpoint, body, public_model, pool: Pool, b: Backend, stream: bool, trace: Trace,
+                       on_done) -> Response:
+        payload = dict(body)
+        payload["model"] = b.model or pool.cfg.model or public_model
+        client_wants_usage = True
+        if stream:
+            so = dict(payload.get("stream_options") or {})
+            client_wants_usage = bool(so.get("include_usage"))
+            so["include_usage"] = True  # so the audit log gets exact token counts
+            payload["stream_options"] = so
+        headers = {"content-type": "application/json"}
+        if b.api_key:
+            headers["authorization"] = f"Bearer {b.api_key}"
+        c = pool.cfg
+        timeout = httpx.Timeout(connect=c.connect_timeout_s, read=c.read_timeout_s, write=c.read_timeout_s,
+                                pool=c.connect_timeout_s)
+        request = self.client.build_request("POST", f"{b.url}/{endpoint}", content=json.dumps(payload).encode(),
+                                            headers=headers, timeout=timeout)
+        b.outstanding += 1
+        try:
+            resp = await self.client.send(request, stream=True)
+        except httpx.HTTPError as e:
+            b.outstanding -= 1
+            b.record_failure(type(e).__name__)
+            raise _Failed(f"{type(e).__name__}: {e}") from None
+        try:
+            if resp.status_code in RETRY_STATUSES:
+                content = await resp.aread()
+                if resp.status_code >= 500:
+                    b.record_failure(f"HTTP {resp.status_code}")
+                raise _Failed(f"HTTP {resp.status_code}: {content[:200].decode(errors='replace')}",
+                              Response(content, resp.status_code, media_type=resp.headers.get("content-type"),
+                                       headers={k: v for k, v in resp.headers.items() if k.lower() == "retry-after"}))
+            if not stream or resp.status_code != 200:
+                try:
+                    content = await resp.aread()
+                except httpx.HTTPError as e:
+                    b.record_failure(type(e).__name__)
+                    raise _Failed(f"{type(e).__name__} while reading the response: {e}") from None
+                b.record_success()
+                trace.status = resp.status_code
+                if resp.status_code == 200:
+                    try:
+                        trace.usage = _usage_of(json.loads(content)) or Usage()
+                    except ValueError:
+                        pass
+                else:
+                    trace.error = content[:500].decode(errors="replace")
+                on_done(trace)
+                return Response(content, resp.status_code, media_type=resp.headers.get("content-type"))
+            chunks = resp.aiter_raw()
+            try:
+                first = await anext(chunks)
+            except (StopAsyncIteration, httpx.HTTPError) as e:
+                b.record_failure(type(e).__name__)
+                raise _Failed(f"stream ended before its first event: {type(e).__name__}") from None
+            b.record_success()
+        except BaseException:
+            b.outstanding -= 1
+            self.background(resp.aclose())
+            raise
+        return StreamingResponse(self._relay(first, chunks, resp, b, trace, client_wants_usage, on_done),
+                                 media_type="text/event-stream", headers={"x-pagedserve-backend": b.name})
+
+    async def _relay(self, first: bytes, chunks: AsyncIterator[bytes], resp: httpx.Response, b: Backend,
+                     trace: Trace, client_wants_usage: bool, on_done) -> AsyncIterator[bytes]:
+        """Pass events through as they arrive; read usage on the way; drop the usage event the client
+        did not ask for; on an upstream failure, end with an error event."""
+        buf = b""
+        seen_content = False
+        trace.status = 200
+        try:
+            chunk: bytes | None = first
+            while chunk is not None:
+                buf += chunk.replace(b"\r\n", b"\n")
+                *events, buf = buf.split(b"\n\n")
+                for ev in events:
+                    if not ev.startswith(b"data:") or ev.startswith(b"data: [DONE]"):
+                        yield ev + b"\n\n"
+                        continue
+                    if b'"usage"' in ev and b'"usage":null' not in ev and b'"usage": null' not in ev:
+                        obj = json.loads(ev[5:])
+                        u = _usage_of(obj)
+                        if u is not None:
+                            trace.usage = u
+                            if not client_wants_usage and not obj.get("choices"):
+                                continue
+                    if not seen_content:
+                        try:
+                            obj = json.loads(ev[5:])
+                        except ValueError:
+                            obj = {}
+                        if "error" in obj:
+                            trace.status, trace.error = 500, str(obj["error"])[:500]
+                        if _has_content(obj):
+                            seen_content = True
+                            trace.ttft_s = time.monotonic() - trace.t0
+                    yield ev + b"\n\n"
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    chunk = None
+            if buf.strip():
+                yield buf + b"\n\n"
+        except httpx.HTTPError as e:
+            b.record_failure(type(e).__name__)
+            trace.status, trace.error = 502, f"backend {b.name} failed mid-stream: {type(e).__name__}"
+            msg = f"the backend failed after the stream started ({type(e).__name__}); the response is incomplete"
+            yield f"data: {json.dumps(error_body(502, msg))}\n\n".encode()
+        except (asyncio.CancelledError, GeneratorExit):
+            trace.status, trace.error = 499, "client disconnected"
+            raise
+        finally:
+            b.outstanding -= 1
+            self.background(resp.aclose())
+            on_done(trace)
