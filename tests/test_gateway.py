@@ -61,6 +61,7 @@ def gateway_config(replicas: dict, db_url: str, discovery_file: Path | None = No
     pools = [
         dict(name="local", backends=["r1", "r2", "r3"], policy="least_outstanding", fallback="external", **common),
         dict(name="sticky", backends=["r1", "r2", "r3"], policy="prefix_affinity", **common),
+        dict(name="tight", backends=["r3"], max_outstanding=1, fallback="external", **common),
         dict(name="external", backends=["provider"], policy="round_robin", cooldown_s=2,
              prices={"input_per_million": 0.15, "output_per_million": 0.6}),
     ]
@@ -70,6 +71,7 @@ def gateway_config(replicas: dict, db_url: str, discovery_file: Path | None = No
     models = [
         {"name": "tiny", "pool": "local"},
         {"name": "tiny-sticky", "pool": "sticky"},
+        {"name": "tiny-tight", "pool": "tight"},
         {"name": "tiny-split", "split": [{"pool": "local", "weight": 80}, {"pool": "external", "weight": 20}]},
         {"name": "auto", "semantic": semantic_section({"simple": "local", "coding": "sticky", "reasoning": "sticky"})},
     ]
@@ -146,7 +148,8 @@ def env(replicas, tmp_path_factory):
 
 def test_chat_completions_models_and_streaming(env):
     c = env["client"]
-    assert {m.id for m in c.models.list().data} == {"tiny", "tiny-sticky", "tiny-split", "auto", "tiny-discovered"}
+    assert {m.id for m in c.models.list().data} == {"tiny", "tiny-sticky", "tiny-tight", "tiny-split", "auto",
+                                                  "tiny-discovered"}
     start = last_id(env["db"])
     r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=8,
                                   temperature=0)
@@ -268,6 +271,20 @@ def test_semantic_routing_accuracy_on_held_out_set(env):
     acc = sum(r == x["route"] for r, x in zip(routes, data)) / len(data)
     assert acc >= 0.90, acc
     assert {g.pool for g, x in zip(got, data) if g.route == "simple"} == {"local"}
+
+
+def test_saturated_pool_overflows_to_its_fallback(env):
+    """Pool 'tight' counts one in-flight request per replica as full: the rest go to the provider."""
+    start = last_id(env["db"])
+    c = env["client"]
+    with ThreadPoolExecutor(4) as ex:
+        list(ex.map(lambda i: c.completions.create(model="tiny-tight", prompt=f"p{i}", max_tokens=64,
+                                                    extra_body={"ignore_eos": True}), range(4)))
+    got = rows(env["db"], start, expect=4)
+    assert all(g.status == 200 for g in got)
+    pools = sorted(g.pool for g in got)
+    assert "tight" in pools and "external" in pools, pools
+    assert all(g.fallback == (g.pool == "external") for g in got)
 
 
 # -- keys, limits, budgets -----------------------------------------------------------------------

@@ -14,11 +14,12 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
 from pagedserve import __version__
 from pagedserve.gateway.audit import AuditWriter
@@ -105,14 +106,14 @@ class Gateway:
         self.keys.refresh()
         self.limiter = RateLimiter()
         self.budget = BudgetTracker(self.db)
-        self.client: httpx.AsyncClient | None = None
+        self.client: aiohttp.ClientSession | None = None
         self.audit: AuditWriter | None = None
         self.forwarder: Forwarder | None = None
         self.tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
-        self.client = httpx.AsyncClient(limits=httpx.Limits(max_connections=4096, max_keepalive_connections=512),
-                                        timeout=httpx.Timeout(120.0))
+        self.client = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4096, limit_per_host=0),
+                                            timeout=aiohttp.ClientTimeout(total=None, sock_read=120))
         d = self.cfg.database
         self.audit = AuditWriter(self.db, d.queue_size, d.batch_size, d.flush_interval_s)
         self.audit.start()
@@ -132,7 +133,7 @@ class Gateway:
         if self.forwarder is not None:
             await asyncio.gather(*list(self.forwarder._bg), return_exceptions=True)
         await self.audit.close()
-        await self.client.aclose()
+        await self.client.close()
         self.db.dispose()
 
     async def _refresh_keys(self) -> None:
@@ -272,13 +273,16 @@ def build_gateway_app(gw: Gateway) -> FastAPI:
         log.exception("unexpected error")
         return error_response(500, f"internal error: {type(e).__name__}")
 
-    @app.post("/v1/completions")
+    # The two proxy routes are plain Starlette routes: the gateway reads the body itself, so
+    # FastAPI's dependency and validation layer would only add per-request CPU.
     async def completions(request: Request):
         return await gw.handle(request, "completions")
 
-    @app.post("/v1/chat/completions")
     async def chat(request: Request):
         return await gw.handle(request, "chat/completions")
+
+    app.router.routes[:0] = [Route("/v1/completions", completions, methods=["POST"]),
+                             Route("/v1/chat/completions", chat, methods=["POST"])]
 
     @app.get("/v1/models")
     async def models(request: Request):

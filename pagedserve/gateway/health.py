@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import httpx
+import aiohttp
 
 from pagedserve.gateway.backends import Backend, Pool, apply_discovery, discover_urls
 
@@ -41,18 +41,19 @@ def parse_load(text: str) -> dict[str, float]:
 
 
 class Monitor:
-    def __init__(self, client: httpx.AsyncClient, pools: dict[str, Pool], interval_s: float, timeout_s: float):
+    def __init__(self, client: aiohttp.ClientSession, pools: dict[str, Pool], interval_s: float, timeout_s: float):
         self.client, self.pools, self.interval_s, self.timeout_s = client, pools, interval_s, timeout_s
 
     def _wants_load(self, pool: Pool) -> bool:
         return pool.cfg.policy == "least_load" or pool.cfg.max_queue_depth is not None
 
     async def check(self, b: Backend, scrape: bool) -> None:
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         try:
-            r = await self.client.get(f"{b.root}/health", timeout=self.timeout_s)
-            ok = r.status_code == 200
-            why = f"/health answered {r.status_code}"
-        except httpx.HTTPError as e:
+            async with self.client.get(f"{b.root}/health", timeout=timeout) as r:
+                await r.read()
+                ok, why = r.status == 200, f"/health answered {r.status}"
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             ok, why = False, f"/health: {type(e).__name__}"
         if not ok:
             b.record_failure(why)
@@ -60,10 +61,11 @@ class Monitor:
         b.record_success()
         if scrape:
             try:
-                r = await self.client.get(f"{b.root}/metrics", timeout=self.timeout_s)
-                for attr, v in parse_load(r.text).items():
+                async with self.client.get(f"{b.root}/metrics", timeout=timeout) as r:
+                    text = await r.text()
+                for attr, v in parse_load(text).items():
                     setattr(b, attr, v)
-            except httpx.HTTPError:
+            except (aiohttp.ClientError, asyncio.TimeoutError):
                 pass  # health passed; load stays at its last value
 
     async def check_all(self) -> None:
