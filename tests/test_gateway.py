@@ -7,6 +7,7 @@ Tests run in file order and the last ones are destructive (kill -9, SIGSTOP, all
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import signal
@@ -59,7 +60,8 @@ def gateway_config(replicas: dict, db_url: str, discovery_file: Path | None = No
     common = dict(model="tiny", max_attempts=3, read_timeout_s=5, connect_timeout_s=1, failure_threshold=2,
                   prices={"input_per_million": 1.0, "output_per_million": 2.0})
     pools = [
-        dict(name="local", backends=["r1", "r2", "r3"], policy="least_outstanding", fallback="external", **common),
+        dict(name="local", backends=["r1", "r2", "r3"], policy="least_outstanding", fallback="external",
+             cost_per_hour=3.6, **common),
         dict(name="sticky", backends=["r1", "r2", "r3"], policy="prefix_affinity", **common),
         dict(name="tight", backends=["r3"], max_outstanding=1, fallback="external", **common),
         dict(name="external", backends=["provider"], policy="round_robin", cooldown_s=2,
@@ -336,6 +338,15 @@ def test_report_by_department(env):
     with open_db(env["db"]).connect() as conn:
         n = conn.execute(select(func.count()).select_from(audit_log).where(audit_log.c.department == "engineering")).scalar()
     assert int(eng[1]) == n
+    # With the config, self-hosted pools' hourly price is shared out by tokens: it sums to the price
+    # of the window for pool 'local' (3.6/hour over the last 10 minutes = 0.6).
+    from pagedserve.gateway.cli import report_rows
+
+    since = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None) - dt.timedelta(minutes=10)
+    by_dept = report_rows(open_db(env["db"]), "department", since, {"local": 3.6})
+    assert sum(r["hosting_cost"] for r in by_dept) == pytest.approx(0.6, rel=0.01)
+    r = cli("gateway", "report", "--config", str(env["tmp"] / "gateway.yaml"), "--by", "pool", "--since", "1h")
+    assert "hosting_cost" in r.stdout
     bad = cli("gateway", "report", "--db", env["db"], "--since", "yesterday-ish", check=False)
     assert bad.returncode == 2 and "--since" in bad.stderr
 

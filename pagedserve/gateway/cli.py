@@ -79,7 +79,7 @@ def _db_url(args) -> str:
     if path:
         from pagedserve.gateway.config import load_config
 
-        return load_config(path).database.url
+        return load_config(path, check_env=False).database.url
     raise ValueError("say which database: --db URL or --config gateway.yaml")
 
 
@@ -91,30 +91,44 @@ def _percentile(xs: list[float], q: float) -> float:
     return xs[i]
 
 
-def report_rows(db, by: str, since: dt.datetime | None) -> list[dict]:
-    """One dict per group: requests, errors, tokens, cost, p50/p99 latency (seconds)."""
+def report_rows(db, by: str, since: dt.datetime | None, cost_per_hour: dict[str, float] | None = None) -> list[dict]:
+    """One dict per group: requests, errors, tokens, cost, p50/p99 latency (seconds), and with
+    `cost_per_hour` (self-hosted pools) `hosting_cost`: each pool's hourly price over the window,
+    shared out by the tokens each group sent through that pool."""
     from sqlalchemy import select
 
-    from pagedserve.gateway.store import audit_log as t
+    from pagedserve.gateway.store import audit_log as t, utcnow
 
-    q = select(getattr(t.c, by), t.c.status, t.c.prompt_tokens, t.c.completion_tokens, t.c.cost, t.c.latency_s)
+    q = select(getattr(t.c, by), t.c.status, t.c.prompt_tokens, t.c.completion_tokens, t.c.cost, t.c.latency_s,
+               t.c.pool, t.c.ts)
     if since is not None:
         q = q.where(t.c.ts >= since)
     groups: dict = {}
+    pool_tokens: dict[str, int] = {}
+    first = None
     with db.connect() as conn:
-        for g, status, pt, ct, cost, lat in conn.execute(q):
+        for g, status, pt, ct, cost, lat, pool, ts in conn.execute(q):
             a = groups.setdefault("" if g is None else str(g), dict(requests=0, errors=0, prompt_tokens=0,
-                                                                   completion_tokens=0, cost=0.0, lat=[]))
+                                                                   completion_tokens=0, cost=0.0, lat=[], pools={}))
             a["requests"] += 1
             a["errors"] += status >= 400
             a["prompt_tokens"] += pt
             a["completion_tokens"] += ct
             a["cost"] += cost
             a["lat"].append(lat)
+            if pool:
+                a["pools"][pool] = a["pools"].get(pool, 0) + pt + ct
+                pool_tokens[pool] = pool_tokens.get(pool, 0) + pt + ct
+            first = ts if first is None or ts < first else first
+    hours = max((utcnow() - (since or first or utcnow())).total_seconds(), 1.0) / 3600
     out = []
     for g, a in sorted(groups.items(), key=lambda kv: -kv[1]["requests"]):
-        lat = a.pop("lat")
-        out.append({by: g, **a, "p50_latency_s": _percentile(lat, 50), "p99_latency_s": _percentile(lat, 99)})
+        lat, pools = a.pop("lat"), a.pop("pools")
+        row = {by: g, **a, "p50_latency_s": _percentile(lat, 50), "p99_latency_s": _percentile(lat, 99)}
+        if cost_per_hour:
+            row["hosting_cost"] = sum(cost_per_hour[p] * hours * n / pool_tokens[p]
+                                      for p, n in pools.items() if p in cost_per_hour and pool_tokens[p])
+        out.append(row)
     return out
 
 
@@ -124,10 +138,15 @@ def run_report(args) -> int:
     from pagedserve.gateway.store import open_db
 
     since = parse_since(args.since)
-    rows = report_rows(open_db(_db_url(args)), args.by, since)
+    cph = None
+    if getattr(args, "sub_config", None):
+        from pagedserve.gateway.config import load_config
+
+        cph = {p.name: p.cost_per_hour for p in load_config(args.sub_config, check_env=False).pools if p.cost_per_hour}
+    rows = report_rows(open_db(_db_url(args)), args.by, since, cph)
     table = Table(title=f"gateway audit by {args.by}" + (f" since {since:%Y-%m-%d %H:%M} UTC" if since else ""))
     cols = [args.by, "requests", "errors", "prompt_tokens", "completion_tokens", "cost", "p50_latency_s",
-            "p99_latency_s"]
+            "p99_latency_s"] + (["hosting_cost"] if cph else [])
     for c in cols:
         table.add_column(c, justify="left" if c == args.by else "right")
     for r in rows:

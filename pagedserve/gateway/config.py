@@ -209,8 +209,9 @@ def _check_duplicate_keys(path: str, node: yaml.Node) -> None:
             _check_duplicate_keys(path, v)
 
 
-def load_config(path: str | Path, env: dict[str, str] | None = None) -> GatewayConfig:
-    """Read and check a gateway config; any problem raises ConfigError naming file:line."""
+def load_config(path: str | Path, env: dict[str, str] | None = None, check_env: bool = True) -> GatewayConfig:
+    """Read and check a gateway config; any problem raises ConfigError naming file:line.
+    Admin commands (keys, report) pass check_env=False: they never call a backend."""
     path = str(path)
     env = os.environ if env is None else env
     try:
@@ -250,7 +251,7 @@ def load_config(path: str | Path, env: dict[str, str] | None = None) -> GatewayC
     backends, pools = unique("backends", cfg.backends), unique("pools", cfg.pools)
     unique("models", cfg.models)
     for i, b in enumerate(cfg.backends):
-        if b.api_key_env and not env.get(b.api_key_env):
+        if check_env and b.api_key_env and not env.get(b.api_key_env):
             fail(("backends", i, "api_key_env"), f"backend {b.name!r}: environment variable {b.api_key_env} is not set")
     for i, p in enumerate(cfg.pools):
         for j, b in enumerate(p.backends):
