@@ -31,17 +31,12 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 
 
 def start(cmd: list[str], port: int, log: Path) -> subprocess.Popen:
+    from server_utils import wait_ready
+
     proc = subprocess.Popen([sys.executable, "-m", "pagedserve.cli", *cmd, "--port", str(port)],
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"{cmd[0]} exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
+    wait_ready(proc, f"http://127.0.0.1:{port}", log, timeout=300)
+    return proc
 
 
 async def ttft(client: httpx.AsyncClient, base: str, model: str, i: int) -> float:

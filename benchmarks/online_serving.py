@@ -14,25 +14,19 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 
 RESULTS = Path(__file__).parent / "results"
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 
 
 def start_server(port: int, extra: list[str], log_path: Path) -> tuple[subprocess.Popen, float]:
+    from server_utils import wait_ready
+
     t0 = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "pagedserve.cli", "serve", "--port", str(port), *extra],
                             stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {log_path.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc, time.monotonic() - t0
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
+    wait_ready(proc, f"http://127.0.0.1:{port}", log_path, timeout=300, poll=0.05)
+    return proc, time.monotonic() - t0
 
 
 def main():

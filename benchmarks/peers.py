@@ -198,20 +198,10 @@ def start_server(engine: str, port: int) -> subprocess.Popen:
     else:
         raise ValueError(f"{engine} has no server")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    t0 = time.monotonic()
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{engine} server exited; see {log.name}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                print(f"{engine} ready in {time.monotonic() - t0:.1f}s", flush=True)
-                return proc
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() - t0 > 600:
-            proc.kill()
-            raise RuntimeError(f"{engine} not ready in 600 s")
-        time.sleep(0.5)
+    from server_utils import wait_ready
+
+    print(f"{engine} ready in {wait_ready(proc, f'http://127.0.0.1:{port}', Path(log.name), 600, 0.5):.1f}s", flush=True)
+    return proc
 
 
 def online(engine: str, concurrency: int, itl_requests: int) -> dict:

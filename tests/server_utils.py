@@ -19,6 +19,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout: float = 120, poll: float = 0.1) -> float:
+    """Wait until GET {url}/health answers 200; seconds waited. Raises (with the log's tail) if the
+    process exits or is not ready in time."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}:\n{Path(log_path).read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return time.monotonic() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(poll)
+    proc.kill()
+    raise RuntimeError(f"not ready in {timeout}s:\n{Path(log_path).read_text()[-3000:]}")
+
+
 class ServerProcess:
     def __init__(self, args: list[str], log_path: Path, env: dict | None = None, ready_timeout: float = 120,
                  command: str = "serve"):
@@ -29,18 +46,11 @@ class ServerProcess:
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})}, start_new_session=True)
-        deadline = time.monotonic() + ready_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server not ready in {ready_timeout}s:\n{log_path.read_text()[-3000:]}")
+        try:
+            wait_ready(self.proc, self.url, log_path, ready_timeout, poll=0.2)
+        except RuntimeError:
+            self.log.close()
+            raise
 
     @property
     def base(self) -> str:

@@ -18,7 +18,6 @@ import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
 from pagedserve import __version__
@@ -32,7 +31,7 @@ from pagedserve.gateway.policies import RequestInfo, WeightedSplit, make_policy
 from pagedserve.gateway.proxy import Forwarder, Trace
 from pagedserve.gateway.store import open_db, utcnow
 from pagedserve.server.app import BodyLimitMiddleware
-from pagedserve.server.errors import APIError, error_response
+from pagedserve.server.errors import APIError, install_error_handlers
 
 log = logging.getLogger("pagedserve.gateway")
 
@@ -260,18 +259,7 @@ def build_gateway_app(gw: Gateway) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, limit=gw.cfg.server.max_request_body_bytes)
     app.state.gateway = gw
 
-    @app.exception_handler(APIError)
-    async def _api_error(_, e: APIError):
-        return error_response(e.status, e.message, e.param, e.code, e.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_, e: StarletteHTTPException):
-        return error_response(e.status_code, str(e.detail))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_, e: Exception):
-        log.exception("unexpected error")
-        return error_response(500, f"internal error: {type(e).__name__}")
+    install_error_handlers(app, log)
 
     # The two proxy routes are plain Starlette routes: the gateway reads the body itself, so
     # FastAPI's dependency and validation layer would only add per-request CPU.

@@ -15,7 +15,6 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagedserve import __version__
 from pagedserve.engine.async_engine import AsyncEngine, EngineDeadError
@@ -23,7 +22,7 @@ from pagedserve.engine.outputs import CompletionOutput, RequestOutput
 from pagedserve.engine.sampling_params import OutputKind, SamplingParams
 from pagedserve.model.tokenizer import apply_chat_template
 from pagedserve.server import protocol as P
-from pagedserve.server.errors import APIError, error_body, error_response
+from pagedserve.server.errors import APIError, error_body, error_response, install_error_handlers
 from pagedserve.server.metrics import ServerMetrics
 
 log = logging.getLogger("pagedserve.server")
@@ -105,9 +104,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     app.state.metrics = metrics
 
     # -- errors ----------------------------------------------------------------------------
-    @app.exception_handler(APIError)
-    async def _api_error(_, e: APIError):
-        return error_response(e.status, e.message, e.param, e.code, e.headers)
+    install_error_handlers(app, log)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_, e: RequestValidationError):
@@ -119,10 +116,6 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         )
         return error_response(400, msg or "invalid request body", ".".join(loc) or None, "invalid_request")
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_, e: StarletteHTTPException):
-        return error_response(e.status_code, str(e.detail))
-
     @app.exception_handler(ValueError)
     async def _value(_, e: ValueError):
         return error_response(400, str(e), code="invalid_request")
@@ -130,11 +123,6 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     @app.exception_handler(EngineDeadError)
     async def _dead(_, e: EngineDeadError):
         return error_response(503, f"the engine is not running: {e}")
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_, e: Exception):
-        log.exception("unexpected error")
-        return error_response(500, f"internal error: {type(e).__name__}")
 
     # -- dependencies ----------------------------------------------------------------------
     async def check_key(request: Request):

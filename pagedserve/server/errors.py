@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 _TYPES = {
     400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 408: "TimeoutError",
@@ -29,3 +33,21 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI, log: logging.Logger) -> None:
+    """OpenAI-shaped bodies for APIError, Starlette's HTTP errors (404/405) and anything unexpected
+    (500, logged with its traceback); shared by the server and the gateway."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_, e: APIError):
+        return error_response(e.status, e.message, e.param, e.code, e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_, e: StarletteHTTPException):
+        return error_response(e.status_code, str(e.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_, e: Exception):
+        log.exception("unexpected error")
+        return error_response(500, f"internal error: {type(e).__name__}")
