@@ -25,3 +25,26 @@ def test_cpp_decode_matches_torch(heads, kv_heads, head_dim, block_size):
     ref = TorchPagedAttention._decode(q, kv[0], kv[1], meta, scale)
     out = CppCpuPagedAttention()._decode(q, kv[0], kv[1], meta, scale)
     assert (out - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("m", range(1, 9))
+@pytest.mark.parametrize("n,k", [(960, 576), (49152 // 64 + 3, 576), (576, 1536), (13, 8)])
+def test_cpp_small_m_linear_matches_torch(m, n, k):
+    """The decode-sized linear kernel agrees with F.linear for every row count it takes, including
+    output sizes that are not a multiple of its register tile, and with a bias via Linear."""
+    from pagedserve.model import cpu_kernels
+    from pagedserve.model.llama import Linear, use_small_m_kernel
+
+    ops = cpu_kernels.load(required=True)
+    assert ops.linear_small_m_supported()
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    torch.testing.assert_close(ops.linear_small_m(x, w), torch.nn.functional.linear(x, w), rtol=1e-4, atol=1e-4)
+    lin = Linear(k, n, bias=True)
+    ref = lin(x)
+    assert use_small_m_kernel(lin, ops.linear_small_m) == 1
+    torch.testing.assert_close(lin(x), ref, rtol=1e-4, atol=1e-4)
+    big = torch.randn(9, k, generator=g)  # more rows than the kernel takes: the PyTorch path
+    torch.testing.assert_close(lin(big), torch.nn.functional.linear(big, lin.weight, lin.bias))
+    with pytest.raises(RuntimeError, match="M <= 8"):
+        ops.linear_small_m(big, w)

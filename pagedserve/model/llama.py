@@ -17,6 +17,30 @@ from pagedserve.model.arch import ModelArch
 from pagedserve.model.attention import AttentionBackend, AttentionMetadata
 
 
+class Linear(nn.Linear):
+    """nn.Linear that hands decode-sized inputs (at most 8 rows) to a small-M kernel when one is
+    installed (`use_small_m_kernel`): those matmuls are bound by reading the weights, which the
+    C++ kernel does once for all rows. Everything else, and every other device, uses F.linear."""
+
+    small_m = None  # callable(x, weight) -> x @ weight.T, set per model by use_small_m_kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.small_m is not None and x.dim() == 2 and x.shape[0] <= 8 and x.is_contiguous():
+            y = self.small_m(x, self.weight)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_small_m_kernel(model: nn.Module, kernel) -> int:
+    """Route every Linear of `model` with a kernel-friendly shape through `kernel`; returns how many."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Linear) and m.in_features % 8 == 0 and m.weight.is_contiguous():
+            m.small_m = kernel
+            n += 1
+    return n
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -79,8 +103,8 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=False)
+        self.qkv_proj = Linear(arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.attention_bias)
+        self.o_proj = Linear(self.q_size, arch.hidden_size, bias=False)
         self.scale = self.head_dim**-0.5
         self.backend = backend
 
@@ -99,8 +123,8 @@ class MLP(nn.Module):
     def __init__(self, arch: ModelArch):
         super().__init__()
         self.intermediate = arch.intermediate_size
-        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+        self.gate_up_proj = Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
+        self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, bias=False)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
@@ -127,7 +151,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(arch, backend) for _ in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.lm_head = Linear(arch.hidden_size, arch.vocab_size, bias=False)
         self.tie_weights()
         self.rotary = RotaryEmbedding(arch, max_positions)
 

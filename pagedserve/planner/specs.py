@@ -253,12 +253,24 @@ def measure_this_machine(model: "ModelSpec | None" = None, budget_bytes: int = 1
     head = torch.randn(model.vocab, model.hidden, device=dev) if model is not None else None
     total = n_layers * per_layer + (head.numel() * 4 if head is not None else 0)
 
+    # The engine's own linear path: the small-batch C++ kernel for <= 8 rows on CPU, BLAS otherwise.
+    kernel = None
+    if not cuda:
+        from pagedserve.model import cpu_kernels
+
+        kernel = cpu_kernels.small_m_linear()
+
+    def lin(x, w):
+        if kernel is not None and x.shape[0] <= 8 and w.shape[1] % 8 == 0:
+            return kernel(x, w)
+        return torch.nn.functional.linear(x, w)
+
     def pseudo_forward(xs):
         for layer in layers:
             for w in layer:
-                torch.nn.functional.linear(xs[w.shape[1]], w)
+                lin(xs[w.shape[1]], w)
         if head is not None:
-            torch.nn.functional.linear(xs[head.shape[1]], head)
+            lin(xs[head.shape[1]], head)
 
     curve, other = [], []
     for m_rows in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512):

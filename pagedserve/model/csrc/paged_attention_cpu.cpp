@@ -93,6 +93,11 @@ void paged_attention_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k_
   });
 }
 
+torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w);  // linear_cpu.cpp
+bool linear_small_m_supported();
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention_decode", &paged_attention_decode, "paged decode attention (CPU, float32)");
+  m.def("linear_small_m", &linear_small_m, "x @ W.T for 1..8 rows of x, each weight row read once (CPU, float32)");
+  m.def("linear_small_m_supported", &linear_small_m_supported, "built with AVX2+FMA");
 }
