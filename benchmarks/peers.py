@@ -26,7 +26,6 @@ import tarfile
 import time
 from pathlib import Path
 
-import httpx
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

@@ -1,6 +1,5 @@
 """The OpenAI-compatible server, driven over loopback with the official openai client."""
 
-import json
 
 import httpx
 import openai

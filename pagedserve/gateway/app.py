@@ -130,7 +130,7 @@ class Gateway:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.forwarder is not None:
-            await asyncio.gather(*list(self.forwarder._bg), return_exceptions=True)
+            await self.forwarder.drain()
         await self.audit.close()
         await self.client.close()
         self.db.dispose()

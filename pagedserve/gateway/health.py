@@ -69,12 +69,12 @@ class Monitor:
                 pass  # health passed; load stays at its last value
 
     async def check_all(self) -> None:
-        checks = {}
+        scrape: dict[int, tuple[Backend, bool]] = {}  # a backend in two pools is checked once
         for pool in self.pools.values():
             for b in pool.backends:
-                if b.health_check:  # a backend in two pools is checked once
-                    checks[id(b)] = self.check(b, self._wants_load(pool))
-        await asyncio.gather(*checks.values())
+                if b.health_check:
+                    scrape[id(b)] = (b, scrape.get(id(b), (b, False))[1] or self._wants_load(pool))
+        await asyncio.gather(*(self.check(b, s) for b, s in scrape.values()))
 
     async def run_health(self) -> None:
         while True:

@@ -63,7 +63,7 @@ def create_key(db: Engine, department: str, name: str = "", models: list[str] | 
                created_at=utcnow(), revoked_at=None)
     with db.begin() as conn:
         conn.execute(api_keys.insert().values(**row))
-    return secret, _row_to_info(type("R", (), row))
+    return secret, KeyInfo(key_id, name, row["department"], tuple(models or ("*",)), rpm, tpm, monthly_budget)
 
 
 def list_keys(db: Engine) -> list[tuple[KeyInfo, float, dt.datetime]]:
@@ -106,20 +106,24 @@ class RateLimiter:
     def __init__(self):
         self.requests: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self.tokens: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+        self.token_sum: dict[str, int] = collections.defaultdict(int)  # tokens in the window, kept current
 
-    def _trim(self, q: collections.deque, now: float) -> None:
+    def _trim(self, q: collections.deque, now: float) -> int:
+        """Drop entries older than the window; returns the amount dropped."""
+        dropped = 0
         while q and q[0][0] <= now - self.WINDOW:
-            q.popleft()
+            dropped += q.popleft()[1]
+        return dropped
 
     def check(self, key: KeyInfo, now: float | None = None) -> tuple[str, float] | None:
         """None if the request may go ahead (and it is counted); else (which limit, retry-after seconds)."""
         now = time.monotonic() if now is None else now
         rq, tq = self.requests[key.id], self.tokens[key.id]
         self._trim(rq, now)
-        self._trim(tq, now)
+        self.token_sum[key.id] -= self._trim(tq, now)
         if key.rpm is not None and len(rq) >= key.rpm:
             return f"{key.rpm} requests per minute", rq[0][0] + self.WINDOW - now
-        if key.tpm is not None and sum(n for _, n in tq) >= key.tpm:
+        if key.tpm is not None and self.token_sum[key.id] >= key.tpm:
             return f"{key.tpm} tokens per minute", tq[0][0] + self.WINDOW - now
         rq.append((now, 1))
         return None
@@ -127,6 +131,7 @@ class RateLimiter:
     def add_tokens(self, key_id: str, n: int, now: float | None = None) -> None:
         if n:
             self.tokens[key_id].append((time.monotonic() if now is None else now, n))
+            self.token_sum[key_id] += n
 
 
 class BudgetTracker:

@@ -81,6 +81,10 @@ class Forwarder:
         self.client, self.pools, self.policies, self.metrics = client, pools, policies, metrics
         self._bg: set[asyncio.Task] = set()
 
+    async def drain(self) -> None:
+        """Wait for the background work still running (audit rows waiting for queue space)."""
+        await asyncio.gather(*list(self._bg), return_exceptions=True)
+
     def background(self, coro) -> None:
         t = asyncio.get_running_loop().create_task(coro)
         self._bg.add(t)
@@ -227,21 +231,22 @@ class Forwarder:
                         done_sent = done_sent or ev.startswith(b"data: [DONE]")
                         yield ev + b"\n\n"
                         continue
-                    if b'"usage"' in ev and b'"usage":null' not in ev and b'"usage": null' not in ev:
-                        obj = json.loads(ev[5:])
-                        u = _usage_of(obj)
-                        if u is not None:
-                            trace.usage = u
-                            if not client_wants_usage and not obj.get("choices"):
-                                continue
-                    if not seen_content:
+                    has_usage = b'"usage"' in ev and b'"usage":null' not in ev and b'"usage": null' not in ev
+                    # Parse an event only when it can matter (each at most once): until the first
+                    # content (TTFT), the usage event, and error events.
+                    if not seen_content or has_usage or b'"error"' in ev:
                         try:
                             obj = json.loads(ev[5:])
                         except ValueError:
                             obj = {}
                         if "error" in obj:
                             trace.status, trace.error = 500, str(obj["error"])[:500]
-                        if _has_content(obj):
+                        u = _usage_of(obj) if has_usage else None
+                        if u is not None:
+                            trace.usage = u
+                            if not client_wants_usage and not obj.get("choices"):
+                                continue  # the client did not ask for it: only the audit log gets it
+                        if not seen_content and _has_content(obj):
                             seen_content = True
                             trace.ttft_s = time.monotonic() - trace.t0
                     yield ev + b"\n\n"

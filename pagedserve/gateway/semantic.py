@@ -37,7 +37,6 @@ class RouteDecision:
 
 class SemanticRouter:
     def __init__(self, cfg: SemanticConfig, executor: ThreadPoolExecutor | None = None):
-        import torch
         from sentence_transformers import SentenceTransformer
 
         self.cfg = cfg
@@ -45,7 +44,10 @@ class SemanticRouter:
         self.routes = cfg.routes
         self.pool_of = {r.name: r.pool for r in cfg.routes}
         texts = [e for r in cfg.routes for e in r.examples]
-        self.owner = torch.tensor([i for i, r in enumerate(cfg.routes) for _ in r.examples])
+        bounds = [0]
+        for r in cfg.routes:
+            bounds.append(bounds[-1] + len(r.examples))
+        self.spans = list(zip(bounds, bounds[1:]))  # each route's rows in self.examples
         self.examples = self._embed(texts)
         self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
 
@@ -57,10 +59,7 @@ class SemanticRouter:
         import torch
 
         sims = self._embed([text[:2000]])[0] @ self.examples.T
-        scores = []
-        for i in range(len(self.routes)):
-            s = sims[self.owner == i]
-            scores.append(torch.topk(s, min(self.cfg.top_k, len(s))).values.mean().item())
+        scores = [torch.topk(sims[a:b], min(self.cfg.top_k, b - a)).values.mean().item() for a, b in self.spans]
         best = max(range(len(scores)), key=scores.__getitem__)
         name = self.routes[best].name if scores[best] >= self.cfg.threshold else self.cfg.default
         return RouteDecision(name, self.pool_of[name], scores[best])
