@@ -1,4 +1,5 @@
-"""The C++ paged decode kernel against the PyTorch reference on random paged data."""
+"""The C++ CPU kernels (paged decode attention, small-M linear, fused RMSNorm / rotary / SiLU*up)
+against the PyTorch reference path on random data."""
 
 import pytest
 import torch
@@ -25,6 +26,12 @@ def test_cpp_decode_matches_torch(heads, kv_heads, head_dim, block_size):
     ref = TorchPagedAttention._decode(q, kv[0], kv[1], meta, scale)
     out = CppCpuPagedAttention()._decode(q, kv[0], kv[1], meta, scale)
     assert (out - ref).abs().max().item() < 1e-5
+    # q as the kernel gets it in the model: a row-strided view of the fused QKV output
+    qkv = torch.cat([q.view(n, -1), torch.randn(n, 2 * kv_heads * head_dim, generator=g)], dim=1)
+    strided = qkv[:, : heads * head_dim].view(n, heads, head_dim)
+    assert not strided.is_contiguous()
+    out = CppCpuPagedAttention()._decode(strided, kv[0], kv[1], meta, scale)
+    assert (out - ref).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("m", range(1, 9))
@@ -33,7 +40,7 @@ def test_cpp_small_m_linear_matches_torch(m, n, k):
     """The decode-sized linear kernel agrees with F.linear for every row count it takes, including
     output sizes that are not a multiple of its register tile, and with a bias via Linear."""
     from pagedserve.model import cpu_kernels
-    from pagedserve.model.llama import Linear, use_small_m_kernel
+    from pagedserve.model.llama import Linear, use_cpu_kernels
 
     ops = cpu_kernels.load(required=True)
     assert ops.linear_small_m_supported()
@@ -42,9 +49,73 @@ def test_cpp_small_m_linear_matches_torch(m, n, k):
     torch.testing.assert_close(ops.linear_small_m(x, w), torch.nn.functional.linear(x, w), rtol=1e-4, atol=1e-4)
     lin = Linear(k, n, bias=True)
     ref = lin(x)
-    assert use_small_m_kernel(lin, ops.linear_small_m) == 1
+    assert use_cpu_kernels(lin, ops) == 1
     torch.testing.assert_close(lin(x), ref, rtol=1e-4, atol=1e-4)
     big = torch.randn(9, k, generator=g)  # more rows than the kernel takes: the PyTorch path
     torch.testing.assert_close(lin(big), torch.nn.functional.linear(big, lin.weight, lin.bias))
     with pytest.raises(RuntimeError, match="M <= 8"):
         ops.linear_small_m(big, w)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 17, 64, 300])
+def test_fused_elementwise_ops_match_torch(rows):
+    """RMSNorm (with and without the residual add), rotary on strided q/k views of a fused QKV
+    output, and SiLU*up: the C++ kernels give the PyTorch path's results, row counts below and
+    above the threading grain."""
+    from pagedserve.model import cpu_kernels
+    from pagedserve.model.arch import ModelArch
+    from pagedserve.model.llama import MLP, RMSNorm, RotaryEmbedding, use_cpu_kernels
+
+    ops = cpu_kernels.load(required=True)
+    g = torch.Generator().manual_seed(rows)
+    hidden, heads, kv_heads, d = 96, 6, 2, 16
+    arch = ModelArch(architecture="LlamaForCausalLM", vocab_size=10, hidden_size=hidden, intermediate_size=40,
+                     num_layers=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=d, rms_norm_eps=1e-5,
+                     rope_theta=10000.0, rope_scaling=None, max_position_embeddings=512, tie_word_embeddings=False,
+                     attention_bias=False, sliding_window=None, bos_token_id=None, eos_token_ids=[])
+    norm, rot, mlp = RMSNorm(hidden, 1e-5), RotaryEmbedding(arch, 512), MLP(arch)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(hidden, generator=g))
+        for p in mlp.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    x, res = torch.randn(rows, hidden, generator=g), torch.randn(rows, hidden, generator=g)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * d, generator=g)
+    pos = torch.randint(0, 512, (rows,), generator=g)
+
+    def run():
+        n1 = norm(x.clone())
+        n2, r2 = norm(x.clone(), res.clone())
+        q, k, _ = qkv.clone().split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+        q, k = rot(pos, q.view(rows, heads, d), k.view(rows, kv_heads, d))
+        return n1, n2, r2, q.clone(), k.clone(), mlp(x)
+
+    ref = run()
+    use_cpu_kernels(norm, ops), use_cpu_kernels(rot, ops), use_cpu_kernels(mlp, ops, small_m=False)
+    assert norm.fused is ops and rot.fused is ops and mlp.fused is ops
+    for got, want in zip(run(), ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="position out of range"):
+        q = qkv.clone()[:, : heads * d].view(rows, heads, d)
+        rot(torch.full((rows,), 512), q, q)
+
+
+def test_cpp_write_kv_matches_index_put():
+    """The C++ K/V store puts strided K/V rows (views of a fused QKV output) in the same slots as
+    the PyTorch index_put, and rejects slots outside the cache."""
+    g = torch.Generator().manual_seed(1)
+    t, kvh, d, nb, bs = 37, 3, 64, 11, 16
+    qkv = torch.randn(t, (9 + 2 * kvh) * d, generator=g)
+    k = qkv[:, 9 * d : (9 + kvh) * d].view(t, kvh, d)
+    v = qkv[:, (9 + kvh) * d :].view(t, kvh, d)
+    slots = torch.randperm(nb * bs, generator=g)[:t]
+    meta = AttentionMetadata(slot_blocks=slots // bs, slot_offsets=slots % bs, num_decodes=0, decode_block_tables=None,
+                             decode_context_lens=None, decode_max_context=0, prefills=[], block_size=bs)
+    ref, got = torch.zeros(2, nb, kvh, bs, d), torch.zeros(2, nb, kvh, bs, d)
+    TorchPagedAttention._write_kv(k, v, ref[0], ref[1], meta)
+    backend = CppCpuPagedAttention()
+    backend._write_kv(k, v, got[0], got[1], meta)
+    assert torch.equal(got, ref) and ref.abs().sum() > 0
+    meta.slot_blocks = meta.slot_blocks.clone()
+    meta.slot_blocks[5] = nb
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        backend._write_kv(k, v, got[0], got[1], meta)

@@ -19,7 +19,7 @@ from pagedserve.engine.scheduler import SchedulerOutput
 from pagedserve.model.arch import ModelArch
 from pagedserve.model import cpu_kernels
 from pagedserve.model.attention import AttentionMetadata, PrefillChunk, get_attention_backend
-from pagedserve.model.llama import LlamaForCausalLM, use_small_m_kernel
+from pagedserve.model.llama import LlamaForCausalLM, use_cpu_kernels
 from pagedserve.model.sampler import Sampler, SamplerOutput, top_logprobs
 
 log = logging.getLogger("pagedserve.runner")
@@ -95,8 +95,8 @@ class ModelRunner:
         model.load_weights(weights)
         model.rotary = model.rotary.__class__(arch, max_model_len).to(self.device)
         self.model = model.eval()
-        if backend.name == "cpp" and (kernel := cpu_kernels.small_m_linear()) is not None:
-            use_small_m_kernel(self.model, kernel)  # decode-sized matmuls in C++
+        if backend.name == "cpp":  # the C++ CPU kernels built: fused elementwise ops, small-M matmuls
+            use_cpu_kernels(self.model, cpu_kernels.load(), small_m=cpu_kernels.small_m_linear() is not None)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.sampler = Sampler(arch.vocab_size)
 

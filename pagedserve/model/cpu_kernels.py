@@ -1,4 +1,5 @@
-"""Build and load the C++ CPU kernels (paged decode attention, small-batch linear layers) (once; torch caches the build under ~/.cache/torch_extensions).
+"""Build and load the C++ CPU kernels (paged decode attention, small-batch linear layers, fused
+RMSNorm / rotary / SiLU*up) once; torch caches the build under ~/.cache/torch_extensions.
 
 `load()` returns the module, or None when it cannot be built here (no compiler, no ninja): callers
 then use the pure-PyTorch path. scripts/setup.sh builds it at install time, so serving never waits.
@@ -25,7 +26,7 @@ def load(required: bool = False):
                 from torch.utils.cpp_extension import load as build
 
                 csrc = Path(__file__).parent / "csrc"
-                sources = [str(csrc / "paged_attention_cpu.cpp"), str(csrc / "linear_cpu.cpp")]
+                sources = [str(csrc / f) for f in ("paged_attention_cpu.cpp", "linear_cpu.cpp", "fused_cpu.cpp")]
                 flags = ["-O3", "-ffast-math", "-fopenmp"]
                 if os.environ.get("PAGEDSERVE_NATIVE", "1") == "1":
                     flags.append("-march=native")

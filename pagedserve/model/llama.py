@@ -19,10 +19,10 @@ from pagedserve.model.attention import AttentionBackend, AttentionMetadata
 
 class Linear(nn.Linear):
     """nn.Linear that hands decode-sized inputs (at most 8 rows) to a small-M kernel when one is
-    installed (`use_small_m_kernel`): those matmuls are bound by reading the weights, which the
+    installed (`use_cpu_kernels`): those matmuls are bound by reading the weights, which the
     C++ kernel does once for all rows. Everything else, and every other device, uses F.linear."""
 
-    small_m = None  # callable(x, weight) -> x @ weight.T, set per model by use_small_m_kernel
+    small_m = None  # callable(x, weight) -> x @ weight.T, set per model by use_cpu_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.small_m is not None and x.dim() == 2 and x.shape[0] <= 8 and x.is_contiguous():
@@ -31,27 +31,44 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-def use_small_m_kernel(model: nn.Module, kernel) -> int:
-    """Route every Linear of `model` with a kernel-friendly shape through `kernel`; returns how many."""
+def use_cpu_kernels(model: nn.Module, kernels, small_m: bool = True) -> int:
+    """Install the C++ CPU kernels (cpu_kernels.load()) in `model`: fused RMSNorm, rotary and
+    SiLU*up everywhere, and with `small_m` the decode-sized linear kernel on every Linear with a
+    kernel-friendly shape. Returns how many Linears use it."""
     n = 0
     for m in model.modules():
-        if isinstance(m, Linear) and m.in_features % 8 == 0 and m.weight.is_contiguous():
-            m.small_m = kernel
+        if isinstance(m, (RMSNorm, RotaryEmbedding, MLP)):
+            m.fused = kernels
+        elif small_m and isinstance(m, Linear) and m.in_features % 8 == 0 and m.weight.is_contiguous():
+            m.small_m = kernels.linear_small_m
             n += 1
     return n
 
 
 class RMSNorm(nn.Module):
+    fused = None  # C++ kernels module (use_cpu_kernels), else the PyTorch ops below
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """The norm of x; given `residual`, the norm of x + residual and that sum (the next
+        residual) as a pair. The fused kernel does the add and the norm in one pass, in place."""
+        if self.fused is not None and x.is_contiguous():
+            if residual is None:
+                out = torch.empty_like(x)
+                self.fused.rms_norm(out, x, self.weight, self.eps)
+                return out
+            self.fused.add_rms_norm(x, residual, self.weight, self.eps)
+            return x, residual
+        if residual is not None:
+            residual = x = x + residual
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        h = x.float()
+        h = self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+        return h if residual is None else (h, residual)
 
 
 def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
@@ -77,6 +94,8 @@ def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """cos/sin tables precomputed for every position (HF's rotate-half convention)."""
 
+    fused = None  # C++ kernels module: rotates q and k in place
+
     def __init__(self, arch: ModelArch, max_positions: int):
         super().__init__()
         inv_freq = rope_inv_freq(arch)
@@ -87,6 +106,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        if self.fused is not None:
+            self.fused.rotary_embedding(q, k, positions, self.cos, self.sin)
+            return q, k
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
@@ -120,6 +142,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    fused = None  # C++ kernels module: silu(gate) * up in one pass
+
     def __init__(self, arch: ModelArch):
         super().__init__()
         self.intermediate = arch.intermediate_size
@@ -127,7 +151,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.fused is not None:
+            return self.down_proj(self.fused.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -139,9 +166,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = MLP(arch)
 
-    def forward(self, x, positions, rotary, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, rotary, kv_cache, meta):
+        """Takes and returns the residual stream separately from the block's output, so each
+        residual add fuses with the norm that follows it (x + residual is the usual x)."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, positions, rotary, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -168,10 +202,10 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: torch.Tensor,  # [layers, 2, num_blocks, KVH, block_size, D]
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # hidden states [T, hidden]
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, self.rotary, kv_caches[i], meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rotary, kv_caches[i], meta)
+        return self.norm(x, residual)[0]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

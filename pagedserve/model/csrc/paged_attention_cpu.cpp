@@ -4,9 +4,9 @@
 // Shapes: q, out [n, H, D]; k_cache, v_cache [num_blocks, KVH, block_size, D] (head-major inside a
 // block, so one head's keys of a block are contiguous and stream well);
 // block_tables [n, max_blocks] int64; context_lens [n] int64. H = KVH * G (grouped-query).
-// Work is split over (sequence, kv head) pairs; each pair reads its keys once for all G query
-// heads that share them, and its values once. Two passes: scores + max, then exp and the
-// weighted sum of values (scores fit in cache: G * context floats).
+// Work is split over (sequence, kv head) pairs; each pair streams its keys and values once, block
+// by block, for all G query heads that share them, with an online softmax (running max and sum,
+// as in flash-decoding): one pass over memory, which is what bounds this kernel.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -15,17 +15,79 @@
 #include <limits>
 #include <vector>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 // Blocks come in table order, i.e. scattered in memory: ask for the next block's lines while
 // this one is being used, since the hardware prefetcher cannot guess the jump.
 static inline void prefetch_block(const float* p, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i, 0, 1);
 }
 
+// scores[t] = scale * q . k[t] for t < n (key rows D floats apart).
+static inline void block_scores(const float* q, const float* k, int64_t n, int64_t D, float scale, float* scores) {
+  int64_t t = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if (D % 8 == 0) {
+    // Eight keys at a time into eight accumulators, then one transpose-add: no horizontal sum
+    // per key.
+    for (; t + 8 <= n; t += 8) {
+      const float* kt = k + t * D;
+      __m256 a[8];
+      for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kt + j * D + d), a[j]);
+      }
+      const __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+      const __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+      const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
+      _mm256_storeu_ps(scores + t, _mm256_mul_ps(sum, _mm256_set1_ps(scale)));
+    }
+  }
+#endif
+  for (; t < n; ++t) {
+    const float* kt = k + t * D;
+    float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t d = 0; d < D; ++d) dot += q[d] * kt[d];
+    scores[t] = dot * scale;
+  }
+}
+
+// acc[0:D] += sum over t < n of p[t] * v[t] (value rows D floats apart).
+static inline void accumulate_values(const float* p, const float* v, int64_t n, int64_t D, float* acc) {
+  int64_t d0 = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  // 64 columns at a time with the accumulators in registers (8 of the 16 ymm).
+  for (; d0 + 64 <= D; d0 += 64) {
+    __m256 a[8];
+    for (int j = 0; j < 8; ++j) a[j] = _mm256_loadu_ps(acc + d0 + 8 * j);
+    for (int64_t t = 0; t < n; ++t) {
+      const __m256 pv = _mm256_set1_ps(p[t]);
+      const float* vt = v + t * D + d0;
+      for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vt + 8 * j), a[j]);
+    }
+    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(acc + d0 + 8 * j, a[j]);
+  }
+#endif
+  if (d0 == D) return;
+  for (int64_t t = 0; t < n; ++t) {
+    const float pt = p[t];
+    const float* vt = v + t * D;
+#pragma omp simd
+    for (int64_t d = d0; d < D; ++d) acc[d] += pt * vt[d];
+  }
+}
+
 void paged_attention_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                             torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32,
               "paged_attention_decode: float32 only");
-  TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+  // q may be a view into the fused QKV output: rows strided, heads packed.
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "paged_attention_decode: q must be [n, H, D] with packed heads");
+  TORCH_CHECK(out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   block_tables.is_contiguous() && context_lens.is_contiguous(),
               "paged_attention_decode: tensors must be contiguous");
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && context_lens.scalar_type() == torch::kInt64,
@@ -42,62 +104,114 @@ void paged_attention_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k_
   const int64_t* bt = block_tables.data_ptr<int64_t>();
   const int64_t* cl = context_lens.data_ptr<int64_t>();
   const float sc = static_cast<float>(scale);
+  const int64_t q_row = q.stride(0);
 
-  at::parallel_for(0, n * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, acc(G * D), mx(G), inv(G);
+  // One work item = a sequence and a range of its kv heads. With enough sequences to keep every
+  // thread busy, an item takes all heads: a block's keys (then values) for all heads are one
+  // contiguous run (KVH * 4 KiB at the default sizes), which streams from memory better than one
+  // head's 4 KiB at a time. With few sequences, one head per item, to use every thread.
+  const int64_t hp = n >= 2 * at::get_num_threads() ? KVH : 1;
+  const int64_t items_per_seq = KVH / hp;
+  at::parallel_for(0, n * items_per_seq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(hp * G * BS), acc(hp * G * D), mx(hp * G), sum(hp * G);
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t s = w / KVH, h = w % KVH, L = cl[s];
+      const int64_t s = w / items_per_seq, h0 = (w % items_per_seq) * hp, L = cl[s];
       const int64_t* table = bt + s * MB;
-      const float* qs = qp + (s * H + h * G) * D;  // the G query heads of this kv head: [G, D]
-      scores.resize(G * L);
-      std::fill(mx.begin(), mx.end(), -std::numeric_limits<float>::infinity());
-      for (int64_t t = 0; t < L; ++t) {
-        if (t % BS == 0 && t + BS < L) prefetch_block(kp + table[t / BS + 1] * blk_stride + h * head_stride, BS * D);
-        const float* kt = kp + table[t / BS] * blk_stride + h * head_stride + (t % BS) * D;
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qg = qs + g * D;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < D; ++d) dot += qg[d] * kt[d];
-          dot *= sc;
-          scores[g * L + t] = dot;
-          mx[g] = std::max(mx[g], dot);
-        }
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        float sum = 0.f, m = mx[g];
-        float* sg = scores.data() + g * L;
-        for (int64_t t = 0; t < L; ++t) {
-          sg[t] = std::exp(sg[t] - m);
-          sum += sg[t];
-        }
-        inv[g] = 1.f / sum;
-      }
+      const float* qs = qp + s * q_row + h0 * G * D;  // the hp * G query heads of these kv heads
       std::fill(acc.begin(), acc.end(), 0.f);
-      prefetch_block(vp + table[0] * blk_stride + h * head_stride, std::min(L, BS) * D);
-      for (int64_t t = 0; t < L; ++t) {
-        if (t % BS == 0 && t + BS < L) prefetch_block(vp + table[t / BS + 1] * blk_stride + h * head_stride, BS * D);
-        const float* vt = vp + table[t / BS] * blk_stride + h * head_stride + (t % BS) * D;
-        for (int64_t g = 0; g < G; ++g) {
-          const float p = scores[g * L + t];
-          float* ag = acc.data() + g * D;
+      std::fill(mx.begin(), mx.end(), std::numeric_limits<float>::lowest());  // finite: built with -ffast-math
+      std::fill(sum.begin(), sum.end(), 0.f);
+      const int64_t nblocks = (L + BS - 1) / BS;
+      for (int64_t b = 0; b < nblocks; ++b) {
+        const int64_t nt = std::min(BS, L - b * BS);
+        for (int64_t h = 0; h < hp; ++h) {
+          if (b + 1 < nblocks) {
+            const int64_t next = table[b + 1] * blk_stride + (h0 + h) * head_stride;
+            prefetch_block(kp + next, BS * D);
+            prefetch_block(vp + next, BS * D);
+          }
+          const int64_t off = table[b] * blk_stride + (h0 + h) * head_stride;
+          const float* kb = kp + off;
+          const float* vb = vp + off;
+          for (int64_t g = h * G; g < (h + 1) * G; ++g) {
+            float* sg = scores.data() + g * BS;
+            block_scores(qs + g * D, kb, nt, D, sc, sg);
+            float bm = mx[g];
+            for (int64_t t = 0; t < nt; ++t) bm = std::max(bm, sg[t]);
+            float* ag = acc.data() + g * D;
+            if (bm > mx[g]) {  // a new running max: rescale what was accumulated so far
+              const float corr = std::exp(mx[g] - bm);
+              sum[g] *= corr;
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) ag[d] += p * vt[d];
+              for (int64_t d = 0; d < D; ++d) ag[d] *= corr;
+              mx[g] = bm;
+            }
+            float bsum = 0.f;
+#pragma omp simd reduction(+ : bsum)
+            for (int64_t t = 0; t < nt; ++t) {
+              sg[t] = std::exp(sg[t] - bm);
+              bsum += sg[t];
+            }
+            sum[g] += bsum;
+            accumulate_values(sg, vb, nt, D, ag);
+          }
         }
       }
-      for (int64_t g = 0; g < G; ++g) {
-        float* og = op + (s * H + h * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) og[d] = acc[g * D + d] * inv[g];
+      for (int64_t g = 0; g < hp * G; ++g) {
+        float* og = op + (s * H + h0 * G + g) * D;
+        const float inv = 1.f / sum[g];
+        for (int64_t d = 0; d < D; ++d) og[d] = acc[g * D + d] * inv;
       }
     }
   });
 }
 
+// Store each token's K and V ([T, KVH, D], rows may be strided views of the fused QKV output)
+// in its slot (block, offset) of the caches [num_blocks, KVH, block_size, D].
+void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor blocks,
+              torch::Tensor offsets) {
+  TORCH_CHECK(k.scalar_type() == torch::kFloat32 && v.scalar_type() == torch::kFloat32 &&
+                  k_cache.scalar_type() == torch::kFloat32 && v_cache.scalar_type() == torch::kFloat32,
+              "write_kv: float32 only");
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.stride(2) == 1 && v.stride(2) == 1 && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && blocks.is_contiguous() && offsets.is_contiguous(),
+              "write_kv: layout");
+  const int64_t T = k.size(0), KVH = k.size(1), D = k.size(2), NB = k_cache.size(0), BS = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(1) == KVH && k_cache.size(3) == D && blocks.numel() == T && offsets.numel() == T,
+              "write_kv: shape mismatch");
+  const int64_t* bp = blocks.data_ptr<int64_t>();
+  const int64_t* op = offsets.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(bp[t] >= 0 && bp[t] < NB && op[t] >= 0 && op[t] < BS, "write_kv: slot out of range");
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1);
+  at::parallel_for(0, T, 64, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t)
+      for (int64_t h = 0; h < KVH; ++h) {
+        const int64_t dst = ((bp[t] * KVH + h) * BS + op[t]) * D;
+        std::copy_n(kp + t * ks0 + h * ks1, D, kc + dst);
+        std::copy_n(vp + t * vs0 + h * vs1, D, vc + dst);
+      }
+  });
+}
+
 torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w);  // linear_cpu.cpp
 bool linear_small_m_supported();
+void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor w, double eps);  // fused_cpu.cpp
+void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, double eps);
+void rotary_embedding(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor silu_and_mul(torch::Tensor gate_up);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention_decode", &paged_attention_decode, "paged decode attention (CPU, float32)");
+  m.def("write_kv", &write_kv, "store K/V rows in their cache slots (CPU, float32)");
   m.def("linear_small_m", &linear_small_m, "x @ W.T for 1..8 rows of x, each weight row read once (CPU, float32)");
   m.def("linear_small_m_supported", &linear_small_m_supported, "built with AVX2+FMA");
+  m.def("rms_norm", &rms_norm, "out = w * x / rms(x)");
+  m.def("add_rms_norm", &add_rms_norm, "in place: residual += x; x = w * residual / rms(residual)");
+  m.def("rotary_embedding", &rotary_embedding, "in place rotate-half rotary embedding of q and k");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up from [gate | up]");
 }
