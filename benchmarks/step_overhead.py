@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -25,28 +26,37 @@ from pagedserve.bench.workload import synthetic_workload
 RESULTS = Path(__file__).parent / "results"
 
 
+class _Labelled:
+    """Wraps the C++ kernels module: each call runs inside a record_function named after it."""
+
+    def __init__(self, ops):
+        self._ops = ops
+
+    def __getattr__(self, name):
+        from torch.profiler import record_function
+
+        fn = getattr(self._ops, name)
+
+        def call(*a, **k):
+            with record_function(f"pagedserve::{name}"):
+                return fn(*a, **k)
+        return call
+
+
 def instrument_cpp_kernels(model) -> None:
     """Our C++ kernels are pybind calls, invisible to the profiler: label them so their time counts
     as operator time (one record_function per call costs a few microseconds)."""
-    from torch.profiler import record_function
-
-    from pagedserve.model.attention import CppCpuPagedAttention
     from pagedserve.model.llama import Linear
 
-    decode = CppCpuPagedAttention._decode
-
-    def labelled_decode(self, *a, **k):
-        with record_function("pagedserve::paged_attention_decode"):
-            return decode(self, *a, **k)
-    CppCpuPagedAttention._decode = labelled_decode
+    backends = set()
     for m in model.modules():
+        if getattr(m, "fused", None) is not None:  # RMSNorm, rotary, MLP
+            m.fused = _Labelled(m.fused)
+        if hasattr(m, "backend") and hasattr(m.backend, "ops") and id(m.backend) not in backends:
+            backends.add(id(m.backend))  # attention: decode kernel and K/V store
+            m.backend.ops = _Labelled(m.backend.ops)
         if isinstance(m, Linear) and m.small_m is not None:
-            kernel = m.small_m
-
-            def labelled_linear(x, w, kernel=kernel):
-                with record_function("pagedserve::linear_small_m"):
-                    return kernel(x, w)
-            m.small_m = labelled_linear
+            m.small_m = _Labelled(types.SimpleNamespace(linear_small_m=m.small_m)).linear_small_m
 
 
 def main():

@@ -31,6 +31,14 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding without the random init: the weights always come from the checkpoint, and
+    normal_ on the meta device imports torch._dynamo (1.3-2.3 s of every start here)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 def use_cpu_kernels(model: nn.Module, kernels, small_m: bool = True) -> int:
     """Install the C++ CPU kernels (cpu_kernels.load()) in `model`: fused RMSNorm, rotary and
     SiLU*up everywhere, and with `small_m` the decode-sized linear kernel on every Linear with a
@@ -182,7 +190,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, arch: ModelArch, backend: AttentionBackend, max_positions: int):
         super().__init__()
         self.arch = arch
-        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.embed_tokens = Embedding(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(arch, backend) for _ in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.lm_head = Linear(arch.hidden_size, arch.vocab_size, bias=False)
