@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -55,8 +54,8 @@ def instrument_cpp_kernels(model) -> None:
         if hasattr(m, "backend") and hasattr(m.backend, "ops") and id(m.backend) not in backends:
             backends.add(id(m.backend))  # attention: decode kernel and K/V store
             m.backend.ops = _Labelled(m.backend.ops)
-        if isinstance(m, Linear) and m.small_m is not None:
-            m.small_m = _Labelled(types.SimpleNamespace(linear_small_m=m.small_m)).linear_small_m
+        if isinstance(m, Linear) and m.packed is not None:  # the packed-weight GEMM
+            m.packed = _Labelled(m.packed)
 
 
 def main():

@@ -34,27 +34,58 @@ def test_cpp_decode_matches_torch(heads, kv_heads, head_dim, block_size):
     assert (out - ref).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("m", range(1, 9))
-@pytest.mark.parametrize("n,k", [(960, 576), (49152 // 64 + 3, 576), (576, 1536), (13, 8)])
-def test_cpp_small_m_linear_matches_torch(m, n, k):
-    """The decode-sized linear kernel agrees with F.linear for every row count it takes, including
-    output sizes that are not a multiple of its register tile, and with a bias via Linear."""
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 6, 7, 13, 64, 97, 200])
+@pytest.mark.parametrize("n,k", [(960, 576), (576, 1536), (48, 40)])
+def test_packed_linear_matches_torch(m, n, k):
+    """The packed-weight GEMM agrees with F.linear for every register-tile remainder (rows mod 6),
+    the decode path (one K slice), K sliced in blocks (K = 1536), more rows than one L2 block
+    (200 > 96), odd K, a strided input and a bias via Linear; sizes it cannot take are refused."""
     from pagedserve.model import cpu_kernels
     from pagedserve.model.llama import Linear, use_cpu_kernels
 
     ops = cpu_kernels.load(required=True)
-    assert ops.linear_small_m_supported()
+    assert ops.packed_linear_supported()
     g = torch.Generator().manual_seed(m * 1000 + n)
-    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
-    torch.testing.assert_close(ops.linear_small_m(x, w), torch.nn.functional.linear(x, w), rtol=1e-4, atol=1e-4)
+    x, w, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    wp = ops.pack_linear_weight(w)
+    assert wp.shape == (n // 16, k, 16)
+    ref = torch.nn.functional.linear(x, w)
+    torch.testing.assert_close(ops.packed_linear(x, wp), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ops.packed_linear(x, wp, b), ref + b, rtol=1e-4, atol=1e-4)
+    wide = torch.randn(m, k + 24, generator=g)[:, 8 : 8 + k]  # rows strided in memory
+    torch.testing.assert_close(ops.packed_linear(wide, wp), torch.nn.functional.linear(wide, w), rtol=1e-4, atol=1e-4)
     lin = Linear(k, n, bias=True)
     ref = lin(x)
-    assert use_cpu_kernels(lin, ops) == 1
+    assert use_cpu_kernels(lin, ops) == 1 and lin.weight.shape == (n // 16, k, 16)
     torch.testing.assert_close(lin(x), ref, rtol=1e-4, atol=1e-4)
-    big = torch.randn(9, k, generator=g)  # more rows than the kernel takes: the PyTorch path
-    torch.testing.assert_close(lin(big), torch.nn.functional.linear(big, lin.weight, lin.bias))
-    with pytest.raises(RuntimeError, match="M <= 8"):
-        ops.linear_small_m(big, w)
+
+
+def test_packed_linear_refusals_and_tied_weights():
+    """Shapes the packed layout cannot hold stay on F.linear; bad calls say what is wrong; packing
+    a head tied to the embedding leaves the embedding's table as it was."""
+    from pagedserve.model import cpu_kernels
+    from pagedserve.model.llama import Embedding, Linear, use_cpu_kernels
+
+    ops = cpu_kernels.load(required=True)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        ops.pack_linear_weight(torch.randn(13, 8))
+    odd = Linear(8, 13)
+    assert use_cpu_kernels(odd, ops) == 0 and odd.packed is None  # 13 outputs: F.linear
+    wp = ops.pack_linear_weight(torch.randn(32, 8))
+    with pytest.raises(RuntimeError, match="expects 8"):
+        ops.packed_linear(torch.randn(2, 9), wp)
+    with pytest.raises(RuntimeError, match="bias"):
+        ops.packed_linear(torch.randn(2, 8), wp, torch.randn(31))
+    emb, head = Embedding(64, 8), Linear(8, 64, bias=False)
+    torch.nn.init.normal_(emb.weight)
+    head.weight = emb.weight
+    table = emb.weight.detach().clone()
+    x = torch.randn(3, 8)
+    ref = head(x)
+    model = torch.nn.ModuleDict({"emb": emb, "head": head})
+    assert use_cpu_kernels(model, ops) == 1
+    assert torch.equal(emb.weight, table) and emb.weight.shape == (64, 8)
+    torch.testing.assert_close(head(x), ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 17, 64, 300])
@@ -90,7 +121,7 @@ def test_fused_elementwise_ops_match_torch(rows):
         return n1, n2, r2, q.clone(), k.clone(), mlp(x)
 
     ref = run()
-    use_cpu_kernels(norm, ops), use_cpu_kernels(rot, ops), use_cpu_kernels(mlp, ops, small_m=False)
+    use_cpu_kernels(norm, ops), use_cpu_kernels(rot, ops), use_cpu_kernels(mlp, ops, pack=False)
     assert norm.fused is ops and rot.fused is ops and mlp.fused is ops
     for got, want in zip(run(), ref):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -95,8 +95,8 @@ class ModelRunner:
         model.load_weights(weights)
         model.rotary = model.rotary.__class__(arch, max_model_len).to(self.device)
         self.model = model.eval()
-        if backend.name == "cpp":  # the C++ CPU kernels built: fused elementwise ops, small-M matmuls
-            use_cpu_kernels(self.model, cpu_kernels.load(), small_m=cpu_kernels.small_m_linear() is not None)
+        if backend.name == "cpp":  # the C++ CPU kernels built: fused elementwise ops, packed-weight GEMM
+            use_cpu_kernels(self.model, cpu_kernels.load(), pack=cpu_kernels.packed_linear() is not None)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.sampler = Sampler(arch.vocab_size)
 

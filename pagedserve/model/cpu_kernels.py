@@ -1,5 +1,5 @@
-"""Build and load the C++ CPU kernels (paged decode attention, small-batch linear layers, fused
-RMSNorm / rotary / SiLU*up) once; torch caches the build under ~/.cache/torch_extensions.
+"""Build and load the C++ CPU kernels (paged decode attention, linear layers on pre-packed weights,
+fused RMSNorm / rotary / SiLU*up) once; torch caches the build under ~/.cache/torch_extensions.
 
 `load()` returns the module, or None when it cannot be built here (no compiler, no ninja): callers
 then use the pure-PyTorch path. scripts/setup.sh builds it at install time, so serving never waits.
@@ -26,7 +26,7 @@ def load(required: bool = False):
                 from torch.utils.cpp_extension import load as build
 
                 csrc = Path(__file__).parent / "csrc"
-                sources = [str(csrc / f) for f in ("paged_attention_cpu.cpp", "linear_cpu.cpp", "fused_cpu.cpp")]
+                sources = [str(csrc / f) for f in ("paged_attention_cpu.cpp", "gemm_cpu.cpp", "fused_cpu.cpp")]
                 flags = ["-O3", "-ffast-math", "-fopenmp"]
                 if os.environ.get("PAGEDSERVE_NATIVE", "1") == "1":
                     flags.append("-march=native")
@@ -40,10 +40,10 @@ def load(required: bool = False):
     return _module
 
 
-def small_m_linear():
-    """The small-batch linear kernel (x @ W.T for 1..8 rows), or None when the kernels are not built
-    here, lack AVX2/FMA, or PAGEDSERVE_SMALL_M_LINEAR=0 (BLAS only, for A/B runs)."""
-    if os.environ.get("PAGEDSERVE_SMALL_M_LINEAR", "1") == "0":
+def packed_linear():
+    """The C++ module when its packed-weight linear kernel can run here (built, AVX2+FMA), else
+    None: also None with PAGEDSERVE_PACKED_LINEAR=0 (BLAS only, for A/B runs)."""
+    if os.environ.get("PAGEDSERVE_PACKED_LINEAR", "1") == "0":
         return None
     m = load()
-    return m.linear_small_m if m is not None and m.linear_small_m_supported() else None
+    return m if m is not None and m.packed_linear_supported() else None

@@ -18,17 +18,22 @@ from pagedserve.model.attention import AttentionBackend, AttentionMetadata
 
 
 class Linear(nn.Linear):
-    """nn.Linear that hands decode-sized inputs (at most 8 rows) to a small-M kernel when one is
-    installed (`use_cpu_kernels`): those matmuls are bound by reading the weights, which the
-    C++ kernel does once for all rows. Everything else, and every other device, uses F.linear."""
+    """nn.Linear that can run on weights re-laid once for our C++ GEMM (`use_cpu_kernels`): BLAS
+    re-packs the weight on every call, which at decode batch sizes costs as much as the product.
+    Every other device and shape uses F.linear."""
 
-    small_m = None  # callable(x, weight) -> x @ weight.T, set per model by use_cpu_kernels
+    packed = None  # C++ module whose packed_linear reads self.weight, set by use_cpu_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.small_m is not None and x.dim() == 2 and x.shape[0] <= 8 and x.is_contiguous():
-            y = self.small_m(x, self.weight)
-            return y if self.bias is None else y + self.bias
+        if self.packed is not None:
+            return self.packed.packed_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def pack(self, kernels) -> None:
+        """Replace the weight [out, in] by its packed layout [out/16, in, 16]. A weight shared
+        with another module (the tied embedding) is copied, not changed."""
+        self.weight = nn.Parameter(kernels.pack_linear_weight(self.weight.detach()), requires_grad=False)
+        self.packed = kernels
 
 
 class Embedding(nn.Embedding):
@@ -39,16 +44,17 @@ class Embedding(nn.Embedding):
         pass
 
 
-def use_cpu_kernels(model: nn.Module, kernels, small_m: bool = True) -> int:
+def use_cpu_kernels(model: nn.Module, kernels, pack: bool = True) -> int:
     """Install the C++ CPU kernels (cpu_kernels.load()) in `model`: fused RMSNorm, rotary and
-    SiLU*up everywhere, and with `small_m` the decode-sized linear kernel on every Linear with a
-    kernel-friendly shape. Returns how many Linears use it."""
+    SiLU*up everywhere, and with `pack` the packed-weight GEMM on every float32 Linear whose
+    output size is a multiple of 16. Returns how many Linears were packed."""
     n = 0
-    for m in model.modules():
+    for m in list(model.modules()):
         if isinstance(m, (RMSNorm, RotaryEmbedding, MLP)):
             m.fused = kernels
-        elif small_m and isinstance(m, Linear) and m.in_features % 8 == 0 and m.weight.is_contiguous():
-            m.small_m = kernels.linear_small_m
+        elif (pack and isinstance(m, Linear) and m.packed is None and m.out_features % 16 == 0
+              and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"):
+            m.pack(kernels)
             n += 1
     return n
 

@@ -253,19 +253,20 @@ def measure_this_machine(model: "ModelSpec | None" = None, budget_bytes: int = 1
     head = torch.randn(model.vocab, model.hidden, device=dev) if model is not None else None
     total = n_layers * per_layer + (head.numel() * 4 if head is not None else 0)
 
-    # The engine's own linear path: the small-batch C++ kernel for <= 8 rows on CPU, BLAS otherwise.
+    # The engine's own linear path: the packed-weight C++ GEMM on CPU when built, BLAS otherwise.
     kernel = None
     if not cuda:
         from pagedserve.model import cpu_kernels
 
-        kernel = cpu_kernels.small_m_linear()
+        kernel = cpu_kernels.packed_linear()
+    if kernel is not None:
+        layers = [[kernel.pack_linear_weight(w) if w.shape[0] % 16 == 0 else w for w in layer] for layer in layers]
+        head = kernel.pack_linear_weight(head) if head is not None and head.shape[0] % 16 == 0 else head
 
     def lin(x, w):
-        if kernel is not None and x.shape[0] <= 8 and w.shape[1] % 8 == 0:
-            return kernel(x, w)
-        return torch.nn.functional.linear(x, w)
+        return kernel.packed_linear(x, w) if w.dim() == 3 else torch.nn.functional.linear(x, w)
 
-    def pseudo_forward(xs):
+    def pseudo_forward(xs):  # shape[1] is the input size in both layouts ([N, K] and [N/16, K, 16])
         for layer in layers:
             for w in layer:
                 lin(xs[w.shape[1]], w)

@@ -198,8 +198,9 @@ void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
   });
 }
 
-torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w);  // linear_cpu.cpp
-bool linear_small_m_supported();
+torch::Tensor pack_linear_weight(torch::Tensor w);  // gemm_cpu.cpp
+torch::Tensor packed_linear(torch::Tensor x, torch::Tensor wp, c10::optional<torch::Tensor> bias);
+bool packed_linear_supported();
 void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor w, double eps);  // fused_cpu.cpp
 void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, double eps);
 void rotary_embedding(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin);
@@ -208,8 +209,10 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up);
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention_decode", &paged_attention_decode, "paged decode attention (CPU, float32)");
   m.def("write_kv", &write_kv, "store K/V rows in their cache slots (CPU, float32)");
-  m.def("linear_small_m", &linear_small_m, "x @ W.T for 1..8 rows of x, each weight row read once (CPU, float32)");
-  m.def("linear_small_m_supported", &linear_small_m_supported, "built with AVX2+FMA");
+  m.def("pack_linear_weight", &pack_linear_weight, "W [N, K] -> column panels [N/16, K, 16] for packed_linear");
+  m.def("packed_linear", &packed_linear, "x @ W.T (+ bias) with W from pack_linear_weight (CPU, float32)",
+        py::arg("x"), py::arg("wp"), py::arg("bias") = py::none());
+  m.def("packed_linear_supported", &packed_linear_supported, "built with AVX2+FMA");
   m.def("rms_norm", &rms_norm, "out = w * x / rms(x)");
   m.def("add_rms_norm", &add_rms_norm, "in place: residual += x; x = w * residual / rms(residual)");
   m.def("rotary_embedding", &rotary_embedding, "in place rotate-half rotary embedding of q and k");
