@@ -205,7 +205,7 @@ def start_server(engine: str, port: int) -> subprocess.Popen:
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     from server_utils import wait_ready
 
-    print(f"{engine} ready in {wait_ready(proc, f'http://127.0.0.1:{port}', Path(log.name), 600, 0.5):.1f}s", flush=True)
+    print(f"{engine} ready in {wait_ready(proc, f'http://127.0.0.1:{port}', Path(log.name), 600, 0.1):.1f}s", flush=True)
     return proc
 
 

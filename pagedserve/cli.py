@@ -109,6 +109,8 @@ def serve(args: argparse.Namespace) -> int:
                 r.device, r.num_blocks, r.num_blocks * cfg.block_size, engine.max_model_len, r.max_concurrency,
                 "api-key" if args.api_key else "none", time.monotonic() - T0,
             )
+            if hasattr(engine.tokenizer, "preload"):  # chat templates need transformers: import it now
+                engine.tokenizer.preload()
 
     server.startup = startup
     # uvicorn re-raises SIGTERM after its graceful shutdown; a no-op handler makes that re-raise

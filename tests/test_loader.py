@@ -95,3 +95,35 @@ def test_missing_weight_is_named(tmp_path, tiny_dirs):
     save_file(w, str(bad / "model.safetensors"))
     with pytest.raises(ValueError, match="down_proj"):
         LLM(str(bad), kv_cache_memory=8 << 20)
+
+
+def test_tokenizer_matches_transformers_without_importing_it(default_model_dir):
+    """Our Tokenizer (Rust `tokenizers` on the serving path) gives transformers' ids and text for
+    every parity prompt, with and without special tokens, and the same chat-template ids; loading
+    it does not import transformers (a second of every start)."""
+    import subprocess
+    import sys
+
+    from prompts import SHORT, long_prompt
+    from pagedserve.model.tokenizer import Tokenizer, _load_hf, apply_chat_template, load_tokenizer
+
+    code = ("import sys; from pagedserve.model.tokenizer import load_tokenizer; "
+            f"t = load_tokenizer({str(default_model_dir)!r}); t.decode(t.encode('hi')); "
+            "print('transformers' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+    ours, ref = load_tokenizer(default_model_dir), _load_hf(default_model_dir)
+    assert isinstance(ours, Tokenizer)
+    texts = SHORT + [long_prompt(600, ref), "<|im_start|>user\nhi<|im_end|>", "héllo wörld 🤖 ,. n't", "", "  x"]
+    for text in texts:
+        for special in (True, False):
+            ids = ours(text, add_special_tokens=special).input_ids
+            assert ids == ref(text, add_special_tokens=special).input_ids, text
+            for skip in (True, False):
+                assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
+    assert (ours.eos_token_id, ours.bos_token_id) == (ref.eos_token_id, ref.bos_token_id)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    assert apply_chat_template(ours, chat) == apply_chat_template(ref, chat)
+    assert ours.convert_ids_to_tokens([1, 2]) == ref.convert_ids_to_tokens([1, 2])  # delegated
+    custom = load_tokenizer(default_model_dir, chat_template="{% for m in messages %}[{{ m.content }}]{% endfor %}")
+    assert custom.decode(apply_chat_template(custom, chat, add_generation_prompt=False)) == "[Be brief.][Name a colour.]"

@@ -19,7 +19,7 @@ from pagedserve.engine.scheduler import SchedulerOutput
 from pagedserve.model.arch import ModelArch
 from pagedserve.model import cpu_kernels
 from pagedserve.model.attention import AttentionMetadata, PrefillChunk, get_attention_backend
-from pagedserve.model.llama import LlamaForCausalLM, use_cpu_kernels
+from pagedserve.model.llama import LlamaForCausalLM, build_for_checkpoint, use_cpu_kernels
 from pagedserve.model.sampler import Sampler, SamplerOutput, top_logprobs
 
 log = logging.getLogger("pagedserve.runner")
@@ -88,12 +88,10 @@ class ModelRunner:
         self.block_size = cfg.block_size
         self.max_model_len = max_model_len
         backend = get_attention_backend(self.device, self.dtype, cfg.attention_backend)
-        with torch.device("meta"):
+        with build_for_checkpoint(self.device, self.dtype):
             model = LlamaForCausalLM(arch, backend, max_model_len)
-        model = model.to_empty(device=self.device).to(self.dtype)
-        model.tie_weights()
         model.load_weights(weights)
-        model.rotary = model.rotary.__class__(arch, max_model_len).to(self.device)
+        model.rotary = model.rotary.to(self.device)  # tables are built on the CPU, in float32
         self.model = model.eval()
         if backend.name == "cpp":  # the C++ CPU kernels built: fused elementwise ops, packed-weight GEMM
             use_cpu_kernels(self.model, cpu_kernels.load(), pack=cpu_kernels.packed_linear() is not None)

@@ -7,6 +7,7 @@ are fused into one matmul each. Weights load by Hugging Face name.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -23,6 +24,11 @@ class Linear(nn.Linear):
     Every other device and shape uses F.linear."""
 
     packed = None  # C++ module whose packed_linear reads self.weight, set by use_cpu_kernels
+    random_init = True  # False inside build_for_checkpoint(): the checkpoint fills every weight
+
+    def reset_parameters(self) -> None:
+        if self.random_init:
+            super().reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
@@ -37,11 +43,27 @@ class Linear(nn.Linear):
 
 
 class Embedding(nn.Embedding):
-    """nn.Embedding without the random init: the weights always come from the checkpoint, and
-    normal_ on the meta device imports torch._dynamo (1.3-2.3 s of every start here)."""
+    """nn.Embedding without the random init: the weights always come from the checkpoint (and a
+    135M-parameter normal_ is a second of start-up)."""
 
     def reset_parameters(self) -> None:
         pass
+
+
+@contextlib.contextmanager
+def build_for_checkpoint(device: torch.device, dtype: torch.dtype):
+    """Build modules directly on `device` in `dtype`, without random init (load_weights fills
+    and checks every parameter). Not on the meta device: there every op runs Python reference
+    kernels, and to_empty() alone imported torch's symbolic-shape machinery (~1 s per start)."""
+    old = torch.get_default_dtype()
+    Linear.random_init = False
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(old)
+        Linear.random_init = True
 
 
 def use_cpu_kernels(model: nn.Module, kernels, pack: bool = True) -> int:
@@ -112,10 +134,13 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, arch: ModelArch, max_positions: int):
         super().__init__()
-        inv_freq = rope_inv_freq(arch)
-        t = torch.arange(max_positions, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
+        # float32 tables, on the CPU (the runner moves them): built under a device context such as
+        # "meta" this math would run Python reference kernels that import torch._dynamo (2.5 s).
+        with torch.device("cpu"):
+            inv_freq = rope_inv_freq(arch)
+            t = torch.arange(max_positions, dtype=torch.float32)
+            freqs = torch.outer(t, inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
@@ -204,7 +229,7 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(arch, max_positions)
 
     def tie_weights(self) -> None:
-        """Share the embedding with the output head (again after to_empty(), which unties)."""
+        """Share the embedding with the output head."""
         if self.arch.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
