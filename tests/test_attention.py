@@ -38,8 +38,8 @@ def test_cpp_decode_matches_torch(heads, kv_heads, head_dim, block_size):
 @pytest.mark.parametrize("n,k", [(960, 576), (576, 1536), (48, 40)])
 def test_packed_linear_matches_torch(m, n, k):
     """The packed-weight GEMM agrees with F.linear for every register-tile remainder (rows mod 6),
-    the decode path (one K slice), K sliced in blocks (K = 1536), more rows than one L2 block
-    (200 > 96), odd K, a strided input and a bias via Linear; sizes it cannot take are refused."""
+    one row to prefill-sized inputs, K in one slice (576) and in 256-deep slices (1536), odd K,
+    a strided input, and a bias (direct and via Linear)."""
     from pagedserve.model import cpu_kernels
     from pagedserve.model.llama import Linear, use_cpu_kernels
 

@@ -8,9 +8,9 @@
 // sequentially; for decode sizes the same loop is a streaming GEMV that reads each weight byte
 // once for all rows of x.
 //
-// Blocking: K in KC-deep slices (a 16 KB panel slice stays in L1 while every 6-row tile of x
-// passes over it), M in MC-row blocks (an MC x KC slice of x stays in L2 across all panels).
-// Threads split the output columns, so no two threads write the same element.
+// Blocking: panel by panel, each read from memory once and reused from L2 by every 6-row tile of
+// x; long K (> 768) in KC-deep slices. Threads split the output columns, so no two threads write
+// the same element.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -19,8 +19,7 @@
 namespace {
 constexpr int64_t NR = 16;   // output columns per panel (two AVX2 vectors)
 constexpr int64_t MR = 6;    // rows of x per register tile
-constexpr int64_t KC = 256;  // K slice: 256 x 16 floats = 16 KB of panel
-constexpr int64_t MC = 96;   // rows of x per L2 block: 96 x 256 floats = 96 KB
+constexpr int64_t KC = 256;  // K slice for long K: 256 x 16 floats = 16 KB of panel
 }  // namespace
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -105,24 +104,21 @@ static inline void tile_rows(int64_t rows, const float* A, int64_t lda, const fl
   }
 }
 
-// Panels [j0, j1) of the output for all M rows.
+// Panels [j0, j1) of the output for all M rows. Each panel is read from memory once and then
+// used by every row tile while it sits in L2 (panel-outer order measured 0-13% faster than
+// blocking M first, for every M from 1 to 600; software prefetch of the next panel measured no
+// gain over the hardware prefetcher).
 static void gemm_panels(const float* A, int64_t lda, const float* Wp, const float* bias, float* C, int64_t ldc,
                         int64_t M, int64_t K, int64_t j0, int64_t j1) {
-  // Decode-sized M: one K slice, so each panel is read start to end exactly once.
-  // Short K (576 here): one slice too, so each C element is written once; the 36 KB panel then
-  // sits in L2 rather than L1, which the 6x16 tile's 11 bytes/cycle of panel reads can afford.
-  const int64_t kc_max = (M <= 2 * MR || K <= 3 * KC) ? K : KC;
-  for (int64_t pc = 0; pc < K; pc += kc_max) {
-    const int64_t kc = std::min(kc_max, K - pc);
-    for (int64_t ic = 0; ic < M; ic += MC) {
-      const int64_t mc = std::min(MC, M - ic);
-      for (int64_t j = j0; j < j1; ++j) {
-        const float* bp = Wp + j * K * NR + pc * NR;
-        const float* b = bias ? bias + j * NR : nullptr;
-        for (int64_t ir = 0; ir < mc; ir += MR)
-          tile_rows(std::min(MR, mc - ir), A + (ic + ir) * lda + pc, lda, bp, C + (ic + ir) * ldc + j * NR, ldc, kc,
-                    pc == 0, b);
-      }
+  // K in one slice unless long (the 1536-wide down projection): a 576-deep panel is 36 KB.
+  const int64_t kc_max = K <= 3 * KC ? K : KC;
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* b = bias ? bias + j * NR : nullptr;
+    for (int64_t pc = 0; pc < K; pc += kc_max) {
+      const int64_t kc = std::min(kc_max, K - pc);
+      const float* bp = Wp + j * K * NR + pc * NR;
+      for (int64_t ir = 0; ir < M; ir += MR)
+        tile_rows(std::min(MR, M - ir), A + ir * lda + pc, lda, bp, C + ir * ldc + j * NR, ldc, kc, pc == 0, b);
     }
   }
 }
