@@ -4,9 +4,10 @@
 // Shapes: q, out [n, H, D]; k_cache, v_cache [num_blocks, KVH, block_size, D] (head-major inside a
 // block, so one head's keys of a block are contiguous and stream well);
 // block_tables [n, max_blocks] int64; context_lens [n] int64. H = KVH * G (grouped-query).
-// Work is split over (sequence, kv head) pairs; each pair streams its keys and values once, block
-// by block, for all G query heads that share them, with an online softmax (running max and sum,
-// as in flash-decoding): one pass over memory, which is what bounds this kernel.
+// Work is split over (sequence, kv head) pairs, and for small batches over block ranges too; each
+// item streams its keys and values once, block by block, for all G query heads that share them,
+// with an online softmax (running max and sum, as in flash-decoding): one pass over memory, which
+// is what bounds this kernel.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -106,26 +107,42 @@ void paged_attention_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k_
   const float sc = static_cast<float>(scale);
   const int64_t q_row = q.stride(0);
 
-  // One work item = a sequence and a range of its kv heads. With enough sequences to keep every
-  // thread busy, an item takes all heads: a block's keys (then values) for all heads are one
-  // contiguous run (KVH * 4 KiB at the default sizes), which streams from memory better than one
-  // head's 4 KiB at a time. With few sequences, one head per item, to use every thread.
-  const int64_t hp = n >= 2 * at::get_num_threads() ? KVH : 1;
+  // One work item = a sequence, a range of its kv heads, and a range of its blocks. With enough
+  // sequences to keep every thread busy, an item takes all heads and all blocks: a block's keys
+  // (then values) for all heads are one contiguous run (KVH * 4 KiB at the default sizes), which
+  // streams from memory better than one head's 4 KiB at a time. With few sequences, one head per
+  // item, and with fewer such items than 4 per thread (a small decode batch: 3 items for 2
+  // threads at batch 1), each sequence's blocks are also split, flash-decoding style, into
+  // ranges of at least 8 blocks whose partial softmax states merge below.
+  const int64_t threads = at::get_num_threads();
+  const int64_t hp = n >= 2 * threads ? KVH : 1;
   const int64_t items_per_seq = KVH / hp;
-  at::parallel_for(0, n * items_per_seq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(hp * G * BS), acc(hp * G * D), mx(hp * G), sum(hp * G);
+  int64_t splits = 1;
+  if (n * items_per_seq < 4 * threads) {
+    int64_t longest = 0;
+    for (int64_t s = 0; s < n; ++s) longest = std::max(longest, (cl[s] + BS - 1) / BS);
+    const int64_t want = (4 * threads + n * items_per_seq - 1) / (n * items_per_seq);
+    splits = std::max<int64_t>(1, std::min(want, longest / 8));
+  }
+  const int64_t HG = hp * G;  // query heads per item
+  // Partial states when split: per item and query head, D accumulated values, the max and the sum.
+  std::vector<float> part(splits > 1 ? n * items_per_seq * splits * HG * (D + 2) : 0);
+  at::parallel_for(0, n * items_per_seq * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(HG * BS), acc(HG * D), mx(HG), sum(HG);
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t s = w / items_per_seq, h0 = (w % items_per_seq) * hp, L = cl[s];
+      const int64_t item = w / splits, sp = w % splits;
+      const int64_t s = item / items_per_seq, h0 = (item % items_per_seq) * hp, L = cl[s];
       const int64_t* table = bt + s * MB;
       const float* qs = qp + s * q_row + h0 * G * D;  // the hp * G query heads of these kv heads
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(mx.begin(), mx.end(), std::numeric_limits<float>::lowest());  // finite: built with -ffast-math
       std::fill(sum.begin(), sum.end(), 0.f);
-      const int64_t nblocks = (L + BS - 1) / BS;
-      for (int64_t b = 0; b < nblocks; ++b) {
+      const int64_t nblocks = (L + BS - 1) / BS, per = (nblocks + splits - 1) / splits;
+      const int64_t b0 = std::min(nblocks, sp * per), b1 = std::min(nblocks, b0 + per);
+      for (int64_t b = b0; b < b1; ++b) {
         const int64_t nt = std::min(BS, L - b * BS);
         for (int64_t h = 0; h < hp; ++h) {
-          if (b + 1 < nblocks) {
+          if (b + 1 < b1) {
             const int64_t next = table[b + 1] * blk_stride + (h0 + h) * head_stride;
             prefetch_block(kp + next, BS * D);
             prefetch_block(vp + next, BS * D);
@@ -157,10 +174,44 @@ void paged_attention_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k_
           }
         }
       }
-      for (int64_t g = 0; g < hp * G; ++g) {
+      if (splits > 1) {  // keep the partial state; an empty range (short sequence) has sum 0
+        float* pw = part.data() + w * HG * (D + 2);
+        for (int64_t g = 0; g < HG; ++g) {
+          std::copy_n(acc.data() + g * D, D, pw + g * (D + 2));
+          pw[g * (D + 2) + D] = mx[g];
+          pw[g * (D + 2) + D + 1] = sum[g];
+        }
+        continue;
+      }
+      for (int64_t g = 0; g < HG; ++g) {
         float* og = op + (s * H + h0 * G + g) * D;
         const float inv = 1.f / sum[g];
         for (int64_t d = 0; d < D; ++d) og[d] = acc[g * D + d] * inv;
+      }
+    }
+  });
+  if (splits == 1) return;
+  // Merge the splits of each (item, query head): rescale every partial to the common max.
+  at::parallel_for(0, n * items_per_seq, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t s = item / items_per_seq, h0 = (item % items_per_seq) * hp;
+      for (int64_t g = 0; g < HG; ++g) {
+        float m = std::numeric_limits<float>::lowest(), total = 0.f;
+        for (int64_t sp = 0; sp < splits; ++sp) {
+          const float* pw = part.data() + ((item * splits + sp) * HG + g) * (D + 2);
+          if (pw[D + 1] > 0.f) m = std::max(m, pw[D]);
+        }
+        float* og = op + (s * H + h0 * G + g) * D;
+        std::fill(og, og + D, 0.f);
+        for (int64_t sp = 0; sp < splits; ++sp) {
+          const float* pw = part.data() + ((item * splits + sp) * HG + g) * (D + 2);
+          if (pw[D + 1] == 0.f) continue;
+          const float f = std::exp(pw[D] - m);
+          total += pw[D + 1] * f;
+          for (int64_t d = 0; d < D; ++d) og[d] += pw[d] * f;
+        }
+        const float inv = 1.f / total;
+        for (int64_t d = 0; d < D; ++d) og[d] *= inv;
       }
     }
   });
