@@ -257,15 +257,20 @@ void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, doub
 void rotary_embedding(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor silu_and_mul(torch::Tensor gate_up);
 
+// Every kernel runs without the GIL (plain C++ on tensors): the server's event loop thread can
+// stream tokens while the engine thread is inside one, instead of waiting for the interpreter's
+// switch interval (5 ms) at the next bytecode between kernels.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention_decode", &paged_attention_decode, "paged decode attention (CPU, float32)");
-  m.def("write_kv", &write_kv, "store K/V rows in their cache slots (CPU, float32)");
-  m.def("pack_linear_weight", &pack_linear_weight, "W [N, K] -> column panels [N/16, K, 16] for packed_linear");
+  using nogil = py::call_guard<py::gil_scoped_release>;
+  m.def("paged_attention_decode", &paged_attention_decode, "paged decode attention (CPU, float32)", nogil());
+  m.def("write_kv", &write_kv, "store K/V rows in their cache slots (CPU, float32)", nogil());
+  m.def("pack_linear_weight", &pack_linear_weight, "W [N, K] -> column panels [N/16, K, 16] for packed_linear",
+        nogil());
   m.def("packed_linear", &packed_linear, "x @ W.T (+ bias) with W from pack_linear_weight (CPU, float32)",
-        py::arg("x"), py::arg("wp"), py::arg("bias") = py::none());
+        py::arg("x"), py::arg("wp"), py::arg("bias") = py::none(), nogil());
   m.def("packed_linear_supported", &packed_linear_supported, "built with AVX2+FMA");
-  m.def("rms_norm", &rms_norm, "out = w * x / rms(x)");
-  m.def("add_rms_norm", &add_rms_norm, "in place: residual += x; x = w * residual / rms(residual)");
-  m.def("rotary_embedding", &rotary_embedding, "in place rotate-half rotary embedding of q and k");
-  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up from [gate | up]");
+  m.def("rms_norm", &rms_norm, "out = w * x / rms(x)", nogil());
+  m.def("add_rms_norm", &add_rms_norm, "in place: residual += x; x = w * residual / rms(residual)", nogil());
+  m.def("rotary_embedding", &rotary_embedding, "in place rotate-half rotary embedding of q and k", nogil());
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up from [gate | up]", nogil());
 }
