@@ -97,7 +97,7 @@ def test_missing_weight_is_named(tmp_path, tiny_dirs):
         LLM(str(bad), kv_cache_memory=8 << 20)
 
 
-def test_tokenizer_matches_transformers_without_importing_it(default_model_dir):
+def test_tokenizer_matches_transformers_without_importing_it(default_model_dir, tmp_path):
     """Our Tokenizer (Rust `tokenizers` on the serving path) gives transformers' ids and text for
     every parity prompt, with and without special tokens, and the same chat-template ids; loading
     it does not import transformers (a second of every start)."""
@@ -127,3 +127,11 @@ def test_tokenizer_matches_transformers_without_importing_it(default_model_dir):
     assert ours.convert_ids_to_tokens([1, 2]) == ref.convert_ids_to_tokens([1, 2])  # delegated
     custom = load_tokenizer(default_model_dir, chat_template="{% for m in messages %}[{{ m.content }}]{% endfor %}")
     assert custom.decode(apply_chat_template(custom, chat, add_generation_prompt=False)) == "[Be brief.][Name a colour.]"
+    # A config asking for transformers' space clean-up after decoding: still transformers' text.
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_dir / f, tmp_path / f)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg | {"clean_up_tokenization_spaces": True}))
+    tidy, tidy_ref = load_tokenizer(tmp_path), _load_hf(tmp_path)
+    ids = tidy.encode("Well , is n't it ? Yes !")
+    assert tidy.decode(ids) == tidy_ref.decode(ids)

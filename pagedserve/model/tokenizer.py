@@ -47,12 +47,9 @@ class Tokenizer:
         return SimpleNamespace(input_ids=self.encode(text, add_special_tokens))
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        text = self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
-        return _clean_up(text) if self._clean_up_spaces else text
-
-    @property
-    def vocab_size(self) -> int:
-        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+        if self._clean_up_spaces:  # transformers' post-decode space clean-up: its own code does it
+            return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     # -- everything else: transformers, loaded once ------------------------------------------
     @property
@@ -103,14 +100,6 @@ def _read_template(chat_template: str | None) -> str | None:
         return None
     p = Path(chat_template)
     return p.read_text() if len(chat_template) < 4096 and p.is_file() else chat_template
-
-
-def _clean_up(text: str) -> str:
-    # transformers' clean_up_tokenization (for tokenizers whose config asks for it)
-    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                 (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
-        text = text.replace(a, b)
-    return text
 
 
 def _load_hf(folder: Path):

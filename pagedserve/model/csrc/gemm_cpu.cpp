@@ -79,11 +79,7 @@ static inline void tile(const float* __restrict A, int64_t lda, const float* __r
   }
   for (; k < kc; ++k) {
     const __m256 b0 = _mm256_load_ps(Bp + k * NR), b1 = _mm256_load_ps(Bp + k * NR + 8);
-    if constexpr (R <= 3) {
-      PS_ROW(0) PS_ROW(1) PS_ROW(2)
-    } else {
-      PS_ROW(0) PS_ROW(1) PS_ROW(2) PS_ROW(3) PS_ROW(4) PS_ROW(5)
-    }
+    PS_ROW(0) PS_ROW(1) PS_ROW(2) PS_ROW(3) PS_ROW(4) PS_ROW(5)
   }
   const float* add = first ? bias : C;
   const int64_t add_ld = first ? 0 : ldc;
