@@ -80,17 +80,21 @@ def serve(args: argparse.Namespace) -> int:
         seed=args.seed, chat_template=args.chat_template, attention_backend=args.attention_backend,
         num_threads=args.num_threads,
     )
-    import torch
+    def make_engine() -> LLMEngine:
+        import torch
 
-    torch.manual_seed(args.seed)
-    engine = LLMEngine(cfg)
+        torch.manual_seed(args.seed)
+        return LLMEngine(cfg)
+
+    # Built on the thread that steps it: one thread owns torch's CPU thread pool (async_engine.py).
+    async_engine = AsyncEngine.build(make_engine, stall_timeout=args.engine_stall_timeout)
+    engine = async_engine.engine
     names = args.served_model_name or [model or "SmolLM2-135M-Instruct"]
     settings = ServerSettings(
         served_model_names=names, api_key=args.api_key, max_waiting_requests=args.max_waiting_requests,
         max_request_body_bytes=args.max_request_body_bytes, request_timeout=args.request_timeout,
         root_model=str(engine.model_path),
     )
-    async_engine = AsyncEngine(engine, stall_timeout=args.engine_stall_timeout)
     app = build_app(async_engine, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout, access_log=False)

@@ -154,3 +154,33 @@ def test_cpp_write_kv_matches_index_put():
     meta.slot_blocks[5] = nb
     with pytest.raises(RuntimeError, match="slot out of range"):
         backend._write_kv(k, v, got[0], got[1], meta)
+
+
+def test_kernel_build_lock_removes_a_killed_builds_lock_and_serializes_builders(tmp_path, caplog):
+    """torch waits forever on the lock file a killed build leaves; our flock (released by the
+    kernel when its holder dies) makes that file provably stale, and makes a second builder wait."""
+    import threading
+    import time
+
+    from pagedserve.model.cpu_kernels import _build_lock
+
+    build_dir = tmp_path / "kernels"
+    build_dir.mkdir()
+    (build_dir / "lock").write_text("")  # what a killed build leaves behind
+    with caplog.at_level("WARNING", logger="pagedserve.kernels"), _build_lock(build_dir):
+        assert not (build_dir / "lock").exists()
+    assert "killed" in caplog.text
+
+    order = []
+
+    def second():
+        with _build_lock(build_dir):
+            order.append("second")
+
+    with _build_lock(build_dir):
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.3)
+        order.append("first done")  # the second builder is still waiting here
+    t.join(10)
+    assert order == ["first done", "second"]

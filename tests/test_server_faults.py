@@ -122,8 +122,9 @@ def inproc_server(tiny_dirs):
     from pagedserve.engine.engine import LLMEngine
     from pagedserve.server.app import ServerSettings, build_app
 
-    eng = LLMEngine(EngineConfig(model=str(tiny_dirs["llama"]), kv_cache_memory=16 << 20, max_model_len=256))
-    aeng = AsyncEngine(eng, stall_timeout=1.0)
+    cfg = EngineConfig(model=str(tiny_dirs["llama"]), kv_cache_memory=16 << 20, max_model_len=256)
+    aeng = AsyncEngine.build(lambda: LLMEngine(cfg), stall_timeout=1.0)  # as `pagedserve serve` does
+    eng = aeng.engine
     app = build_app(aeng, ServerSettings(served_model_names=["t"]))
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -133,6 +134,39 @@ def inproc_server(tiny_dirs):
     yield f"http://127.0.0.1:{port}", eng, aeng
     srv.should_exit = True
     th.join(10)
+
+
+def test_engine_is_built_and_stepped_on_one_thread(inproc_server):
+    """The serve path builds the engine on the thread that steps it (one owner for torch's CPU
+    thread pool; async_engine.py says why)."""
+    url, eng, aeng = inproc_server
+    assert aeng._thread is not threading.current_thread() and aeng._thread.name == "engine-loop"
+    stepped_on = set()
+    real_step = eng.step
+
+    def step():
+        stepped_on.add(threading.current_thread())
+        return real_step()
+
+    eng.step = step
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 3}, timeout=30)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    assert stepped_on == {aeng._thread}
+
+
+def test_engine_build_error_is_raised_to_the_caller(tiny_dirs):
+    from pagedserve.config import EngineConfig
+    from pagedserve.engine.async_engine import AsyncEngine
+    from pagedserve.engine.engine import LLMEngine
+
+    def loops():
+        return sum(t.name == "engine-loop" and t.is_alive() for t in threading.enumerate())
+
+    before = loops()
+    cfg = EngineConfig(model=str(tiny_dirs["llama"]), kv_cache_memory=1 << 10, max_model_len=256)
+    with pytest.raises(ValueError, match="--kv-cache-memory"):
+        AsyncEngine.build(lambda: LLMEngine(cfg))
+    assert wait_for(lambda: loops() == before, 5)  # the builder thread ended; nothing left running
 
 
 def test_health_503_when_engine_wedged(inproc_server):

@@ -8,16 +8,24 @@ loop a few percent at 64 streams.)
 Requests are validated on the caller's thread (400 before anything is queued); additions and
 aborts reach the engine thread through a command queue, outputs come back through each
 request's asyncio.Queue. The thread records a heartbeat every step for /health.
+
+The server builds the engine on that same thread (`AsyncEngine.build`), so one thread runs all of
+torch's parallel kernels. libgomp counts the worker threads of every thread that ever started a
+parallel region; once they outnumber the CPUs its idle workers stop spinning and sleep between
+kernels, and each of the ~150 kernels in a decode step then pays a futex wake-up: on 2 cores a
+batch-1 decode step took 20% longer on the loop thread than on the thread that loaded the model
+(measured, benchmarks/README.md). torch.set_num_threads is per thread too (--num-threads).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from pagedserve.engine.engine import LLMEngine
@@ -50,8 +58,29 @@ class AsyncEngine:
         self.busy_since: float | None = None  # set while a step runs
         self.error: BaseException | None = None
 
+    @classmethod
+    def build(cls, make_engine: Callable[[], LLMEngine], stall_timeout: float = 10.0) -> AsyncEngine:
+        """Build the engine on a new thread that then steps it (see the module docstring); the
+        loop is running when this returns. Errors while building are raised here."""
+        built: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                self = cls(make_engine(), stall_timeout)
+            except BaseException as e:
+                built.set_exception(e)
+                return
+            self._thread = threading.current_thread()
+            built.set_result(self)
+            self._loop()
+
+        threading.Thread(target=run, name="engine-loop", daemon=True).start()
+        return built.result()
+
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
+        if self._thread is not None:  # built by build(): already stepping
+            return
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
         self._thread.start()
 

@@ -7,8 +7,10 @@ then use the pure-PyTorch path. scripts/setup.sh builds it at install time, so s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -16,6 +18,30 @@ log = logging.getLogger("pagedserve.kernels")
 _lock = threading.Lock()
 _module = None
 _error: str | None = None
+NAME = "pagedserve_cpu_kernels"
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """torch guards a build with a lock *file* and waits forever while it exists, so a build that
+    was killed (Ctrl-C, OOM kill, pod eviction) made every later start hang with no message. An
+    flock is released by the kernel when its holder dies: whoever holds it is the only live
+    builder, and a torch lock file found then is stale."""
+    import fcntl
+
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir.parent / f"{build_dir.name}.flock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is building the C++ kernels; waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        stale = build_dir / "lock"
+        if stale.exists():
+            log.warning("removing %s, left by a C++ kernel build that was killed", stale)
+            stale.unlink()
+        log.info("loading the C++ CPU kernels (built on first use: about a minute)")
+        yield
 
 
 def load(required: bool = False):
@@ -23,6 +49,7 @@ def load(required: bool = False):
     with _lock:
         if _module is None and _error is None:
             try:
+                from torch.utils.cpp_extension import get_default_build_root
                 from torch.utils.cpp_extension import load as build
 
                 csrc = Path(__file__).parent / "csrc"
@@ -30,8 +57,13 @@ def load(required: bool = False):
                 flags = ["-O3", "-ffast-math", "-fopenmp"]
                 if os.environ.get("PAGEDSERVE_NATIVE", "1") == "1":
                     flags.append("-march=native")
-                _module = build(name="pagedserve_cpu_kernels", sources=sources, extra_cflags=flags,
-                                extra_ldflags=["-fopenmp"], verbose=False)
+                import torch
+
+                # Our own folder per Python and torch version (a build is tied to both's ABI).
+                build_dir = Path(get_default_build_root()) / f"{NAME}-py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}"
+                with _build_lock(build_dir):
+                    _module = build(name=NAME, sources=sources, extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                                    build_directory=str(build_dir), verbose=False)
             except Exception as e:  # no compiler / ninja / headers: fall back, and say why
                 _error = f"{type(e).__name__}: {e}"
                 log.warning("C++ CPU attention kernel unavailable, using the PyTorch path: %s", _error[:300])
