@@ -8,6 +8,11 @@ import torch
 
 CPU_DEFAULT_KV_CACHE_BYTES = 4 << 30  # like vLLM's VLLM_CPU_KVCACHE_SPACE default (4 GiB)
 RUNTIME_RESERVE_FRACTION = 0.05  # of device memory, for activations and allocator slack
+DTYPES = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+}
 
 
 @dataclass
@@ -15,6 +20,7 @@ class EngineConfig:
     model: str | None = None  # None: the default model (SmolLM2-135M-Instruct)
     served_model_name: str | None = None
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype; float16/bfloat16 halve a float32 cache
     device: str = "auto"  # auto: cuda if available, else cpu
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     block_size: int = 16
@@ -43,6 +49,7 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        self.resolve_kv_cache_dtype(torch.float32)  # a bad name fails here, before the model loads
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -55,13 +62,20 @@ class EngineConfig:
         return dev
 
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
-        names = {
-            "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
-            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-            "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
-        }
         if self.dtype == "auto":
             return torch.bfloat16 if device.type == "cuda" else torch.float32
-        if self.dtype not in names:
-            raise ValueError(f"dtype must be one of {sorted(names) + ['auto']}, got {self.dtype!r}")
-        return names[self.dtype]
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES) + ['auto']}, got {self.dtype!r}")
+        return DTYPES[self.dtype]
+
+    def resolve_kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's element type. 16-bit K/V under float32 weights halves the cache (twice
+        the tokens in the same memory) and the bytes decode attention reads each step."""
+        if self.kv_cache_dtype == "auto":
+            return model_dtype
+        if self.kv_cache_dtype.startswith("fp8"):
+            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r} (fp8) is not supported yet; "
+                             "use auto, float16 or bfloat16")
+        if self.kv_cache_dtype not in DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {sorted(DTYPES) + ['auto']}, got {self.kv_cache_dtype!r}")
+        return DTYPES[self.kv_cache_dtype]

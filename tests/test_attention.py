@@ -9,10 +9,12 @@ from pagedserve.model.attention import AttentionMetadata, CppCpuPagedAttention, 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (4, 4, 32, 8), (8, 2, 128, 4), (6, 1, 16, 1)])
 @pytest.mark.parametrize("lens", [[1, 5, 17, 33, 64, 2, 100], [700], [3, 400]])
-def test_cpp_decode_matches_torch(heads, kv_heads, head_dim, block_size, lens):
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpp_decode_matches_torch(heads, kv_heads, head_dim, block_size, lens, kv_dtype):
     """Many sequences (one pass per sequence), and one or two long ones, where each sequence's
     blocks are split over the threads and the partial softmax states merged (also with a split
-    range that is empty for the short sequence)."""
+    range that is empty for the short sequence). A 16-bit cache (--kv-cache-dtype) is widened as it
+is read: the same values as the PyTorch path, which widens the gathered copy."""
     g = torch.Generator().manual_seed(0)
     n = len(lens)
     lens = torch.tensor(lens, dtype=torch.long)
@@ -21,7 +23,7 @@ def test_cpp_decode_matches_torch(heads, kv_heads, head_dim, block_size, lens):
     # Scattered, overlapping block tables (shared blocks are fine for attention).
     perm = torch.randperm(num_blocks, generator=g)
     tables = torch.stack([perm.roll(i * 3)[:max_blocks] for i in range(n)]).contiguous()
-    kv = torch.randn(2, num_blocks, kv_heads, block_size, head_dim, generator=g)
+    kv = torch.randn(2, num_blocks, kv_heads, block_size, head_dim, generator=g).to(kv_dtype)
     q = torch.randn(n, heads, head_dim, generator=g)
     meta = AttentionMetadata(slot_blocks=torch.zeros(0, dtype=torch.long), slot_offsets=torch.zeros(0, dtype=torch.long), num_decodes=n,
                              decode_block_tables=tables, decode_context_lens=lens,
@@ -134,9 +136,11 @@ def test_fused_elementwise_ops_match_torch(rows):
         rot(torch.full((rows,), 512), q, q)
 
 
-def test_cpp_write_kv_matches_index_put():
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpp_write_kv_matches_index_put(kv_dtype):
     """The C++ K/V store puts strided K/V rows (views of a fused QKV output) in the same slots as
-    the PyTorch index_put, and rejects slots outside the cache."""
+    the PyTorch index_put, rounded to the cache's dtype the same way (nearest even), and rejects
+    slots outside the cache."""
     g = torch.Generator().manual_seed(1)
     t, kvh, d, nb, bs = 37, 3, 64, 11, 16
     qkv = torch.randn(t, (9 + 2 * kvh) * d, generator=g)
@@ -145,7 +149,7 @@ def test_cpp_write_kv_matches_index_put():
     slots = torch.randperm(nb * bs, generator=g)[:t]
     meta = AttentionMetadata(slot_blocks=slots // bs, slot_offsets=slots % bs, num_decodes=0, decode_block_tables=None,
                              decode_context_lens=None, decode_max_context=0, prefills=[], block_size=bs)
-    ref, got = torch.zeros(2, nb, kvh, bs, d), torch.zeros(2, nb, kvh, bs, d)
+    ref, got = torch.zeros(2, nb, kvh, bs, d, dtype=kv_dtype), torch.zeros(2, nb, kvh, bs, d, dtype=kv_dtype)
     TorchPagedAttention._write_kv(k, v, ref[0], ref[1], meta)
     backend = CppCpuPagedAttention()
     backend._write_kv(k, v, got[0], got[1], meta)

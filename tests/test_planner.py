@@ -52,6 +52,20 @@ def test_70b_bf16_does_not_fit_one_80gb_gpu():
     assert p.flags["--tensor-parallel-size"] == p.memory["tp"]
 
 
+def test_kv_dtype_flag_is_one_the_engine_takes():
+    """A KV dtype other than the engine's default shows up as --kv-cache-dtype, spelled so that
+    `pagedserve serve` accepts it (16-bit KV under fp32 weights halves the bytes per token)."""
+    from pagedserve.config import EngineConfig
+
+    p32, p16 = plan(weight_dtype="fp32"), plan(weight_dtype="fp32", kv_dtype="fp16")
+    assert "--kv-cache-dtype" not in p32.flags and "--kv-cache-dtype" not in plan(weight_dtype="bf16").flags
+    assert p16.flags["--kv-cache-dtype"] == "float16"
+    assert p16.memory["kv_bytes_per_token"] * 2 == p32.memory["kv_bytes_per_token"]
+    assert plan(weight_dtype="fp32", kv_dtype="bf16").flags["--kv-cache-dtype"] == "bfloat16"
+    for flags in (p16.flags, plan(weight_dtype="fp32", kv_dtype="bf16").flags):
+        EngineConfig(kv_cache_dtype=flags["--kv-cache-dtype"])  # accepted
+
+
 def test_moe_active_vs_total():
     m = load_model_spec("mixtral-8x7b")
     assert 46.0e9 < m.total_params < 47.5e9  # "46.7B"

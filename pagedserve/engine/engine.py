@@ -92,11 +92,11 @@ class LLMEngine:
         r = self.runner
         log.info(
             "engine ready in %.1fs: model=%s arch=%s params=%.1fM dtype=%s device=%s attention=%s "
-            "kv_cache=%.0fMiB blocks=%d block_size=%d tokens=%d max_model_len=%d "
+            "kv_cache=%.0fMiB kv_cache_dtype=%s blocks=%d block_size=%d tokens=%d max_model_len=%d "
             "max_concurrency=%.1f (at max_model_len) max_num_batched_tokens=%d prefix_caching=%s",
             self.startup_seconds, self.model_path, self.arch.architecture, self.arch.num_parameters() / 1e6,
             str(r.dtype).removeprefix("torch."), device, r.model.layers[0].self_attn.backend.name,
-            r.kv_bytes / 2**20, r.num_blocks, cfg.block_size, r.num_blocks * cfg.block_size,
+            r.kv_bytes / 2**20, str(r.kv_dtype).removeprefix("torch."), r.num_blocks, cfg.block_size, r.num_blocks * cfg.block_size,
             self.max_model_len, r.max_concurrency, self.max_num_batched_tokens, cfg.enable_prefix_caching,
         )
 

@@ -85,9 +85,10 @@ class ModelRunner:
         self.arch = arch
         self.device = cfg.resolve_device()
         self.dtype = cfg.resolve_dtype(self.device)
+        self.kv_dtype = cfg.resolve_kv_cache_dtype(self.dtype)
         self.block_size = cfg.block_size
         self.max_model_len = max_model_len
-        backend = get_attention_backend(self.device, self.dtype, cfg.attention_backend)
+        backend = get_attention_backend(self.device, self.dtype, cfg.attention_backend, self.kv_dtype)
         with build_for_checkpoint(self.device, self.dtype):
             model = LlamaForCausalLM(arch, backend, max_model_len)
         model.load_weights(weights)
@@ -98,7 +99,7 @@ class ModelRunner:
         self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.sampler = Sampler(arch.vocab_size)
 
-        per_token = arch.kv_bytes_per_token(torch.empty((), dtype=self.dtype).element_size())
+        per_token = arch.kv_bytes_per_token(torch.empty((), dtype=self.kv_dtype).element_size())
         budget = kv_cache_bytes(cfg, self.device, self.weight_bytes)
         self.num_blocks = budget // (per_token * self.block_size)
         blocks_per_seq = -(-max_model_len // self.block_size)
@@ -111,9 +112,9 @@ class ModelRunner:
         shape = (arch.num_layers, 2, self.num_blocks, arch.num_kv_heads, self.block_size, arch.head_dim)
         # Zeroed: padded attention reads must see finite numbers (0 * NaN would poison outputs).
         if self.device.type == "cpu":
-            self.kv_caches = lazily_zeroed_cpu_tensor(shape, self.dtype)
+            self.kv_caches = lazily_zeroed_cpu_tensor(shape, self.kv_dtype)
         else:
-            self.kv_caches = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.kv_caches = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.kv_bytes = self.kv_caches.numel() * self.kv_caches.element_size()
         self.max_concurrency = self.num_blocks / blocks_per_seq
 

@@ -8,6 +8,8 @@ head-major inside a block, so one head's keys of a block are contiguous (4 KiB f
   - decodes attend over their whole context, read through their block tables;
   - each prefill chunk attends causally over its cached prefix plus itself.
 
+The cache may hold a narrower type than the model computes in (--kv-cache-dtype): K/V are
+rounded when stored and widened when read; a prefill chunk attends over its own K/V as computed.
 Backends implement `forward`; `get_attention_backend` picks one for the device. The pure-PyTorch
 backend runs anywhere (CPU float32 here, CUDA bfloat16 where a GPU exists).
 """
@@ -76,8 +78,8 @@ class TorchPagedAttention(AttentionBackend):
 
     @staticmethod
     def _write_kv(k, v, k_cache, v_cache, meta: AttentionMetadata):
-        k_cache[meta.slot_blocks, :, meta.slot_offsets] = k
-        v_cache[meta.slot_blocks, :, meta.slot_offsets] = v
+        k_cache[meta.slot_blocks, :, meta.slot_offsets] = k.to(k_cache.dtype)
+        v_cache[meta.slot_blocks, :, meta.slot_offsets] = v.to(v_cache.dtype)
 
     @staticmethod
     def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale):
@@ -87,8 +89,8 @@ class TorchPagedAttention(AttentionBackend):
         nblocks = -(-meta.decode_max_context // bs)
         bt = meta.decode_block_tables[:, :nblocks]
         # Gather each request's blocks: [n, MB, KVH, BS, D] -> [n, KVH, L, D] (a copy).
-        keys = k_cache[bt].transpose(1, 2).reshape(n, kvh, nblocks * bs, d)
-        values = v_cache[bt].transpose(1, 2).reshape(n, kvh, nblocks * bs, d)
+        keys = k_cache[bt].transpose(1, 2).reshape(n, kvh, nblocks * bs, d).to(q.dtype)
+        values = v_cache[bt].transpose(1, 2).reshape(n, kvh, nblocks * bs, d).to(q.dtype)
         pos = torch.arange(nblocks * bs, device=q.device)
         mask = (pos[None, :] < meta.decode_context_lens[:, None])[:, None, None, :]  # [n,1,1,L]
         o = F.scaled_dot_product_attention(
@@ -111,8 +113,8 @@ class TorchPagedAttention(AttentionBackend):
             nblocks = -(-p.context_len // bs)
             blocks = p.block_table[:nblocks]
             # [nb, KVH, BS, D] -> [L, KVH, D] in token order.
-            keys = k_cache[blocks].transpose(0, 1).reshape(kvh, -1, d)[:, : p.context_len].transpose(0, 1)
-            values = v_cache[blocks].transpose(0, 1).reshape(kvh, -1, d)[:, : p.context_len].transpose(0, 1)
+            keys = k_cache[blocks].transpose(0, 1).reshape(kvh, -1, d)[:, : p.context_len].transpose(0, 1).to(q.dtype)
+            values = v_cache[blocks].transpose(0, 1).reshape(kvh, -1, d)[:, : p.context_len].transpose(0, 1).to(q.dtype)
             offset = p.context_len - qn
             qpos = torch.arange(qn, device=q.device)[:, None] + offset
             mask = torch.arange(p.context_len, device=q.device)[None, :] <= qpos
@@ -154,20 +156,27 @@ class CppCpuPagedAttention(TorchPagedAttention):
         return out
 
 
-def get_attention_backend(device: torch.device, dtype: torch.dtype, name: str | None = None) -> AttentionBackend:
+CPP_KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def get_attention_backend(device: torch.device, dtype: torch.dtype, name: str | None = None,
+                          kv_dtype: torch.dtype | None = None) -> AttentionBackend:
     """Pick the attention backend: by name ("torch", "cpp"), or "auto"/None: the C++ kernel for
-    CPU float32 when it builds here, else the pure-PyTorch one (any device and dtype). A CUDA
-    kernel would plug in here the same way."""
+    CPU float32 models (KV cache float32, float16 or bfloat16) when it builds here, else the
+    pure-PyTorch one (any device and dtype). A CUDA kernel would plug in here the same way."""
     name = name or "auto"
+    kv_dtype = kv_dtype or dtype
+    fits_cpp = device.type == "cpu" and dtype == torch.float32 and kv_dtype in CPP_KV_DTYPES
     if name == "torch":
         return TorchPagedAttention()
     if name == "cpp":
-        if device.type != "cpu" or dtype != torch.float32:
-            raise ValueError("the 'cpp' attention backend runs on CPU with float32 only; use 'torch' or 'auto'")
+        if not fits_cpp:
+            raise ValueError("the 'cpp' attention backend runs on CPU with a float32 model (KV cache float32, "
+                             "float16 or bfloat16); use 'torch' or 'auto'")
         return CppCpuPagedAttention()
     if name != "auto":
         raise ValueError(f"unknown attention backend {name!r}; choose auto, cpp or torch")
-    if device.type == "cpu" and dtype == torch.float32:
+    if fits_cpp:
         from pagedserve.model import cpu_kernels
 
         if cpu_kernels.load() is not None:

@@ -326,8 +326,8 @@ class Plan:
             f["--tensor-parallel-size"] = self.memory["tp"]
         if inp.weight_dtype in ("awq", "gptq", "fp8"):
             f["--quantization"] = inp.weight_dtype
-        if self.kv_dtype in ("fp8", "int8"):
-            f["--kv-cache-dtype"] = self.kv_dtype
+        if self.kv_dtype != ("fp32" if inp.weight_dtype == "fp32" else "bf16"):  # not the engine's auto
+            f["--kv-cache-dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(self.kv_dtype, self.kv_dtype)
         return f
 
     def helm_values(self, model_ref: str) -> dict:

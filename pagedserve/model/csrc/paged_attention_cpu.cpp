@@ -1,5 +1,7 @@
-// Paged decode attention for CPU (float32): each query token attends over its context, reading
-// K/V blocks in place through the block table; nothing is gathered or copied.
+// Paged decode attention for CPU (float32 compute): each query token attends over its context,
+// reading K/V blocks in place through the block table; nothing is gathered or copied. The cache
+// holds float32, float16 or bfloat16 (--kv-cache-dtype): 16-bit halves the bytes this kernel
+// streams, and widening to float32 as a block is loaded costs one instruction per 8 values.
 //
 // Shapes: q, out [n, H, D]; k_cache, v_cache [num_blocks, KVH, block_size, D] (head-major inside a
 // block, so one head's keys of a block are contiguous and stream well);
@@ -16,30 +18,50 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define PS_AVX2 1
 #include <immintrin.h>
 #endif
 
 // Blocks come in table order, i.e. scattered in memory: ask for the next block's lines while
 // this one is being used, since the hardware prefetcher cannot guess the jump.
-static inline void prefetch_block(const float* p, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i, 0, 1);
+template <typename T>
+static inline void prefetch_block(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t i = 0; i < n * int64_t(sizeof(T)); i += 64) __builtin_prefetch(c + i, 0, 1);
 }
 
-// scores[t] = scale * q . k[t] for t < n (key rows D floats apart).
-static inline void block_scores(const float* q, const float* k, int64_t n, int64_t D, float scale, float* scores) {
+static inline float to_float(float x) { return x; }
+static inline float to_float(at::Half x) { return static_cast<float>(x); }
+static inline float to_float(at::BFloat16 x) { return static_cast<float>(x); }
+
+#ifdef PS_AVX2
+// Eight cache values widened to float32.
+static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+static inline __m256 load8(const at::BFloat16* p) {  // bfloat16 is the top half of a float32
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+#endif
+
+// scores[t] = scale * q . k[t] for t < n (key rows D values apart).
+template <typename T>
+static inline void block_scores(const float* q, const T* k, int64_t n, int64_t D, float scale, float* scores) {
   int64_t t = 0;
-#if defined(__AVX2__) && defined(__FMA__)
+#ifdef PS_AVX2
   if (D % 8 == 0) {
     // Eight keys at a time into eight accumulators, then one transpose-add: no horizontal sum
     // per key.
     for (; t + 8 <= n; t += 8) {
-      const float* kt = k + t * D;
+      const T* kt = k + t * D;
       __m256 a[8];
       for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
       for (int64_t d = 0; d < D; d += 8) {
         const __m256 qv = _mm256_loadu_ps(q + d);
-        for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kt + j * D + d), a[j]);
+        for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qv, load8(kt + j * D + d), a[j]);
       }
       const __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
       const __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
@@ -49,26 +71,27 @@ static inline void block_scores(const float* q, const float* k, int64_t n, int64
   }
 #endif
   for (; t < n; ++t) {
-    const float* kt = k + t * D;
+    const T* kt = k + t * D;
     float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-    for (int64_t d = 0; d < D; ++d) dot += q[d] * kt[d];
+    for (int64_t d = 0; d < D; ++d) dot += q[d] * to_float(kt[d]);
     scores[t] = dot * scale;
   }
 }
 
-// acc[0:D] += sum over t < n of p[t] * v[t] (value rows D floats apart).
-static inline void accumulate_values(const float* p, const float* v, int64_t n, int64_t D, float* acc) {
+// acc[0:D] += sum over t < n of p[t] * v[t] (value rows D values apart).
+template <typename T>
+static inline void accumulate_values(const float* p, const T* v, int64_t n, int64_t D, float* acc) {
   int64_t d0 = 0;
-#if defined(__AVX2__) && defined(__FMA__)
+#ifdef PS_AVX2
   // 64 columns at a time with the accumulators in registers (8 of the 16 ymm).
   for (; d0 + 64 <= D; d0 += 64) {
     __m256 a[8];
     for (int j = 0; j < 8; ++j) a[j] = _mm256_loadu_ps(acc + d0 + 8 * j);
     for (int64_t t = 0; t < n; ++t) {
       const __m256 pv = _mm256_set1_ps(p[t]);
-      const float* vt = v + t * D + d0;
-      for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vt + 8 * j), a[j]);
+      const T* vt = v + t * D + d0;
+      for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(pv, load8(vt + 8 * j), a[j]);
     }
     for (int j = 0; j < 8; ++j) _mm256_storeu_ps(acc + d0 + 8 * j, a[j]);
   }
@@ -76,16 +99,15 @@ static inline void accumulate_values(const float* p, const float* v, int64_t n, 
   if (d0 == D) return;
   for (int64_t t = 0; t < n; ++t) {
     const float pt = p[t];
-    const float* vt = v + t * D;
+    const T* vt = v + t * D;
 #pragma omp simd
-    for (int64_t d = d0; d < D; ++d) acc[d] += pt * vt[d];
+    for (int64_t d = d0; d < D; ++d) acc[d] += pt * to_float(vt[d]);
   }
 }
 
-void paged_attention_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                            torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
-  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32,
-              "paged_attention_decode: float32 only");
+template <typename T>
+static void decode_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                        torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
   // q may be a view into the fused QKV output: rows strided, heads packed.
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "paged_attention_decode: q must be [n, H, D] with packed heads");
   TORCH_CHECK(out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
@@ -99,8 +121,8 @@ void paged_attention_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k_
   const int64_t G = H / KVH, MB = block_tables.size(1);
   const int64_t head_stride = BS * D, blk_stride = KVH * BS * D;
   const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
   float* op = out.data_ptr<float>();
   const int64_t* bt = block_tables.data_ptr<int64_t>();
   const int64_t* cl = context_lens.data_ptr<int64_t>();
@@ -148,8 +170,8 @@ void paged_attention_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k_
             prefetch_block(vp + next, BS * D);
           }
           const int64_t off = table[b] * blk_stride + (h0 + h) * head_stride;
-          const float* kb = kp + off;
-          const float* vb = vp + off;
+          const T* kb = kp + off;
+          const T* vb = vp + off;
           for (int64_t g = h * G; g < (h + 1) * G; ++g) {
             float* sg = scores.data() + g * BS;
             block_scores(qs + g * D, kb, nt, D, sc, sg);
@@ -217,13 +239,37 @@ void paged_attention_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k_
   });
 }
 
-// Store each token's K and V ([T, KVH, D], rows may be strided views of the fused QKV output)
-// in its slot (block, offset) of the caches [num_blocks, KVH, block_size, D].
-void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor blocks,
-              torch::Tensor offsets) {
-  TORCH_CHECK(k.scalar_type() == torch::kFloat32 && v.scalar_type() == torch::kFloat32 &&
-                  k_cache.scalar_type() == torch::kFloat32 && v_cache.scalar_type() == torch::kFloat32,
-              "write_kv: float32 only");
+void paged_attention_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                            torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && out.scalar_type() == torch::kFloat32 &&
+                  v_cache.scalar_type() == k_cache.scalar_type(),
+              "paged_attention_decode: float32 q and out; K and V caches of one dtype");
+  switch (k_cache.scalar_type()) {
+    case torch::kFloat32: return decode_impl<float>(out, q, k_cache, v_cache, block_tables, context_lens, scale);
+    case torch::kFloat16: return decode_impl<at::Half>(out, q, k_cache, v_cache, block_tables, context_lens, scale);
+    case torch::kBFloat16:
+      return decode_impl<at::BFloat16>(out, q, k_cache, v_cache, block_tables, context_lens, scale);
+    default: TORCH_CHECK(false, "paged_attention_decode: KV cache must be float32, float16 or bfloat16");
+  }
+}
+
+// One row of D float32 values into the cache's dtype (round to nearest even).
+static inline void store_row(const float* src, float* dst, int64_t D) { std::copy_n(src, D, dst); }
+static inline void store_row(const float* src, at::Half* dst, int64_t D) {
+  int64_t d = 0;
+#ifdef PS_AVX2
+  for (; d + 8 <= D; d += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + d), _mm256_cvtps_ph(_mm256_loadu_ps(src + d), _MM_FROUND_TO_NEAREST_INT));
+#endif
+  for (; d < D; ++d) dst[d] = at::Half(src[d]);
+}
+static inline void store_row(const float* src, at::BFloat16* dst, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) dst[d] = at::BFloat16(src[d]);  // c10 rounds to nearest even
+}
+
+template <typename C>
+static void write_kv_impl(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
+                          torch::Tensor blocks, torch::Tensor offsets) {
   TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.stride(2) == 1 && v.stride(2) == 1 && k_cache.is_contiguous() &&
                   v_cache.is_contiguous() && blocks.is_contiguous() && offsets.is_contiguous(),
               "write_kv: layout");
@@ -236,17 +282,32 @@ void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
     TORCH_CHECK(bp[t] >= 0 && bp[t] < NB && op[t] >= 0 && op[t] < BS, "write_kv: slot out of range");
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
+  C* kc = k_cache.data_ptr<C>();
+  C* vc = v_cache.data_ptr<C>();
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1);
   at::parallel_for(0, T, 64, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t)
       for (int64_t h = 0; h < KVH; ++h) {
         const int64_t dst = ((bp[t] * KVH + h) * BS + op[t]) * D;
-        std::copy_n(kp + t * ks0 + h * ks1, D, kc + dst);
-        std::copy_n(vp + t * vs0 + h * vs1, D, vc + dst);
+        store_row(kp + t * ks0 + h * ks1, kc + dst, D);
+        store_row(vp + t * vs0 + h * vs1, vc + dst, D);
       }
   });
+}
+
+// Store each token's K and V ([T, KVH, D] float32, rows may be strided views of the fused QKV
+// output) in its slot (block, offset) of the caches [num_blocks, KVH, block_size, D].
+void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor blocks,
+              torch::Tensor offsets) {
+  TORCH_CHECK(k.scalar_type() == torch::kFloat32 && v.scalar_type() == torch::kFloat32 &&
+                  v_cache.scalar_type() == k_cache.scalar_type(),
+              "write_kv: float32 K/V rows; K and V caches of one dtype");
+  switch (k_cache.scalar_type()) {
+    case torch::kFloat32: return write_kv_impl<float>(k, v, k_cache, v_cache, blocks, offsets);
+    case torch::kFloat16: return write_kv_impl<at::Half>(k, v, k_cache, v_cache, blocks, offsets);
+    case torch::kBFloat16: return write_kv_impl<at::BFloat16>(k, v, k_cache, v_cache, blocks, offsets);
+    default: TORCH_CHECK(false, "write_kv: KV cache must be float32, float16 or bfloat16");
+  }
 }
 
 torch::Tensor pack_linear_weight(torch::Tensor w);  // gemm_cpu.cpp
@@ -262,8 +323,8 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up);
 // switch interval (5 ms) at the next bytecode between kernels.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using nogil = py::call_guard<py::gil_scoped_release>;
-  m.def("paged_attention_decode", &paged_attention_decode, "paged decode attention (CPU, float32)", nogil());
-  m.def("write_kv", &write_kv, "store K/V rows in their cache slots (CPU, float32)", nogil());
+  m.def("paged_attention_decode", &paged_attention_decode, "paged decode attention (CPU; float32 q, float32/float16/bfloat16 KV cache)", nogil());
+  m.def("write_kv", &write_kv, "store float32 K/V rows in their cache slots (CPU; cache float32/float16/bfloat16)", nogil());
   m.def("pack_linear_weight", &pack_linear_weight, "W [N, K] -> column panels [N/16, K, 16] for packed_linear",
         nogil());
   m.def("packed_linear", &packed_linear, "x @ W.T (+ bias) with W from pack_linear_weight (CPU, float32)",
