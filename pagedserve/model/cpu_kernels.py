@@ -8,6 +8,7 @@ then use the pure-PyTorch path. scripts/setup.sh builds it at install time, so s
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import sys
@@ -59,8 +60,12 @@ def load(required: bool = False):
                     flags.append("-march=native")
                 import torch
 
-                # Our own folder per Python and torch version (a build is tied to both's ABI).
-                build_dir = Path(get_default_build_root()) / f"{NAME}-py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}"
+                # Our own folder per Python and torch version (a build is tied to both's ABI) and per
+                # checkout: ninja rebuilds when the sources' path changes, so two checkouts sharing
+                # one folder rebuilt each other's kernels at every start (a minute each time).
+                where = hashlib.sha1(str(csrc.resolve()).encode()).hexdigest()[:8]
+                build_dir = Path(get_default_build_root()) / (
+                    f"{NAME}-py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-{where}")
                 with _build_lock(build_dir):
                     _module = build(name=NAME, sources=sources, extra_cflags=flags, extra_ldflags=["-fopenmp"],
                                     build_directory=str(build_dir), verbose=False)
