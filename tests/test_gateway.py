@@ -268,6 +268,12 @@ def test_semantic_routing_accuracy_on_held_out_set(env):
 
 def test_saturated_pool_overflows_to_its_fallback(env):
     """Pool 'tight' counts one in-flight request per replica as full: the rest go to the provider."""
+    # Start from a healthy, idle r3 (an earlier test's load can leave it briefly ejected or busy;
+    # then all four would overflow and the test would say nothing about the limit).
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{env['gw'].url}/health").json()["pools"]["tight"]["available"] != 1:
+        assert time.monotonic() < deadline, "pool 'tight' never became available"
+        time.sleep(0.2)
     start = last_id(env["db"])
     c = env["client"]
     with ThreadPoolExecutor(4) as ex:
