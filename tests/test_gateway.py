@@ -266,14 +266,19 @@ def test_semantic_routing_accuracy_on_held_out_set(env):
     assert {g.pool for g, x in zip(got, data) if g.route == "simple"} == {"local"}
 
 
+def wait_pool_available(env, pool, n, timeout, message):
+    """Poll the gateway's /health until `pool` reports n available backends."""
+    t0 = time.monotonic()
+    while httpx.get(f"{env['gw'].url}/health").json()["pools"][pool]["available"] != n:
+        assert time.monotonic() - t0 < timeout, message
+        time.sleep(0.1)
+
+
 def test_saturated_pool_overflows_to_its_fallback(env):
     """Pool 'tight' counts one in-flight request per replica as full: the rest go to the provider."""
     # Start from a healthy, idle r3 (an earlier test's load can leave it briefly ejected or busy;
     # then all four would overflow and the test would say nothing about the limit).
-    deadline = time.monotonic() + 30
-    while httpx.get(f"{env['gw'].url}/health").json()["pools"]["tight"]["available"] != 1:
-        assert time.monotonic() < deadline, "pool 'tight' never became available"
-        time.sleep(0.2)
+    wait_pool_available(env, "tight", 1, 30, "pool 'tight' never became available")
     start = last_id(env["db"])
     c = env["client"]
     with ThreadPoolExecutor(4) as ex:
@@ -492,11 +497,8 @@ def test_sigstop_is_routed_around_and_sigcont_returns(env):
     reps = env["replicas"]
     alive = next(n for n in ("r2", "r3") if reps[n].proc.poll() is None)
     os.kill(reps[alive].proc.pid, signal.SIGSTOP)
-    t0 = time.monotonic()
     try:
-        while httpx.get(f"{env['gw'].url}/health").json()["pools"]["local"]["available"] != 0:
-            assert time.monotonic() - t0 < 5, "SIGSTOP not detected within 5 s"
-            time.sleep(0.1)
+        wait_pool_available(env, "local", 0, 5, "SIGSTOP not detected within 5 s")
         # Nothing local is available: requests overflow to the fallback provider.
         start = last_id(env["db"])
         results = _load(env["gw"].base, env["key"], 10, concurrency=2)
@@ -505,10 +507,7 @@ def test_sigstop_is_routed_around_and_sigcont_returns(env):
         assert all(g.pool == "external" and g.fallback and g.backend == "provider" for g in got)
     finally:
         os.kill(reps[alive].proc.pid, signal.SIGCONT)
-    t1 = time.monotonic()
-    while httpx.get(f"{env['gw'].url}/health").json()["pools"]["local"]["available"] != 1:
-        assert time.monotonic() - t1 < 5, "not back in the pool within 5 s of SIGCONT"
-        time.sleep(0.1)
+    wait_pool_available(env, "local", 1, 5, "not back in the pool within 5 s of SIGCONT")
     start = last_id(env["db"])
     assert all(isinstance(r, int) for r in _load(env["gw"].base, env["key"], 4, concurrency=2))
     assert {g.backend for g in rows(env["db"], start, expect=4)} == {alive}

@@ -13,7 +13,7 @@ The server builds the engine on that same thread (`AsyncEngine.build`), so one t
 torch's parallel kernels. libgomp counts the worker threads of every thread that ever started a
 parallel region; once they outnumber the CPUs its idle workers stop spinning and sleep between
 kernels, and each of the ~150 kernels in a decode step then pays a futex wake-up: on 2 cores a
-batch-1 decode step took 20% longer on the loop thread than on the thread that loaded the model
+batch-1 decode step took ~30% longer on the loop thread than on the thread that loaded the model
 (measured, benchmarks/README.md). torch.set_num_threads is per thread too (--num-threads).
 """
 

@@ -111,7 +111,11 @@ class Gateway:
         self.tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
-        self.client = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4096, limit_per_host=0),
+        # Idle connections are dropped after 4 s, before uvicorn's 5 s keep-alive closes them from
+        # the replica's side (aiohttp's default keeps them 15 s, and a request sent on a connection
+        # the server is closing fails before the first byte and needlessly overflows its pool).
+        connector = aiohttp.TCPConnector(limit=4096, limit_per_host=0, keepalive_timeout=4)
+        self.client = aiohttp.ClientSession(connector=connector,
                                             timeout=aiohttp.ClientTimeout(total=None, sock_read=120))
         d = self.cfg.database
         self.audit = AuditWriter(self.db, d.queue_size, d.batch_size, d.flush_interval_s)

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -34,6 +35,17 @@ static inline void prefetch_block(const T* p, int64_t n) {
 static inline float to_float(float x) { return x; }
 static inline float to_float(at::Half x) { return static_cast<float>(x); }
 static inline float to_float(at::BFloat16 x) { return static_cast<float>(x); }
+
+// Calls f with a null pointer of the KV cache's element type (float32, float16 or bfloat16).
+template <typename F>
+static void with_kv_type(at::ScalarType t, const char* who, F f) {
+  switch (t) {
+    case torch::kFloat32: return f(static_cast<float*>(nullptr));
+    case torch::kFloat16: return f(static_cast<at::Half*>(nullptr));
+    case torch::kBFloat16: return f(static_cast<at::BFloat16*>(nullptr));
+    default: TORCH_CHECK(false, who, ": KV cache must be float32, float16 or bfloat16");
+  }
+}
 
 #ifdef PS_AVX2
 // Eight cache values widened to float32.
@@ -244,13 +256,9 @@ void paged_attention_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k_
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && out.scalar_type() == torch::kFloat32 &&
                   v_cache.scalar_type() == k_cache.scalar_type(),
               "paged_attention_decode: float32 q and out; K and V caches of one dtype");
-  switch (k_cache.scalar_type()) {
-    case torch::kFloat32: return decode_impl<float>(out, q, k_cache, v_cache, block_tables, context_lens, scale);
-    case torch::kFloat16: return decode_impl<at::Half>(out, q, k_cache, v_cache, block_tables, context_lens, scale);
-    case torch::kBFloat16:
-      return decode_impl<at::BFloat16>(out, q, k_cache, v_cache, block_tables, context_lens, scale);
-    default: TORCH_CHECK(false, "paged_attention_decode: KV cache must be float32, float16 or bfloat16");
-  }
+  with_kv_type(k_cache.scalar_type(), "paged_attention_decode", [&](auto* type) {
+    decode_impl<std::remove_pointer_t<decltype(type)>>(out, q, k_cache, v_cache, block_tables, context_lens, scale);
+  });
 }
 
 // One row of D float32 values into the cache's dtype (round to nearest even).
@@ -302,12 +310,9 @@ void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
   TORCH_CHECK(k.scalar_type() == torch::kFloat32 && v.scalar_type() == torch::kFloat32 &&
                   v_cache.scalar_type() == k_cache.scalar_type(),
               "write_kv: float32 K/V rows; K and V caches of one dtype");
-  switch (k_cache.scalar_type()) {
-    case torch::kFloat32: return write_kv_impl<float>(k, v, k_cache, v_cache, blocks, offsets);
-    case torch::kFloat16: return write_kv_impl<at::Half>(k, v, k_cache, v_cache, blocks, offsets);
-    case torch::kBFloat16: return write_kv_impl<at::BFloat16>(k, v, k_cache, v_cache, blocks, offsets);
-    default: TORCH_CHECK(false, "write_kv: KV cache must be float32, float16 or bfloat16");
-  }
+  with_kv_type(k_cache.scalar_type(), "write_kv", [&](auto* type) {
+    write_kv_impl<std::remove_pointer_t<decltype(type)>>(k, v, k_cache, v_cache, blocks, offsets);
+  });
 }
 
 torch::Tensor pack_linear_weight(torch::Tensor w);  // gemm_cpu.cpp
