@@ -169,15 +169,16 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.backend = backend
 
-    def forward(self, x, positions, rotary: RotaryEmbedding, kv_cache, meta: AttentionMetadata):
+    def forward(self, x, positions, rotary: RotaryEmbedding, kv_cache, meta: AttentionMetadata, rows=None):
+        """Every token's K and V go to the cache; the output is only for `rows` when given."""
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = rotary(positions, q, k)
-        o = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
-        return self.o_proj(o.reshape(t, self.q_size))
+        o = self.backend.forward(q, k, v, kv_cache, meta, self.scale).reshape(t, self.q_size)
+        return self.o_proj(o if rows is None else o[rows])
 
 
 class MLP(nn.Module):
@@ -205,14 +206,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = MLP(arch)
 
-    def forward(self, x, residual, positions, rotary, kv_cache, meta):
+    def forward(self, x, residual, positions, rotary, kv_cache, meta, rows=None):
         """Takes and returns the residual stream separately from the block's output, so each
-        residual add fuses with the norm that follows it (x + residual is the usual x)."""
+        residual add fuses with the norm that follows it (x + residual is the usual x). With
+        `rows`, only those tokens' outputs are computed past attention."""
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, positions, rotary, kv_cache, meta)
+        x = self.self_attn(x, positions, rotary, kv_cache, meta, rows)
+        if rows is not None:
+            residual = residual[rows]
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -240,10 +244,15 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,  # [T]
         kv_caches: torch.Tensor,  # [layers, 2, num_blocks, KVH, block_size, D]
         meta: AttentionMetadata,
-    ) -> torch.Tensor:  # hidden states [T, hidden]
+        rows: torch.Tensor | None = None,  # [R] token indices whose hidden states are wanted
+    ) -> torch.Tensor:  # hidden states [T, hidden], or [R, hidden] for `rows`
+        """With `rows` (the tokens to sample from), the last layer computes its attention output
+        projection and MLP for those tokens only: a prompt chunk's other tokens only needed their
+        K and V, which every layer has written by then."""
         x, residual = self.embed_tokens(input_ids), None
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, positions, self.rotary, kv_caches[i], meta)
+            x, residual = layer(x, residual, positions, self.rotary, kv_caches[i], meta, rows if i == last else None)
         return self.norm(x, residual)[0]
 
     @torch.inference_mode()

@@ -1,0 +1,70 @@
+"""How the CPU engine asks Linux for memory.
+
+Three measured costs, each avoided here:
+- TLB misses: decode attention jumps between scattered KV blocks; on 4 KiB pages each jump is a
+  TLB miss. The KV cache asks for transparent huge pages (2 MiB).
+- Writing GiBs of zeros at start-up: the cache is calloc'ed, so the OS zero-fills each page on
+  first touch instead (a 4 GiB cache took 4 s to zero).
+- Page faults on every step: glibc hands large freed blocks back to the OS (munmap, a trimmed
+  heap), so a later step's activations fault their pages in again and the kernel zeroes them.
+  A 64-request offline run faulted 40k-450k pages during generation (varying with how
+  allocations interleave); with keep_freed_memory() 7k-10k. Alone, a 512-token chunk's 6 MiB
+  gate/up projection output ran at 165 GFLOP/s when freshly faulted and 196 when reused.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+import numpy as np
+import torch
+
+log = logging.getLogger("pagedserve.runner")
+
+_HUGE = 2 << 20  # x86-64's transparent huge page
+
+
+def advise_huge_pages(t: torch.Tensor) -> None:
+    """Ask Linux for transparent huge pages under a large CPU tensor (before its first touch):
+    decode attention jumps between scattered blocks, and 4 KiB pages make each jump a TLB miss.
+    Measured ~11% faster decode attention. Best effort: silently skipped where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        start = (t.data_ptr() + _HUGE - 1) // _HUGE * _HUGE
+        end = (t.data_ptr() + t.numel() * t.element_size()) // _HUGE * _HUGE
+        if end > start:
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 14)  # MADV_HUGEPAGE
+    except (OSError, AttributeError):  # no libc madvise (not Linux)
+        pass
+
+
+def lazily_zeroed_cpu_tensor(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor whose pages the OS zero-fills on first touch: numpy's zeros is calloc, which
+    maps fresh pages for large sizes, so startup does not write GiBs of zeros (4 GiB took 4 s)."""
+    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    # calloc returns page + 16 bytes: start at the next 2 MiB boundary instead, so cache rows are
+    # whole cache lines (a 256-byte row spanned five lines) and huge pages cover the whole tensor.
+    raw = np.zeros(nbytes + _HUGE, dtype=np.uint8)
+    skip = -raw.ctypes.data % _HUGE
+    t = torch.from_numpy(raw[skip : skip + nbytes]).view(dtype).view(shape)
+    advise_huge_pages(t)  # before the first touch, so the lazily faulted pages can be huge
+    return t
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse: allocations up to 32 MiB (its ceiling for this
+    setting; a 512-token chunk's largest activation is 6 MiB) come from the heap rather than
+    fresh mappings, and the heap is never trimmed. The engine's activations reach a steady
+    size after a few steps, so this holds tens of MiB, not a leak. False where not glibc."""
+    try:
+        libc = ctypes.CDLL(None)
+        ok = libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1 and libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        return False
+    if not ok:
+        log.debug("mallopt refused; freed memory goes back to the OS")
+    return ok
