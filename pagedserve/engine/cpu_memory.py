@@ -8,7 +8,7 @@ Three measured costs, each avoided here:
 - Page faults on every step: glibc hands large freed blocks back to the OS (munmap, a trimmed
   heap), so a later step's activations fault their pages in again and the kernel zeroes them.
   A 64-request offline run faulted 40k-450k pages during generation (varying with how
-  allocations interleave); with keep_freed_memory() 7k-10k. Alone, a 512-token chunk's 6 MiB
+  allocations interleave); with keep_freed_memory() 7k-12k. Alone, a 512-token chunk's 6 MiB
   gate/up projection output ran at 165 GFLOP/s when freshly faulted and 196 when reused.
 """
 
