@@ -76,7 +76,8 @@ def serve(args: argparse.Namespace) -> int:
                          "put `pagedserve gateway` in front")
     model = args.model or args.model_tag
     cfg = EngineConfig(
-        model=model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, device=args.device, max_model_len=args.max_model_len,
+        model=model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, device=args.device,
+        max_model_len=args.max_model_len,
         block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,

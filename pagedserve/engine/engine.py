@@ -96,7 +96,8 @@ class LLMEngine:
             "max_concurrency=%.1f (at max_model_len) max_num_batched_tokens=%d prefix_caching=%s",
             self.startup_seconds, self.model_path, self.arch.architecture, self.arch.num_parameters() / 1e6,
             str(r.dtype).removeprefix("torch."), device, r.model.layers[0].self_attn.backend.name,
-            r.kv_bytes / 2**20, str(r.kv_dtype).removeprefix("torch."), r.num_blocks, cfg.block_size, r.num_blocks * cfg.block_size,
+            r.kv_bytes / 2**20, str(r.kv_dtype).removeprefix("torch."), r.num_blocks, cfg.block_size,
+            r.num_blocks * cfg.block_size,
             self.max_model_len, r.max_concurrency, self.max_num_batched_tokens, cfg.enable_prefix_caching,
         )
 

@@ -154,18 +154,16 @@ class ModelRunner:
         )
         input_ids = torch.tensor(tokens, dtype=torch.long, device=dev)
         pos_t = torch.from_numpy(np.concatenate(positions)).to(dev)
-        # Only the sampled tokens' hidden states are needed, unless prompt logprobs want them all.
-        rows = None
-        if not plp_spans and len(sample_idx) < len(tokens):
-            rows = torch.tensor(sample_idx, dtype=torch.long, device=dev)
-        hidden = self.model(input_ids, pos_t, self.kv_caches, meta, rows)
+        # Past the last layer's attention only the sampled tokens are needed, unless prompt
+        # logprobs want every token's hidden state.
+        sample_rows = torch.tensor(sample_idx, dtype=torch.long, device=dev)
+        hidden = self.model(input_ids, pos_t, self.kv_caches, meta, None if plp_spans else sample_rows)
 
         result = StepResult({}, {}, {})
         if plp_spans:
             result.prompt_logprobs = self._prompt_logprobs(hidden, plp_spans)
         if sample_reqs:
-            picked = hidden if rows is not None else hidden[torch.tensor(sample_idx, dtype=torch.long, device=dev)]
-            logits = self.model.compute_logits(picked)
+            logits = self.model.compute_logits(hidden[sample_rows] if plp_spans else hidden)
             s: SamplerOutput = self.sampler(logits, sample_reqs)
             for r, tok, lp in zip(sample_reqs, s.token_ids, s.logprobs):
                 result.sampled[r.request_id] = tok

@@ -327,7 +327,8 @@ class Plan:
         if inp.weight_dtype in ("awq", "gptq", "fp8"):
             f["--quantization"] = inp.weight_dtype
         if self.kv_dtype != ("fp32" if inp.weight_dtype == "fp32" else "bf16"):  # not the engine's auto
-            f["--kv-cache-dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(self.kv_dtype, self.kv_dtype)
+            engine_names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+            f["--kv-cache-dtype"] = engine_names.get(self.kv_dtype, self.kv_dtype)
         return f
 
     def helm_values(self, model_ref: str) -> dict:

@@ -122,7 +122,8 @@ static inline void scores_nh(const float* q, const T* k, int64_t n, int64_t D, i
   for (; t < n; ++t)
     for (int h = 0; h < NH; ++h) {
       __m256 acc = _mm256_setzero_ps();
-      for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * D + d), load8(k + t * D + d), acc);
+      for (int64_t d = 0; d < D; d += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * D + d), load8(k + t * D + d), acc);
       const __m128 x = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
       const __m128 y = _mm_add_ps(x, _mm_movehl_ps(x, x));
       s[h * BS + t] = _mm_cvtss_f32(_mm_add_ss(y, _mm_movehdup_ps(y))) * scale;
