@@ -110,12 +110,12 @@ class TorchPagedAttention(AttentionBackend):
         if p.context_len == qn:  # nothing cached before this chunk: use K/V as computed
             keys, values, mask, causal = k, v, None, True
         else:
-            nblocks = -(-p.context_len // bs)
-            blocks = p.block_table[:nblocks]
-            # [nb, KVH, BS, D] -> [L, KVH, D] in token order.
-            keys = k_cache[blocks].transpose(0, 1).reshape(kvh, -1, d)[:, : p.context_len].transpose(0, 1).to(q.dtype)
-            values = v_cache[blocks].transpose(0, 1).reshape(kvh, -1, d)[:, : p.context_len].transpose(0, 1).to(q.dtype)
-            offset = p.context_len - qn
+            offset = p.context_len - qn  # cached prefix tokens, then the chunk's own as computed
+            blocks = p.block_table[: -(-offset // bs)]
+            # [nb, KVH, BS, D] -> [prefix, KVH, D] in token order.
+            keys = k_cache[blocks].transpose(0, 1).reshape(kvh, -1, d)[:, :offset].transpose(0, 1).to(q.dtype)
+            values = v_cache[blocks].transpose(0, 1).reshape(kvh, -1, d)[:, :offset].transpose(0, 1).to(q.dtype)
+            keys, values = torch.cat([keys, k]), torch.cat([values, v])
             qpos = torch.arange(qn, device=q.device)[:, None] + offset
             mask = torch.arange(p.context_len, device=q.device)[None, :] <= qpos
             causal = False
@@ -134,9 +134,10 @@ class TorchPagedAttention(AttentionBackend):
 
 
 class CppCpuPagedAttention(TorchPagedAttention):
-    """Decode attention in C++ (csrc/paged_attention_cpu.cpp) that reads K/V blocks in place
-    through the block tables, and the K/V writes in one call instead of two index_puts; prefill
-    chunks use the PyTorch path (their compute dominates)."""
+    """Attention in C++ (csrc/): decode tokens read K/V blocks in place through the block tables
+    (paged_attention_cpu.cpp), each prefill chunk runs a flash-attention kernel over its cached
+    prefix and itself (prefill_attention_cpu.cpp), and the K/V writes are one call instead of two
+    index_puts. Every output lands in one [T, H, D] tensor: no slices to stitch."""
 
     name = "cpp"
 
@@ -144,6 +145,19 @@ class CppCpuPagedAttention(TorchPagedAttention):
         from pagedserve.model import cpu_kernels
 
         self.ops = cpu_kernels.load(required=True)
+
+    def forward(self, q, k, v, kv_cache, meta, scale):
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        self._write_kv(k, v, k_cache, v_cache, meta)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        nd = meta.num_decodes
+        if nd:
+            self.ops.paged_attention_decode(out[:nd], q[:nd], k_cache, v_cache, meta.decode_block_tables,
+                                            meta.decode_context_lens, scale)
+        for p in meta.prefills:
+            self.ops.paged_attention_prefill(out, q, k, v, k_cache, v_cache, p.block_table, p.start, p.num_tokens,
+                                             p.context_len, scale)
+        return out
 
     def _write_kv(self, k, v, k_cache, v_cache, meta: AttentionMetadata):
         self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_blocks, meta.slot_offsets)

@@ -1,4 +1,4 @@
-"""Build and load the C++ CPU kernels (paged decode attention, linear layers on pre-packed weights,
+"""Build and load the C++ CPU kernels (paged decode and prefill attention, linear layers on pre-packed weights,
 fused RMSNorm / rotary / SiLU*up) once; torch caches the build under ~/.cache/torch_extensions.
 
 `load()` returns the module, or None when it cannot be built here (no compiler, no ninja): callers
@@ -54,7 +54,8 @@ def load(required: bool = False):
                 from torch.utils.cpp_extension import load as build
 
                 csrc = Path(__file__).parent / "csrc"
-                sources = [str(csrc / f) for f in ("paged_attention_cpu.cpp", "gemm_cpu.cpp", "fused_cpu.cpp")]
+                sources = [str(csrc / f) for f in ("paged_attention_cpu.cpp", "prefill_attention_cpu.cpp", "gemm_cpu.cpp",
+                                                        "fused_cpu.cpp")]
                 flags = ["-O3", "-ffast-math", "-fopenmp"]
                 if os.environ.get("PAGEDSERVE_NATIVE", "1") == "1":
                     flags.append("-march=native")

@@ -19,10 +19,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define PS_AVX2 1
-#include <immintrin.h>
-#endif
+#include "kv_types.h"
 
 // Blocks come in table order, i.e. scattered in memory: ask for the next block's lines while
 // this one is being used, since the hardware prefetcher cannot guess the jump.
@@ -31,33 +28,6 @@ static inline void prefetch_block(const T* p, int64_t n) {
   const char* c = reinterpret_cast<const char*>(p);
   for (int64_t i = 0; i < n * int64_t(sizeof(T)); i += 64) __builtin_prefetch(c + i, 0, 1);
 }
-
-static inline float to_float(float x) { return x; }
-static inline float to_float(at::Half x) { return static_cast<float>(x); }
-static inline float to_float(at::BFloat16 x) { return static_cast<float>(x); }
-
-// Calls f with a null pointer of the KV cache's element type (float32, float16 or bfloat16).
-template <typename F>
-static void with_kv_type(at::ScalarType t, const char* who, F f) {
-  switch (t) {
-    case torch::kFloat32: return f(static_cast<float*>(nullptr));
-    case torch::kFloat16: return f(static_cast<at::Half*>(nullptr));
-    case torch::kBFloat16: return f(static_cast<at::BFloat16*>(nullptr));
-    default: TORCH_CHECK(false, who, ": KV cache must be float32, float16 or bfloat16");
-  }
-}
-
-#ifdef PS_AVX2
-// Eight cache values widened to float32.
-static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-static inline __m256 load8(const at::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-static inline __m256 load8(const at::BFloat16* p) {  // bfloat16 is the top half of a float32
-  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-}
-#endif
 
 // The portable path (no AVX2, or a head size that is not a multiple of 32), one query head at a
 // time. scores[t] = scale * q . k[t] for t < n (key rows D values apart).
@@ -385,6 +355,9 @@ void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
   });
 }
 
+void paged_attention_prefill(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                             torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_table, int64_t start,
+                             int64_t num_tokens, int64_t context_len, double scale);  // prefill_attention_cpu.cpp
 torch::Tensor pack_linear_weight(torch::Tensor w);  // gemm_cpu.cpp
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor wp, c10::optional<torch::Tensor> bias);
 bool packed_linear_supported();
@@ -399,6 +372,8 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up);
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using nogil = py::call_guard<py::gil_scoped_release>;
   m.def("paged_attention_decode", &paged_attention_decode, "paged decode attention (CPU; float32 q, float32/float16/bfloat16 KV cache)", nogil());
+  m.def("paged_attention_prefill", &paged_attention_prefill,
+        "causal attention of one prompt chunk over its cached prefix and itself (CPU; float32 q/k/v)", nogil());
   m.def("write_kv", &write_kv, "store float32 K/V rows in their cache slots (CPU; cache float32/float16/bfloat16)", nogil());
   m.def("pack_linear_weight", &pack_linear_weight, "W [N, K] -> column panels [N/16, K, 16] for packed_linear",
         nogil());
