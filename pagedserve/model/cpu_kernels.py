@@ -1,5 +1,6 @@
-"""Build and load the C++ CPU kernels (paged decode and prefill attention, linear layers on pre-packed weights,
-fused RMSNorm / rotary / SiLU*up) once; torch caches the build under ~/.cache/torch_extensions.
+"""Build and load the C++ CPU kernels (paged decode and prefill attention, linear layers on
+pre-packed weights, fused RMSNorm / rotary / SiLU*up) once; torch caches the build under
+~/.cache/torch_extensions.
 
 `load()` returns the module, or None when it cannot be built here (no compiler, no ninja): callers
 then use the pure-PyTorch path. scripts/setup.sh builds it at install time, so serving never waits.
@@ -54,8 +55,8 @@ def load(required: bool = False):
                 from torch.utils.cpp_extension import load as build
 
                 csrc = Path(__file__).parent / "csrc"
-                sources = [str(csrc / f) for f in ("paged_attention_cpu.cpp", "prefill_attention_cpu.cpp", "gemm_cpu.cpp",
-                                                        "fused_cpu.cpp")]
+                files = ("paged_attention_cpu.cpp", "prefill_attention_cpu.cpp", "gemm_cpu.cpp", "fused_cpu.cpp")
+                sources = [str(csrc / f) for f in files]
                 flags = ["-O3", "-ffast-math", "-fopenmp"]
                 if os.environ.get("PAGEDSERVE_NATIVE", "1") == "1":
                     flags.append("-march=native")

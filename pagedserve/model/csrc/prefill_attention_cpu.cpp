@@ -135,6 +135,8 @@ static void prefill_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k, to
 
   // 1. Gather every kv head's keys into panels [D][16] and values into rows; pad keys (past L) are
   //    zero, so the tail panel's products are finite and its masked probabilities (0) cancel them.
+  //    2 * KVH * L * D floats per call: 768 KiB for the default model's longest 512-token prompt
+  //    (a long-context model would want them per kv head, or in windows of keys).
   const int64_t NP = (L + KP - 1) / KP;
   std::unique_ptr<float[]> kt(new float[KVH * NP * KP * D]), vb(new float[KVH * NP * KP * D]);
   at::parallel_for(0, KVH * NP, 4, [&](int64_t b, int64_t e) {
