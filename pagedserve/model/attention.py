@@ -152,8 +152,7 @@ class CppCpuPagedAttention(TorchPagedAttention):
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         nd = meta.num_decodes
         if nd:
-            self.ops.paged_attention_decode(out[:nd], q[:nd], k_cache, v_cache, meta.decode_block_tables,
-                                            meta.decode_context_lens, scale)
+            self._decode(q[:nd], k_cache, v_cache, meta, scale, out[:nd])
         for p in meta.prefills:
             self.ops.paged_attention_prefill(out, q, k, v, k_cache, v_cache, p.block_table, p.start, p.num_tokens,
                                              p.context_len, scale)
@@ -162,8 +161,9 @@ class CppCpuPagedAttention(TorchPagedAttention):
     def _write_kv(self, k, v, k_cache, v_cache, meta: AttentionMetadata):
         self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_blocks, meta.slot_offsets)
 
-    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale):
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale, out=None):
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         self.ops.paged_attention_decode(
             out, q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale
         )

@@ -22,6 +22,7 @@
 #include <memory>
 #include <type_traits>
 
+#include "gemm_tile.h"
 #include "kv_types.h"
 
 namespace {
@@ -30,78 +31,27 @@ constexpr int64_t MR = 6;    // query rows per tile
 constexpr int64_t KS = 64;   // keys per online-softmax step (4 panels)
 }  // namespace
 
-// S[r][0:16] = Q[r] . keys of one panel, r < 6. Q rows D apart; S rows KS apart.
+// S[r][0:16] = Q[r] . keys of one panel, r < 6. Q rows D apart; S rows KS apart. With AVX2 it is
+// the packed GEMM's 6x16 tile (A = Q, B = the [D][16] panel).
 static inline void qk_panel(const float* Q, int64_t D, const float* panel, float* S) {
 #ifdef PS_AVX2
-  {
-    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-    __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-    for (int64_t d = 0; d < D; ++d) {
-      const __m256 b0 = _mm256_loadu_ps(panel + d * KP), b1 = _mm256_loadu_ps(panel + d * KP + 8);
-      __m256 a = _mm256_broadcast_ss(Q + d);
-      c00 = _mm256_fmadd_ps(a, b0, c00); c01 = _mm256_fmadd_ps(a, b1, c01);
-      a = _mm256_broadcast_ss(Q + D + d);
-      c10 = _mm256_fmadd_ps(a, b0, c10); c11 = _mm256_fmadd_ps(a, b1, c11);
-      a = _mm256_broadcast_ss(Q + 2 * D + d);
-      c20 = _mm256_fmadd_ps(a, b0, c20); c21 = _mm256_fmadd_ps(a, b1, c21);
-      a = _mm256_broadcast_ss(Q + 3 * D + d);
-      c30 = _mm256_fmadd_ps(a, b0, c30); c31 = _mm256_fmadd_ps(a, b1, c31);
-      a = _mm256_broadcast_ss(Q + 4 * D + d);
-      c40 = _mm256_fmadd_ps(a, b0, c40); c41 = _mm256_fmadd_ps(a, b1, c41);
-      a = _mm256_broadcast_ss(Q + 5 * D + d);
-      c50 = _mm256_fmadd_ps(a, b0, c50); c51 = _mm256_fmadd_ps(a, b1, c51);
-    }
-    _mm256_storeu_ps(S, c00); _mm256_storeu_ps(S + 8, c01);
-    _mm256_storeu_ps(S + KS, c10); _mm256_storeu_ps(S + KS + 8, c11);
-    _mm256_storeu_ps(S + 2 * KS, c20); _mm256_storeu_ps(S + 2 * KS + 8, c21);
-    _mm256_storeu_ps(S + 3 * KS, c30); _mm256_storeu_ps(S + 3 * KS + 8, c31);
-    _mm256_storeu_ps(S + 4 * KS, c40); _mm256_storeu_ps(S + 4 * KS + 8, c41);
-    _mm256_storeu_ps(S + 5 * KS, c50); _mm256_storeu_ps(S + 5 * KS + 8, c51);
-    return;
-  }
-#endif
+  tile<MR>(Q, D, panel, KP, S, KS, D, true, nullptr);
+#else
   for (int64_t r = 0; r < MR; ++r)
     for (int64_t j = 0; j < KP; ++j) {
       float dot = 0.f;
       for (int64_t d = 0; d < D; ++d) dot += Q[r * D + d] * panel[d * KP + j];
       S[r * KS + j] = dot;
     }
+#endif
 }
 
-// O[r][0:D] += sum over t < nt of P[r][t] * V[t][0:D], r < 6. P rows KS apart, V and O rows D apart.
+// O[r][0:D] += sum over t < nt of P[r][t] * V[t][0:D], r < 6. P rows KS apart, V and O rows D
+// apart. With AVX2, 16 columns at a time are the GEMM's tile accumulating into O (A = P, B = V).
 static inline void pv_step(const float* P, const float* V, int64_t nt, int64_t D, float* O) {
   int64_t d0 = 0;
 #ifdef PS_AVX2
-  for (; d0 + 16 <= D; d0 += 16) {
-    float* o = O + d0;
-    __m256 c00 = _mm256_loadu_ps(o), c01 = _mm256_loadu_ps(o + 8);
-    __m256 c10 = _mm256_loadu_ps(o + D), c11 = _mm256_loadu_ps(o + D + 8);
-    __m256 c20 = _mm256_loadu_ps(o + 2 * D), c21 = _mm256_loadu_ps(o + 2 * D + 8);
-    __m256 c30 = _mm256_loadu_ps(o + 3 * D), c31 = _mm256_loadu_ps(o + 3 * D + 8);
-    __m256 c40 = _mm256_loadu_ps(o + 4 * D), c41 = _mm256_loadu_ps(o + 4 * D + 8);
-    __m256 c50 = _mm256_loadu_ps(o + 5 * D), c51 = _mm256_loadu_ps(o + 5 * D + 8);
-    for (int64_t t = 0; t < nt; ++t) {
-      const __m256 v0 = _mm256_loadu_ps(V + t * D + d0), v1 = _mm256_loadu_ps(V + t * D + d0 + 8);
-      __m256 p = _mm256_broadcast_ss(P + t);
-      c00 = _mm256_fmadd_ps(p, v0, c00); c01 = _mm256_fmadd_ps(p, v1, c01);
-      p = _mm256_broadcast_ss(P + KS + t);
-      c10 = _mm256_fmadd_ps(p, v0, c10); c11 = _mm256_fmadd_ps(p, v1, c11);
-      p = _mm256_broadcast_ss(P + 2 * KS + t);
-      c20 = _mm256_fmadd_ps(p, v0, c20); c21 = _mm256_fmadd_ps(p, v1, c21);
-      p = _mm256_broadcast_ss(P + 3 * KS + t);
-      c30 = _mm256_fmadd_ps(p, v0, c30); c31 = _mm256_fmadd_ps(p, v1, c31);
-      p = _mm256_broadcast_ss(P + 4 * KS + t);
-      c40 = _mm256_fmadd_ps(p, v0, c40); c41 = _mm256_fmadd_ps(p, v1, c41);
-      p = _mm256_broadcast_ss(P + 5 * KS + t);
-      c50 = _mm256_fmadd_ps(p, v0, c50); c51 = _mm256_fmadd_ps(p, v1, c51);
-    }
-    _mm256_storeu_ps(o, c00); _mm256_storeu_ps(o + 8, c01);
-    _mm256_storeu_ps(o + D, c10); _mm256_storeu_ps(o + D + 8, c11);
-    _mm256_storeu_ps(o + 2 * D, c20); _mm256_storeu_ps(o + 2 * D + 8, c21);
-    _mm256_storeu_ps(o + 3 * D, c30); _mm256_storeu_ps(o + 3 * D + 8, c31);
-    _mm256_storeu_ps(o + 4 * D, c40); _mm256_storeu_ps(o + 4 * D + 8, c41);
-    _mm256_storeu_ps(o + 5 * D, c50); _mm256_storeu_ps(o + 5 * D + 8, c51);
-  }
+  for (; d0 + 16 <= D; d0 += 16) tile<MR>(P, KS, V + d0, D, O + d0, D, nt, false, nullptr);
 #endif
   for (int64_t r = 0; r < MR; ++r)
     for (int64_t t = 0; t < nt; ++t)
