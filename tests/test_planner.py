@@ -173,7 +173,37 @@ def test_measure_this_machine(default_model_dir):
     # Batching amortizes the weights: time per row at M=512 is far below time at M=1.
     assert curve[512] / 512 < curve[1] / 2
     assert len(hw.measured["layer_elementwise_curve"]) == 10
+    # One layer's host cost (Python, dispatches) at one token: above a bare op dispatch, and above
+    # the elementwise kernels alone at one token, which it includes.
+    assert hw.measured["layer_host_s"] > 5 * hw.measured["op_dispatch_s"]
+    assert hw.measured["layer_host_s"] > hw.measured["layer_elementwise_curve"][0][1]
     p = Plan(PlanInputs(model=spec, hw=hw, weight_dtype="fp32", max_model_len=2048))
     assert p.memory["fits"]
     tps = [c["tokens_per_s"] for c in p.roofline["curve"]]
     assert tps[0] > 0 and max(tps) > 4 * tps[0]
+
+
+def test_measured_step_time_adds_layer_host_cost_and_logit_reads():
+    """With a measured machine, a decode step = linear curve + attention + per-layer elementwise
+    work + each layer's host cost at one token (layer_host_s, net of the one-token elementwise
+    time it contains) + reading the logits once to sample (at the streaming bandwidth)."""
+    from dataclasses import replace
+
+    from pagedserve.planner.specs import HardwareSpec
+
+    spec = load_model_spec("default")
+    measured = {"matmul_tflops": 0.2, "weight_stream_gbs": 16.0, "op_dispatch_s": 4e-6, "kv_read_gbs": 20.0,
+                "linear_curve": [(1, 4e-11), (512, 2e-12)], "layer_elementwise_curve": [(1, 1e-5), (512, 1e-3)]}
+    hw = HardwareSpec(name="m", memory_gb=24, bandwidth_gbs=16.0, fp32_tflops=0.2, bf16_tflops=0.2, fp8_tflops=None,
+                      int8_tops=None, usd_per_hour=0.0, source="test", compute_efficiency=1.0,
+                      bandwidth_efficiency=1.0, step_overhead_s=0.0, measured=measured)
+
+    def step(h, batch):
+        plan = Plan(PlanInputs(model=spec, hw=h, weight_dtype="fp32", max_model_len=2048))
+        return plan.step_time(batch, 100)["t_step"]
+
+    with_host = replace(hw, measured={**measured, "layer_host_s": 1e-4})
+    assert step(with_host, 8) - step(hw, 8) == pytest.approx(spec.layers * (1e-4 - 1e-5))
+    # The logit read: halving the bandwidth doubles it (the curves set every other term here).
+    slow = replace(hw, bandwidth_gbs=8.0)
+    assert step(slow, 64) - step(hw, 64) == pytest.approx(64 * spec.vocab * 4 / 16e9)

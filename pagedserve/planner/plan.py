@@ -169,6 +169,11 @@ class Plan:
             other = hw.measured.get("layer_elementwise_curve")
             if other:  # measured per-layer elementwise work at this batch
                 t_other = m.layers * _interp_loglog(other, batch, extrapolate=False) + OPS_PER_STEP * hw.measured["op_dispatch_s"]
+                host = hw.measured.get("layer_host_s")
+                if host is not None:  # each layer's host cost at one token, plus what batch adds to its elementwise work
+                    t_other += m.layers * (host - other[0][1])
+                # Sampling reads every sequence's logits once.
+                t_other += batch * m.vocab * 4 / (hw.bandwidth_gbs * GB)
             else:
                 t_other = (OPS_PER_LAYER * m.layers + OPS_PER_STEP) * hw.measured.get("op_dispatch_s", 0.0)
             kv_bw = hw.measured.get("kv_read_gbs", hw.bandwidth_gbs) * GB * tp
@@ -214,6 +219,11 @@ class Plan:
                                f"active params {m.active_params / 1e9:.2f}B, context {ctx:.0f}")
         self._note("roofline", "compute-bound from batch B* = (weights / bw) / (2 P / peak - ctx x kv / bw) = "
                                + (f"{crossover:.0f}" if math.isfinite(crossover) else "never (KV traffic grows as fast as compute)"))
+        if hw.measured.get("linear_curve"):
+            self._note("roofline", "measured machine: decode step = weights x linear time per byte at B (measured curve) "
+                                   "+ max(attention FLOPs / peak, B x context x KV/token / measured KV read rate) "
+                                   "+ layers x (elementwise at B + host cost of a layer at 1 token - elementwise at 1) "
+                                   "+ B x vocab x 4 bytes of logits / bandwidth")
         ttft = self._prefill_time(inp.workload.input_tokens)
         self._note("roofline", f"prefill of {inp.workload.input_tokens} tokens = max(2 P n + attention, weights) / rate "
                                f"= {ttft * 1000:.1f} ms (TTFT without queueing)")

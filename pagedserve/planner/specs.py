@@ -205,85 +205,204 @@ def linear_shapes(model: "ModelSpec") -> list[tuple[int, int]]:
     return [(q + 2 * kv, model.hidden), (model.hidden, q), (2 * inter, model.hidden), (model.hidden, inter)]
 
 
+def _best_time(fn, reps: int, cuda: bool) -> float:
+    """Best of three timed rounds of `reps` calls (noise on a shared machine only adds time)."""
+    import torch
+
+    fn()
+    best = float("inf")
+    for _ in range(3):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t) / reps)
+    return best
+
+
+class MachineProbe:
+    """Times the engine's own building blocks on this device at any batch size M:
+    - the linear layers with the model's shapes, as seconds per weight byte: the packed-weight C++
+      GEMM on CPU when it is built (what the engine runs), BLAS otherwise. Real BLAS libraries are
+      far from the roofline at small M, so the planner uses this curve for the weight part of a
+      decode step instead of max(F/peak, B/bw);
+    - one decoder layer's elementwise work (two residual-add + RMSNorms, rotary on q and k, SiLU
+      times up, the KV-cache write), with the engine's fused C++ kernels when built: timing plain
+      PyTorch ops instead put a batch-128 step's elementwise cost at ~5x what the engine spends.
+    The weights stay below `budget_bytes` (whole layers, at least two) plus the output head."""
+
+    def __init__(self, model: "ModelSpec | None" = None, budget_bytes: int = 1 << 30, gemv_shape=(8192, 1024)):
+        import torch
+
+        self.model = model
+        self.cuda = torch.cuda.is_available()
+        self.dev = "cuda" if self.cuda else "cpu"
+        shapes = linear_shapes(model) if model is not None else [gemv_shape]
+        per_layer = sum(o * i for o, i in shapes) * 4
+        n_layers = max(2, min(model.layers if model is not None else 8, budget_bytes // per_layer))
+        self.layers = [[torch.randn(o, i, device=self.dev) for o, i in shapes] for _ in range(n_layers)]
+        self.head = torch.randn(model.vocab, model.hidden, device=self.dev) if model is not None else None
+        self.total_bytes = n_layers * per_layer + (self.head.numel() * 4 if self.head is not None else 0)
+        self.kernels = None
+        if not self.cuda:
+            from pagedserve.model import cpu_kernels
+
+            self.kernels = cpu_kernels.load()
+            packed = cpu_kernels.packed_linear()
+            if packed is not None:
+                pack = lambda w: packed.pack_linear_weight(w) if w.shape[0] % 16 == 0 else w  # noqa: E731
+                self.layers = [[pack(w) for w in layer] for layer in self.layers]
+                self.head = pack(self.head) if self.head is not None else None
+        self.in_sizes = {s[1] for s in shapes} | ({self.head.shape[1]} if self.head is not None else set())
+
+    def _lin(self, x, w):  # [N/16, K, 16] packed or [N, K]: shape[1] is the input size in both
+        import torch
+
+        return self.kernels.packed_linear(x, w) if w.dim() == 3 else torch.nn.functional.linear(x, w)
+
+    def linear_s_per_byte(self, m_rows: int) -> float:
+        import torch
+
+        xs = {i: torch.randn(m_rows, i, device=self.dev) for i in self.in_sizes}
+
+        def forward():
+            for layer in self.layers:
+                for w in layer:
+                    self._lin(xs[w.shape[1]], w)
+            if self.head is not None:
+                self._lin(xs[self.head.shape[1]], self.head)
+
+        return _best_time(forward, 1 if m_rows >= 128 else 2, self.cuda) / self.total_bytes
+
+    def layer_elementwise_s(self, m_rows: int) -> float:
+        return _best_time(self._elementwise_step(m_rows), 20, self.cuda)
+
+    def layer_host_s(self) -> float:
+        """One decoder layer of the engine's own model code (model/llama.py, its attention backend
+        and kernels) for a single token at miniature widths: the time left is what every layer of
+        every step costs the host whatever the batch (Python, ~22 op dispatches, ~10 module calls).
+        Left out of the planner, it made batch-1 steps ~30% faster than the engine's."""
+        import torch
+
+        from pagedserve.model.arch import ModelArch
+        from pagedserve.model.attention import AttentionMetadata, get_attention_backend
+        from pagedserve.model.llama import DecoderLayer, RotaryEmbedding, use_cpu_kernels
+
+        m, dev, d, bs = self.model, torch.device(self.dev), 16, 16
+        dtype = torch.bfloat16 if self.cuda else torch.float32
+        arch = ModelArch(architecture="LlamaForCausalLM", vocab_size=16, hidden_size=m.heads * d, intermediate_size=32,
+                         num_layers=1, num_heads=m.heads, num_kv_heads=m.kv_heads, head_dim=d, rms_norm_eps=1e-6,
+                         rope_theta=10000.0, rope_scaling=None, max_position_embeddings=64, tie_word_embeddings=False,
+                         attention_bias=False, sliding_window=None, bos_token_id=None, eos_token_ids=[])
+        backend = get_attention_backend(dev, dtype)
+        layer, rotary = DecoderLayer(arch, backend), RotaryEmbedding(arch, 64)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.normal_(0, 0.02)
+        layer, rotary = layer.to(dev, dtype), rotary.to(dev)
+        if self.kernels is not None and backend.name == "cpp":
+            from pagedserve.model import cpu_kernels
+
+            pack = cpu_kernels.packed_linear() is not None
+            use_cpu_kernels(torch.nn.ModuleList([layer, rotary]), self.kernels, pack=pack)
+        cache = torch.zeros(2, 1, m.kv_heads, bs, d, device=dev, dtype=dtype)
+        one = lambda v: torch.tensor([v], device=dev)  # noqa: E731
+        meta = AttentionMetadata(slot_blocks=one(0), slot_offsets=one(5), num_decodes=1,
+                                 decode_block_tables=one(0).view(1, 1), decode_context_lens=one(6), decode_max_context=6,
+                                 prefills=[], block_size=bs)
+        x = torch.randn(1, arch.hidden_size, device=dev, dtype=dtype)
+        res, pos = torch.zeros_like(x), one(5)
+
+        @torch.inference_mode()
+        def forward():
+            layer(x.clone(), res.clone(), pos, rotary, cache, meta)
+
+        return _best_time(forward, 300, self.cuda)
+
+    def _elementwise_step(self, m_rows: int):
+        import torch
+
+        m, dev = self.model, self.dev
+        h, d = m.hidden, m.head_dim
+        x, res = torch.randn(m_rows, h, device=dev), torch.randn(m_rows, h, device=dev)
+        w = torch.ones(h, device=dev)
+        q = torch.randn(m_rows, m.heads, d, device=dev)
+        k, v = torch.randn(m_rows, m.kv_heads, d, device=dev), torch.randn(m_rows, m.kv_heads, d, device=dev)
+        gu = torch.randn(m_rows, 2 * (m.expert_intermediate or m.intermediate), device=dev)
+        pos = torch.arange(m_rows, device=dev)
+        cos, sin = torch.randn(m_rows, d, device=dev), torch.randn(m_rows, d, device=dev)
+        bs = 16
+        cache = torch.zeros(2, -(-m_rows // bs), m.kv_heads, bs, d, device=dev)
+        slots = torch.arange(m_rows, device=dev)
+        ops = self.kernels
+        if ops is not None:  # what the engine's layer runs on CPU (model/llama.py, model/attention.py)
+            blocks, offsets = slots // bs, slots % bs
+
+            def step():
+                ops.add_rms_norm(x, res, w, 1e-6)
+                ops.rotary_embedding(q, k, pos, cos, sin)
+                ops.write_kv(k, v, cache[0], cache[1], blocks, offsets)
+                ops.add_rms_norm(x, res, w, 1e-6)
+                ops.silu_and_mul(gu)
+
+            return step
+
+        def step():  # the PyTorch path of the same layer
+            for _ in range(2):
+                y = x + res
+                y.float() * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+            half = d // 2
+            for t in (q, k):
+                t * cos[:, None] + torch.cat((-t[..., half:], t[..., :half]), dim=-1) * sin[:, None]
+            cache[0].view(-1, m.kv_heads, d).index_copy_(0, slots, k)
+            cache[1].view(-1, m.kv_heads, d).index_copy_(0, slots, v)
+            g, u = gu.chunk(2, dim=-1)
+            torch.nn.functional.silu(g) * u
+
+        return step
+
+
+LINEAR_CURVE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
 def measure_this_machine(model: "ModelSpec | None" = None, budget_bytes: int = 1 << 30) -> HardwareSpec:
     """Measure the local device: fp32 (CPU) or bf16 (CUDA) matmul rate, the bandwidth at which
-    weights stream through a matrix-vector product (what decode at batch 1 does), and the time of
-    linear layers per weight byte at each batch size. With `model`, the layers have the model's
-    own shapes (a CPU's GEMV speed depends on them); weights stay below `budget_bytes`."""
+    weights stream through a matrix-vector product (what decode at batch 1 does), and, through
+    MachineProbe, the engine's linear layers and elementwise work at each batch size. With
+    `model`, the layers have the model's own shapes (a CPU's GEMV speed depends on them); weights
+    stay below `budget_bytes`."""
     import psutil
     import torch
 
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
     dt_mm = torch.bfloat16 if cuda else torch.float32
-
-    def timeit(fn, reps):
-        """Best of three timed rounds of `reps` calls (noise on a shared machine only adds time)."""
-        fn()
-        best = float("inf")
-        for _ in range(3):
-            if cuda:
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            if cuda:
-                torch.cuda.synchronize()
-            best = min(best, (time.perf_counter() - t) / reps)
-        return best
-
     n = 4096 if cuda else 1536
     a, b = torch.randn(n, n, device=dev, dtype=dt_mm), torch.randn(n, n, device=dev, dtype=dt_mm)
-    mm = 2 * n**3 / timeit(lambda: a @ b, 20 if cuda else 8)
+    mm = 2 * n**3 / _best_time(lambda: a @ b, 20 if cuda else 8, cuda)
     # Weight streaming: a matrix-vector product over matrices larger than the caches, cycled.
     rows, cols, copies = 8192, 1024, 8
     ws = [torch.randn(rows, cols, device=dev) for _ in range(copies)]
     x = torch.randn(1, cols, device=dev)
     it = iter(range(10**9))
-    gemv_t = timeit(lambda: torch.nn.functional.linear(x, ws[next(it) % copies]), 40)
+    gemv_t = _best_time(lambda: torch.nn.functional.linear(x, ws[next(it) % copies]), 40, cuda)
     bw = rows * cols * 4 / gemv_t
-    # Linear layers at each batch size M, as seconds per weight byte: real BLAS libraries are far
-    # from the roofline at small M (MKL's fp32 GEMM does not reuse weights across 2-16 rows), so the
-    # planner uses this measured curve for the weight part of a decode step instead of max(F/peak, B/bw).
     del ws
-    shapes = linear_shapes(model) if model is not None else [(rows, cols)]
-    per_layer = sum(o * i for o, i in shapes) * 4
-    n_layers = max(2, min(model.layers if model is not None else 8, budget_bytes // per_layer))
-    layers = [[torch.randn(o, i, device=dev) for o, i in shapes] for _ in range(n_layers)]
-    head = torch.randn(model.vocab, model.hidden, device=dev) if model is not None else None
-    total = n_layers * per_layer + (head.numel() * 4 if head is not None else 0)
 
-    # The engine's own linear path: the packed-weight C++ GEMM on CPU when built, BLAS otherwise.
-    kernel = None
-    if not cuda:
-        from pagedserve.model import cpu_kernels
-
-        kernel = cpu_kernels.packed_linear()
-    if kernel is not None:
-        layers = [[kernel.pack_linear_weight(w) if w.shape[0] % 16 == 0 else w for w in layer] for layer in layers]
-        head = kernel.pack_linear_weight(head) if head is not None and head.shape[0] % 16 == 0 else head
-
-    def lin(x, w):
-        return kernel.packed_linear(x, w) if w.dim() == 3 else torch.nn.functional.linear(x, w)
-
-    def pseudo_forward(xs):  # shape[1] is the input size in both layouts ([N, K] and [N/16, K, 16])
-        for layer in layers:
-            for w in layer:
-                lin(xs[w.shape[1]], w)
-        if head is not None:
-            lin(xs[head.shape[1]], head)
-
+    probe = MachineProbe(model, budget_bytes, (rows, cols))
     curve, other = [], []
-    for m_rows in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512):
-        xs = {i: torch.randn(m_rows, i, device=dev) for i in {s[1] for s in shapes} | ({head.shape[1]} if head is not None else set())}
-        t_lin = timeit(lambda: pseudo_forward(xs), 1 if m_rows >= 128 else 2)
-        curve.append((m_rows, t_lin / total))
+    for m_rows in LINEAR_CURVE_BATCHES:
+        curve.append((m_rows, probe.linear_s_per_byte(m_rows)))
         if model is not None:
-            other.append((m_rows, timeit(lambda: _layer_elementwise(model, m_rows, dev), 20)))
-    del layers, head
+            other.append((m_rows, probe.layer_elementwise_s(m_rows)))
+    host = probe.layer_host_s() if model is not None else None
+    del probe
     # Dispatch cost of one small op: a decode step issues ~45 per layer regardless of batch.
     tiny = torch.randn(64, device=dev)
-    op_s = timeit(lambda: tiny.add(1.0), 2000)
+    op_s = _best_time(lambda: tiny.add(1.0), 2000, cuda)
     mem = (torch.cuda.get_device_properties(0).total_memory if cuda else psutil.virtual_memory().total) / 1e9
     name = torch.cuda.get_device_name(0) if cuda else f"this machine (CPU, {torch.get_num_threads()} threads)"
     tf = mm / 1e12
@@ -293,31 +412,10 @@ def measure_this_machine(model: "ModelSpec | None" = None, budget_bytes: int = 1
         compute_efficiency=1.0, bandwidth_efficiency=1.0, step_overhead_s=0.0,
         measured={"matmul_tflops": tf, "weight_stream_gbs": bw / 1e9, "matmul_n": n, "linear_curve": curve,
                   "op_dispatch_s": op_s, "layer_elementwise_curve": other,
-                  **({"kv_read_gbs": _kv_read_gbs(model, dev, timeit)} if model is not None else {})},
+                  **({"layer_host_s": host} if host is not None else {}),
+                  **({"kv_read_gbs": _kv_read_gbs(model, dev, lambda fn, r: _best_time(fn, r, cuda))}
+                     if model is not None else {})},
     )
-
-
-def _layer_elementwise(model: "ModelSpec", m_rows: int, dev: str) -> None:
-    """The non-matmul work of one decoder layer at batch m_rows, as our model does it: two RMS
-    norms, rotary embedding on q and k, SiLU-gated MLP, residual adds, the KV-cache write."""
-    import torch
-
-    h, d = model.hidden, model.head_dim
-    x = torch.randn(m_rows, h, device=dev)
-    q = torch.randn(m_rows, model.heads, d, device=dev)
-    k = torch.randn(m_rows, model.kv_heads, d, device=dev)
-    cos = torch.randn(m_rows, 1, d, device=dev)
-    gu = torch.randn(m_rows, 2 * (model.expert_intermediate or model.intermediate), device=dev)
-    for _ in range(2):
-        y = x.float()
-        y = x * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6) * 1.0
-    for t in (q, k):
-        half = d // 2
-        t * cos + torch.cat((-t[..., half:], t[..., :half]), dim=-1) * cos
-    g, u = gu.chunk(2, dim=-1)
-    torch.nn.functional.silu(g) * u
-    x + y
-    x + y
 
 
 def _kv_read_gbs(model: "ModelSpec", dev: str, timeit) -> float:
