@@ -215,6 +215,22 @@ def start_server(engine: str, port: int) -> subprocess.Popen:
     return proc
 
 
+def bench_args(port: int, engine: str, concurrency: int, num_requests: int, seed: int) -> argparse.Namespace:
+    """`pagedserve bench` arguments for one level of the workload against the server on `port`."""
+    return argparse.Namespace(base_url=f"http://127.0.0.1:{port}/v1", model="m", api_key=None,
+                              concurrency=[concurrency], request_rate=None, num_requests=num_requests,
+                              prompt_len=[32, 512], output_len=[32, 256], seed=seed, timeout=3600.0, label=engine,
+                              out=os.devnull)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def online(engine: str, concurrency: int, itl_requests: int) -> dict:
     from server_utils import free_port
 
@@ -225,20 +241,11 @@ def online(engine: str, concurrency: int, itl_requests: int) -> dict:
     proc = start_server(engine, port)
     ready_s = time.monotonic() - t0
     try:
-        ns = argparse.Namespace(base_url=f"http://127.0.0.1:{port}/v1", model="m", api_key=None,
-                                concurrency=[concurrency], request_rate=None, num_requests=128, prompt_len=[32, 512],
-                                output_len=[32, 256], seed=0, timeout=3600.0, label=engine, out=os.devnull)
-        load = asyncio.run(bench.bench(ns))[0]
-        ns.concurrency, ns.num_requests = [8], 32
-        mid = asyncio.run(bench.bench(ns))[0]
-        ns.concurrency, ns.num_requests, ns.seed = [1], itl_requests, 1
-        solo = asyncio.run(bench.bench(ns))[0]
+        load = asyncio.run(bench.bench(bench_args(port, engine, concurrency, 128, 0)))[0]
+        mid = asyncio.run(bench.bench(bench_args(port, engine, 8, 32, 0)))[0]
+        solo = asyncio.run(bench.bench(bench_args(port, engine, 1, itl_requests, 1)))[0]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     return {"ready_s": ready_s, f"c{concurrency}": load, "c8": mid, "c1": solo}
 
 
@@ -259,19 +266,11 @@ def itl_pair(rounds: int, itl_requests: int) -> dict:
             procs[e] = start_server(e, port)
         for i in range(rounds):
             for e, port in ports.items():
-                ns = argparse.Namespace(base_url=f"http://127.0.0.1:{port}/v1", model="m", api_key=None,
-                                        concurrency=[1], request_rate=None, num_requests=itl_requests,
-                                        prompt_len=[32, 512], output_len=[32, 256], seed=1, timeout=3600.0,
-                                        label=e, out=os.devnull)
-                itl[e].append(asyncio.run(bench.bench(ns))[0]["itl_p50"])
+                itl[e].append(asyncio.run(bench.bench(bench_args(port, e, 1, itl_requests, 1)))[0]["itl_p50"])
                 print(f"round {i + 1}/{rounds} {e}: ITL p50 {itl[e][-1] * 1e3:.1f} ms", flush=True)
     finally:
         for proc in procs.values():
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
     ratios = [a / b for a, b in zip(itl["pagedserve"], itl["llamacpp"])]
     return {"date": time.strftime("%Y-%m-%d %H:%M"), "itl_p50_s": itl, "ratios": ratios,
             "median_ratio": statistics.median(ratios)}
