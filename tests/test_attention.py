@@ -105,10 +105,10 @@ def test_cpp_prefill_refuses_bad_chunks():
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 6, 7, 13, 64, 97, 200])
-@pytest.mark.parametrize("n,k", [(960, 576), (576, 1536), (48, 40)])
+@pytest.mark.parametrize("n,k", [(960, 576), (576, 1536), (32, 4100), (48, 40)])
 def test_packed_linear_matches_torch(m, n, k):
     """The packed-weight GEMM agrees with F.linear for every register-tile remainder (rows mod 6),
-    one row to prefill-sized inputs, K in one slice (576) and in 256-deep slices (1536), odd K,
+    one row to prefill-sized inputs, K in one slice (576, 1536) and in 2048-deep slices (4100), odd K,
     a strided input, and a bias (direct and via Linear)."""
     from pagedserve.model import cpu_kernels
     from pagedserve.model.llama import Linear, use_cpu_kernels
@@ -120,14 +120,15 @@ def test_packed_linear_matches_torch(m, n, k):
     wp = ops.pack_linear_weight(w)
     assert wp.shape == (n // 16, k, 16)
     ref = torch.nn.functional.linear(x, w)
-    torch.testing.assert_close(ops.packed_linear(x, wp), ref, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(ops.packed_linear(x, wp, b), ref + b, rtol=1e-4, atol=1e-4)
+    tol = 1e-4 * max(1.0, k / 1024)  # rounding grows with the length of each dot product
+    torch.testing.assert_close(ops.packed_linear(x, wp), ref, rtol=1e-4, atol=tol)
+    torch.testing.assert_close(ops.packed_linear(x, wp, b), ref + b, rtol=1e-4, atol=tol)
     wide = torch.randn(m, k + 24, generator=g)[:, 8 : 8 + k]  # rows strided in memory
-    torch.testing.assert_close(ops.packed_linear(wide, wp), torch.nn.functional.linear(wide, w), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ops.packed_linear(wide, wp), torch.nn.functional.linear(wide, w), rtol=1e-4, atol=tol)
     lin = Linear(k, n, bias=True)
     ref = lin(x)
     assert use_cpu_kernels(lin, ops) == 1 and lin.weight.shape == (n // 16, k, 16)
-    torch.testing.assert_close(lin(x), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lin(x), ref, rtol=1e-4, atol=tol)
 
 
 def test_packed_linear_refusals_and_tied_weights():
