@@ -253,3 +253,29 @@ def test_kernel_build_lock_removes_a_killed_builds_lock_and_serializes_builders(
         order.append("first done")  # the second builder is still waiting here
     t.join(10)
     assert order == ["first done", "second"]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_fused_layer_loop_equals_the_python_loop(tiny_dirs, kind):
+    """The C++ layer loop (llama_layers) runs the same kernels in the same order as llama.py's
+    loop: tokens, logprobs and prompt logprobs are bitwise equal over batches that mix decodes,
+    chunked prompts, a prompt after a cached prefix and the last layer's sampled-rows shortcut
+    (off when prompt logprobs want every row); QKV biases (qwen2) included."""
+    from pagedserve import LLM, SamplingParams
+
+    def run(fused: bool):
+        llm = LLM(str(tiny_dirs[kind]), kv_cache_memory=16 << 20, block_size=4, max_num_batched_tokens=32)
+        model = llm.engine.runner.model
+        assert model.fused is not None  # every kernel the loop needs is installed
+        if not fused:
+            model.fused = None
+        prompts = [list(range(100, 100 + n)) for n in (5, 40, 17, 70)]
+        params = SamplingParams(temperature=0, max_tokens=12, logprobs=2, ignore_eos=True)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        more = llm.generate([list(range(100, 140)) + [7, 8, 9]],  # its first 40 tokens are cached
+                            SamplingParams(temperature=0, max_tokens=5, logprobs=2, prompt_logprobs=1,
+                                           ignore_eos=True), use_tqdm=False)
+        assert more[0].num_cached_tokens == 40
+        return [(o.outputs[0].token_ids, repr(o.outputs[0].logprobs), repr(o.prompt_logprobs)) for o in outs + more]
+
+    assert run(True) == run(False)

@@ -55,7 +55,8 @@ def load(required: bool = False):
                 from torch.utils.cpp_extension import load as build
 
                 csrc = Path(__file__).parent / "csrc"
-                files = ("paged_attention_cpu.cpp", "prefill_attention_cpu.cpp", "gemm_cpu.cpp", "fused_cpu.cpp")
+                files = ("paged_attention_cpu.cpp", "prefill_attention_cpu.cpp", "gemm_cpu.cpp", "fused_cpu.cpp",
+                         "llama_layers_cpu.cpp")
                 sources = [str(csrc / f) for f in files]
                 flags = ["-O3", "-ffast-math", "-fopenmp"]
                 if os.environ.get("PAGEDSERVE_NATIVE", "1") == "1":

@@ -68,8 +68,9 @@ def build_for_checkpoint(device: torch.device, dtype: torch.dtype):
 
 def use_cpu_kernels(model: nn.Module, kernels, pack: bool = True) -> int:
     """Install the C++ CPU kernels (cpu_kernels.load()) in `model`: fused RMSNorm, rotary and
-    SiLU*up everywhere, and with `pack` the packed-weight GEMM on every float32 Linear whose
-    output size is a multiple of 16. Returns how many Linears were packed."""
+    SiLU*up everywhere, with `pack` the packed-weight GEMM on every float32 Linear whose output
+    size is a multiple of 16, and, when that covers every layer of a LlamaForCausalLM on the C++
+    attention backend, its whole layer loop in one C++ call. Returns how many Linears were packed."""
     n = 0
     for m in list(model.modules()):
         if isinstance(m, (RMSNorm, RotaryEmbedding, MLP)):
@@ -78,6 +79,8 @@ def use_cpu_kernels(model: nn.Module, kernels, pack: bool = True) -> int:
               and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"):
             m.pack(kernels)
             n += 1
+    if isinstance(model, LlamaForCausalLM):
+        model.fuse_layers(kernels)
     return n
 
 
@@ -222,6 +225,8 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    fused = None  # C++ kernels module running every layer in one call (fuse_layers)
+
     def __init__(self, arch: ModelArch, backend: AttentionBackend, max_positions: int):
         super().__init__()
         self.arch = arch
@@ -250,10 +255,49 @@ class LlamaForCausalLM(nn.Module):
         projection and MLP for those tokens only: a prompt chunk's other tokens only needed their
         K and V, which every layer has written by then."""
         x, residual = self.embed_tokens(input_ids), None
+        if self.fused is not None:
+            return self._fused_layers(x, positions, kv_caches, meta, rows)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, positions, self.rotary, kv_caches[i], meta, rows if i == last else None)
         return self.norm(x, residual)[0]
+
+    def fuse_layers(self, kernels) -> bool:
+        """Run the layer loop above in one C++ call (csrc/llama_layers_cpu.cpp: the same kernels in
+        the same order, bitwise-equal results, no Python between them) when every kernel it needs is
+        installed: packed bias-free Linears (the QKV bias aside), fused norms and rotary, the C++
+        attention backend. Returns whether it now does."""
+        def packed(lin: Linear, bias_ok: bool = False) -> bool:
+            return lin.packed is not None and (bias_ok or lin.bias is None)
+
+        ok = self.rotary.fused is not None and self.norm.fused is not None and all(
+            layer.self_attn.backend.name == "cpp" and layer.input_layernorm.fused is not None
+            and layer.post_attention_layernorm.fused is not None and packed(layer.self_attn.qkv_proj, True)
+            and packed(layer.self_attn.o_proj) and packed(layer.mlp.gate_up_proj) and packed(layer.mlp.down_proj)
+            for layer in self.layers)
+        if not ok:
+            self.fused = None
+            return False
+        no_bias = torch.empty(0)
+        weights = []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv_bias = attn.qkv_proj.bias if attn.qkv_proj.bias is not None else no_bias
+            weights += [layer.input_layernorm.weight, attn.qkv_proj.weight, qkv_bias, attn.o_proj.weight,
+                        layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight, mlp.down_proj.weight]
+        weights.append(self.norm.weight)
+        self._layer_weights = [w.detach() for w in weights]
+        self.fused = kernels
+        return True
+
+    def _fused_layers(self, x, positions, kv_caches, meta: AttentionMetadata, rows):
+        a, pf = self.arch, meta.prefills
+        return self.fused.llama_layers(
+            x, positions, kv_caches, self._layer_weights, self.rotary.cos, self.rotary.sin,
+            meta.slot_blocks, meta.slot_offsets, meta.num_decodes, meta.decode_block_tables, meta.decode_context_lens,
+            [p.block_table for p in pf], [p.start for p in pf], [p.num_tokens for p in pf],
+            [p.context_len for p in pf], rows, a.num_heads, a.num_kv_heads, self.norm.eps,
+            self.layers[0].self_attn.scale)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -365,6 +365,15 @@ void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor w, double eps); 
 void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, double eps);
 void rotary_embedding(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor silu_and_mul(torch::Tensor gate_up);
+torch::Tensor llama_layers(torch::Tensor x, torch::Tensor positions, torch::Tensor kv_caches,  // llama_layers_cpu.cpp
+                           const std::vector<torch::Tensor>& weights, torch::Tensor cos, torch::Tensor sin,
+                           torch::Tensor slot_blocks, torch::Tensor slot_offsets, int64_t num_decodes,
+                           c10::optional<torch::Tensor> decode_block_tables,
+                           c10::optional<torch::Tensor> decode_context_lens,
+                           const std::vector<torch::Tensor>& prefill_tables, const std::vector<int64_t>& prefill_starts,
+                           const std::vector<int64_t>& prefill_tokens, const std::vector<int64_t>& prefill_contexts,
+                           c10::optional<torch::Tensor> rows, int64_t num_heads, int64_t num_kv_heads, double eps,
+                           double scale);
 
 // Every kernel runs without the GIL (plain C++ on tensors): the server's event loop thread can
 // stream tokens while the engine thread is inside one, instead of waiting for the interpreter's
@@ -384,4 +393,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "in place: residual += x; x = w * residual / rms(residual)", nogil());
   m.def("rotary_embedding", &rotary_embedding, "in place rotate-half rotary embedding of q and k", nogil());
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up from [gate | up]", nogil());
+  m.def("llama_layers", &llama_layers, "every decoder layer of a Llama-family model for one step (CPU, float32)",
+        nogil());
 }
