@@ -14,7 +14,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <numeric>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -144,6 +146,42 @@ static inline void softmax_step(float* s, int64_t n, int64_t D, float& mx, float
   sum += bsum;
 }
 
+#ifdef PS_AVX2
+static inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+static inline float hsum8(__m256 v) {
+  __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
+}
+
+// softmax_step for n a multiple of 8 (every full block): max, exp and sum in registers, the exp
+// inline (exp256) rather than a libmvec call per 8 scores.
+static inline void softmax_step8(float* s, int64_t n, int64_t D, float& mx, float& sum, float* acc) {
+  __m256 m = _mm256_loadu_ps(s);
+  for (int64_t t = 8; t < n; t += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + t));
+  const float bm = std::max(mx, hmax8(m));
+  if (bm > mx) {
+    const float corr = std::exp(mx - bm);
+    sum *= corr;
+    const __m256 c = _mm256_set1_ps(corr);
+    for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(acc + d, _mm256_mul_ps(c, _mm256_loadu_ps(acc + d)));
+    mx = bm;
+  }
+  const __m256 vb = _mm256_set1_ps(bm);
+  __m256 vs = _mm256_setzero_ps();
+  for (int64_t t = 0; t < n; t += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), vb));
+    _mm256_storeu_ps(s + t, e);
+    vs = _mm256_add_ps(vs, e);
+  }
+  sum += hsum8(vs);
+}
+#endif
+
 // One block (n keys and values) for the G query heads of one kv head. next_k / next_v: the block
 // this item reads next (prefetched as this one is used), or null.
 template <typename T>
@@ -161,7 +199,10 @@ static inline void attend_block(const float* q, const T* kb, const T* vb, int64_
       if (nh == 3) scores_nh<T, 3>(qg, kb, n, D, BS, scale, sg, pk);
       else if (nh == 2) scores_nh<T, 2>(qg, kb, n, D, BS, scale, sg, pk);
       else scores_nh<T, 1>(qg, kb, n, D, BS, scale, sg, pk);
-      for (int64_t g = g0; g < g0 + nh; ++g) softmax_step(scores + g * BS, n, D, mx[g], sum[g], acc + g * D);
+      for (int64_t g = g0; g < g0 + nh; ++g) {
+        if (n % 8 == 0) softmax_step8(scores + g * BS, n, D, mx[g], sum[g], acc + g * D);
+        else softmax_step(scores + g * BS, n, D, mx[g], sum[g], acc + g * D);
+      }
       float* ag = acc + g0 * D;
       if (nh == 3) values_nh<T, 3>(sg, vb, n, D, BS, ag, pv);
       else if (nh == 2) values_nh<T, 2>(sg, vb, n, D, BS, ag, pv);
@@ -226,9 +267,19 @@ static void decode_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k_cach
   const int64_t HG = hp * G;  // query heads per item
   // Partial states when split: per item and query head, D accumulated values, the max and the sum.
   std::vector<float> part(splits > 1 ? n * items_per_seq * splits * HG * (D + 2) : 0);
-  at::parallel_for(0, n * items_per_seq * splits, 1, [&](int64_t begin, int64_t end) {
+  // Items are handed out one at a time, longest context first: the contexts of a batch differ
+  // several-fold, and an even split by index left one thread waiting for the other.
+  const int64_t total = n * items_per_seq * splits;
+  std::vector<int64_t> order(total);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return cl[a / splits / items_per_seq] > cl[b / splits / items_per_seq];
+  });
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     std::vector<float> scores(HG * BS), acc(HG * D), mx(HG), sum(HG);
-    for (int64_t w = begin; w < end; ++w) {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < total;) {
+      const int64_t w = order[i];
       const int64_t item = w / splits, sp = w % splits;
       const int64_t s = item / items_per_seq, h0 = (item % items_per_seq) * hp, L = cl[s];
       const int64_t* table = bt + s * MB;
