@@ -280,46 +280,42 @@ class MachineProbe:
         return _best_time(self._elementwise_step(m_rows), 20, self.cuda)
 
     def layer_host_s(self) -> float:
-        """One decoder layer of the engine's own model code (model/llama.py, its attention backend
-        and kernels) for a single token at miniature widths: the time left is what every layer of
-        every step costs the host whatever the batch (Python, ~22 op dispatches, ~10 module calls).
-        Left out of the planner, it made batch-1 steps ~30% faster than the engine's."""
+        """A decoder layer of the engine's own model code (model/llama.py, its attention backend
+        and kernels, and on CPU its C++ layer loop) for a single token at miniature widths: the
+        time left is what every layer of every step costs the host whatever the batch (kernel
+        calls, allocations, and without the C++ loop Python and module calls). Left out of the
+        planner, it made batch-1 steps ~30% faster than the engine's. Measured on a 4-layer
+        miniature model, per layer (its embedding and final norm included)."""
         import torch
 
         from pagedserve.model.arch import ModelArch
         from pagedserve.model.attention import AttentionMetadata, get_attention_backend
-        from pagedserve.model.llama import DecoderLayer, RotaryEmbedding, use_cpu_kernels
+        from pagedserve.model.llama import LlamaForCausalLM, use_cpu_kernels
 
-        m, dev, d, bs = self.model, torch.device(self.dev), 16, 16
+        m, dev, d, bs, layers = self.model, torch.device(self.dev), 16, 16, 4
         dtype = torch.bfloat16 if self.cuda else torch.float32
         arch = ModelArch(architecture="LlamaForCausalLM", vocab_size=16, hidden_size=m.heads * d, intermediate_size=32,
-                         num_layers=1, num_heads=m.heads, num_kv_heads=m.kv_heads, head_dim=d, rms_norm_eps=1e-6,
+                         num_layers=layers, num_heads=m.heads, num_kv_heads=m.kv_heads, head_dim=d, rms_norm_eps=1e-6,
                          rope_theta=10000.0, rope_scaling=None, max_position_embeddings=64, tie_word_embeddings=False,
                          attention_bias=False, sliding_window=None, bos_token_id=None, eos_token_ids=[])
         backend = get_attention_backend(dev, dtype)
-        layer, rotary = DecoderLayer(arch, backend), RotaryEmbedding(arch, 64)
+        model = LlamaForCausalLM(arch, backend, 64)
         with torch.no_grad():
-            for p in layer.parameters():
+            for p in model.parameters():
                 p.normal_(0, 0.02)
-        layer, rotary = layer.to(dev, dtype), rotary.to(dev)
+        model = model.to(dev, dtype)
+        model.rotary = model.rotary.to(dev)  # its tables stay float32
         if self.kernels is not None and backend.name == "cpp":
             from pagedserve.model import cpu_kernels
 
-            pack = cpu_kernels.packed_linear() is not None
-            use_cpu_kernels(torch.nn.ModuleList([layer, rotary]), self.kernels, pack=pack)
-        cache = torch.zeros(2, 1, m.kv_heads, bs, d, device=dev, dtype=dtype)
+            use_cpu_kernels(model, self.kernels, pack=cpu_kernels.packed_linear() is not None)
+        cache = torch.zeros(layers, 2, 1, m.kv_heads, bs, d, device=dev, dtype=dtype)
         one = lambda v: torch.tensor([v], device=dev)  # noqa: E731
         meta = AttentionMetadata(slot_blocks=one(0), slot_offsets=one(5), num_decodes=1,
                                  decode_block_tables=one(0).view(1, 1), decode_context_lens=one(6), decode_max_context=6,
                                  prefills=[], block_size=bs)
-        x = torch.randn(1, arch.hidden_size, device=dev, dtype=dtype)
-        res, pos = torch.zeros_like(x), one(5)
-
-        @torch.inference_mode()
-        def forward():
-            layer(x.clone(), res.clone(), pos, rotary, cache, meta)
-
-        return _best_time(forward, 300, self.cuda)
+        ids, pos = one(3), one(5)
+        return _best_time(lambda: model(ids, pos, cache, meta, one(0)), 100, self.cuda) / layers
 
     def _elementwise_step(self, m_rows: int):
         import torch

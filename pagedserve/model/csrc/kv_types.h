@@ -34,6 +34,17 @@ static inline __m256 load8(const at::BFloat16* p) {  // bfloat16 is the top half
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
 
+static inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+static inline float hsum8(__m256 v) {
+  __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
+}
+
 // exp of 8 floats (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, a degree-7 polynomial for e^r, then
 // 2^n through the exponent bits), within 2 ulp of std::exp; inputs below -87 give ~1e-38, not 0.
 static inline __m256 exp256(__m256 x) {

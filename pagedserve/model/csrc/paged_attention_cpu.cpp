@@ -147,17 +147,6 @@ static inline void softmax_step(float* s, int64_t n, int64_t D, float& mx, float
 }
 
 #ifdef PS_AVX2
-static inline float hmax8(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
-static inline float hsum8(__m256 v) {
-  __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
-}
-
 // softmax_step for n a multiple of 8 (every full block): max, exp and sum in registers, the exp
 // inline (exp256) rather than a libmvec call per 8 scores.
 static inline void softmax_step8(float* s, int64_t n, int64_t D, float& mx, float& sum, float* acc) {

@@ -149,14 +149,31 @@ static void prefill_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k, to
           // tile spans 6 tokens, and the step may start past this row's position).
           const int64_t valid = std::max<int64_t>(0, std::min(nt, pos[r] + 1 - j0));
           float m = mx[r];
-          for (int64_t t = 0; t < valid; ++t) m = std::max(m, s[t]);
           float part = 0.f;
+#ifdef PS_AVX2
+          if (valid == nt && nt % 8 == 0) {  // every step but a row's last: in registers, exp inline
+            __m256 vm = _mm256_set1_ps(m);
+            for (int64_t t = 0; t < nt; t += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + t));
+            m = hmax8(vm);
+            const __m256 vb = _mm256_set1_ps(m);
+            __m256 vs = _mm256_setzero_ps();
+            for (int64_t t = 0; t < nt; t += 8) {
+              const __m256 x = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), vb));
+              _mm256_storeu_ps(s + t, x);
+              vs = _mm256_add_ps(vs, x);
+            }
+            part = hsum8(vs);
+          } else
+#endif
+          {
+            for (int64_t t = 0; t < valid; ++t) m = std::max(m, s[t]);
 #pragma omp simd reduction(+ : part)
-          for (int64_t t = 0; t < valid; ++t) {
-            s[t] = std::exp(s[t] - m);
-            part += s[t];
+            for (int64_t t = 0; t < valid; ++t) {
+              s[t] = std::exp(s[t] - m);
+              part += s[t];
+            }
+            for (int64_t t = valid; t < nt; ++t) s[t] = 0.f;
           }
-          for (int64_t t = valid; t < nt; ++t) s[t] = 0.f;
           if (m > mx[r]) {  // a new running max rescales what was accumulated under the old one
             const float corr = sum[r] > 0.f ? std::exp(mx[r] - m) : 0.f;
             sum[r] *= corr;
