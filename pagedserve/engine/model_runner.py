@@ -6,6 +6,7 @@ Owns the model weights and the KV cache tensor. The KV budget is decided once he
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +14,7 @@ import psutil
 import torch
 
 from pagedserve.config import CPU_DEFAULT_KV_CACHE_BYTES, RUNTIME_RESERVE_FRACTION, EngineConfig
-from pagedserve.engine.cpu_memory import keep_freed_memory, lazily_zeroed_cpu_tensor
+from pagedserve.engine.cpu_memory import keep_freed_memory, lazily_zeroed_cpu_tensor, populate
 from pagedserve.engine.kv_cache import KVCacheManager
 from pagedserve.engine.request import Request
 from pagedserve.engine.scheduler import SchedulerOutput
@@ -89,10 +90,24 @@ class ModelRunner:
         if self.device.type == "cpu":
             keep_freed_memory()
             self.kv_caches = lazily_zeroed_cpu_tensor(shape, self.kv_dtype)
+            # Fault the cache in off the engine's thread (cpu_memory.populate): start-up does not
+            # wait for it, and steps no longer stall on first touches of cache pages.
+            self._populating = threading.Thread(target=self._populate_kv, name="kv-populate", daemon=True)
+            self._populating.start()
         else:
             self.kv_caches = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.kv_bytes = self.kv_caches.numel() * self.kv_caches.element_size()
         self.max_concurrency = self.num_blocks / blocks_per_seq
+
+    def _populate_kv(self) -> None:
+        secs = populate(self.kv_caches)
+        nbytes = self.kv_caches.numel() * self.kv_caches.element_size()
+        log.info("KV cache faulted in: %.0f MiB in %.2fs", nbytes / 2**20, secs)
+
+    def wait_kv_populated(self) -> None:
+        """Block until the KV cache is faulted in (offline runs: before timing starts)."""
+        if self.device.type == "cpu":
+            self._populating.join()
 
     # ------------------------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput, kv: KVCacheManager) -> StepResult:

@@ -61,12 +61,17 @@ def load(required: bool = False):
                 flags = ["-O3", "-ffast-math", "-fopenmp"]
                 if os.environ.get("PAGEDSERVE_NATIVE", "1") == "1":
                     flags.append("-march=native")
+                # Extra compiler flags, e.g. -mno-avx512f to build and test the AVX2 tiles on an
+                # AVX-512 machine; each set of flags gets its own build folder.
+                flags += os.environ.get("PAGEDSERVE_KERNEL_CFLAGS", "").split()
                 import torch
 
-                # Our own folder per Python and torch version (a build is tied to both's ABI) and per
-                # checkout: ninja rebuilds when the sources' path changes, so two checkouts sharing
-                # one folder rebuilt each other's kernels at every start (a minute each time).
-                where = hashlib.sha1(str(csrc.resolve()).encode()).hexdigest()[:8]
+                # Our own folder per Python and torch version (a build is tied to both's ABI), per
+                # checkout (ninja rebuilds when the sources' path changes, so two checkouts sharing
+                # one folder rebuilt each other's kernels at every start, a minute each time) and
+                # per CPU: a -march=native build for an AVX-512 CPU dies of SIGILL on one without
+                # (a cache volume shared by nodes of two CPU kinds).
+                where = hashlib.sha1((str(csrc.resolve()) + " ".join(flags) + _cpu_identity(flags)).encode()).hexdigest()[:8]
                 build_dir = Path(get_default_build_root()) / (
                     f"{NAME}-py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-{where}")
                 with _build_lock(build_dir):
@@ -78,6 +83,20 @@ def load(required: bool = False):
     if _module is None and required:
         raise RuntimeError(f"the C++ CPU attention kernel could not be built: {_error}")
     return _module
+
+
+def _cpu_identity(flags: list[str]) -> str:
+    """What a -march=native build depends on: the CPU's model name and instruction-set flags."""
+    if "-march=native" not in flags:
+        return ""
+    try:
+        info = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:  # not Linux: the platform string is the best we have
+        import platform
+
+        return platform.processor() or platform.machine()
+    keep = [line for line in info.splitlines() if line.split(":")[0].strip() in ("model name", "flags")]
+    return "\n".join(keep)
 
 
 def packed_linear():

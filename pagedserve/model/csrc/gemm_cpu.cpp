@@ -22,6 +22,33 @@ constexpr int64_t MR = 6;    // rows of x per register tile
 constexpr int64_t KC = 2048;  // K slice for long K: 2048 x 16 floats = 128 KB of panel, in L2
 }  // namespace
 
+#if defined(__AVX512F__)
+#include "gemm_tile512.h"
+
+// AVX-512: the same walk two panels at a time (a 12x32 tile, gemm_tile512.h); an odd last panel
+// runs alone. Panels [j0, j1) as above; the caller keeps pairs whole (j0 even).
+static void gemm_panels512(const float* A, int64_t lda, const float* Wp, const float* bias, float* C, int64_t ldc,
+                           int64_t M, int64_t K, int64_t j0, int64_t j1) {
+  constexpr int64_t MR5 = 12;
+  const int64_t kc_max = K <= 3 * KC / 2 ? K : KC;
+  for (int64_t j = j0; j < j1; j += 2) {
+    const bool pair = j + 1 < j1;
+    const float* b = bias ? bias + j * NR : nullptr;
+    for (int64_t pc = 0; pc < K; pc += kc_max) {
+      const int64_t kc = std::min(kc_max, K - pc);
+      const float* bp = Wp + j * K * NR + pc * NR;
+      for (int64_t ir = 0; ir < M; ir += MR5) {
+        const int64_t rows = std::min(MR5, M - ir);
+        if (pair)
+          tile512_rows<2>(rows, A + ir * lda + pc, lda, bp, K * NR, C + ir * ldc + j * NR, ldc, kc, pc == 0, b);
+        else
+          tile512_rows<1>(rows, A + ir * lda + pc, lda, bp, K * NR, C + ir * ldc + j * NR, ldc, kc, pc == 0, b);
+      }
+    }
+  }
+}
+#endif
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include "gemm_tile.h"
 
@@ -95,7 +122,13 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor wp, c10::optional<tor
   float* yp = y.data_ptr<float>();
   const int64_t lda = x.stride(0);
   // Grain: enough panels per task that each thread gets a long sequential run of weights.
+#if defined(__AVX512F__)
+  at::parallel_for(0, (P + 1) / 2, 2, [&](int64_t q0, int64_t q1) {
+    gemm_panels512(xp, lda, wpp, b, yp, N, M, K, 2 * q0, std::min(P, 2 * q1));
+  });
+#else
   at::parallel_for(0, P, 4, [&](int64_t j0, int64_t j1) { gemm_panels(xp, lda, wpp, b, yp, N, M, K, j0, j1); });
+#endif
   return y;
 #else
   auto w = wp.transpose(1, 2).reshape({N, K});
