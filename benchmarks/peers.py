@@ -80,7 +80,9 @@ def install_llamacpp() -> tuple[Path, Path]:
            f"-DLLAMA_BUILD_TESTS=OFF && cmake --build {src}/build -j2 --target llama-server", log)
     gguf = PEERS / "smollm2-135m-f32.gguf"
     if not gguf.exists():
-        sh(f"PYTHONPATH={src}/gguf-py {sys.executable} {src}/convert_hf_to_gguf.py {model_dir()} --outtype f32 "
+        # The converter imports sentencepiece before it looks for a tokenizer.model (ours has none).
+        sh(f"{sys.executable} -m pip install -q sentencepiece && "
+           f"PYTHONPATH={src}/gguf-py {sys.executable} {src}/convert_hf_to_gguf.py {model_dir()} --outtype f32 "
            f"--outfile {gguf}", PEERS / "llamacpp-convert.log")
     return server, gguf
 

@@ -40,9 +40,9 @@ static void gemm_panels512(const float* A, int64_t lda, const float* Wp, const f
       for (int64_t ir = 0; ir < M; ir += MR5) {
         const int64_t rows = std::min(MR5, M - ir);
         if (pair)
-          tile512_rows<2>(rows, A + ir * lda + pc, lda, bp, K * NR, C + ir * ldc + j * NR, ldc, kc, pc == 0, b);
+          tile512_rows<2>(rows, A + ir * lda + pc, lda, bp, NR, K * NR, C + ir * ldc + j * NR, ldc, kc, pc == 0, b);
         else
-          tile512_rows<1>(rows, A + ir * lda + pc, lda, bp, K * NR, C + ir * ldc + j * NR, ldc, kc, pc == 0, b);
+          tile512_rows<1>(rows, A + ir * lda + pc, lda, bp, NR, K * NR, C + ir * ldc + j * NR, ldc, kc, pc == 0, b);
       }
     }
   }

@@ -2,7 +2,8 @@
 // (Intel Xeon since Skylake-SP, AMD Zen 4): twice the FMA width of the AVX2 tile in gemm_tile.h.
 //
 // C[0:R, 0:16*NP] (+)= A[0:R, 0:kc] @ the same kc rows of NP adjacent weight panels, each panel
-// [K][16] (one 64-byte row per k, exactly one zmm), panels `pstride` floats apart. The weights
+// [K][16] (one 64-byte row per k, exactly one zmm; rows `ldb` floats apart, 16 in a packed
+// weight), panels `pstride` floats apart. Prefill attention uses it too, as with the AVX2 tile. The weights
 // keep the AVX2 layout, so one packed copy serves both tiles; two panels side by side make the
 // 12x32 tile (24 zmm accumulators of 32, BLIS's Skylake shape) that keeps both FMA ports busy.
 #pragma once
@@ -30,8 +31,8 @@
 // Accumulators are named variables starting from zero, as in the AVX2 tile: GCC keeps an array
 // of them on the stack. `first` adds the bias (or nothing) instead of C.
 template <int R, int NP>
-static inline void tile512(const float* __restrict A, int64_t lda, const float* __restrict Bp, int64_t pstride,
-                           float* __restrict C, int64_t ldc, int64_t kc, bool first, const float* bias) {
+static inline void tile512(const float* __restrict A, int64_t lda, const float* __restrict Bp, int64_t ldb,
+                           int64_t pstride, float* __restrict C, int64_t ldc, int64_t kc, bool first, const float* bias) {
   static_assert(R >= 1 && R <= 12 && (NP == 1 || NP == 2), "12 rows x 2 panels at most");
   const __m512 z = _mm512_setzero_ps();
   __m512 c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z, c40 = z, c41 = z, c50 = z, c51 = z;
@@ -39,8 +40,8 @@ static inline void tile512(const float* __restrict A, int64_t lda, const float* 
   __m512 c100 = z, c101 = z, c110 = z, c111 = z;
   const float* __restrict B1 = Bp + pstride;
   for (int64_t k = 0; k < kc; ++k) {
-    const __m512 b0 = _mm512_loadu_ps(Bp + k * 16);
-    const __m512 b1 = NP > 1 ? _mm512_loadu_ps(B1 + k * 16) : z;
+    const __m512 b0 = _mm512_loadu_ps(Bp + k * ldb);
+    const __m512 b1 = NP > 1 ? _mm512_loadu_ps(B1 + k * ldb) : z;
     PS5_ROW(0) PS5_ROW(1) PS5_ROW(2) PS5_ROW(3) PS5_ROW(4) PS5_ROW(5)
     PS5_ROW(6) PS5_ROW(7) PS5_ROW(8) PS5_ROW(9) PS5_ROW(10) PS5_ROW(11)
   }
@@ -53,21 +54,21 @@ static inline void tile512(const float* __restrict A, int64_t lda, const float* 
 #undef PS5_OUT
 
 template <int NP>
-static inline void tile512_rows(int64_t rows, const float* A, int64_t lda, const float* Bp, int64_t pstride, float* C,
+static inline void tile512_rows(int64_t rows, const float* A, int64_t lda, const float* Bp, int64_t ldb, int64_t pstride, float* C,
                                 int64_t ldc, int64_t kc, bool first, const float* bias) {
   switch (rows) {
-    case 12: tile512<12, NP>(A, lda, Bp, pstride, C, ldc, kc, first, bias); break;
-    case 11: tile512<11, NP>(A, lda, Bp, pstride, C, ldc, kc, first, bias); break;
-    case 10: tile512<10, NP>(A, lda, Bp, pstride, C, ldc, kc, first, bias); break;
-    case 9: tile512<9, NP>(A, lda, Bp, pstride, C, ldc, kc, first, bias); break;
-    case 8: tile512<8, NP>(A, lda, Bp, pstride, C, ldc, kc, first, bias); break;
-    case 7: tile512<7, NP>(A, lda, Bp, pstride, C, ldc, kc, first, bias); break;
-    case 6: tile512<6, NP>(A, lda, Bp, pstride, C, ldc, kc, first, bias); break;
-    case 5: tile512<5, NP>(A, lda, Bp, pstride, C, ldc, kc, first, bias); break;
-    case 4: tile512<4, NP>(A, lda, Bp, pstride, C, ldc, kc, first, bias); break;
-    case 3: tile512<3, NP>(A, lda, Bp, pstride, C, ldc, kc, first, bias); break;
-    case 2: tile512<2, NP>(A, lda, Bp, pstride, C, ldc, kc, first, bias); break;
-    default: tile512<1, NP>(A, lda, Bp, pstride, C, ldc, kc, first, bias); break;
+    case 12: tile512<12, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias); break;
+    case 11: tile512<11, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias); break;
+    case 10: tile512<10, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias); break;
+    case 9: tile512<9, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias); break;
+    case 8: tile512<8, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias); break;
+    case 7: tile512<7, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias); break;
+    case 6: tile512<6, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias); break;
+    case 5: tile512<5, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias); break;
+    case 4: tile512<4, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias); break;
+    case 3: tile512<3, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias); break;
+    case 2: tile512<2, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias); break;
+    default: tile512<1, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias); break;
   }
 }
 #endif

@@ -23,6 +23,7 @@
 #include <type_traits>
 
 #include "gemm_tile.h"
+#include "gemm_tile512.h"
 #include "kv_types.h"
 
 namespace {
@@ -31,25 +32,36 @@ constexpr int64_t MR = 6;    // query rows per tile
 constexpr int64_t KS = 64;   // keys per online-softmax step (4 panels)
 }  // namespace
 
-// S[r][0:16] = Q[r] . keys of one panel, r < 6. Q rows D apart; S rows KS apart. With AVX2 it is
-// the packed GEMM's 6x16 tile (A = Q, B = the [D][16] panel).
-static inline void qk_panel(const float* Q, int64_t D, const float* panel, float* S) {
-#ifdef PS_AVX2
-  tile<MR>(Q, D, panel, KP, S, KS, D, true, nullptr);
+// S[r][0:16*np] = Q[r] . keys of np (1 or 2) adjacent panels, r < 6. Q rows D apart; S rows KS
+// apart. It is the packed GEMM's tile (A = Q, B = the [D][16] panels): both panels at once in the
+// AVX-512 tile, one after the other in the AVX2 one.
+static inline void qk_panels(const float* Q, int64_t D, const float* panel, int64_t np, float* S) {
+#if defined(__AVX512F__)
+  if (np == 2)
+    tile512<MR, 2>(Q, D, panel, KP, KP * D, S, KS, D, true, nullptr);
+  else
+    tile512<MR, 1>(Q, D, panel, KP, KP * D, S, KS, D, true, nullptr);
+#elif defined(PS_AVX2)
+  for (int64_t p = 0; p < np; ++p) tile<MR>(Q, D, panel + p * KP * D, KP, S + p * KP, KS, D, true, nullptr);
 #else
-  for (int64_t r = 0; r < MR; ++r)
-    for (int64_t j = 0; j < KP; ++j) {
-      float dot = 0.f;
-      for (int64_t d = 0; d < D; ++d) dot += Q[r * D + d] * panel[d * KP + j];
-      S[r * KS + j] = dot;
-    }
+  for (int64_t p = 0; p < np; ++p)
+    for (int64_t r = 0; r < MR; ++r)
+      for (int64_t j = 0; j < KP; ++j) {
+        float dot = 0.f;
+        for (int64_t d = 0; d < D; ++d) dot += Q[r * D + d] * panel[p * KP * D + d * KP + j];
+        S[r * KS + p * KP + j] = dot;
+      }
 #endif
 }
 
 // O[r][0:D] += sum over t < nt of P[r][t] * V[t][0:D], r < 6. P rows KS apart, V and O rows D
-// apart. With AVX2, 16 columns at a time are the GEMM's tile accumulating into O (A = P, B = V).
+// apart. The GEMM's tile accumulating into O (A = P, B = V): 32 columns at a time with AVX-512
+// (two 16-wide "panels" 16 floats apart in each row of V), 16 with AVX2.
 static inline void pv_step(const float* P, const float* V, int64_t nt, int64_t D, float* O) {
   int64_t d0 = 0;
+#if defined(__AVX512F__)
+  for (; d0 + 32 <= D; d0 += 32) tile512<MR, 2>(P, KS, V + d0, D, 16, O + d0, D, nt, false, nullptr);
+#endif
 #ifdef PS_AVX2
   for (; d0 + 16 <= D; d0 += 16) tile<MR>(P, KS, V + d0, D, O + d0, D, nt, false, nullptr);
 #endif
@@ -142,7 +154,8 @@ static void prefill_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k, to
       const float* vh = vb.get() + h * NP * KP * D;
       for (int64_t j0 = 0; j0 <= pmax; j0 += KS) {
         const int64_t nt = std::min(KS, pmax + 1 - j0);  // keys some row of the tile may see
-        for (int64_t p = 0; p * KP < nt; ++p) qk_panel(Q.get(), D, kh + (j0 / KP + p) * KP * D, S.get() + p * KP);
+        for (int64_t p = 0; p * KP < nt; p += 2)
+          qk_panels(Q.get(), D, kh + (j0 / KP + p) * KP * D, (p + 1) * KP < nt ? 2 : 1, S.get() + p * KP);
         for (int64_t r = 0; r < MR; ++r) {
           float* s = S.get() + r * KS;
           // Keys this row sees here: none when another row of the tile set pmax (with G = 1 a
