@@ -38,9 +38,9 @@ constexpr int64_t KS = 64;   // keys per online-softmax step (4 panels)
 static inline void qk_panels(const float* Q, int64_t D, const float* panel, int64_t np, float* S) {
 #if defined(__AVX512F__)
   if (np == 2)
-    tile512<MR, 2>(Q, D, panel, KP, KP * D, S, KS, D, true, nullptr);
+    tile512<MR, 2>(Q, D, panel, KP, KP * D, S, KS, D, true, nullptr, nullptr);
   else
-    tile512<MR, 1>(Q, D, panel, KP, KP * D, S, KS, D, true, nullptr);
+    tile512<MR, 1>(Q, D, panel, KP, KP * D, S, KS, D, true, nullptr, nullptr);
 #elif defined(PS_AVX2)
   for (int64_t p = 0; p < np; ++p) tile<MR>(Q, D, panel + p * KP * D, KP, S + p * KP, KS, D, true, nullptr);
 #else
@@ -60,7 +60,7 @@ static inline void qk_panels(const float* Q, int64_t D, const float* panel, int6
 static inline void pv_step(const float* P, const float* V, int64_t nt, int64_t D, float* O) {
   int64_t d0 = 0;
 #if defined(__AVX512F__)
-  for (; d0 + 32 <= D; d0 += 32) tile512<MR, 2>(P, KS, V + d0, D, 16, O + d0, D, nt, false, nullptr);
+  for (; d0 + 32 <= D; d0 += 32) tile512<MR, 2>(P, KS, V + d0, D, 16, O + d0, D, nt, false, nullptr, nullptr);
 #endif
 #ifdef PS_AVX2
   for (; d0 + 16 <= D; d0 += 16) tile<MR>(P, KS, V + d0, D, O + d0, D, nt, false, nullptr);
