@@ -119,6 +119,7 @@ def serve(args: argparse.Namespace) -> int:
             )
             if hasattr(engine.tokenizer, "preload"):  # chat templates need transformers: import it now
                 engine.tokenizer.preload()
+            r.start_kv_populate()  # now, not while loading: it would slow the start
 
     server.startup = startup
     # uvicorn re-raises SIGTERM after its graceful shutdown; a no-op handler makes that re-raise

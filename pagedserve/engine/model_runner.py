@@ -90,23 +90,28 @@ class ModelRunner:
         if self.device.type == "cpu":
             keep_freed_memory()
             self.kv_caches = lazily_zeroed_cpu_tensor(shape, self.kv_dtype)
-            # Fault the cache in off the engine's thread (cpu_memory.populate): start-up does not
-            # wait for it, and steps no longer stall on first touches of cache pages.
-            self._populating = threading.Thread(target=self._populate_kv, name="kv-populate", daemon=True)
-            self._populating.start()
         else:
             self.kv_caches = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.kv_bytes = self.kv_caches.numel() * self.kv_caches.element_size()
+        self._populating: threading.Thread | None = None
         self.max_concurrency = self.num_blocks / blocks_per_seq
+
+    def start_kv_populate(self) -> None:
+        """Fault the CPU KV cache in on a background thread (cpu_memory.populate), so steps do not
+        stall on first touches of cache pages. The server calls this once it is ready (during
+        start-up the thread would compete with loading); idempotent; nothing to do on a GPU."""
+        if self.device.type == "cpu" and self._populating is None:
+            self._populating = threading.Thread(target=self._populate_kv, name="kv-populate", daemon=True)
+            self._populating.start()
 
     def _populate_kv(self) -> None:
         secs = populate(self.kv_caches)
-        nbytes = self.kv_caches.numel() * self.kv_caches.element_size()
-        log.info("KV cache faulted in: %.0f MiB in %.2fs", nbytes / 2**20, secs)
+        log.info("KV cache faulted in: %.0f MiB in %.2fs", self.kv_bytes / 2**20, secs)
 
     def wait_kv_populated(self) -> None:
-        """Block until the KV cache is faulted in (offline runs: before timing starts)."""
-        if self.device.type == "cpu":
+        """Fault the KV cache in and wait for it (offline runs: before their work starts)."""
+        self.start_kv_populate()
+        if self._populating is not None:
             self._populating.join()
 
     # ------------------------------------------------------------------------------------------
