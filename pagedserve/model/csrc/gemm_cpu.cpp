@@ -6,7 +6,9 @@
 // Here W is stored as [N/16][K][16]: panel j holds output columns 16j..16j+15, one 64-byte row
 // per k. A 6x16 register tile (12 AVX2 accumulators, the BLIS Haswell shape) walks a panel
 // sequentially; for decode sizes the same loop is a streaming GEMV that reads each weight byte
-// once for all rows of x.
+// once for all rows of x. Where the CPU has AVX-512, a 12x32 tile walks two panels at once
+// (gemm_tile512.h, same packed weights): 310-330 GFLOP/s on the model's shapes on a 2-core Xeon,
+// against ~165 for the AVX2 tile there.
 //
 // Blocking: panel by panel, each read from memory once and reused from L2 by every 6-row tile of
 // x; only long K (> 3072) is cut into KC-deep slices. Threads split the output columns, so no

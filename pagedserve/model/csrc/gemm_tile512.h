@@ -3,9 +3,9 @@
 //
 // C[0:R, 0:16*NP] (+)= A[0:R, 0:kc] @ the same kc rows of NP adjacent weight panels, each panel
 // [K][16] (one 64-byte row per k, exactly one zmm; rows `ldb` floats apart, 16 in a packed
-// weight), panels `pstride` floats apart. Prefill attention uses it too, as with the AVX2 tile. The weights
-// keep the AVX2 layout, so one packed copy serves both tiles; two panels side by side make the
-// 12x32 tile (24 zmm accumulators of 32, BLIS's Skylake shape) that keeps both FMA ports busy.
+// weight), panels `pstride` floats apart. The weights keep the AVX2 layout, so one packed copy
+// serves both tiles; two panels side by side make the 12x32 tile (24 zmm accumulators of 32,
+// BLIS's Skylake shape) that keeps both FMA ports busy. Prefill attention uses it too.
 #pragma once
 #include <cstdint>
 
