@@ -33,19 +33,22 @@
 template <int R, int NP>
 static inline void tile512(const float* __restrict A, int64_t lda, const float* __restrict Bp, int64_t ldb,
                            int64_t pstride, float* __restrict C, int64_t ldc, int64_t kc, bool first, const float* bias,
-                           const float* pf = nullptr) {
+                           const float* pf = nullptr, int64_t pf_every = 1) {
   static_assert(R >= 1 && R <= 12 && (NP == 1 || NP == 2), "12 rows x 2 panels at most");
   const __m512 z = _mm512_setzero_ps();
   __m512 c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z, c40 = z, c41 = z, c50 = z, c51 = z;
   __m512 c60 = z, c61 = z, c70 = z, c71 = z, c80 = z, c81 = z, c90 = z, c91 = z;
   __m512 c100 = z, c101 = z, c110 = z, c111 = z;
   const float* __restrict B1 = Bp + pstride;
+  int64_t pf_count = pf_every;
   for (int64_t k = 0; k < kc; ++k) {
     const __m512 b0 = _mm512_loadu_ps(Bp + k * ldb);
     const __m512 b1 = NP > 1 ? _mm512_loadu_ps(B1 + k * ldb) : z;
-    if (pf) {  // the next panel pair's row k, on its way to L1 while this tile computes
-      _mm_prefetch(reinterpret_cast<const char*>(pf + k * ldb), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(pf + pstride + k * ldb), _MM_HINT_T0);
+    if (pf && --pf_count == 0) {  // one row of the next panel pair every pf_every steps of k
+      pf_count = pf_every;
+      _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(pf + pstride), _MM_HINT_T0);
+      pf += ldb;
     }
     PS5_ROW(0) PS5_ROW(1) PS5_ROW(2) PS5_ROW(3) PS5_ROW(4) PS5_ROW(5)
     PS5_ROW(6) PS5_ROW(7) PS5_ROW(8) PS5_ROW(9) PS5_ROW(10) PS5_ROW(11)
@@ -60,20 +63,20 @@ static inline void tile512(const float* __restrict A, int64_t lda, const float* 
 
 template <int NP>
 static inline void tile512_rows(int64_t rows, const float* A, int64_t lda, const float* Bp, int64_t ldb, int64_t pstride, float* C,
-                                int64_t ldc, int64_t kc, bool first, const float* bias, const float* pf) {
+                                int64_t ldc, int64_t kc, bool first, const float* bias, const float* pf, int64_t pf_every = 1) {
   switch (rows) {
-    case 12: tile512<12, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf); break;
-    case 11: tile512<11, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf); break;
-    case 10: tile512<10, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf); break;
-    case 9: tile512<9, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf); break;
-    case 8: tile512<8, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf); break;
-    case 7: tile512<7, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf); break;
-    case 6: tile512<6, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf); break;
-    case 5: tile512<5, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf); break;
-    case 4: tile512<4, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf); break;
-    case 3: tile512<3, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf); break;
-    case 2: tile512<2, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf); break;
-    default: tile512<1, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf); break;
+    case 12: tile512<12, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every); break;
+    case 11: tile512<11, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every); break;
+    case 10: tile512<10, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every); break;
+    case 9: tile512<9, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every); break;
+    case 8: tile512<8, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every); break;
+    case 7: tile512<7, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every); break;
+    case 6: tile512<6, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every); break;
+    case 5: tile512<5, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every); break;
+    case 4: tile512<4, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every); break;
+    case 3: tile512<3, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every); break;
+    case 2: tile512<2, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every); break;
+    default: tile512<1, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every); break;
   }
 }
 #endif
