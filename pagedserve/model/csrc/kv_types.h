@@ -1,7 +1,8 @@
 // What the CPU attention kernels share: the KV cache's element types (float32, float16,
-// bfloat16) read as float32, and a dispatch on the cache's dtype.
+// bfloat16, float8 e5m2) read as float32, and a dispatch on the cache's dtype.
 #pragma once
 #include <torch/extension.h>
+#include <c10/util/Float8_e5m2.h>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define PS_AVX2 1
@@ -11,15 +12,18 @@
 static inline float to_float(float x) { return x; }
 static inline float to_float(at::Half x) { return static_cast<float>(x); }
 static inline float to_float(at::BFloat16 x) { return static_cast<float>(x); }
+static inline float to_float(c10::Float8_e5m2 x) { return static_cast<float>(x); }
 
-// Calls f with a null pointer of the KV cache's element type (float32, float16 or bfloat16).
+// Calls f with a null pointer of the KV cache's element type (float32, float16, bfloat16 or
+// float8 e5m2).
 template <typename F>
 static void with_kv_type(at::ScalarType t, const char* who, F f) {
   switch (t) {
     case torch::kFloat32: return f(static_cast<float*>(nullptr));
     case torch::kFloat16: return f(static_cast<at::Half*>(nullptr));
     case torch::kBFloat16: return f(static_cast<at::BFloat16*>(nullptr));
-    default: TORCH_CHECK(false, who, ": KV cache must be float32, float16 or bfloat16");
+    case torch::kFloat8_e5m2: return f(static_cast<c10::Float8_e5m2*>(nullptr));
+    default: TORCH_CHECK(false, who, ": KV cache must be float32, float16, bfloat16 or float8_e5m2");
   }
 }
 
@@ -32,6 +36,12 @@ static inline __m256 load8(const at::Half* p) {
 static inline __m256 load8(const at::BFloat16* p) {  // bfloat16 is the top half of a float32
   const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+// float8 e5m2 is the top byte of a float16 (same sign, 5-bit exponent and bias): each byte
+// becomes the high half of a 16-bit lane, exactly, then widens as float16 does.
+static inline __m256 load8(const c10::Float8_e5m2* p) {
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtph_ps(_mm_unpacklo_epi8(_mm_setzero_si128(), b));
 }
 
 static inline float hmax8(__m256 v) {

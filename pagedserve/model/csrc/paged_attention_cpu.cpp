@@ -1,7 +1,8 @@
 // Paged decode attention for CPU (float32 compute): each query token attends over its context,
 // reading K/V blocks in place through the block table; nothing is gathered or copied. The cache
-// holds float32, float16 or bfloat16 (--kv-cache-dtype): 16-bit halves the bytes this kernel
-// streams, and widening to float32 as a block is loaded costs one instruction per 8 values.
+// holds float32, float16, bfloat16 or float8 e5m2 (--kv-cache-dtype): 16-bit halves the bytes this
+// kernel streams and 8-bit quarters them; widening to float32 as a block is loaded costs one or
+// two instructions per 8 values.
 //
 // Shapes: q, out [n, H, D]; k_cache, v_cache [num_blocks, KVH, block_size, D] (head-major inside a
 // block, so one head's keys of a block are contiguous and stream well);
@@ -354,6 +355,11 @@ static inline void store_row(const float* src, at::Half* dst, int64_t D) {
 static inline void store_row(const float* src, at::BFloat16* dst, int64_t D) {
   for (int64_t d = 0; d < D; ++d) dst[d] = at::BFloat16(src[d]);  // c10 rounds to nearest even
 }
+static inline void store_row(const float* src, c10::Float8_e5m2* dst, int64_t D) {
+  // c10's conversion, as torch's .to(float8_e5m2): nearest even, and past 57344 infinity (no
+  // saturation), so both attention paths store the same bytes.
+  for (int64_t d = 0; d < D; ++d) dst[d] = c10::Float8_e5m2(src[d]);
+}
 
 template <typename C>
 static void write_kv_impl(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
@@ -420,10 +426,10 @@ torch::Tensor llama_layers(torch::Tensor x, torch::Tensor positions, torch::Tens
 // switch interval (5 ms) at the next bytecode between kernels.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using nogil = py::call_guard<py::gil_scoped_release>;
-  m.def("paged_attention_decode", &paged_attention_decode, "paged decode attention (CPU; float32 q, float32/float16/bfloat16 KV cache)", nogil());
+  m.def("paged_attention_decode", &paged_attention_decode, "paged decode attention (CPU; float32 q, float32/float16/bfloat16/float8_e5m2 KV cache)", nogil());
   m.def("paged_attention_prefill", &paged_attention_prefill,
         "causal attention of one prompt chunk over its cached prefix and itself (CPU; float32 q/k/v)", nogil());
-  m.def("write_kv", &write_kv, "store float32 K/V rows in their cache slots (CPU; cache float32/float16/bfloat16)", nogil());
+  m.def("write_kv", &write_kv, "store float32 K/V rows in their cache slots (CPU; cache float32/float16/bfloat16/float8_e5m2)", nogil());
   m.def("pack_linear_weight", &pack_linear_weight, "W [N, K] -> column panels [N/16, K, 16] for packed_linear",
         nogil());
   m.def("packed_linear", &packed_linear, "x @ W.T (+ bias) with W from pack_linear_weight (CPU, float32)",

@@ -10,7 +10,7 @@
 // (the packed GEMM's layout: a 6x16 register tile of scores accumulates over D with 12 AVX2
 // registers) and the values into rows [keys][D]. For contexts up to ~1000 tokens both sit in L2
 // while every query row of the chunk reuses them. Prefix keys come from the paged cache (widened
-// from a 16-bit cache); the chunk's own keys from k/v as computed, as the PyTorch path does.
+// from a 16- or 8-bit cache); the chunk's own keys from k/v as computed, as the PyTorch path does.
 // A query row is a (token, query head of the group) pair; a tile is 6 consecutive rows, so with 3
 // heads per group a tile is 2 tokens and their causal frontiers differ by one key.
 #include <torch/extension.h>
@@ -210,7 +210,7 @@ static void prefill_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k, to
 // out[start:start+n] = causal attention of the chunk's queries q[start:start+n] over its context
 // of L tokens: L - n cached ones (k_cache/v_cache through block_table) then the chunk's own k/v.
 // q [T, H, D], k/v [T, KVH, D] (rows may be strided views of the fused QKV output); out [T, H, D]
-// contiguous; caches [num_blocks, KVH, block_size, D] float32, float16 or bfloat16.
+// contiguous; caches [num_blocks, KVH, block_size, D] float32, float16, bfloat16 or float8_e5m2.
 void paged_attention_prefill(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Tensor v,
                              torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_table, int64_t start,
                              int64_t num_tokens, int64_t context_len, double scale) {
