@@ -28,7 +28,11 @@
 
 namespace {
 constexpr int64_t KP = 16;   // keys per panel
-constexpr int64_t MR = 6;    // query rows per tile
+#if defined(__AVX512F__)
+constexpr int64_t MR = 12;   // query rows per tile: the AVX-512 tile's 12 x 32
+#else
+constexpr int64_t MR = 6;    // query rows per tile: the AVX2 tile's 6 x 16
+#endif
 constexpr int64_t KS = 64;   // keys per online-softmax step (4 panels)
 }  // namespace
 
@@ -61,8 +65,8 @@ static inline void pv_step(const float* P, const float* V, int64_t nt, int64_t D
   int64_t d0 = 0;
 #if defined(__AVX512F__)
   for (; d0 + 32 <= D; d0 += 32) tile512<MR, 2>(P, KS, V + d0, D, 16, O + d0, D, nt, false, nullptr, nullptr);
-#endif
-#ifdef PS_AVX2
+  for (; d0 + 16 <= D; d0 += 16) tile512<MR, 1>(P, KS, V + d0, D, 16, O + d0, D, nt, false, nullptr, nullptr);
+#elif defined(PS_AVX2)
   for (; d0 + 16 <= D; d0 += 16) tile<MR>(P, KS, V + d0, D, O + d0, D, nt, false, nullptr);
 #endif
   for (int64_t r = 0; r < MR; ++r)
@@ -163,7 +167,21 @@ static void prefill_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k, to
           const int64_t valid = std::max<int64_t>(0, std::min(nt, pos[r] + 1 - j0));
           float m = mx[r];
           float part = 0.f;
-#ifdef PS_AVX2
+#if defined(__AVX512F__)
+          if (valid == nt && nt % 16 == 0) {  // every step but a row's last: in registers, exp inline
+            __m512 vm = _mm512_set1_ps(m);
+            for (int64_t t = 0; t < nt; t += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(s + t));
+            m = _mm512_reduce_max_ps(vm);
+            const __m512 vb = _mm512_set1_ps(m);
+            __m512 vs = _mm512_setzero_ps();
+            for (int64_t t = 0; t < nt; t += 16) {
+              const __m512 x = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + t), vb));
+              _mm512_storeu_ps(s + t, x);
+              vs = _mm512_add_ps(vs, x);
+            }
+            part = _mm512_reduce_add_ps(vs);
+          } else
+#elif defined(PS_AVX2)
           if (valid == nt && nt % 8 == 0) {  // every step but a row's last: in registers, exp inline
             __m256 vm = _mm256_set1_ps(m);
             for (int64_t t = 0; t < nt; t += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + t));
