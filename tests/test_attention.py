@@ -202,6 +202,29 @@ def test_fused_elementwise_ops_match_torch(rows):
         rot(torch.full((rows,), 512), q, q)
 
 
+@pytest.mark.parametrize("vocab", [1, 7, 16, 49152, 50001])
+def test_cpp_argmax_matches_torch(vocab):
+    """Greedy sampling's argmax: torch.argmax's index on every row, i.e. the first of tied maxima,
+    NaN as the largest value, all -inf giving 0; widths below, at and past the 16-lane vector
+    with a ragged tail, and rows that are a strided view."""
+    from pagedserve.model import cpu_kernels
+
+    ops = cpu_kernels.load(required=True)
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(9, vocab + 3, generator=g)
+    x[1] = torch.randint(0, 3, (vocab + 3,), generator=g).float()  # many ties
+    x[2] = float("-inf")
+    x[3, vocab // 2] = float("nan")
+    x[4, -4:] = float("nan")
+    x[5, vocab // 3] = float("inf")
+    x[6] = x[6].round()  # ties among large values
+    x[7, vocab - 1] = 1e30  # the maximum in the last column (before the strided view's cut)
+    view = x[:, :vocab]
+    assert view.stride(0) == vocab + 3
+    for t in (view, view.contiguous(), x[:3, :vocab]):
+        assert torch.equal(ops.argmax_rows(t), torch.argmax(t, dim=-1))
+
+
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e5m2])
 def test_cpp_write_kv_matches_index_put(kv_dtype):
     """The C++ K/V store puts strided K/V rows (views of a fused QKV output) in the same slots as

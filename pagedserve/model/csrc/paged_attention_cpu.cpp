@@ -411,6 +411,7 @@ void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor w, double eps); 
 void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, double eps);
 void rotary_embedding(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor silu_and_mul(torch::Tensor gate_up);
+torch::Tensor argmax_rows(torch::Tensor x);
 torch::Tensor llama_layers(torch::Tensor x, torch::Tensor positions, torch::Tensor kv_caches,  // llama_layers_cpu.cpp
                            const std::vector<torch::Tensor>& weights, torch::Tensor cos, torch::Tensor sin,
                            torch::Tensor slot_blocks, torch::Tensor slot_offsets, int64_t num_decodes,
@@ -439,6 +440,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "in place: residual += x; x = w * residual / rms(residual)", nogil());
   m.def("rotary_embedding", &rotary_embedding, "in place rotate-half rotary embedding of q and k", nogil());
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up from [gate | up]", nogil());
+  m.def("argmax_rows", &argmax_rows, "row-wise argmax of float32 [B, V], as torch.argmax (first max; NaN is largest)", nogil());
   m.def("llama_layers", &llama_layers, "every decoder layer of a Llama-family model for one step (CPU, float32)",
         nogil());
 }
