@@ -70,10 +70,11 @@ class ModelRunner:
         model.load_weights(weights)
         model.rotary = model.rotary.to(self.device)  # tables are built on the CPU, in float32
         self.model = model.eval()
-        if backend.name == "cpp":  # the C++ CPU kernels built: fused elementwise ops, packed-weight GEMM
-            use_cpu_kernels(self.model, cpu_kernels.load(), pack=cpu_kernels.packed_linear() is not None)
+        kernels = cpu_kernels.load() if backend.name == "cpp" else None
+        if kernels is not None:  # the C++ CPU kernels built: fused elementwise ops, packed-weight GEMM
+            use_cpu_kernels(self.model, kernels, pack=cpu_kernels.packed_linear() is not None)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        self.sampler = Sampler(arch.vocab_size, argmax=cpu_kernels.load().argmax_rows if backend.name == "cpp" else None)
+        self.sampler = Sampler(arch.vocab_size, argmax=kernels.argmax_rows if kernels is not None else None)
 
         per_token = arch.kv_bytes_per_token(torch.empty((), dtype=self.kv_dtype).element_size())
         budget = kv_cache_bytes(cfg, self.device, self.weight_bytes)

@@ -9,10 +9,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 namespace {
 
@@ -132,38 +130,39 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up) {
 
 // Row-wise argmax of float32 logits [B, V], as torch.argmax: the first index of the largest value,
 // NaN counting as the largest. Greedy sampling's one op over the 49152-wide vocabulary: aten's
-// argmax took ~4 ms for 100 rows here (it keeps an index per element as it goes), a max then a
-// search for its first occurrence ~0.4. Rows go to threads. NaN is tested on the bits, which
-// -ffast-math cannot assume away.
-static inline bool is_nan_bits(float v) {
+// argmax took 2.4 ms for 64 rows here (it carries an index per element as it goes); one
+// vectorized pass for the max (and whether there is a NaN, tested on the bits, which -ffast-math
+// cannot assume away), then a vectorized search for its first occurrence. Rows go to threads.
+static inline bool is_nan_bits(const float* p) {
   uint32_t u;
-  std::memcpy(&u, &v, sizeof u);
+  std::memcpy(&u, p, sizeof u);
   return (u & 0x7fffffffu) > 0x7f800000u;
 }
 
+// The loops are written so that GCC vectorizes them for AVX2 and AVX-512 alike (a std::max
+// reduction and a per-element early exit each ran ~4x slower, measured).
 static int64_t argmax_row(const float* p, int64_t V) {
-  int64_t i = 0;
   float m = p[0];
-#if defined(__AVX512F__)
-  if (V >= 16) {
-    __m512 vm = _mm512_loadu_ps(p);
-    __mmask16 nan = 0;
-    for (i = 0; i + 16 <= V; i += 16) {
-      const __m512 v = _mm512_loadu_ps(p + i);
-      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-      vm = _mm512_max_ps(vm, v);
-    }
-    if (nan) i = 0;  // the scalar tail below finds the first NaN
-    else m = _mm512_reduce_max_ps(vm);
+  uint32_t nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+  for (int64_t j = 0; j < V; ++j) {
+    nan |= is_nan_bits(p + j);
+    m = m > p[j] ? m : p[j];
   }
-#endif
-  for (int64_t j = i; j < V; ++j) {
-    if (is_nan_bits(p[j])) return j;
-    if (p[j] > m) m = p[j];
+  int64_t j = 0;
+  if (nan) {
+    while (!is_nan_bits(p + j)) ++j;
+    return j;
   }
-  for (int64_t j = 0; j < V; ++j)
+  for (; j + 16 <= V; j += 16) {  // 16 at a time, then the first match inside
+    int hit = 0;
+#pragma omp simd reduction(| : hit)
+    for (int k = 0; k < 16; ++k) hit |= p[j + k] == m;
+    if (hit) break;
+  }
+  for (; j < V; ++j)
     if (p[j] == m) return j;
-  return 0;  // unreachable: m is one of the row's values
+  return 0;  // no match: every value is -inf (the reduction's private maxima start at -FLT_MAX)
 }
 
 torch::Tensor argmax_rows(torch::Tensor x) {

@@ -55,42 +55,72 @@ static inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
 }
 
-// exp of 8 floats (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, a degree-7 polynomial for e^r, then
-// 2^n through the exponent bits), within 2 ulp of std::exp; inputs below -87 give ~1e-38, not 0.
+// exp of a vector of floats (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, a degree-7 polynomial for
+// e^r, then 2^n through the exponent bits), within 2 ulp of std::exp; inputs below -87 give
+// ~1e-38, not 0. One set of constants for the 8- and 16-lane versions.
+namespace expf_poly {
+constexpr float lo = -87.0f, hi = 88.0f, log2e = 1.44269504088896341f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+constexpr float c[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
+                        5.0000001201e-1f};
+}  // namespace expf_poly
+
 static inline __m256 exp256(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  using namespace expf_poly;
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(lo)), _mm256_set1_ps(hi));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(log2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(ln2_lo), _mm256_fnmadd_ps(n, _mm256_set1_ps(ln2_hi), x));
+  __m256 p = _mm256_set1_ps(c[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c[i]));
   p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
-#endif
 
 #if defined(__AVX512F__)
-// exp256's polynomial, 16 lanes at a time (prefill attention's softmax).
 static inline __m512 exp512(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  using namespace expf_poly;
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(log2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(ln2_lo), _mm512_fnmadd_ps(n, _mm512_set1_ps(ln2_hi), x));
+  __m512 p = _mm512_set1_ps(c[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c[i]));
   p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
   const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+#endif
+
+// The online softmax's step over a full run of scores, shared by decode and prefill attention:
+// m becomes max(m, s[0:n]), each s[t] becomes exp(s[t] - m) in place, and their sum is returned
+// (the caller rescales what it accumulated under the old m). n a multiple of 8; 16 lanes at a
+// time where the CPU has AVX-512. In registers with the inline exp rather than a libmvec call
+// per vector.
+static inline float exp_in_place(float* s, int64_t n, float& m) {
+#if defined(__AVX512F__)
+  if (n % 16 == 0) {
+    __m512 vm = _mm512_set1_ps(m);
+    for (int64_t t = 0; t < n; t += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(s + t));
+    m = _mm512_reduce_max_ps(vm);
+    const __m512 vb = _mm512_set1_ps(m);
+    __m512 vs = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n; t += 16) {
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + t), vb));
+      _mm512_storeu_ps(s + t, e);
+      vs = _mm512_add_ps(vs, e);
+    }
+    return _mm512_reduce_add_ps(vs);
+  }
+#endif
+  __m256 vm = _mm256_set1_ps(m);
+  for (int64_t t = 0; t < n; t += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + t));
+  m = hmax8(vm);
+  const __m256 vb = _mm256_set1_ps(m);
+  __m256 vs = _mm256_setzero_ps();
+  for (int64_t t = 0; t < n; t += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), vb));
+    _mm256_storeu_ps(s + t, e);
+    vs = _mm256_add_ps(vs, e);
+  }
+  return hsum8(vs);
 }
 #endif

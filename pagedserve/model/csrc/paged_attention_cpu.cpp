@@ -148,27 +148,17 @@ static inline void softmax_step(float* s, int64_t n, int64_t D, float& mx, float
 }
 
 #ifdef PS_AVX2
-// softmax_step for n a multiple of 8 (every full block): max, exp and sum in registers, the exp
-// inline (exp256) rather than a libmvec call per 8 scores.
+// softmax_step for n a multiple of 8 (every full block), the exps in registers (exp_in_place).
 static inline void softmax_step8(float* s, int64_t n, int64_t D, float& mx, float& sum, float* acc) {
-  __m256 m = _mm256_loadu_ps(s);
-  for (int64_t t = 8; t < n; t += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + t));
-  const float bm = std::max(mx, hmax8(m));
-  if (bm > mx) {
-    const float corr = std::exp(mx - bm);
+  const float old = mx;
+  const float part = exp_in_place(s, n, mx);
+  if (mx > old) {
+    const float corr = std::exp(old - mx);
     sum *= corr;
     const __m256 c = _mm256_set1_ps(corr);
     for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(acc + d, _mm256_mul_ps(c, _mm256_loadu_ps(acc + d)));
-    mx = bm;
   }
-  const __m256 vb = _mm256_set1_ps(bm);
-  __m256 vs = _mm256_setzero_ps();
-  for (int64_t t = 0; t < n; t += 8) {
-    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), vb));
-    _mm256_storeu_ps(s + t, e);
-    vs = _mm256_add_ps(vs, e);
-  }
-  sum += hsum8(vs);
+  sum += part;
 }
 #endif
 

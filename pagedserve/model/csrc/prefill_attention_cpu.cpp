@@ -7,12 +7,13 @@
 // cached prefix first had its prefix gathered into new tensors and then took the masked path.
 //
 // Layout: per kv head, the context's keys are gathered once into panels of 16 keys stored [D][16]
-// (the packed GEMM's layout: a 6x16 register tile of scores accumulates over D with 12 AVX2
-// registers) and the values into rows [keys][D]. For contexts up to ~1000 tokens both sit in L2
+// (the packed GEMM's layout: a register tile of scores accumulates over D, 6 rows x 16 keys with
+// AVX2, 12 x 32 with AVX-512) and the values into rows [keys][D]. For contexts up to ~1000 tokens both sit in L2
 // while every query row of the chunk reuses them. Prefix keys come from the paged cache (widened
 // from a 16- or 8-bit cache); the chunk's own keys from k/v as computed, as the PyTorch path does.
-// A query row is a (token, query head of the group) pair; a tile is 6 consecutive rows, so with 3
-// heads per group a tile is 2 tokens and their causal frontiers differ by one key.
+// A query row is a (token, query head of the group) pair; a tile is MR consecutive rows (6, or 12
+// with AVX-512), so with 3 heads per group a tile is 2 (4) tokens whose causal frontiers differ
+// by up to 1 (3) keys.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -36,7 +37,7 @@ constexpr int64_t MR = 6;    // query rows per tile: the AVX2 tile's 6 x 16
 constexpr int64_t KS = 64;   // keys per online-softmax step (4 panels)
 }  // namespace
 
-// S[r][0:16*np] = Q[r] . keys of np (1 or 2) adjacent panels, r < 6. Q rows D apart; S rows KS
+// S[r][0:16*np] = Q[r] . keys of np (1 or 2) adjacent panels, r < MR. Q rows D apart; S rows KS
 // apart. It is the packed GEMM's tile (A = Q, B = the [D][16] panels): both panels at once in the
 // AVX-512 tile, one after the other in the AVX2 one.
 static inline void qk_panels(const float* Q, int64_t D, const float* panel, int64_t np, float* S) {
@@ -58,7 +59,7 @@ static inline void qk_panels(const float* Q, int64_t D, const float* panel, int6
 #endif
 }
 
-// O[r][0:D] += sum over t < nt of P[r][t] * V[t][0:D], r < 6. P rows KS apart, V and O rows D
+// O[r][0:D] += sum over t < nt of P[r][t] * V[t][0:D], r < MR. P rows KS apart, V and O rows D
 // apart. The GEMM's tile accumulating into O (A = P, B = V): 32 columns at a time with AVX-512
 // (two 16-wide "panels" 16 floats apart in each row of V), 16 with AVX2.
 static inline void pv_step(const float* P, const float* V, int64_t nt, int64_t D, float* O) {
@@ -163,38 +164,14 @@ static void prefill_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k, to
         for (int64_t r = 0; r < MR; ++r) {
           float* s = S.get() + r * KS;
           // Keys this row sees here: none when another row of the tile set pmax (with G = 1 a
-          // tile spans 6 tokens, and the step may start past this row's position).
+          // tile spans MR tokens, and the step may start past this row's position).
           const int64_t valid = std::max<int64_t>(0, std::min(nt, pos[r] + 1 - j0));
           float m = mx[r];
           float part = 0.f;
-#if defined(__AVX512F__)
-          if (valid == nt && nt % 16 == 0) {  // every step but a row's last: in registers, exp inline
-            __m512 vm = _mm512_set1_ps(m);
-            for (int64_t t = 0; t < nt; t += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(s + t));
-            m = _mm512_reduce_max_ps(vm);
-            const __m512 vb = _mm512_set1_ps(m);
-            __m512 vs = _mm512_setzero_ps();
-            for (int64_t t = 0; t < nt; t += 16) {
-              const __m512 x = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + t), vb));
-              _mm512_storeu_ps(s + t, x);
-              vs = _mm512_add_ps(vs, x);
-            }
-            part = _mm512_reduce_add_ps(vs);
-          } else
-#elif defined(PS_AVX2)
-          if (valid == nt && nt % 8 == 0) {  // every step but a row's last: in registers, exp inline
-            __m256 vm = _mm256_set1_ps(m);
-            for (int64_t t = 0; t < nt; t += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + t));
-            m = hmax8(vm);
-            const __m256 vb = _mm256_set1_ps(m);
-            __m256 vs = _mm256_setzero_ps();
-            for (int64_t t = 0; t < nt; t += 8) {
-              const __m256 x = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), vb));
-              _mm256_storeu_ps(s + t, x);
-              vs = _mm256_add_ps(vs, x);
-            }
-            part = hsum8(vs);
-          } else
+#ifdef PS_AVX2
+          if (valid == nt && nt % 8 == 0)  // every step but a row's last: in registers, exp inline
+            part = exp_in_place(s, nt, m);
+          else
 #endif
           {
             for (int64_t t = 0; t < valid; ++t) m = std::max(m, s[t]);
