@@ -20,6 +20,7 @@ temperature 0; SmolLM2-135M-Instruct float32), prints one table, writes JSON and
     python benchmarks/peers.py --engines pagedserve pagedserve-f16kv pagedserve-fp8kv llamacpp vllm openvino \
         openvino-f32kv \
         [--modes offline online itl-pair]
+    python benchmarks/peers.py --engines pagedserve openvino-f32kv --offline-pairs 6   # same-run pairs, median
 
 Results of every engine run are merged into results/peers.json, so engines can be (re)run one at
 a time; the table and plot show everything recorded, with the date of each run.
@@ -287,9 +288,38 @@ def itl_pair(rounds: int, itl_requests: int) -> dict:
 
 # -- report -------------------------------------------------------------------------------------
 
+def offline_pairs(engines: list[str], rounds: int) -> dict:
+    """The offline mode `rounds` times over: pagedserve (the first engine) and its peers (the rest)
+    run back to back in every round, taking turns at going first, and each round's ratio is
+    pagedserve's tok/s over the best peer's in that round. One engine's throughput drifts +-4%
+    from run to run on this shared machine, so a single pair can land on either side of a target;
+    the median of several same-run pairs says where it stands."""
+    import gc
+
+    ours, peers = engines[0], engines[1:]
+    if not ours.startswith("pagedserve") or not peers:
+        raise SystemExit("--offline-pairs: name a pagedserve engine first, then the peer(s), e.g. "
+                         "--engines pagedserve openvino-f32kv")
+    rows = []
+    for i in range(rounds):
+        order = [ours, *peers] if i % 2 == 0 else [*peers, ours]
+        tok = {}
+        for e in order:
+            print(f"== round {i + 1}/{rounds}: {e} offline", flush=True)
+            tok[e] = offline(e)["output_tok_s"]
+            gc.collect()  # the in-process engine's KV cache goes before the next engine starts
+        ratio = tok[ours] / max(tok[p] for p in peers)
+        rows.append({**tok, "first": order[0], "ratio": ratio})
+        print(f"   round {i + 1}: " + ", ".join(f"{e} {t:.1f}" for e, t in tok.items()) + f" -> {ratio:.3f}x", flush=True)
+    ratios = [r["ratio"] for r in rows]
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "engine": ours, "peers": peers, "rounds": rows,
+            "median_ratio": statistics.median(ratios), "min_ratio": min(ratios), "max_ratio": max(ratios),
+            "rounds_at_or_above_1.2": sum(r >= 1.2 for r in ratios)}
+
+
 def engine_results(results: dict) -> dict:
-    """The per-engine entries of peers.json (it also holds the itl-pair turns)."""
-    return {e: r for e, r in results.items() if e != "itl_pair"}
+    """The per-engine entries of peers.json (it also holds the itl-pair turns and offline pairs)."""
+    return {e: r for e, r in results.items() if e not in ("itl_pair", "offline_pairs")}
 
 
 def report(results: dict) -> None:
@@ -337,6 +367,12 @@ def report(results: dict) -> None:
         rounds = ", ".join(f"{x:.2f}" for x in pair["ratios"])
         lines.append(f"ITL at c=1 vs llama-server, in turns ({pair['date']}): median {pair['median_ratio']:.2f}x "
                      f"(rounds {rounds}; target <= 1.2x)")
+    if pairs := results.get("offline_pairs"):
+        rounds = ", ".join(f"{r['ratio']:.3f}" for r in pairs["rounds"])
+        lines.append(f"offline, {len(pairs['rounds'])} same-run pairs vs best of {' / '.join(pairs['peers'])} "
+                     f"({pairs['date']}): median {pairs['median_ratio']:.3f}x, range {pairs['min_ratio']:.3f}-"
+                     f"{pairs['max_ratio']:.3f}x, {pairs['rounds_at_or_above_1.2']} at or above 1.2x "
+                     f"(rounds {rounds}; target >= 1.2x)")
     for line in lines:
         print(line)
 
@@ -377,6 +413,9 @@ def main():
                     choices=["offline", "online", "itl-pair"])
     ap.add_argument("--itl-requests", type=int, default=8)
     ap.add_argument("--itl-rounds", type=int, default=3, help="turns of the itl-pair mode")
+    ap.add_argument("--offline-pairs", type=int, default=0, metavar="N",
+                    help="offline only: N rounds of the first engine (pagedserve) and the others back to back, "
+                         "taking turns at going first; reports each round's ratio and the median")
     ap.add_argument("--install-only", action="store_true")
     args = ap.parse_args()
     import logging
@@ -389,6 +428,11 @@ def main():
         for e in args.engines:
             {"vllm": install_vllm, "llamacpp": install_llamacpp, "openvino": install_openvino,
              "openvino-f32kv": install_openvino}.get(e, lambda: None)()
+        return
+    if args.offline_pairs:
+        results["offline_pairs"] = offline_pairs(args.engines, args.offline_pairs)
+        out.write_text(json.dumps(results, indent=2))
+        report(results)
         return
     for e in args.engines:
         r = results.setdefault(e, {})

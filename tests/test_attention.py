@@ -8,7 +8,8 @@ from pagedserve.model.attention import AttentionMetadata, CppCpuPagedAttention, 
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size",
-                         [(9, 3, 64, 16), (4, 4, 32, 8), (8, 2, 128, 4), (6, 1, 16, 1), (4, 2, 96, 5), (14, 2, 64, 16)])
+                         [(9, 3, 64, 16), (4, 4, 32, 8), (8, 2, 128, 4), (6, 1, 16, 1), (4, 2, 96, 5), (14, 2, 64, 16),
+                          (8, 2, 128, 32)])
 @pytest.mark.parametrize("lens", [[1, 5, 17, 33, 64, 2, 100], [700], [3, 400]])
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e5m2])
 def test_cpp_decode_matches_torch(heads, kv_heads, head_dim, block_size, lens, kv_dtype):
