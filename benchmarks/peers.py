@@ -198,6 +198,35 @@ def offline(engine: str) -> dict:
     raise ValueError(f"{engine} has no offline mode here")
 
 
+def offline_pairs(engines: list[str], rounds: int) -> dict:
+    """The offline mode `rounds` times over: pagedserve (the first engine) and its peers (the rest)
+    run back to back in every round, taking turns at going first, and each round's ratio is
+    pagedserve's tok/s over the best peer's in that round. One engine's throughput drifts +-4%
+    from run to run on this shared machine, so a single pair can land on either side of a target;
+    the median of several same-run pairs says where it stands."""
+    import gc
+
+    ours, peers = engines[0], engines[1:]
+    if not ours.startswith("pagedserve") or not peers:
+        raise SystemExit("--offline-pairs: name a pagedserve engine first, then the peer(s), e.g. "
+                         "--engines pagedserve openvino-f32kv")
+    rows = []
+    for i in range(rounds):
+        order = [ours, *peers] if i % 2 == 0 else [*peers, ours]
+        tok = {}
+        for e in order:
+            print(f"== round {i + 1}/{rounds}: {e} offline", flush=True)
+            tok[e] = offline(e)["output_tok_s"]
+            gc.collect()  # the in-process engine's KV cache goes before the next engine starts
+        ratio = tok[ours] / max(tok[p] for p in peers)
+        rows.append({**tok, "first": order[0], "ratio": ratio})
+        print(f"   round {i + 1}: " + ", ".join(f"{e} {t:.1f}" for e, t in tok.items()) + f" -> {ratio:.3f}x", flush=True)
+    ratios = [r["ratio"] for r in rows]
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "engine": ours, "peers": peers, "rounds": rows,
+            "median_ratio": statistics.median(ratios), "min_ratio": min(ratios), "max_ratio": max(ratios),
+            "rounds_at_or_above_1.2": sum(r >= 1.2 for r in ratios)}
+
+
 # -- online -------------------------------------------------------------------------------------
 
 def start_server(engine: str, port: int) -> subprocess.Popen:
@@ -288,35 +317,6 @@ def itl_pair(rounds: int, itl_requests: int) -> dict:
 
 # -- report -------------------------------------------------------------------------------------
 
-def offline_pairs(engines: list[str], rounds: int) -> dict:
-    """The offline mode `rounds` times over: pagedserve (the first engine) and its peers (the rest)
-    run back to back in every round, taking turns at going first, and each round's ratio is
-    pagedserve's tok/s over the best peer's in that round. One engine's throughput drifts +-4%
-    from run to run on this shared machine, so a single pair can land on either side of a target;
-    the median of several same-run pairs says where it stands."""
-    import gc
-
-    ours, peers = engines[0], engines[1:]
-    if not ours.startswith("pagedserve") or not peers:
-        raise SystemExit("--offline-pairs: name a pagedserve engine first, then the peer(s), e.g. "
-                         "--engines pagedserve openvino-f32kv")
-    rows = []
-    for i in range(rounds):
-        order = [ours, *peers] if i % 2 == 0 else [*peers, ours]
-        tok = {}
-        for e in order:
-            print(f"== round {i + 1}/{rounds}: {e} offline", flush=True)
-            tok[e] = offline(e)["output_tok_s"]
-            gc.collect()  # the in-process engine's KV cache goes before the next engine starts
-        ratio = tok[ours] / max(tok[p] for p in peers)
-        rows.append({**tok, "first": order[0], "ratio": ratio})
-        print(f"   round {i + 1}: " + ", ".join(f"{e} {t:.1f}" for e, t in tok.items()) + f" -> {ratio:.3f}x", flush=True)
-    ratios = [r["ratio"] for r in rows]
-    return {"date": time.strftime("%Y-%m-%d %H:%M"), "engine": ours, "peers": peers, "rounds": rows,
-            "median_ratio": statistics.median(ratios), "min_ratio": min(ratios), "max_ratio": max(ratios),
-            "rounds_at_or_above_1.2": sum(r >= 1.2 for r in ratios)}
-
-
 def engine_results(results: dict) -> dict:
     """The per-engine entries of peers.json (it also holds the itl-pair turns and offline pairs)."""
     return {e: r for e, r in results.items() if e not in ("itl_pair", "offline_pairs")}
@@ -385,7 +385,9 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     engines = list(engine_results(results))
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    pairs = results.get("offline_pairs")
+    fig, axes = plt.subplots(1, 3 if pairs else 2, figsize=(16 if pairs else 11, 4))
+    a, b = axes[0], axes[1]
     off = [results[e].get("offline", {}).get("output_tok_s", 0) for e in engines]
     a.bar(engines, off, color="#4c72b0")
     a.set_title("offline output tok/s")
@@ -400,6 +402,16 @@ def plot(results: dict, path: Path) -> None:
     b.set_ylabel("output tok/s")
     b.set_title("online throughput vs concurrency")
     b.legend()
+    if pairs:  # each same-run pair's ratio, the median and the target
+        c = axes[2]
+        ratios = [r["ratio"] for r in pairs["rounds"]]
+        c.bar(range(1, len(ratios) + 1), ratios, color="#55a868")
+        c.axhline(1.2, color="#c44e52", linestyle="--", label="target 1.2x")
+        c.axhline(pairs["median_ratio"], color="#333333", label=f"median {pairs['median_ratio']:.3f}x")
+        c.set_ylim(min(1.0, min(ratios) - 0.05), max(ratios) + 0.05)
+        c.set_xlabel("round")
+        c.set_title(f"offline {pairs['engine']} / best of {', '.join(pairs['peers'])}")
+        c.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -433,6 +445,7 @@ def main():
         results["offline_pairs"] = offline_pairs(args.engines, args.offline_pairs)
         out.write_text(json.dumps(results, indent=2))
         report(results)
+        plot(results, out.with_suffix(".png"))
         return
     for e in args.engines:
         r = results.setdefault(e, {})
