@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import assert_no_leaks
 from pagedserve import LLM, SamplingParams
+from pagedserve.config import KV_ONLY_DTYPES
 from pagedserve.engine.sampling_params import OutputKind
 from prompts import parity_prompts
 
@@ -145,7 +146,7 @@ def test_low_precision_kv_cache(default_model_dir, hf_model, backend, kv_dtype, 
     kw = dict(max_model_len=2048, kv_cache_memory=96 << 20, max_num_batched_tokens=80, attention_backend=backend)
     llm = LLM(str(default_model_dir), kv_cache_dtype=kv_dtype, **kw)
     r = llm.engine.runner
-    dtype = {"fp8_e5m2": torch.float8_e5m2}.get(kv_dtype) or getattr(torch, kv_dtype)
+    dtype = KV_ONLY_DTYPES.get(kv_dtype) or getattr(torch, kv_dtype)
     assert r.kv_caches.dtype == dtype and r.dtype == torch.float32
     per_value = dtype.itemsize  # float32 would hold 4 / itemsize times fewer blocks
     assert r.num_blocks == (96 << 20) // (2 * 30 * 3 * 64 * per_value * 16)

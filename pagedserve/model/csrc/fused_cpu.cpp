@@ -9,7 +9,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <algorithm>
 #include <cstring>
 
 namespace {
