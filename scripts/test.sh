@@ -2,16 +2,26 @@
 # Set up everything (scripts/setup.sh plus the Debian packages the tests use), then run the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+T0=$SECONDS
 # Debian packages: a real Prometheus scrapes the server in the metrics tests; a real PostgreSQL
-# holds the gateway's audit log in its tests (they start their own server in a temp dir).
+# holds the gateway's audit log in its tests (they start their own server in a temp dir). They
+# install in the background while setup.sh runs.
 need=()
 command -v prometheus >/dev/null || need+=(prometheus)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+APT_PID=""
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  echo "[test.sh] installing ${need[*]} from Debian in the background (log: /tmp/pagedserve-apt.log)"
+  ( $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+      "${need[@]}" ) >/tmp/pagedserve-apt.log 2>&1 &
+  APT_PID=$!
 fi
 bash scripts/setup.sh
+if [ -n "$APT_PID" ]; then
+  if ! wait "$APT_PID"; then echo "[test.sh] apt-get failed:"; tail -n 30 /tmp/pagedserve-apt.log; exit 1; fi
+  echo "[test.sh] Debian packages installed ($((SECONDS - T0)) s since start)"
+fi
 . .venv/bin/activate
+echo "[test.sh] running the tests ($((SECONDS - T0)) s since start)"
 exec python -m pytest -q "$@"

@@ -4,7 +4,17 @@ against the PyTorch reference path on random data."""
 import pytest
 import torch
 
+from pagedserve.model import cpu_kernels, kernel_levels
 from pagedserve.model.attention import AttentionMetadata, CppCpuPagedAttention, PrefillChunk, TorchPagedAttention
+
+
+@pytest.fixture(autouse=True, params=[lv.name for lv in kernel_levels.supported_levels()])
+def kernel_level(request, monkeypatch):
+    """Every test here runs on each installed build this CPU can run (x86-64-v4's AVX-512 tiles
+    and x86-64-v3's AVX2 ones on an AVX-512 machine), whichever one the process picked."""
+    monkeypatch.setattr(cpu_kernels, "_module", cpu_kernels.load_level(request.param))
+    monkeypatch.setattr(cpu_kernels, "_error", None)
+    return request.param
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size",

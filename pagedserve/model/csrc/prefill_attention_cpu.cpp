@@ -11,7 +11,7 @@
 // AVX2, 12 x 32 with AVX-512) and the values into rows [keys][D]. For contexts up to ~1000 tokens both sit in L2
 // while every query row of the chunk reuses them. Prefix keys come from the paged cache (widened
 // from a 16- or 8-bit cache); the chunk's own keys from k/v as computed, as the PyTorch path does.
-// A query row is a (token, query head of the group) pair; a tile is MR consecutive rows (6, or 12
+// A query row is a (token, query head of the group) pair; a tile is QR consecutive rows (6, or 12
 // with AVX-512), so with 3 heads per group a tile is 2 (4) tokens whose causal frontiers differ
 // by up to 1 (3) keys.
 #include <torch/extension.h>
@@ -30,27 +30,27 @@
 namespace {
 constexpr int64_t KP = 16;   // keys per panel
 #if defined(__AVX512F__)
-constexpr int64_t MR = 12;   // query rows per tile: the AVX-512 tile's 12 x 32
+constexpr int64_t QR = 12;   // query rows per tile: the AVX-512 tile's 12 x 32
 #else
-constexpr int64_t MR = 6;    // query rows per tile: the AVX2 tile's 6 x 16
+constexpr int64_t QR = 6;    // query rows per tile: the AVX2 tile's 6 x 16
 #endif
 constexpr int64_t KS = 64;   // keys per online-softmax step (4 panels)
 }  // namespace
 
-// S[r][0:16*np] = Q[r] . keys of np (1 or 2) adjacent panels, r < MR. Q rows D apart; S rows KS
+// S[r][0:16*np] = Q[r] . keys of np (1 or 2) adjacent panels, r < QR. Q rows D apart; S rows KS
 // apart. It is the packed GEMM's tile (A = Q, B = the [D][16] panels): both panels at once in the
 // AVX-512 tile, one after the other in the AVX2 one.
 static inline void qk_panels(const float* Q, int64_t D, const float* panel, int64_t np, float* S) {
 #if defined(__AVX512F__)
   if (np == 2)
-    tile512<MR, 2>(Q, D, panel, KP, KP * D, S, KS, D, true, nullptr, nullptr);
+    tile512<QR, 2>(Q, D, panel, KP, KP * D, S, KS, D, true, nullptr, nullptr);
   else
-    tile512<MR, 1>(Q, D, panel, KP, KP * D, S, KS, D, true, nullptr, nullptr);
+    tile512<QR, 1>(Q, D, panel, KP, KP * D, S, KS, D, true, nullptr, nullptr);
 #elif defined(PS_AVX2)
-  for (int64_t p = 0; p < np; ++p) tile<MR>(Q, D, panel + p * KP * D, KP, S + p * KP, KS, D, true, nullptr);
+  for (int64_t p = 0; p < np; ++p) tile<QR>(Q, D, panel + p * KP * D, KP, S + p * KP, KS, D, true, nullptr);
 #else
   for (int64_t p = 0; p < np; ++p)
-    for (int64_t r = 0; r < MR; ++r)
+    for (int64_t r = 0; r < QR; ++r)
       for (int64_t j = 0; j < KP; ++j) {
         float dot = 0.f;
         for (int64_t d = 0; d < D; ++d) dot += Q[r * D + d] * panel[p * KP * D + d * KP + j];
@@ -59,18 +59,18 @@ static inline void qk_panels(const float* Q, int64_t D, const float* panel, int6
 #endif
 }
 
-// O[r][0:D] += sum over t < nt of P[r][t] * V[t][0:D], r < MR. P rows KS apart, V and O rows D
+// O[r][0:D] += sum over t < nt of P[r][t] * V[t][0:D], r < QR. P rows KS apart, V and O rows D
 // apart. The GEMM's tile accumulating into O (A = P, B = V): 32 columns at a time with AVX-512
 // (two 16-wide "panels" 16 floats apart in each row of V), 16 with AVX2.
 static inline void pv_step(const float* P, const float* V, int64_t nt, int64_t D, float* O) {
   int64_t d0 = 0;
 #if defined(__AVX512F__)
-  for (; d0 + 32 <= D; d0 += 32) tile512<MR, 2>(P, KS, V + d0, D, 16, O + d0, D, nt, false, nullptr, nullptr);
-  for (; d0 + 16 <= D; d0 += 16) tile512<MR, 1>(P, KS, V + d0, D, 16, O + d0, D, nt, false, nullptr, nullptr);
+  for (; d0 + 32 <= D; d0 += 32) tile512<QR, 2>(P, KS, V + d0, D, 16, O + d0, D, nt, false, nullptr, nullptr);
+  for (; d0 + 16 <= D; d0 += 16) tile512<QR, 1>(P, KS, V + d0, D, 16, O + d0, D, nt, false, nullptr, nullptr);
 #elif defined(PS_AVX2)
-  for (; d0 + 16 <= D; d0 += 16) tile<MR>(P, KS, V + d0, D, O + d0, D, nt, false, nullptr);
+  for (; d0 + 16 <= D; d0 += 16) tile<QR>(P, KS, V + d0, D, O + d0, D, nt, false, nullptr);
 #endif
-  for (int64_t r = 0; r < MR; ++r)
+  for (int64_t r = 0; r < QR; ++r)
     for (int64_t t = 0; t < nt; ++t)
       for (int64_t d = d0; d < D; ++d) O[r * D + d] += P[r * KS + t] * V[t * D + d];
 }
@@ -133,18 +133,18 @@ static void prefill_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k, to
   // 2. Tiles of 6 query rows. Row r of a kv head is token r / G, query head h * G + r % G, at key
   //    position prefix + r / G. Causal work grows with the position, so tiles are dealt out
   //    zig-zag (first, last, second, ...): each thread's contiguous range gets an even share.
-  const int64_t R = n * G, ntiles = (R + MR - 1) / MR;
+  const int64_t R = n * G, ntiles = (R + QR - 1) / QR;
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, KVH * ntiles, 1, [&](int64_t b, int64_t e) {
-    std::unique_ptr<float[]> Q(new float[MR * D]), O(new float[MR * D]), S(new float[MR * KS]);
+    std::unique_ptr<float[]> Q(new float[QR * D]), O(new float[QR * D]), S(new float[QR * KS]);
     for (int64_t w = b; w < e; ++w) {
       const int64_t h = w / ntiles, i = w % ntiles;
       const int64_t tile = i % 2 == 0 ? i / 2 : ntiles - 1 - i / 2;
-      int64_t pos[MR], tok[MR], head[MR];
-      float mx[MR], sum[MR];
+      int64_t pos[QR], tok[QR], head[QR];
+      float mx[QR], sum[QR];
       int64_t pmax = 0;
-      for (int64_t r = 0; r < MR; ++r) {
-        const int64_t row = std::min(tile * MR + r, R - 1);  // a short last tile repeats its last row
+      for (int64_t r = 0; r < QR; ++r) {
+        const int64_t row = std::min(tile * QR + r, R - 1);  // a short last tile repeats its last row
         tok[r] = row / G;
         head[r] = h * G + row % G;
         pos[r] = prefix + tok[r];
@@ -154,17 +154,17 @@ static void prefill_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k, to
         mx[r] = std::numeric_limits<float>::lowest();  // finite: built with -ffast-math
         sum[r] = 0.f;
       }
-      std::fill(O.get(), O.get() + MR * D, 0.f);
+      std::fill(O.get(), O.get() + QR * D, 0.f);
       const float* kh = kt.get() + h * NP * KP * D;
       const float* vh = vb.get() + h * NP * KP * D;
       for (int64_t j0 = 0; j0 <= pmax; j0 += KS) {
         const int64_t nt = std::min(KS, pmax + 1 - j0);  // keys some row of the tile may see
         for (int64_t p = 0; p * KP < nt; p += 2)
           qk_panels(Q.get(), D, kh + (j0 / KP + p) * KP * D, (p + 1) * KP < nt ? 2 : 1, S.get() + p * KP);
-        for (int64_t r = 0; r < MR; ++r) {
+        for (int64_t r = 0; r < QR; ++r) {
           float* s = S.get() + r * KS;
           // Keys this row sees here: none when another row of the tile set pmax (with G = 1 a
-          // tile spans MR tokens, and the step may start past this row's position).
+          // tile spans QR tokens, and the step may start past this row's position).
           const int64_t valid = std::max<int64_t>(0, std::min(nt, pos[r] + 1 - j0));
           float m = mx[r];
           float part = 0.f;
@@ -192,7 +192,7 @@ static void prefill_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k, to
         }
         pv_step(S.get(), vh + j0 * D, nt, D, O.get());
       }
-      const int64_t rows = std::min(MR, R - tile * MR);
+      const int64_t rows = std::min(QR, R - tile * QR);
       for (int64_t r = 0; r < rows; ++r) {
         float* dst = op + (start + tok[r]) * H * D + head[r] * D;
         const float inv = 1.f / sum[r];
