@@ -24,12 +24,23 @@ def parse_bytes(s: str) -> int:
     return int(num * base ** " kmgt".index(unit or " "))
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends '(default: X)' only where the help does not already say what the default is, and
+    not for flags whose default is 'not set'."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or any(action.default is d for d in (None, False, argparse.SUPPRESS)):
+            return text
+        return super()._get_help_string(action)
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_tag", nargs="?", default=None, help="model: HF folder, .gguf file, or hub id (default: SmolLM2-135M-Instruct)")
     p.add_argument("--model", default=None, help="same as the positional MODEL")
     p.add_argument("--served-model-name", nargs="+", default=None, help="name(s) clients use in 'model' (default: the model path/id)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (the Helm chart passes 0.0.0.0)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="listen port")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
     p.add_argument("--kv-cache-dtype", default="auto",
                    help="KV cache element type: auto (the model's dtype), float16 or bfloat16 (half the memory "
@@ -50,7 +61,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1 routes (or env PAGEDSERVE_API_KEY)")
     p.add_argument("--chat-template", default=None, help="chat template file or Jinja string (default: the tokenizer's)")
     p.add_argument("--seed", type=int, default=0, help="random seed for unseeded sampling")
-    p.add_argument("--uvicorn-log-level", default="warning", choices=["critical", "error", "warning", "info", "debug", "trace"])
+    p.add_argument("--uvicorn-log-level", default="warning", choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="uvicorn's own log level (pagedserve logs at INFO)")
     p.add_argument("--max-waiting-requests", type=int, default=1024, help="queue depth before answering 503 + Retry-After")
     p.add_argument("--max-request-body-bytes", type=parse_bytes, default=4 << 20, help="larger bodies get 413 (default 4MiB)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds one request may take before 504")
@@ -65,17 +77,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from pagedserve.config import EngineConfig
-    from pagedserve.engine.async_engine import AsyncEngine
-    from pagedserve.engine.engine import LLMEngine
-    from pagedserve.server.app import ServerSettings, build_app
+    from pagedserve.model.loader import locate_model
 
     if args.tensor_parallel_size != 1:
-        raise SystemExit("error: --tensor-parallel-size > 1 is not supported; run one replica per device and "
+        raise ValueError("--tensor-parallel-size > 1 is not supported; run one replica per device and "
                          "put `pagedserve gateway` in front")
     model = args.model or args.model_tag
+    locate_model(model)  # a bad path or flag is reported now, not after torch and the model load
     cfg = EngineConfig(
         model=model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, device=args.device,
         max_model_len=args.max_model_len,
@@ -85,6 +94,12 @@ def serve(args: argparse.Namespace) -> int:
         seed=args.seed, chat_template=args.chat_template, attention_backend=args.attention_backend,
         num_threads=args.num_threads,
     )
+    import uvicorn
+
+    from pagedserve.engine.async_engine import AsyncEngine, ShuttingDownError
+    from pagedserve.engine.engine import LLMEngine
+    from pagedserve.server.app import ServerSettings, build_app
+
     def make_engine() -> LLMEngine:
         import torch
 
@@ -107,9 +122,28 @@ def serve(args: argparse.Namespace) -> int:
 
     orig_startup = server.startup
 
+    async def end_unfinished_at_shutdown_deadline():
+        """uvicorn cancels the connections still open when --shutdown-timeout runs out: streams were
+        cut mid-event, without [DONE], and each logged a CancelledError traceback. A second before
+        that, every unfinished request ends with an error (an error event and [DONE] for a stream,
+        503 otherwise), so clients see why and connections close cleanly."""
+        import asyncio
+
+        while not server.should_exit:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(max(0.0, args.shutdown_timeout - 1.0))
+        n = async_engine.fail_all(ShuttingDownError(
+            f"the server is shutting down and this request did not finish within {args.shutdown_timeout:g}s "
+            "(--shutdown-timeout); retry it"))
+        if n:
+            log.warning("shutdown: ended %d unfinished request(s) after %.0fs", n, args.shutdown_timeout)
+
     async def startup(sockets=None):
         await orig_startup(sockets)
         if server.started:
+            import asyncio
+
+            server.cut_task = asyncio.get_running_loop().create_task(end_unfinished_at_shutdown_deadline())
             r = engine.runner
             log.info(
                 "ready url=http://%s:%d model=%s served_as=%s dtype=%s device=%s kv_blocks=%d kv_tokens=%d "
@@ -137,17 +171,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pagedserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="serve a model over the OpenAI API",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                             formatter_class=HelpFormatter)
     add_serve_args(p_serve)
     from pagedserve.bench.cli import add_bench_args
 
     p_bench = sub.add_parser("bench", help="load-test any OpenAI-compatible server",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                             formatter_class=HelpFormatter)
     add_bench_args(p_bench)
     from pagedserve.planner.cli import add_plan_args
 
     p_plan = sub.add_parser("plan", help="size GPUs, replicas and cost for a model and workload",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=HelpFormatter)
     add_plan_args(p_plan)
     from pagedserve.gateway.cli import add_gateway_args
 

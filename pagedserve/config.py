@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a dtype is resolved: `plan` and `--help` answer without it
+    import torch
 
 CPU_DEFAULT_KV_CACHE_BYTES = 4 << 30  # like vLLM's VLLM_CPU_KVCACHE_SPACE default (4 GiB)
 RUNTIME_RESERVE_FRACTION = 0.05  # of device memory, for activations and allocator slack
+# --dtype / --kv-cache-dtype names -> torch's attribute names (torch_dtype() resolves them).
 DTYPES = {
-    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+    "float32": "float32", "float": "float32", "fp32": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "half": "float16", "fp16": "float16",
 }
 # KV cache only: float8 e5m2 (vLLM's fp8_e5m2, the fp8 format its CPU backend supports). No scale
 # factors: K/V are stored as they are, rounded to 2 mantissa bits, so it quarters a float32 cache.
-KV_ONLY_DTYPES = {"fp8_e5m2": torch.float8_e5m2}
+KV_ONLY_DTYPES = {"fp8_e5m2": "float8_e5m2"}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """A --dtype / --kv-cache-dtype name (DTYPES or KV_ONLY_DTYPES) as torch's dtype."""
+    import torch
+
+    return getattr(torch, {**DTYPES, **KV_ONLY_DTYPES}[name])
 
 
 @dataclass
@@ -52,9 +62,13 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
-        self.resolve_kv_cache_dtype(torch.float32)  # a bad name fails here, before the model loads
+        if self.dtype != "auto" and self.dtype not in DTYPES:  # bad names fail here, before the model loads
+            raise ValueError(f"dtype must be one of {sorted(DTYPES) + ['auto']}, got {self.dtype!r}")
+        self._check_kv_cache_dtype()
 
     def resolve_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dev = torch.device(self.device)
@@ -65,20 +79,24 @@ class EngineConfig:
         return dev
 
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
+        import torch
+
         if self.dtype == "auto":
             return torch.bfloat16 if device.type == "cuda" else torch.float32
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES) + ['auto']}, got {self.dtype!r}")
-        return DTYPES[self.dtype]
+        return torch_dtype(self.dtype)
 
     def resolve_kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """The KV cache's element type. 16-bit K/V under float32 weights halves the cache (twice
         the tokens in the same memory) and the bytes decode attention reads each step; fp8_e5m2
         quarters them, at 2 mantissa bits per value."""
-        if self.kv_cache_dtype == "auto":
-            return model_dtype
-        if self.kv_cache_dtype in KV_ONLY_DTYPES:
-            return KV_ONLY_DTYPES[self.kv_cache_dtype]
+        self._check_kv_cache_dtype()
+        return model_dtype if self.kv_cache_dtype == "auto" else torch_dtype(self.kv_cache_dtype)
+
+    def _check_kv_cache_dtype(self) -> None:
+        if self.kv_cache_dtype == "auto" or self.kv_cache_dtype in KV_ONLY_DTYPES:
+            return
         if self.kv_cache_dtype.startswith("fp8"):
             raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported: fp8 KV caches with scale "
                              "factors (e4m3) are not implemented; use fp8_e5m2 (unscaled, as vLLM's CPU backend), "
@@ -86,4 +104,3 @@ class EngineConfig:
         if self.kv_cache_dtype not in DTYPES:
             names = sorted(DTYPES) + sorted(KV_ONLY_DTYPES) + ["auto"]
             raise ValueError(f"kv_cache_dtype must be one of {names}, got {self.kv_cache_dtype!r}")
-        return DTYPES[self.kv_cache_dtype]

@@ -92,7 +92,7 @@ from pagedserve.model import cpu_kernels
 print('[setup] C++ CPU kernels for this CPU:', cpu_kernels.describe())" | tail -n 1
 
 # 4. The default model's GGUF, converted once into the cache, so the first serve starts in seconds.
-step "converting the default model into ~/.cache/pagedserve (once)" convert.log \
+step "preparing the default model (its GGUF is converted once into ~/.cache/pagedserve)" convert.log \
   env -u PYTHONDONTWRITEBYTECODE $VPY -c "from pagedserve.model.loader import resolve_model; print('default model:', resolve_model(None))"
 tail -n 1 "$LOGS/convert.log" | sed 's/^/[setup] /'
 wait "$BPID" || { say "byte-compiling failed (imports are slower, nothing else): see $LOGS/bytecode.log"; }

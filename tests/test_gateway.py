@@ -174,6 +174,11 @@ def test_chat_completions_models_and_streaming(env):
     assert all(g.department == "engineering" and g.pool == "local" and g.backend in ("r1", "r2", "r3") for g in got)
     assert got[2].stream and got[2].ttft_s is not None and got[2].ttft_s <= got[2].latency_s
     assert got[0].cost == pytest.approx((got[0].prompt_tokens * 1.0 + 8 * 2.0) / 1e6)
+    # Responses name the model the client asked for, not the pool's upstream name ("tiny").
+    r = c.chat.completions.create(model="tiny-sticky", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert r.model == "tiny-sticky"
+    chunks = list(c.completions.create(model="tiny-sticky", prompt='say "model": "tiny"', max_tokens=3, stream=True))
+    assert chunks and {ch.model for ch in chunks} == {"tiny-sticky"}
 
 
 def test_errors_are_openai_shaped(env):
@@ -202,7 +207,7 @@ def test_file_discovery_picks_up_new_backends(env):
         c.completions.create(model="tiny-discovered", prompt="a", max_tokens=1)
     assert {g.backend for g in rows(env["db"], start, expect=3)} == {f"discovered:{reps['r1'].base.split('://')[1]}"}
     env["disc"].write_text(f"{reps['r1'].base}\n{reps['r2'].base}\n")
-    time.sleep(1.5)
+    wait_pool_available(env, "discovered", 2, 60, "the second discovered backend never became available")
     start = last_id(env["db"])
     for _ in range(4):
         c.completions.create(model="tiny-discovered", prompt="a", max_tokens=1)
@@ -275,20 +280,27 @@ def wait_pool_available(env, pool, n, timeout, message):
 
 
 def test_saturated_pool_overflows_to_its_fallback(env):
-    """Pool 'tight' counts one in-flight request per replica as full: the rest go to the provider."""
-    # Start from a healthy, idle r3 (an earlier test's load can leave it briefly ejected or busy;
-    # then all four would overflow and the test would say nothing about the limit).
+    """Pool 'tight' counts one in-flight request per replica as full: the rest go to the provider.
+    The in-flight one is a stream the test holds open (the gateway relays at the client's pace),
+    so it is surely in flight when the others arrive, however loaded the machine."""
+    # Start from a healthy, idle r3 (an earlier test's load can leave it briefly ejected or busy).
     wait_pool_available(env, "tight", 1, 30, "pool 'tight' never became available")
     start = last_id(env["db"])
     c = env["client"]
-    with ThreadPoolExecutor(4) as ex:
-        list(ex.map(lambda i: c.completions.create(model="tiny-tight", prompt=f"p{i}", max_tokens=64,
-                                                    extra_body={"ignore_eos": True}), range(4)))
+    held = c.completions.create(model="tiny-tight", prompt="held", max_tokens=200, stream=True,
+                                extra_body={"ignore_eos": True})
+    it = iter(held)
+    first = next(it)
+    assert first.choices
+    with ThreadPoolExecutor(3) as ex:
+        list(ex.map(lambda i: c.completions.create(model="tiny-tight", prompt=f"p{i}", max_tokens=8), range(3)))
+    rest = list(it)
+    assert rest
     got = rows(env["db"], start, expect=4)
     assert all(g.status == 200 for g in got)
-    pools = sorted(g.pool for g in got)
-    assert "tight" in pools and "external" in pools, pools
+    assert sorted(g.pool for g in got) == ["external"] * 3 + ["tight"], [(g.pool, g.stream) for g in got]
     assert all(g.fallback == (g.pool == "external") for g in got)
+    assert next(g for g in got if g.pool == "tight").stream
 
 
 # -- keys, limits, budgets -----------------------------------------------------------------------
@@ -298,7 +310,11 @@ def test_rate_limit_budget_model_access_and_revocation(env):
     _, limited = create_key(db, "marketing", "--rpm", "3")
     kid, spender = create_key(db, "finance", "--budget", "0.00001", "--models", "tiny")
     rid, revokable = create_key(db, "sales")
-    time.sleep(0.8)  # the gateway re-reads keys every 0.3 s
+    # The gateway re-reads keys every 0.3 s (all at once): wait until it knows the last one.
+    t0 = time.monotonic()
+    while httpx.get(f"{gw.base}/models", headers={"Authorization": f"Bearer {revokable}"}).status_code == 401:
+        assert time.monotonic() - t0 < 60, "the gateway never picked up the new keys"
+        time.sleep(0.1)
 
     def post(key, model="tiny"):
         return httpx.post(f"{gw.base}/completions", json={"model": model, "prompt": "hi", "max_tokens": 2},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import datetime as dt
 import time
 
@@ -62,12 +63,13 @@ def test_weighted_split_is_exact_and_interleaved():
 
 
 def test_circuit_breaker_ejects_after_threshold_and_half_opens_without_health_checks():
-    b = Backend(name="x", url="http://h/v1", failure_threshold=2, cooldown_s=0.2, health_check=False)
+    # A cool-down long enough that a loaded machine's stall between two lines cannot end it.
+    b = Backend(name="x", url="http://h/v1", failure_threshold=2, cooldown_s=1.0, health_check=False)
     b.record_failure("e1")
     assert b.available()
     b.record_failure("e2")
     assert not b.available()
-    time.sleep(0.25)
+    time.sleep(1.05)
     assert b.available()  # half-open: one trial
     b.record_failure("e3")
     assert not b.available()  # failed trial: ejected again
@@ -148,3 +150,15 @@ def test_example_config_is_valid():
 
     cfg = load_config(Path(__file__).resolve().parent.parent / "examples/gateway.yaml", env={"OPENAI_API_KEY": "x"})
     assert {m.name for m in cfg.models} == {"llama-8b", "llama-8b-canary", "auto"}
+
+
+def test_public_model_name_replaces_only_the_top_level_field():
+    from pagedserve.gateway.proxy import _model_field, _public_model
+
+    ev = b'data: {"id":"c1","model":"upstream","choices":[{"text":"\\"model\\": \\"x\\""}]}'
+    out = _public_model(ev, _model_field("pub"))
+    assert out == ev.replace(b'"model":"upstream"', b'"model":"pub"')
+    body = b'{"id": "c", "object": "chat.completion", "model": "gpt-4o-mini-2024-07-18", "choices": []}'
+    assert json.loads(_public_model(body, _model_field('we"ird\n'))) == {
+        "id": "c", "object": "chat.completion", "model": 'we"ird\n', "choices": []}
+    assert _public_model(b'{"id": "c"}', _model_field("pub")) == b'{"id": "c"}'  # no model field: unchanged

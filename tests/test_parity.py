@@ -146,7 +146,7 @@ def test_low_precision_kv_cache(default_model_dir, hf_model, backend, kv_dtype, 
     kw = dict(max_model_len=2048, kv_cache_memory=96 << 20, max_num_batched_tokens=80, attention_backend=backend)
     llm = LLM(str(default_model_dir), kv_cache_dtype=kv_dtype, **kw)
     r = llm.engine.runner
-    dtype = KV_ONLY_DTYPES.get(kv_dtype) or getattr(torch, kv_dtype)
+    dtype = getattr(torch, KV_ONLY_DTYPES.get(kv_dtype, kv_dtype))
     assert r.kv_caches.dtype == dtype and r.dtype == torch.float32
     per_value = dtype.itemsize  # float32 would hold 4 / itemsize times fewer blocks
     assert r.num_blocks == (96 << 20) // (2 * 30 * 3 * 64 * per_value * 16)

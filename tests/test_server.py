@@ -126,6 +126,13 @@ def test_error_statuses(tiny_server):
     err(httpx.post(f"{u}/completions", json={"prompt": "x", "logit_bias": {"abc": 1}}), 400)
     err(httpx.post(f"{u}/chat/completions", json={"messages": []}), 400)
     err(httpx.post(f"{u}/chat/completions", json={"messages": [{"role": "wizard", "content": "x"}]}), 400)
+    # As OpenAI: a user/system message needs content; only an assistant turn may leave it out.
+    for msg in ({"role": "user"}, {"role": "user", "content": None}, {"role": "system", "content": None}):
+        b = err(httpx.post(f"{u}/chat/completions", json={"messages": [msg]}), 400)
+        assert "needs 'content'" in b["message"], b
+    r = httpx.post(f"{u}/chat/completions", json={"max_tokens": 2, "messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": None}, {"role": "user", "content": "x"}]})
+    assert r.status_code == 200, r.text
     err(httpx.post(f"{u}/completions", content=b'{"prompt": "' + b"a" * 70000 + b'"}',
                    headers={"content-type": "application/json"}), 413)
     err(httpx.get(f"{u}/no-such-route"), 404)

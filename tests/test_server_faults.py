@@ -1,6 +1,7 @@
 """Hostile input, dropped clients, overload, a wedged or dead engine, and SIGTERM."""
 
 import asyncio
+import json
 import signal
 import threading
 import time
@@ -233,4 +234,41 @@ def test_sigterm_finishes_in_flight_then_exits_0(tmp_path, tiny_dirs):
     assert s.proc.wait(30) == 0
     assert result["status"] == 200 and result["body"]["usage"]["completion_tokens"] == 200
     assert result["body"]["choices"][0]["finish_reason"] == "length"
+    s.stop()
+
+
+def test_shutdown_timeout_ends_streams_with_an_error_event_and_done(tmp_path, tiny_dirs):
+    """A stream still running when --shutdown-timeout runs out gets an error event and [DONE]
+    (it was cut mid-stream, and the server logged a CancelledError traceback); a non-streaming
+    request gets 503 with the reason; the server still exits 0."""
+    s = ServerProcess([str(tiny_dirs["llama"]), "--served-model-name", "t", "--kv-cache-memory", "16MiB",
+                       "--max-model-len", "4096", "--shutdown-timeout", "2"], tmp_path / "log")
+    lines, plain = [], {}
+
+    def stream():
+        with httpx.stream("POST", f"{s.base}/completions", timeout=60, json={
+                "prompt": "x", "max_tokens": 4000, "ignore_eos": True, "stream": True}) as r:
+            lines.extend(line for line in r.iter_lines() if line)
+
+    def non_stream():
+        r = httpx.post(f"{s.base}/completions", json={"prompt": "y", "max_tokens": 4000, "ignore_eos": True},
+                       timeout=60)
+        plain["status"], plain["body"] = r.status_code, r.json()
+
+    threads = [threading.Thread(target=stream), threading.Thread(target=non_stream)]
+    for t in threads:
+        t.start()
+    assert wait_for(lambda: s.metric("vllm:num_requests_running") == 2, timeout=20)
+    s.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(60)
+    assert s.proc.wait(30) == 0
+    assert lines[-1] == "data: [DONE]", lines[-3:]
+    err = json.loads(lines[-2].removeprefix("data: "))
+    assert err["error"]["code"] == 503 and "--shutdown-timeout" in err["error"]["message"]
+    assert len(lines) > 3  # tokens were streamed before the cut
+    assert plain["status"] == 503 and "--shutdown-timeout" in plain["body"]["error"]["message"]
+    log = (tmp_path / "log").read_text()
+    assert "Traceback" not in log and "CancelledError" not in log, log[-3000:]
+    assert "ended 2 unfinished request(s)" in log
     s.stop()

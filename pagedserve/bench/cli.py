@@ -15,21 +15,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from pagedserve.bench.workload import BenchRequest, synthetic_workload
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="the server's OpenAI base URL")
     p.add_argument("--model", default=None, help="model name to send (default: the first of /v1/models)")
-    p.add_argument("--api-key", default=None)
+    p.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY' (default: none)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64], help="concurrency levels to run")
     p.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second instead of fixed concurrency")
-    p.add_argument("--num-requests", type=int, default=128)
-    p.add_argument("--prompt-len", type=int, nargs=2, default=[32, 512], metavar=("MIN", "MAX"))
-    p.add_argument("--output-len", type=int, nargs=2, default=[32, 256], metavar=("MIN", "MAX"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-requests", type=int, default=128, help="requests per concurrency level (or rate run)")
+    p.add_argument("--prompt-len", type=int, nargs=2, default=[32, 512], metavar=("MIN", "MAX"),
+                   help="prompt lengths in tokens, drawn uniformly between MIN and MAX")
+    p.add_argument("--output-len", type=int, nargs=2, default=[32, 256], metavar=("MIN", "MAX"),
+                   help="output lengths in tokens (max_tokens with ignore_eos), drawn uniformly")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic workload: same seed, same requests")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--label", default="server", help="name of this server in the results")
     p.add_argument("--out", default="bench-results.json", help="JSON results; the plot goes next to it (.png)")
@@ -87,6 +87,8 @@ async def one_request(client, url, model, req: BenchRequest, timeout) -> Request
 
 
 def pct(xs, q):
+    import numpy as np
+
     return float(np.percentile(xs, q)) if len(xs) else None
 
 

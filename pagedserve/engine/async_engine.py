@@ -39,6 +39,10 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+class ShuttingDownError(EngineDeadError):
+    """A request still running when the server's shutdown timeout ran out."""
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -140,6 +144,13 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
+
+    def fail_all(self, error: BaseException) -> int:
+        """End every unfinished request with `error` (each stream raises it, then aborts); how many."""
+        rids = list(self._streams)
+        for rid in rids:
+            self._deliver(rid, error)
+        return len(rids)
 
     def abort(self, request_id: str) -> None:
         self._streams.pop(request_id, None)

@@ -30,7 +30,7 @@ from pagedserve.gateway.metrics import GatewayMetrics
 from pagedserve.gateway.policies import RequestInfo, WeightedSplit, make_policy
 from pagedserve.gateway.proxy import Forwarder, Trace
 from pagedserve.gateway.store import open_db, utcnow
-from pagedserve.server.app import BodyLimitMiddleware
+from pagedserve.server.middleware import BodyLimitMiddleware
 from pagedserve.server.errors import APIError, install_error_handlers
 
 log = logging.getLogger("pagedserve.gateway")
@@ -46,16 +46,42 @@ class Decision:
 
 
 class ModelRoute:
-    """How one public model name picks its pool."""
+    """How one public model name picks its pool.
+
+    A semantic route's embedding model loads in the background once the gateway runs (sentence-
+    transformers takes seconds to tens of seconds): the gateway is healthy and serves every other
+    model meanwhile; requests for this one wait for the load, or get 503 if it failed."""
 
     def __init__(self, cfg: ModelRouteConfig):
         self.cfg = cfg
         self.split = WeightedSplit([(t.pool, t.weight) for t in cfg.split]) if cfg.split else None
         self.semantic = None
-        if cfg.semantic is not None:
-            from pagedserve.gateway.semantic import SemanticRouter
+        self.semantic_error: str | None = None
+        self.semantic_loaded = asyncio.Event()
+        if cfg.semantic is not None and cfg.semantic.model is None:
+            from pagedserve.gateway.semantic import default_embedding_model
 
-            self.semantic = SemanticRouter(cfg.semantic)
+            default_embedding_model()  # not installed: say so at start, not at the first request
+
+    async def load_semantic(self) -> None:
+        from pagedserve.gateway.semantic import SemanticRouter
+
+        t0 = time.monotonic()
+        try:
+            self.semantic = await asyncio.to_thread(SemanticRouter, self.cfg.semantic)
+            log.info("semantic routing for %r ready in %.1fs", self.cfg.name, time.monotonic() - t0)
+        except Exception as e:
+            self.semantic_error = f"{type(e).__name__}: {e}"[:500]
+            log.error("semantic routing for %r could not load its embedding model: %s", self.cfg.name,
+                      self.semantic_error)
+        finally:
+            self.semantic_loaded.set()
+
+    @property
+    def semantic_state(self) -> str:
+        if self.cfg.semantic is None:
+            return "none"
+        return "ready" if self.semantic else "failed" if self.semantic_error else "loading"
 
     async def decide(self, query: str) -> Decision:
         if self.cfg.pool is not None:
@@ -63,6 +89,10 @@ class ModelRoute:
         if self.split is not None:
             pool = self.split.choose()
             return Decision(pool, f"split:{pool}")
+        await self.semantic_loaded.wait()
+        if self.semantic is None:
+            raise APIError(503, f"model {self.cfg.name!r} routes by meaning, and its embedding model could not "
+                                f"be loaded ({self.semantic_error}); see the gateway's log", code="router_unavailable")
         d = await self.semantic.aclassify(query)
         return Decision(d.pool, d.route)
 
@@ -128,6 +158,9 @@ class Gateway:
         for pool in self.pools.values():
             if pool.cfg.discovery is not None:
                 self.tasks.append(asyncio.create_task(monitor.run_discovery(pool), name=f"discover-{pool.name}"))
+        for route in self.routes.values():
+            if route.cfg.semantic is not None:
+                self.tasks.append(asyncio.create_task(route.load_semantic(), name=f"semantic-{route.cfg.name}"))
 
     async def stop(self) -> None:
         for t in self.tasks:
@@ -287,7 +320,8 @@ def build_gateway_app(gw: Gateway) -> FastAPI:
     @app.get("/health")
     async def health():
         pools = {name: {"available": len(p.available()), "backends": len(p.backends)} for name, p in gw.pools.items()}
-        return JSONResponse({"status": "ok", "pools": pools})
+        semantic = {name: r.semantic_state for name, r in gw.routes.items() if r.cfg.semantic is not None}
+        return JSONResponse({"status": "ok", "pools": pools, "semantic_routes": semantic})
 
     @app.get("/metrics")
     async def metrics():

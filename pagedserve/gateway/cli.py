@@ -19,7 +19,8 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="gateway YAML (see examples/gateway.yaml)")
     p.add_argument("--host", default=None, help="bind address (default: server.host in the config)")
     p.add_argument("--port", type=int, default=None, help="port (default: server.port in the config)")
-    p.add_argument("--uvicorn-log-level", default="warning")
+    p.add_argument("--uvicorn-log-level", default="warning", choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="uvicorn's own log level (default: warning; the gateway logs at INFO)")
     sub = p.add_subparsers(dest="gateway_command")
 
     def db_args(q):
@@ -197,12 +198,13 @@ def run_gateway(args) -> int:
         return run_report(args)
     if not args.config:
         raise ValueError("pagedserve gateway needs --config gateway.yaml (see examples/gateway.yaml)")
+    from pagedserve.gateway.config import load_config
+
+    cfg = load_config(args.config)  # a config mistake is reported before anything heavy is imported
     import uvicorn
 
     from pagedserve.gateway.app import Gateway, build_gateway_app
-    from pagedserve.gateway.config import load_config
 
-    cfg = load_config(args.config)
     host, port = args.host or cfg.server.host, args.port or cfg.server.port
     gw = Gateway(cfg)
     app = build_gateway_app(gw)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -61,6 +62,16 @@ class _Failed(Exception):
         self.reason, self.response = reason, response
 
 
+# The response's top-level "model": the first such key (inside string values quotes are escaped,
+# so generated text cannot match). Replaced by the public name the client asked for, not the
+# upstream's name (a provider's dated model id, a pool's internal name).
+_MODEL_FIELD = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
+
+
+def _public_model(data: bytes, public: bytes) -> bytes:
+    return _MODEL_FIELD.sub(lambda _: public, data, count=1)
+
+
 def _usage_of(obj: dict) -> Usage | None:
     u = obj.get("usage")
     if isinstance(u, dict):
@@ -73,6 +84,10 @@ def _has_content(obj: dict) -> bool:
         if c.get("text") or (c.get("delta") or {}).get("content"):
             return True
     return False
+
+
+def _model_field(public_model: str) -> bytes:
+    return b'"model":' + json.dumps(public_model).encode()
 
 
 class Forwarder:
@@ -196,6 +211,8 @@ class Forwarder:
                 b.outstanding -= 1
                 resp.release()
                 on_done(trace)
+                if resp.status == 200:
+                    content = _public_model(content, _model_field(public_model))
                 return Response(content, resp.status, media_type=resp.headers.get("content-type"))
             try:
                 first = await resp.content.readany()
@@ -211,11 +228,12 @@ class Forwarder:
             b.outstanding -= 1
             resp.close()
             raise
-        return StreamingResponse(self._relay(first, resp, b, trace, client_wants_usage, on_done),
+        return StreamingResponse(self._relay(first, resp, b, trace, client_wants_usage, on_done,
+                                             _model_field(public_model)),
                                  media_type="text/event-stream", headers={"x-pagedserve-backend": b.name})
 
     async def _relay(self, first: bytes, resp: aiohttp.ClientResponse, b: Backend,
-                     trace: Trace, client_wants_usage: bool, on_done) -> AsyncIterator[bytes]:
+                     trace: Trace, client_wants_usage: bool, on_done, model_field: bytes) -> AsyncIterator[bytes]:
         """Pass events through as they arrive; read usage on the way; drop the usage event the client
         did not ask for; on an upstream failure, end with an error event."""
         buf = b""
@@ -249,7 +267,7 @@ class Forwarder:
                         if not seen_content and _has_content(obj):
                             seen_content = True
                             trace.ttft_s = time.monotonic() - trace.t0
-                    yield ev + b"\n\n"
+                    yield _public_model(ev, model_field) + b"\n\n"
                 chunk = await resp.content.readany() or None
             if buf.strip():
                 yield buf + b"\n\n"

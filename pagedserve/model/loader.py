@@ -21,8 +21,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported where weights are read: a bad model path is reported without it
+    import torch
 
 log = logging.getLogger("pagedserve.loader")
 
@@ -49,28 +51,38 @@ def default_model_gguf() -> Path:
     return ggufs[0]
 
 
-def resolve_model(model: str | os.PathLike | None) -> Path:
-    """Turn a model spec into a local Hugging Face folder (converting a GGUF if needed)."""
+def locate_model(model: str | os.PathLike | None) -> tuple[str, Path | str]:
+    """What a model spec names, checked without loading anything (so `serve` reports a bad path
+    in a second): ("gguf", file), ("folder", HF folder) or ("hub", repo id)."""
     if model is None or str(model) in ("", "default", DEFAULT_MODEL_NAME):
-        return gguf_to_hf_folder(default_model_gguf())
+        return "gguf", default_model_gguf()
     path = Path(model).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{path} is a file but not a .gguf; pass a model folder or a .gguf file")
-        return gguf_to_hf_folder(path)
+        return "gguf", path
     if path.is_dir():
         if (path / "config.json").exists():
-            return path
+            return "folder", path
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
-            return gguf_to_hf_folder(ggufs[0])
+            return "gguf", ggufs[0]
         raise FileNotFoundError(
             f"{path} has no config.json"
             + (f" and {len(ggufs)} .gguf files: pass one of them" if ggufs else " and no .gguf file")
         )
     if str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
-        raise FileNotFoundError(f"model path {str(model)!r} does not exist")
-    return _resolve_hub_id(str(model))
+        raise FileNotFoundError(f"model path {str(model)!r} does not exist: pass a Hugging Face model folder, "
+                                "a .gguf file, or a hub id such as org/name")
+    return "hub", str(model)
+
+
+def resolve_model(model: str | os.PathLike | None) -> Path:
+    """Turn a model spec into a local Hugging Face folder (converting a GGUF if needed)."""
+    kind, where = locate_model(model)
+    if kind == "gguf":
+        return gguf_to_hf_folder(where)
+    return where if kind == "folder" else _resolve_hub_id(where)
 
 
 def _resolve_hub_id(repo_id: str) -> Path:
@@ -104,6 +116,8 @@ def load_hf_config(folder: Path) -> dict:
 
 
 def load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     files = sorted(folder.glob("*.safetensors"))
     if files:
         from safetensors.torch import load_file
@@ -158,6 +172,7 @@ def _unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def read_gguf_weights(path: Path, num_heads: int, num_kv_heads: int, arch: str) -> dict[str, torch.Tensor]:
+    import torch
     from gguf import GGUFReader
     from gguf.quants import dequantize
 

@@ -17,13 +17,14 @@ from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pagedserve import __version__
-from pagedserve.engine.async_engine import AsyncEngine, EngineDeadError
+from pagedserve.engine.async_engine import AsyncEngine, EngineDeadError, ShuttingDownError
 from pagedserve.engine.outputs import CompletionOutput, RequestOutput
 from pagedserve.engine.sampling_params import OutputKind, SamplingParams
 from pagedserve.model.tokenizer import apply_chat_template
 from pagedserve.server import protocol as P
 from pagedserve.server.errors import APIError, error_body, error_response, install_error_handlers
 from pagedserve.server.metrics import ServerMetrics
+from pagedserve.server.middleware import BodyLimitMiddleware
 
 log = logging.getLogger("pagedserve.server")
 
@@ -37,52 +38,6 @@ class ServerSettings:
     request_timeout: float = 600.0  # seconds for one request, start to end
     root_model: str | None = None
     extra: dict = field(default_factory=dict)
-
-
-class BodyLimitMiddleware:
-    """413 for bodies over the limit, by Content-Length or by counting a chunked body."""
-
-    class _TooLarge(Exception):
-        pass
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        for k, v in scope.get("headers", ()):
-            if k == b"content-length" and v.isdigit() and int(v) > self.limit:
-                return await self._reject(send)
-        received = 0
-        started = False
-
-        async def limited_receive():
-            nonlocal received
-            msg = await receive()
-            if msg["type"] == "http.request":
-                received += len(msg.get("body", b""))
-                if received > self.limit:
-                    raise self._TooLarge
-            return msg
-
-        async def tracking_send(msg):
-            nonlocal started
-            started = started or msg["type"] == "http.response.start"
-            await send(msg)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except self._TooLarge:
-            if not started:
-                await self._reject(send)
-
-    async def _reject(self, send):
-        body = json.dumps(error_body(413, f"request body is larger than the limit of {self.limit} bytes "
-                                          "(--max-request-body-bytes)")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
 
 
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
@@ -122,7 +77,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     @app.exception_handler(EngineDeadError)
     async def _dead(_, e: EngineDeadError):
-        return error_response(503, f"the engine is not running: {e}")
+        return error_response(503, str(e) if isinstance(e, ShuttingDownError) else f"the engine is not running: {e}")
 
     # -- dependencies ----------------------------------------------------------------------
     async def check_key(request: Request):

@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 def random_id(prefix: str) -> str:
@@ -68,6 +68,14 @@ class ChatMessage(_Lenient):
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _content_required(self):
+        # As OpenAI: only an assistant turn may come without content (its tool calls say it all).
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs 'content' (a string or a list of text parts); "
+                             "it is missing or null")
+        return self
 
     def text(self) -> str:
         if self.content is None:
