@@ -43,6 +43,9 @@ class PostgresServer:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}")
 
     def stop(self) -> None:
+        if getattr(self, "_stopped", False):  # idempotent: a test may stop it mid-way, its cleanup again
+            return
+        self._stopped = True
         try:
             self._run([f"{self.bindir}/pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop"])
         finally:

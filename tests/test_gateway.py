@@ -28,6 +28,8 @@ from pagedserve.gateway.store import audit_log, open_db
 
 ROOT = Path(__file__).resolve().parent.parent
 PROVIDER_KEY = "provider-secret-key"
+ADMIN_KEY = "gateway-admin-key"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -80,6 +82,7 @@ def gateway_config(replicas: dict, db_url: str, discovery_file: Path | None = No
     if discovery_file is not None:
         models.append({"name": "tiny-discovered", "pool": "discovered"})
     return {
+        "server": {"admin_key_env": "GW_ADMIN_KEY"},
         "database": {"url": db_url, "flush_interval_s": 0.1},
         "auth": {"require_key": True, "refresh_s": 0.3},
         "health": {"interval_s": 0.3, "timeout_s": 0.5},
@@ -91,7 +94,7 @@ def start_gateway(cfg: dict, tmp: Path, name: str = "gateway") -> ServerProcess:
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return ServerProcess(["--config", str(path), "--uvicorn-log-level", "warning"], tmp / f"{name}.log",
-                         env={"PROVIDER_KEY": PROVIDER_KEY}, command="gateway")
+                         env={"PROVIDER_KEY": PROVIDER_KEY, "GW_ADMIN_KEY": ADMIN_KEY}, command="gateway")
 
 
 def rows(db_url: str, after_id: int = 0, expect: int | None = None, timeout: float = 15) -> list:
@@ -198,6 +201,37 @@ def test_errors_are_openai_shaped(env):
     assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
     r = httpx.post(f"{gw.base}/completions", content=b"x" * (5 << 20), headers=h)
     assert r.status_code == 413
+
+
+def test_authentication_edges_and_admin_routes(env):
+    """The scheme in any case; no bare keys; the key is checked before the body is read; refused
+    keys write no audit row (a counter instead); /metrics and /openapi.json need the admin key."""
+    gw, key = env["gw"], env["key"]
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 1}
+    before = last_id(env["db"])
+    assert httpx.post(f"{gw.base}/completions", json=body, headers={"Authorization": f"bearer {key}"}).status_code == 200
+    assert httpx.post(f"{gw.base}/completions", json=body, headers={"Authorization": f"BEARER  {key}"}).status_code == 200
+    assert len(rows(env["db"], before, expect=2)) == 2
+    start = last_id(env["db"])
+    for h in ({"Authorization": key}, {"Authorization": f"Basic {key}"}, {"Authorization": "Bearer"}):
+        r = httpx.post(f"{gw.base}/completions", json=body, headers=h)
+        assert r.status_code == 401 and "malformed Authorization" in r.json()["error"]["message"], (h, r.text)
+    r = httpx.post(f"{gw.base}/completions", content=b"{not json")  # no key: 401, not 400
+    assert r.status_code == 401
+    r = httpx.post(f"{gw.base}/completions", content=b"{not json", headers={"Authorization": "Bearer psk-nope"})
+    assert r.status_code == 401
+    # One authenticated request after them: its row is the only new one.
+    httpx.post(f"{gw.base}/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+    time.sleep(0.5)
+    got = rows(env["db"], start, expect=1)
+    assert [(g.status, g.department) for g in got] == [(200, "engineering")]
+    assert httpx.get(f"{gw.url}/metrics").status_code == 401
+    assert httpx.get(f"{gw.url}/metrics", headers={"Authorization": f"Bearer {key}"}).status_code == 401
+    text = httpx.get(f"{gw.url}/metrics", headers=ADMIN).text
+    assert 'pagedserve_gateway_rejected_total{reason="invalid_api_key"}' in text
+    assert httpx.get(f"{gw.url}/openapi.json").status_code == 401
+    assert "/v1/models" in httpx.get(f"{gw.url}/openapi.json", headers=ADMIN).json()["paths"]
+    assert httpx.get(f"{gw.url}/docs").status_code == 404 and httpx.get(f"{gw.url}/redoc").status_code == 404
 
 
 def test_file_discovery_picks_up_new_backends(env):
@@ -346,6 +380,85 @@ def test_rate_limit_budget_model_access_and_revocation(env):
     assert "revoked" in post(revokable).json()["error"]["message"]
 
 
+def _burst(base: str, key: str, n: int, workers: int = 50) -> list[int]:
+    """n chat requests at once (max_tokens 8, a 2-byte question); their status codes."""
+    def one(_):
+        return httpx.post(f"{base}/chat/completions", timeout=120, headers={"Authorization": f"Bearer {key}"},
+                          json={"model": "tiny", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+                          ).status_code
+    with ThreadPoolExecutor(workers) as ex:
+        return list(ex.map(one, range(n)))
+
+
+def _wait_for_key(base: str, key: str) -> None:
+    t0 = time.monotonic()
+    while httpx.get(f"{base}/models", headers={"Authorization": f"Bearer {key}"}).status_code == 401:
+        assert time.monotonic() - t0 < 60, "the gateway never picked up the new key"
+        time.sleep(0.1)
+
+
+# Pool 'local' charges 1.0 per million prompt tokens and 2.0 per million completion tokens; its
+# fallback 'external' 0.15 / 0.6. One request's worst case: a prompt of at most 64 (template) + 8
+# (one message) + 2 (its bytes) tokens, and 8 completion tokens: 74 * 1e-6 + 8 * 2e-6 = 9.0e-5.
+WORST = 9.0e-5
+
+
+def test_budget_holds_under_100_concurrent_requests(env):
+    """Spend was checked at admission and charged at completion: 8 concurrent requests on a budget
+    worth one were all admitted. Now each reserves its worst case: 100 at once against a budget of
+    about 6 worst cases, and the spend stays within it."""
+    budget = 6.5 * WORST
+    kid, key = create_key(env["db"], "research", "--budget", str(budget))
+    _wait_for_key(env["gw"].base, key)
+    start = last_id(env["db"])
+    codes = _burst(env["gw"].base, key, 100)
+    ok = codes.count(200)
+    assert ok >= 6 and codes.count(402) == 100 - ok, codes
+    got = [g for g in rows(env["db"], start, expect=100) if g.key_id == kid]
+    spent = sum(g.cost for g in got)
+    assert spent <= budget + 1e-12, (spent, budget)
+    assert sum(g.status == 200 for g in got) == ok
+    r = httpx.post(f"{env['gw'].base}/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                   json={"model": "tiny", "max_tokens": 400, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 402 and "may cost up to" in r.json()["error"]["message"]
+
+
+def test_tokens_per_minute_hold_under_concurrency(env):
+    kid, key = create_key(env["db"], "tpm", "--tpm", "300")  # room for 3 worst cases (82 tokens each)
+    _wait_for_key(env["gw"].base, key)
+    start = last_id(env["db"])
+    codes = _burst(env["gw"].base, key, 30, workers=30)
+    assert codes.count(200) >= 1 and codes.count(200) + codes.count(429) == 30, codes
+    got = [g for g in rows(env["db"], start, expect=30) if g.key_id == kid and g.status == 200]
+    assert sum(g.prompt_tokens + g.completion_tokens for g in got) <= 300
+
+
+def test_budget_holds_across_two_gateways_sharing_postgresql(env, tmp_path):
+    """The reservation is one transaction on the shared database: two gateways serving one key
+    concurrently still keep its spend within the budget."""
+    from pg_utils import PostgresServer
+
+    pg = PostgresServer()
+    gws = []
+    try:
+        cfg = gateway_config(env["replicas"], pg.url)
+        gws = [start_gateway(cfg, tmp_path, f"pg-gw{i}") for i in range(2)]
+        budget = 6.5 * WORST
+        kid, key = create_key(pg.url, "shared", "--budget", str(budget))
+        for g in gws:
+            _wait_for_key(g.base, key)
+        with ThreadPoolExecutor(2) as ex:
+            codes = sum(ex.map(lambda g: _burst(g.base, key, 50, workers=25), gws), [])
+        ok = codes.count(200)
+        assert ok >= 6 and codes.count(402) == 100 - ok, codes
+        got = [g for g in rows(pg.url, 0, expect=100) if g.key_id == kid]
+        assert sum(g.cost for g in got) <= budget + 1e-12
+    finally:
+        for g in gws:
+            g.stop()
+        pg.stop()
+
+
 def test_report_by_department(env):
     out_csv = env["tmp"] / "report.csv"
     r = cli("gateway", "report", "--db", env["db"], "--by", "department", "--since", "1h", "--csv", str(out_csv))
@@ -372,7 +485,7 @@ def test_report_by_department(env):
 def test_gateway_metrics(env):
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(f"{env['gw'].url}/metrics").text
+    text = httpx.get(f"{env['gw'].url}/metrics", headers=ADMIN).text
     samples = [s for fam in text_string_to_metric_families(text) for s in fam.samples]
 
     def total(name, **labels):
@@ -435,6 +548,44 @@ def test_audit_log_exact_postgresql(replicas, tmp_path):
         pg.stop()
 
 
+def test_hostile_strings_in_every_recorded_field_reach_postgresql(replicas, tmp_path):
+    """Model names and prompts (logged: database.log_prompts) with NUL, lone surrogates, 100 KB
+    and SQL: every request answered gets its row in PostgreSQL, and the writer keeps up after."""
+    from pg_utils import PostgresServer
+
+    pg = PostgresServer()
+    try:
+        cfg = gateway_config(replicas, pg.url)
+        cfg["database"]["log_prompts"] = True
+        gw = start_gateway(cfg, tmp_path, "hostile-gw")
+        _, key = create_key(pg.url, "fuzz")
+        _wait_for_key(gw.base, key)
+        h = {"Authorization": f"Bearer {key}", "content-type": "application/json"}
+        hostile = ['\\u0000', 'a\\u0000b', '\\ud800', '\\udfff\\ud800', "x" * 100_000, "'); DROP TABLE gateway_audit; --",
+                   '\\u202e\\u0000', "\\\\x00", "\\r\\n\\t\\u001b[31m"]
+        statuses = []
+        for text in hostile:  # JSON escapes: the gateway's json.loads makes NUL and lone surrogates of them
+            for body in ('{"model": "%s", "prompt": "p", "max_tokens": 1}' % text,
+                         '{"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": "%s"}]}' % text):
+                statuses.append(httpx.post(f"{gw.base}/chat/completions" if "messages" in body else
+                                           f"{gw.base}/completions", content=body.encode(), headers=h,
+                                           timeout=60).status_code)
+        assert all(st in (200, 400, 404) for st in statuses), statuses
+        t0 = time.monotonic()
+        assert httpx.post(f"{gw.base}/completions", headers=h, timeout=60,
+                          json={"model": "tiny", "prompt": "after", "max_tokens": 1}).status_code == 200
+        got = rows(pg.url, 0, expect=len(statuses) + 1, timeout=60)
+        visible = time.monotonic() - t0
+        assert len(got) == len(statuses) + 1 and [g.status for g in got[:-1]] == statuses
+        assert got[-1].prompt == "after" and not got[-1].truncated
+        assert any(g.truncated and g.model and "\\x00" in g.model for g in got)
+        assert any(g.truncated and g.prompt and len(g.prompt) == 16_384 for g in got)
+        assert visible < 30  # nominally ~0.1 s (the flush interval)
+        assert gw.stop() == 0
+    finally:
+        pg.stop()
+
+
 # -- bad config ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mutate,expect", [
@@ -452,7 +603,8 @@ def test_bad_config_names_the_line(tmp_path, mutate, expect):
     text = yaml.safe_dump(cfg, sort_keys=False)
     path.write_text(text)
     r = subprocess.run([sys.executable, "-m", "pagedserve.cli", "gateway", "--config", str(path)],
-                       capture_output=True, text=True, timeout=60, env={**os.environ, "PROVIDER_KEY": "x"})
+                       capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PROVIDER_KEY": "x", "GW_ADMIN_KEY": "y"})
     assert r.returncode == 2, r.stderr
     msg = r.stderr.strip().splitlines()[-1]
     assert expect in msg and f"{path}:" in msg
@@ -474,6 +626,36 @@ def _load(base: str, key: str, n: int, concurrency: int = 8, stream: bool = Fals
             return e
     with ThreadPoolExecutor(concurrency) as ex:
         return list(ex.map(one, range(n)))
+
+
+def test_request_timeout_gives_504_and_an_audit_row(env):
+    """server.request_timeout_s: a backend that stops answering (SIGSTOP, never ejected: health
+    checks off) costs the client the limit, then 504 (an error event and [DONE] for a stream)."""
+    reps, tmp = env["replicas"], env["tmp"]
+    db_url = f"sqlite:///{tmp / 'timeout.db'}"
+    _, key = create_key(db_url, "ops")
+    cfg = {"server": {"request_timeout_s": 2}, "database": {"url": db_url, "flush_interval_s": 0.1},
+           "backends": [{"name": "r3", "url": reps["r3"].base, "health_check": False}],
+           "pools": [{"name": "p", "backends": ["r3"], "model": "tiny", "max_attempts": 1}],
+           "models": [{"name": "tiny", "pool": "p"}]}
+    gw = start_gateway(cfg, tmp, "timeout-gw")
+    h = {"Authorization": f"Bearer {key}"}
+    os.kill(reps["r3"].proc.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        r = httpx.post(f"{gw.base}/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 5}, headers=h,
+                       timeout=30)
+        assert r.status_code == 504 and "server.request_timeout_s" in r.json()["error"]["message"], r.text
+        assert 1.9 < time.monotonic() - t0 < 25
+        with httpx.stream("POST", f"{gw.base}/completions", headers=h, timeout=30,
+                          json={"model": "tiny", "prompt": "x", "max_tokens": 5, "stream": True}) as resp:
+            status, lines = resp.status_code, [ln for ln in resp.iter_lines() if ln]
+        assert status == 504 or (lines[-1] == "data: [DONE]" and '"code": "timeout"' in lines[-2]), (status, lines)
+    finally:
+        os.kill(reps["r3"].proc.pid, signal.SIGCONT)
+    got = rows(db_url, 0, expect=2)
+    assert [g.status for g in got] == [504, 504] and all("request_timeout_s" in g.error for g in got)
+    assert gw.stop() == 0
 
 
 def test_kill_9_a_replica_under_load_loses_no_request(env):

@@ -8,8 +8,10 @@ audit row, metrics, spend and token counts once the response is complete.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,13 +27,13 @@ from pagedserve.gateway.audit import AuditWriter
 from pagedserve.gateway.backends import Backend, Pool, make_backend
 from pagedserve.gateway.config import GatewayConfig, ModelRouteConfig
 from pagedserve.gateway.health import Monitor
-from pagedserve.gateway.keys import BudgetTracker, KeyCache, KeyInfo, RateLimiter
+from pagedserve.gateway.keys import BudgetExceeded, BudgetLedger, KeyCache, KeyInfo, RateLimiter
 from pagedserve.gateway.metrics import GatewayMetrics
 from pagedserve.gateway.policies import RequestInfo, WeightedSplit, make_policy
 from pagedserve.gateway.proxy import Forwarder, Trace
 from pagedserve.gateway.store import open_db, utcnow
 from pagedserve.server.middleware import BodyLimitMiddleware
-from pagedserve.server.errors import APIError, install_error_handlers
+from pagedserve.server.errors import APIError, install_error_handlers, quote
 
 log = logging.getLogger("pagedserve.gateway")
 
@@ -130,11 +132,13 @@ class Gateway:
             self.pools[pc.name] = Pool(pc, [made.setdefault(n, make_backend(by_name[n], pc)) for n in pc.backends])
         self.policies = {p.name: make_policy(p.policy, p.affinity_max_entries) for p in cfg.pools}
         self.routes = {m.name: ModelRoute(m) for m in cfg.models}
+        self.admin_key = os.environ.get(cfg.server.admin_key_env) if cfg.server.admin_key_env else None
         self.db = open_db(cfg.database.url)
         self.keys = KeyCache(self.db)
         self.keys.refresh()
         self.limiter = RateLimiter()
-        self.budget = BudgetTracker(self.db)
+        # A reservation outlives the longest request (then lapses, should this gateway die).
+        self.budget = BudgetLedger(self.db, hold_s=cfg.server.request_timeout_s + 60)
         self.client: aiohttp.ClientSession | None = None
         self.audit: AuditWriter | None = None
         self.forwarder: Forwarder | None = None
@@ -148,7 +152,7 @@ class Gateway:
         self.client = aiohttp.ClientSession(connector=connector,
                                             timeout=aiohttp.ClientTimeout(total=None, sock_read=120))
         d = self.cfg.database
-        self.audit = AuditWriter(self.db, d.queue_size, d.batch_size, d.flush_interval_s)
+        self.audit = AuditWriter(self.db, d.queue_size, d.batch_size, d.flush_interval_s, self.metrics)
         self.audit.start()
         self.forwarder = Forwarder(self.client, self.pools, self.policies, self.metrics)
         monitor = Monitor(self.client, self.pools, self.cfg.health.interval_s, self.cfg.health.timeout_s)
@@ -168,7 +172,7 @@ class Gateway:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.forwarder is not None:
             await self.forwarder.drain()
-        await self.audit.close()
+        await self.audit.close(self.cfg.database.drain_timeout_s)
         await self.client.close()
         self.db.dispose()
 
@@ -182,38 +186,103 @@ class Gateway:
 
     # -- per request -------------------------------------------------------------------------
     def authenticate(self, request: Request) -> KeyInfo:
-        auth = request.headers.get("authorization", "")
+        """The request's virtual key, from 'Authorization: Bearer <key>' (the scheme in any case, as
+        RFC 7235 allows; a bare key without it is refused)."""
+        auth = request.headers.get("authorization", "").strip()
         if not auth:
             if self.cfg.auth.require_key:
                 raise APIError(401, "missing API key: send 'Authorization: Bearer <key>' (create one with "
                                     "`pagedserve gateway keys create`)", code="invalid_api_key")
             return ANONYMOUS
-        secret = auth.removeprefix("Bearer ").strip()
-        key = self.keys.lookup(secret)
+        scheme, _, secret = auth.partition(" ")
+        if scheme.lower() != "bearer" or not secret.strip():
+            raise APIError(401, "malformed Authorization header: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+        key = self.keys.lookup(secret.strip())
         if key is None:
             raise APIError(401, "invalid API key", code="invalid_api_key")
         if key.revoked:
             raise APIError(401, f"API key {key.id} has been revoked", code="invalid_api_key")
         return key
 
+    def check_admin(self, request: Request) -> None:
+        """/metrics and the API docs: the admin key, unless metrics are public by config."""
+        want = self.admin_key
+        if want is None:
+            raise APIError(403, "this needs the gateway's admin key, and none is configured: set "
+                                "server.admin_key_env (or server.public_metrics: true for /metrics on a trusted "
+                                "network)", code="admin_key_required")
+        scheme, _, secret = request.headers.get("authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(secret.strip().encode(), want.encode()):
+            raise APIError(401, "this needs the gateway's admin key: send 'Authorization: Bearer <admin key>'",
+                           code="invalid_api_key")
+
     def admit(self, key: KeyInfo, model: str) -> None:
         if model not in self.routes:
-            raise APIError(404, f"model {model!r} does not exist; available: {sorted(self.routes)}", "model",
+            raise APIError(404, f"model {quote(model)} does not exist; available: {sorted(self.routes)}", "model",
                            "model_not_found")
         if not key.allows(model):
-            raise APIError(403, f"API key {key.id} (department {key.department}) may not use model {model!r}; "
+            raise APIError(403, f"API key {key.id} (department {key.department}) may not use model {quote(model)}; "
                                 f"allowed: {', '.join(key.models)}", "model", "model_not_allowed")
-        if key.id is not None:
-            spent = self.budget.over(key)
-            if spent is not None:
-                raise APIError(402, f"monthly budget exceeded: key {key.id} (department {key.department}) has spent "
-                                    f"{spent:.4f} of its monthly budget of {key.monthly_budget:.4f}; raise the "
-                                    "budget or wait for next month", code="budget_exceeded")
-            limited = self.limiter.check(key)
-            if limited is not None:
-                what, retry = limited
-                raise APIError(429, f"rate limit exceeded for key {key.id}: {what}", code="rate_limit_exceeded",
-                               headers={"Retry-After": str(max(1, int(retry + 0.999)))})
+
+    def worst_case(self, endpoint: str, body: dict, pool_name: str) -> tuple[int, float]:
+        """(tokens, cost) the request can use at most: the prompt's UTF-8 bytes bound its tokens
+        (byte-level BPE tokens are at least a byte), a chat adds 8 per message and
+        auth.budget_template_tokens for the template's own text (SmolLM2's default system prompt
+        is ~20), and max_tokens (or auth.budget_max_tokens when unset) per output, at the highest
+        prices of the pool and the fallbacks it may overflow to."""
+        def size(x) -> int:
+            if isinstance(x, str):
+                return len(x.encode("utf-8", "surrogatepass"))
+            if isinstance(x, list):
+                return sum(size(v) for v in x) if x and not isinstance(x[0], int) else len(x)
+            return 0
+
+        prompts = 1
+        if endpoint == "chat/completions":
+            msgs = [m for m in body.get("messages") or () if isinstance(m, dict)]
+            prompt_tokens = self.cfg.auth.budget_template_tokens + sum(
+                8 + len(_text(m.get("content")).encode("utf-8", "surrogatepass")) for m in msgs)
+        else:
+            p = body.get("prompt")
+            prompt_tokens = size(p)
+            if isinstance(p, list) and p and not isinstance(p[0], int):
+                prompts = len(p)
+        mt = body.get("max_completion_tokens") or body.get("max_tokens")
+        n = body.get("n") if isinstance(body.get("n"), int) and body.get("n") > 0 else 1
+        out = (mt if isinstance(mt, int) and mt > 0 else self.cfg.auth.budget_max_tokens) * n * prompts
+        chain, name = [], pool_name
+        while name is not None and name not in chain:
+            chain.append(name)
+            name = self.pools[name].cfg.fallback
+        pin = max(self.pools[c].cfg.prices.input_per_million for c in chain)
+        pout = max(self.pools[c].cfg.prices.output_per_million for c in chain)
+        return prompt_tokens + out, (prompt_tokens * pin + out * pout) / 1e6
+
+    async def reserve(self, key: KeyInfo, endpoint: str, body: dict, pool_name: str, trace: Trace) -> None:
+        """Rate limits, then the budget: each holds the request's worst case until finish() settles
+        it, so concurrent requests cannot all pass a check that has room for one."""
+        if key.id is None:
+            return
+        tokens, cost = self.worst_case(endpoint, body, pool_name)
+        limited = self.limiter.check(key, tokens if key.tpm is not None else 0)
+        if limited is not None:
+            what, retry = limited
+            raise APIError(429, f"rate limit exceeded for key {key.id}: {what}", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(max(1, int(retry + 0.999)))})
+        trace.reserved_tokens = tokens if key.tpm is not None else 0
+        if key.monthly_budget is None:
+            return
+        try:
+            trace.reservation = await asyncio.to_thread(self.budget.reserve, key, cost)
+        except BudgetExceeded as e:
+            self.limiter.add_tokens(key.id, 0, reserved=trace.reserved_tokens)
+            trace.reserved_tokens = 0
+            held = f", {e.reserved:.6f} held by requests in flight" if e.reserved else ""
+            raise APIError(402, f"monthly budget exceeded: key {key.id} (department {key.department}) has spent "
+                                f"{e.spent:.6f} of its monthly budget of {key.monthly_budget:.6f}{held}; this "
+                                f"request may cost up to {e.worst:.6f} (a smaller max_tokens costs less). Raise the "
+                                "budget or wait for next month", code="budget_exceeded") from None
 
     def finish(self, key: KeyInfo, model: str, endpoint: str, decision: Decision | None, trace: Trace, stream: bool,
                ts, prompt: str | None) -> None:
@@ -226,10 +295,15 @@ class Gateway:
             cost = (u.prompt_tokens * pr.input_per_million + u.completion_tokens * pr.output_per_million) / 1e6
         latency = time.monotonic() - trace.t0
         if key.id is not None:
-            self.budget.add(key.id, cost)
-            self.limiter.add_tokens(key.id, u.prompt_tokens + u.completion_tokens)
+            self.limiter.add_tokens(key.id, u.prompt_tokens + u.completion_tokens, reserved=trace.reserved_tokens)
+            trace.reserved_tokens = 0
+        if trace.reservation is not None:
+            r, trace.reservation = trace.reservation, None
+            self.forwarder.background(self._settle(r, cost))
         m = self.metrics
-        labels = (key.department, model, trace.pool or "", trace.backend or "")
+        # A name a client made up is no label (unbounded, attacker-chosen); the audit row keeps it.
+        known = model if model in self.routes else "(unknown)"
+        labels = (key.department, known, trace.pool or "", trace.backend or "")
         m.requests.labels(*labels, str(trace.status)).inc()
         if u.prompt_tokens:
             m.tokens.labels(*labels, "prompt").inc(u.prompt_tokens)
@@ -237,24 +311,30 @@ class Gateway:
             m.tokens.labels(*labels, "completion").inc(u.completion_tokens)
         if cost:
             m.cost.labels(*labels).inc(cost)
-        m.latency.labels(model, trace.pool or "").observe(latency)
+        m.latency.labels(known, trace.pool or "").observe(latency)
         if trace.ttft_s is not None:
-            m.ttft.labels(model, trace.pool or "").observe(trace.ttft_s)
+            m.ttft.labels(known, trace.pool or "").observe(trace.ttft_s)
         row = dict(ts=ts, key_id=key.id, department=key.department, model=model, endpoint=endpoint,
                    route=decision.route if decision else None, pool=trace.pool, backend=trace.backend,
                    attempts=trace.attempts, fallback=trace.fallback, stream=stream, prompt_tokens=u.prompt_tokens,
                    completion_tokens=u.completion_tokens, cost=cost, ttft_s=trace.ttft_s, latency_s=latency,
                    status=trace.status, error=trace.error, prompt=prompt if self.cfg.database.log_prompts else None)
+        self.audit.submit(row, self.forwarder.background)
+
+    async def _settle(self, r, cost: float) -> None:
         try:
-            self.audit.queue.put_nowait(row)
-        except asyncio.QueueFull:  # the database is behind: wait in the background, never drop
-            self.forwarder.background(self.audit.put(row))
+            await asyncio.to_thread(self.budget.settle, r, cost)
+        except Exception as e:  # the reservation lapses at its expiry; the audit row has the cost
+            log.error("could not settle the budget of key %s (%s); its reservation lapses in %.0fs", r.key_id,
+                      str(e).splitlines()[0][:200], self.budget.hold_s)
 
     async def handle(self, request: Request, endpoint: str) -> Response:
         trace, ts = Trace(), utcnow()
-        key: KeyInfo = ANONYMOUS
+        trace.deadline = trace.t0 + self.cfg.server.request_timeout_s
+        key: KeyInfo | None = None
         model, decision, stream, prompt = None, None, False, None
         try:
+            key = self.authenticate(request)  # before the body is read: a keyless client costs nothing
             raw = await request.body()
             try:
                 body = json.loads(raw)
@@ -262,7 +342,6 @@ class Gateway:
                 raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
             if not isinstance(body, dict):
                 raise APIError(400, "request body must be a JSON object", code="invalid_request")
-            key = self.authenticate(request)
             model = body.get("model")
             if not isinstance(model, str) or not model:
                 raise APIError(400, "'model' is required (a string; see GET /v1/models)", "model", "invalid_request")
@@ -271,16 +350,19 @@ class Gateway:
             whole, question = request_texts(endpoint, body)
             prompt = whole
             decision = await self.routes[model].decide(question)
+            await self.reserve(key, endpoint, body, decision.pool, trace)
             info = RequestInfo(session=request.headers.get(self.pools[decision.pool].cfg.session_header), prompt=whole)
             return await self.forwarder.forward(
                 endpoint, body, model, decision.pool, info, trace,
                 lambda tr: self.finish(key, model, endpoint, decision, tr, stream, ts, prompt))
         except APIError as e:
-            if trace.status == 0:  # refused before forwarding: still one audit row
+            if trace.status == 0:  # refused before forwarding
                 reason = e.code if isinstance(e.code, str) else str(e.status)
                 self.metrics.rejected.labels(reason).inc()
-                trace.status, trace.error = e.status, e.message[:500]
-                self.finish(key, model or "", endpoint, decision, trace, stream, ts, prompt)
+                if key is not None:  # one audit row; unauthenticated requests only count (anyone could send them)
+                    trace.status, trace.error = e.status, e.message
+                    self.finish(key, model if isinstance(model, str) else "", endpoint, decision, trace, stream, ts,
+                                prompt)
             raise
 
 
@@ -292,7 +374,9 @@ def build_gateway_app(gw: Gateway) -> FastAPI:
         log.info("gateway shutting down: writing the audit log")
         await gw.stop()
 
-    app = FastAPI(title="pagedserve gateway", version=__version__, lifespan=lifespan)
+    # The API docs describe every route and are served behind the admin key (below), not openly.
+    app = FastAPI(title="pagedserve gateway", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.add_middleware(BodyLimitMiddleware, limit=gw.cfg.server.max_request_body_bytes)
     app.state.gateway = gw
 
@@ -323,8 +407,17 @@ def build_gateway_app(gw: Gateway) -> FastAPI:
         semantic = {name: r.semantic_state for name, r in gw.routes.items() if r.cfg.semantic is not None}
         return JSONResponse({"status": "ok", "pools": pools, "semantic_routes": semantic})
 
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request):
+        gw.check_admin(request)
+        from fastapi.openapi.utils import get_openapi
+
+        return JSONResponse(get_openapi(title=app.title, version=app.version, routes=app.routes))
+
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(request: Request):
+        if not gw.cfg.server.public_metrics:
+            gw.check_admin(request)
         m = gw.metrics
         for pool in gw.pools.values():
             for b in pool.backends:

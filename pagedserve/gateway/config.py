@@ -142,11 +142,16 @@ class DatabaseConfig(_Strict):
     queue_size: int = Field(10_000, ge=1, description="audit rows buffered before writers wait")
     batch_size: int = Field(200, ge=1)
     flush_interval_s: float = Field(0.5, gt=0)
+    drain_timeout_s: float = Field(30.0, ge=0, description="on shutdown, how long to keep writing queued rows")
 
 
 class AuthConfig(_Strict):
     require_key: bool = Field(True, description="false: requests without a key are served as department 'anonymous'")
     refresh_s: float = Field(2.0, gt=0, description="how often keys are re-read (revocations take effect)")
+    budget_max_tokens: int = Field(4096, ge=1, description="output tokens a budgeted key's request is assumed to "
+                                   "use, for its reservation, when it sets no max_tokens")
+    budget_template_tokens: int = Field(64, ge=0, description="tokens a chat template may add to a conversation "
+                                        "(a default system prompt, role markers), for the reservation's prompt bound")
 
 
 class HealthConfig(_Strict):
@@ -158,7 +163,11 @@ class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = 8080
     max_request_body_bytes: int = 4 << 20
-    request_timeout_s: float = Field(600.0, gt=0)
+    request_timeout_s: float = Field(600.0, gt=0, description="one request, arrival to last byte; then 504")
+    admin_key_env: str | None = Field(None, description="environment variable holding the admin key that "
+                                      "/metrics, /docs and /openapi.json require (Authorization: Bearer)")
+    public_metrics: bool = Field(False, description="serve /metrics without the admin key (a trusted network only: "
+                                 "it shows every department's requests, tokens and spend)")
 
 
 class GatewayConfig(_Strict):
@@ -253,6 +262,8 @@ def load_config(path: str | Path, env: dict[str, str] | None = None, check_env: 
     for i, b in enumerate(cfg.backends):
         if check_env and b.api_key_env and not env.get(b.api_key_env):
             fail(("backends", i, "api_key_env"), f"backend {b.name!r}: environment variable {b.api_key_env} is not set")
+    if check_env and cfg.server.admin_key_env and not env.get(cfg.server.admin_key_env):
+        fail(("server", "admin_key_env"), f"environment variable {cfg.server.admin_key_env} (the admin key) is not set")
     for i, p in enumerate(cfg.pools):
         for j, b in enumerate(p.backends):
             if b not in backends:

@@ -3,8 +3,9 @@
 Secrets are random 32-byte tokens shown once at creation; only their SHA-256 is stored (a slow
 password hash buys nothing for keys with 256 bits of entropy, and lookups stay O(1)).
 The gateway keeps the key table in memory and re-reads it every `auth.refresh_s` seconds, so
-`keys revoke` takes effect on a running gateway within that time. Rate windows and month-to-date
-spend are kept in memory per gateway process (spend is re-read from the audit log at start).
+`keys revoke` takes effect on a running gateway within that time. Rate windows are kept in memory
+per gateway process (with worst-case tokens reserved while requests run); monthly budgets live in
+the database (BudgetLedger), so every gateway sharing it enforces one budget.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
-from pagedserve.gateway.store import api_keys, audit_log, month_start, utcnow
+from pagedserve.gateway.store import api_keys, audit_log, budget_reservations, key_spend, month_start, utcnow
 
 KEY_PREFIX = "psk-"
 
@@ -107,6 +109,7 @@ class RateLimiter:
         self.requests: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self.tokens: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self.token_sum: dict[str, int] = collections.defaultdict(int)  # tokens in the window, kept current
+        self.reserved: dict[str, int] = collections.defaultdict(int)  # worst-case tokens of requests in flight
 
     def _trim(self, q: collections.deque, now: float) -> int:
         """Drop entries older than the window; returns the amount dropped."""
@@ -115,46 +118,102 @@ class RateLimiter:
             dropped += q.popleft()[1]
         return dropped
 
-    def check(self, key: KeyInfo, now: float | None = None) -> tuple[str, float] | None:
-        """None if the request may go ahead (and it is counted); else (which limit, retry-after seconds)."""
+    def check(self, key: KeyInfo, worst_tokens: int = 0, now: float | None = None) -> tuple[str, float] | None:
+        """None if the request may go ahead: it is counted, and its worst-case tokens reserved
+        until `add_tokens` settles them (so concurrent requests cannot all pass a window that
+        has room for one); else (which limit, retry-after seconds)."""
         now = time.monotonic() if now is None else now
         rq, tq = self.requests[key.id], self.tokens[key.id]
         self._trim(rq, now)
         self.token_sum[key.id] -= self._trim(tq, now)
         if key.rpm is not None and len(rq) >= key.rpm:
             return f"{key.rpm} requests per minute", rq[0][0] + self.WINDOW - now
-        if key.tpm is not None and self.token_sum[key.id] >= key.tpm:
-            return f"{key.tpm} tokens per minute", tq[0][0] + self.WINDOW - now
+        if key.tpm is not None:
+            used = self.token_sum[key.id] + self.reserved[key.id]
+            if used + worst_tokens > key.tpm and (used > 0 or worst_tokens > key.tpm):
+                if worst_tokens > key.tpm and used == 0:
+                    return (f"{key.tpm} tokens per minute (this request may use up to {worst_tokens}: lower "
+                            "max_tokens)", self.WINDOW)
+                retry = tq[0][0] + self.WINDOW - now if tq else 1.0
+                return f"{key.tpm} tokens per minute", retry
+            self.reserved[key.id] += worst_tokens
         rq.append((now, 1))
         return None
 
-    def add_tokens(self, key_id: str, n: int, now: float | None = None) -> None:
+    def add_tokens(self, key_id: str, n: int, reserved: int = 0, now: float | None = None) -> None:
+        """Count a finished request's actual tokens and release what it had reserved."""
+        if reserved:
+            self.reserved[key_id] = max(0, self.reserved[key_id] - reserved)
         if n:
             self.tokens[key_id].append((time.monotonic() if now is None else now, n))
             self.token_sum[key_id] += n
 
 
-class BudgetTracker:
-    """Month-to-date spend per key: loaded from the audit log at start, then kept up to date."""
+@dataclass(frozen=True)
+class Reservation:
+    id: str
+    key_id: str
+    month: dt.datetime
+    amount: float
 
-    def __init__(self, db: Engine):
-        self.month = month_start()
-        with db.connect() as conn:
-            self.spent = {k: float(v or 0) for k, v in conn.execute(
-                select(audit_log.c.key_id, func.sum(audit_log.c.cost)).where(audit_log.c.ts >= self.month)
-                .group_by(audit_log.c.key_id)).all()}
 
-    def _roll(self) -> None:
-        m = month_start()
-        if m != self.month:
-            self.month, self.spent = m, {}
+class BudgetExceeded(Exception):
+    def __init__(self, spent: float, reserved: float, worst: float):
+        super().__init__(f"spent {spent}, reserved {reserved}, request's worst case {worst}")
+        self.spent, self.reserved, self.worst = spent, reserved, worst
 
-    def over(self, key: KeyInfo) -> float | None:
-        """The spend if the key is at or over its budget, else None."""
-        self._roll()
-        s = self.spent.get(key.id, 0.0)
-        return s if key.monthly_budget is not None and s >= key.monthly_budget else None
 
-    def add(self, key_id: str, cost: float) -> None:
-        self._roll()
-        self.spent[key_id] = self.spent.get(key_id, 0.0) + cost
+class BudgetLedger:
+    """Monthly budgets that hold under concurrency, across every gateway sharing the database.
+
+    Admission reserves the request's worst-case cost in one transaction that first locks the
+    key's spend row (an UPDATE: a row lock in PostgreSQL, the write lock in SQLite), then checks
+    spent + reservations in flight + this request <= budget. Completion replaces the reservation
+    by the actual cost. So spend never passes the budget by more than an estimate's error, and a
+    crashed gateway's reservations lapse at `expires_at` instead of holding the budget forever.
+    Blocking calls: run them on a thread."""
+
+    def __init__(self, db: Engine, hold_s: float):
+        self.db, self.hold_s = db, hold_s
+
+    def _ensure_row(self, key_id: str, month: dt.datetime) -> None:
+        with self.db.connect() as conn:
+            if conn.execute(select(key_spend.c.key_id).where(key_spend.c.key_id == key_id,
+                                                            key_spend.c.month == month)).first():
+                return
+            # First use this month: carry over what the audit log already has (older gateways).
+            spent = conn.execute(select(func.coalesce(func.sum(audit_log.c.cost), 0.0)).where(
+                audit_log.c.key_id == key_id, audit_log.c.ts >= month)).scalar()
+        try:
+            with self.db.begin() as conn:
+                conn.execute(insert(key_spend).values(key_id=key_id, month=month, spent=float(spent), version=0))
+        except sa_exc.IntegrityError:  # another gateway made it first
+            pass
+
+    def reserve(self, key: KeyInfo, worst: float) -> Reservation:
+        """The reservation, or BudgetExceeded."""
+        month, now = month_start(), utcnow()
+        self._ensure_row(key.id, month)
+        rid = secrets.token_hex(16)
+        where = (key_spend.c.key_id == key.id) & (key_spend.c.month == month)
+        with self.db.begin() as conn:
+            conn.execute(update(key_spend).where(where).values(version=key_spend.c.version + 1))  # the lock
+            spent = conn.execute(select(key_spend.c.spent).where(where)).scalar()
+            held = conn.execute(select(func.coalesce(func.sum(budget_reservations.c.amount), 0.0)).where(
+                budget_reservations.c.key_id == key.id, budget_reservations.c.expires_at > now)).scalar()
+            if spent + held + worst > key.monthly_budget:
+                raise BudgetExceeded(spent, held, worst)
+            conn.execute(insert(budget_reservations).values(id=rid, key_id=key.id, amount=worst,
+                                                            expires_at=now + dt.timedelta(seconds=self.hold_s)))
+        return Reservation(rid, key.id, month, worst)
+
+    def settle(self, r: Reservation, cost: float) -> None:
+        """Replace the reservation by the actual cost (charged to the month it was admitted in)."""
+        with self.db.begin() as conn:
+            conn.execute(delete(budget_reservations).where(budget_reservations.c.id == r.id))
+            if cost:
+                conn.execute(update(key_spend).where(key_spend.c.key_id == r.key_id, key_spend.c.month == r.month)
+                             .values(spent=key_spend.c.spent + cost))
+            # Lapsed reservations of gateways that died: tidy up now and then.
+            conn.execute(delete(budget_reservations).where(budget_reservations.c.expires_at < utcnow()
+                                                           - dt.timedelta(hours=1)))

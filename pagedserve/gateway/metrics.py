@@ -30,3 +30,7 @@ class GatewayMetrics:
         self.backend_outstanding = Gauge(p + "backend_outstanding", "Requests in flight to the backend",
                                          ["pool", "backend"], registry=r)
         self.audit_queue = Gauge(p + "audit_queue_rows", "Audit rows waiting to be written", registry=r)
+        self.audit_reduced = Counter(p + "audit_rows_reduced", "Audit rows the database refused, written without "
+                                     "their text", registry=r)
+        self.audit_dropped = Counter(p + "audit_rows_dropped", "Audit rows that could not be written",
+                                     ["reason"], registry=r)

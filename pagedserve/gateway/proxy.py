@@ -54,6 +54,17 @@ class Trace:
     ttft_s: float | None = None
     usage: Usage = field(default_factory=Usage)
     t0: float = field(default_factory=time.monotonic)  # when the request arrived
+    deadline: float = float("inf")  # server.request_timeout_s after t0
+    reserved_tokens: int = 0  # worst-case tokens held in the key's TPM window until finish()
+    reservation: object | None = None  # the key's budget reservation (keys.Reservation) until finish()
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self.deadline
+
+
+def _timed_out(trace: Trace) -> APIError:
+    return APIError(504, f"the request did not complete within the gateway's limit of {trace.deadline - trace.t0:g}s "
+                         "(server.request_timeout_s)", code="timeout")
 
 
 class _Failed(Exception):
@@ -123,6 +134,8 @@ class Forwarder:
                 reason = "saturated"
             else:
                 for _ in range(pool.cfg.max_attempts):
+                    if trace.expired():
+                        raise _timed_out(trace)
                     candidates = [b for b in pool.available() if b.name not in tried]
                     if not candidates:
                         break
@@ -173,13 +186,18 @@ class Forwarder:
         if b.api_key:
             headers["authorization"] = f"Bearer {b.api_key}"
         c = pool.cfg
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=c.connect_timeout_s, sock_read=c.read_timeout_s)
+        # total: what is left of server.request_timeout_s (aiohttp enforces it on every read, for free)
+        left = trace.deadline - time.monotonic()
+        timeout = aiohttp.ClientTimeout(total=left if left != float("inf") else None,
+                                        sock_connect=c.connect_timeout_s, sock_read=c.read_timeout_s)
         b.outstanding += 1
         try:
             resp = await self.client.post(f"{b.url}/{endpoint}", data=json.dumps(payload).encode(), headers=headers,
                                           timeout=timeout)
         except UPSTREAM_ERRORS as e:
             b.outstanding -= 1
+            if trace.expired():  # our limit, not the backend's fault
+                raise _timed_out(trace) from None
             b.record_failure(type(e).__name__)
             raise _Failed(f"{type(e).__name__}: {e}") from None
         try:
@@ -197,6 +215,8 @@ class Forwarder:
                 try:
                     content = await resp.read()
                 except UPSTREAM_ERRORS as e:
+                    if trace.expired():
+                        raise _timed_out(trace) from None
                     b.record_failure(type(e).__name__)
                     raise _Failed(f"{type(e).__name__} while reading the response: {e}") from None
                 b.record_success()
@@ -217,6 +237,8 @@ class Forwarder:
             try:
                 first = await resp.content.readany()
             except UPSTREAM_ERRORS as e:
+                if trace.expired():
+                    raise _timed_out(trace) from None
                 first, why = b"", type(e).__name__
             else:
                 why = "EOF"
@@ -273,10 +295,16 @@ class Forwarder:
                 yield buf + b"\n\n"
             completed = True
         except UPSTREAM_ERRORS as e:
-            b.record_failure(type(e).__name__)
-            trace.status, trace.error = 502, f"backend {b.name} failed mid-stream: {type(e).__name__}"
-            msg = f"the backend failed after the stream started ({type(e).__name__}); the response is incomplete"
-            yield f"data: {json.dumps(error_body(502, msg))}\n\n".encode()
+            if trace.expired():
+                err = _timed_out(trace)
+                trace.status, trace.error = 504, err.message
+                yield f"data: {json.dumps(error_body(504, err.message, code='timeout'))}\n\n".encode()
+            else:
+                b.record_failure(type(e).__name__)
+                trace.status, trace.error = 502, f"backend {b.name} failed mid-stream: {type(e).__name__}"
+                msg = f"the backend failed after the stream started ({type(e).__name__}); the response is incomplete"
+                yield f"data: {json.dumps(error_body(502, msg))}\n\n".encode()
+            yield b"data: [DONE]\n\n"
         except (asyncio.CancelledError, GeneratorExit):
             if not done_sent:  # clients may hang up right after [DONE]: that stream was complete
                 trace.status, trace.error = 499, "client disconnected"

@@ -50,6 +50,26 @@ audit_log = Table(
     Column("status", Integer, nullable=False),
     Column("error", Text, nullable=True),
     Column("prompt", Text, nullable=True),                # only with database.log_prompts
+    Column("truncated", Boolean, nullable=True),          # a value was cut or escaped to fit (audit.storable)
+)
+
+
+# Budgets that hold under concurrency and across gateway replicas (keys.BudgetLedger): each key's
+# month-to-date spend, and the worst-case cost of its requests in flight.
+key_spend = Table(
+    "gateway_key_spend", metadata,
+    Column("key_id", String(16), primary_key=True),
+    Column("month", DateTime, primary_key=True),          # UTC month start
+    Column("spent", Float, nullable=False),
+    Column("version", Integer, nullable=False),           # bumped to lock the row while admitting
+)
+
+budget_reservations = Table(
+    "gateway_budget_reservations", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("key_id", String(16), nullable=False, index=True),
+    Column("amount", Float, nullable=False),              # the request's worst-case cost
+    Column("expires_at", DateTime, nullable=False),       # a crashed gateway's reservations lapse
 )
 
 
@@ -73,7 +93,21 @@ def open_db(url: str) -> Engine:
     else:
         engine = create_engine(url, pool_pre_ping=True)
     metadata.create_all(engine)
+    _add_missing_columns(engine)
     return engine
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Columns added since a database was created (nullable, so old rows stay valid)."""
+    from sqlalchemy import inspect, text
+
+    for table in (audit_log,):
+        have = {c["name"] for c in inspect(engine).get_columns(table.name)}
+        for col in table.columns:
+            if col.name not in have and col.nullable:
+                with engine.begin() as conn:
+                    conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN {col.name} '
+                                      f'{col.type.compile(dialect=engine.dialect)}'))
 
 
 def utcnow() -> dt.datetime:

@@ -22,7 +22,7 @@ from pagedserve.engine.outputs import CompletionOutput, RequestOutput
 from pagedserve.engine.sampling_params import OutputKind, SamplingParams
 from pagedserve.model.tokenizer import apply_chat_template
 from pagedserve.server import protocol as P
-from pagedserve.server.errors import APIError, error_body, error_response, install_error_handlers
+from pagedserve.server.errors import APIError, error_body, error_response, install_error_handlers, quote
 from pagedserve.server.metrics import ServerMetrics
 from pagedserve.server.middleware import BodyLimitMiddleware
 
@@ -90,7 +90,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     def check_model(name: str | None) -> None:
         if name is not None and name not in settings.served_model_names:
-            raise APIError(404, f"The model `{name}` does not exist. Served: {settings.served_model_names}",
+            raise APIError(404, f"The model {quote(name)} does not exist. Served: {settings.served_model_names}",
                            param="model", code="model_not_found")
 
     def check_capacity() -> None:

@@ -15,6 +15,13 @@ _TYPES = {
 }
 
 
+def quote(value, limit: int = 200) -> str:
+    """A client-supplied value for an error message or a log line: repr'd (control characters and
+    quotes escaped) and cut to `limit` characters, so a 4 MB model name is not echoed back."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 14] + f"... ({len(r)} chars)"
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None):
