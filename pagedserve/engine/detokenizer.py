@@ -4,7 +4,8 @@ tokenizers' DecodeStream turns one token at a time into text and holds back byte
 form whole UTF-8 characters, so a streamed delta never carries a broken character.
 Stop strings: the text is cut before the stop string (unless include_stop_str_in_output), and
 while streaming the last len(longest stop) - 1 characters are held back, since they could be
-the start of a stop string.
+the start of a stop string (rounded to the token boundary before them: a delta's text is always
+the text of whole tokens, which return_token_ids and the gateway's stream continuation rely on).
 """
 
 from __future__ import annotations
@@ -23,14 +24,24 @@ class IncrementalDetokenizer:
         self._hold = max((len(s) for s in self._stops), default=1) - 1
         self.text = ""
         self._emitted = 0  # characters of self.text already returned as deltas
+        # Where each token's text ends in self.text, known once its characters are whole (a token
+        # holding part of a UTF-8 character waits for the one that completes it): which tokens a
+        # delta's text covers completely (`covered`), for return_token_ids.
+        self._ends: list[int] = []
+        self._whole = 0  # tokens whose end is known
+        self.covered = 0  # tokens whose text has been returned in full
 
     def add_token(self, token_id: int, check_stop: bool = True) -> str | None:
         """Append one token. Returns the stop string if the text now contains one."""
         piece = self._stream.step(self._tok, token_id)
+        self._ends.append(-1)
         if not piece:
             return None
         start = max(0, len(self.text) - self._hold)
         self.text += piece
+        for k in range(self._whole, len(self._ends)):
+            self._ends[k] = len(self.text)
+        self._whole = len(self._ends)
         for stop in self._stops if check_stop else ():
             i = self.text.find(stop, start)
             if i != -1:
@@ -39,8 +50,17 @@ class IncrementalDetokenizer:
         return None
 
     def delta(self, finished: bool) -> str:
-        """New text since the last call, holding back a possible stop-string prefix."""
-        end = len(self.text) if finished or not self._stops else max(self._emitted, len(self.text) - self._hold)
+        """New text since the last call, holding back a possible stop-string prefix. It ends on a
+        token boundary (a held-back prefix never splits a token's text), so the tokens a delta
+        covers (`covered`) are exactly the tokens its text came from."""
+        if finished:
+            end, self.covered = len(self.text), len(self._ends)
+        else:
+            limit = len(self.text) - self._hold if self._stops else len(self.text)
+            end, k = self._emitted, self.covered
+            while k < self._whole and self._ends[k] <= limit:
+                end, k = max(end, self._ends[k]), k + 1
+            self.covered = k
         out = self.text[self._emitted : end]
         self._emitted = end
         return out

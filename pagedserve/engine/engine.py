@@ -45,6 +45,7 @@ class _Parent:
     num_finished: int = 0
     lp_sent: list[int] = field(default_factory=list)  # logprob entries already sent per child (DELTA)
     tok_sent: list[int] = field(default_factory=list)
+    covered_sent: list[int] = field(default_factory=list)  # tokens sent as text_token_ids per child (DELTA)
 
 
 @dataclass
@@ -190,7 +191,7 @@ class LLMEngine:
             request_id, text, token_ids, params, children,
             [IncrementalDetokenizer(self.tokenizer, params) for _ in children],
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
-            lp_sent=[0] * params.n, tok_sent=[0] * params.n,
+            lp_sent=[0] * params.n, tok_sent=[0] * params.n, covered_sent=[0] * params.n,
         )
         return parent
 
@@ -321,13 +322,16 @@ class LLMEngine:
                     parent.tok_sent[i] = req.num_output_tokens
                     parent.lp_sent[i] = len(req.logprobs)
                     text = detok.delta(req.finished)
+                    text_toks = req.output_token_ids[parent.covered_sent[i] : detok.covered]
+                    parent.covered_sent[i] = detok.covered
                 else:
                     toks, lps, text = list(req.output_token_ids), (req.logprobs if want_lp else None), detok.text
+                    text_toks = toks
                 comps.append(
                     CompletionOutput(
                         index=i, text=text, token_ids=toks,
                         cumulative_logprob=req.cumulative_logprob if want_lp else None,
-                        logprobs=lps, finish_reason=finish, stop_reason=req.stop_reason,
+                        logprobs=lps, finish_reason=finish, stop_reason=req.stop_reason, text_token_ids=text_toks,
                     )
                 )
             first = parent.children[0]

@@ -37,6 +37,11 @@ class CompletionOutput:
     logprobs: list[PositionLogprobs] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop string or token id that ended it
+    # DELTA mode: the tokens whose text is complete in this delta's text (with `text` held back for
+    # a stop string or a split UTF-8 character, they lag token_ids). Streams with return_token_ids
+    # send these, so a client (the gateway continuing a broken stream) knows exactly which tokens
+    # its text came from.
+    text_token_ids: list[int] | None = None
 
     @property
     def finished(self) -> bool:

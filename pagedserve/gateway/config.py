@@ -82,6 +82,8 @@ class PoolConfig(_Strict):
     cost_per_hour: float | None = Field(None, ge=0, description="self-hosted: what the replica set costs per hour")
     session_header: str = "x-session-id"
     affinity_max_entries: int = Field(100_000, ge=1)
+    continue_streams: bool = Field(True, description="continue a stream whose backend dies mid-way on another "
+                                   "backend of the pool (needs return_token_ids: pagedserve, vLLM >= 0.10.2)")
 
     @field_validator("policy")
     @classmethod

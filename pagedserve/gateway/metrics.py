@@ -24,6 +24,8 @@ class GatewayMetrics:
         self.retries = Counter(p + "retries", "Attempts retried on another backend", ["pool", "reason"], registry=r)
         self.fallbacks = Counter(p + "fallbacks", "Requests sent to a fallback pool", ["from_pool", "to_pool", "reason"],
                                  registry=r)
+        self.continuations = Counter(p + "stream_continuations", "Streams whose backend died mid-way, by outcome "
+                                     "(continued on another backend, or failed)", ["pool", "outcome"], registry=r)
         self.rejected = Counter(p + "rejected", "Requests refused before routing", ["reason"], registry=r)
         self.backend_healthy = Gauge(p + "backend_healthy", "1 if the backend is in its pool", ["pool", "backend"],
                                      registry=r)

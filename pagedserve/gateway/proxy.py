@@ -26,6 +26,7 @@ from fastapi.responses import Response, StreamingResponse
 from pagedserve.gateway.backends import Backend, Pool
 from pagedserve.gateway.metrics import GatewayMetrics
 from pagedserve.gateway.policies import RequestInfo, RoutingPolicy
+from pagedserve.gateway.resume import Sent, client_event, continuation_body, resumable, strip_ids, usage_event
 from pagedserve.server.errors import APIError, error_body
 
 log = logging.getLogger("pagedserve.gateway")
@@ -34,6 +35,17 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 # aiohttp, not httpx, on the proxy path: measured here at ~1.2 ms of CPU per streamed request vs
 # ~2.5-3.5 ms for httpx, which is most of what a gateway adds.
 UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+
+
+@dataclass
+class Resume:
+    """What continuing a broken stream needs (resume.py)."""
+    endpoint: str
+    body: dict  # as the client sent it
+    public_model: str
+    pool: Pool
+    info: RequestInfo
+    client_wants_ids: bool  # the client asked for return_token_ids itself: keep them in its events
 
 
 @dataclass
@@ -97,6 +109,10 @@ def _has_content(obj: dict) -> bool:
     return False
 
 
+class _Unresumable(Exception):
+    pass
+
+
 def _model_field(public_model: str) -> bytes:
     return b'"model":' + json.dumps(public_model).encode()
 
@@ -144,7 +160,8 @@ class Forwarder:
                     trace.attempts += 1
                     trace.pool, trace.backend = pool.name, backend.name
                     try:
-                        return await self._attempt(endpoint, body, public_model, pool, backend, stream, trace, on_done)
+                        return await self._attempt(endpoint, body, public_model, pool, backend, stream, trace, on_done,
+                                                   info)
                     except _Failed as f:
                         last = f
                         self.metrics.retries.labels(pool.name, f.reason.split(":")[0]).inc()
@@ -173,15 +190,20 @@ class Forwarder:
                             "down or saturated); try again shortly", headers={"Retry-After": "1"})
 
     async def _attempt(self, endpoint, body, public_model, pool: Pool, b: Backend, stream: bool, trace: Trace,
-                       on_done) -> Response:
+                       on_done, info: RequestInfo | None = None) -> Response:
         payload = dict(body)
         payload["model"] = b.model or pool.cfg.model or public_model
         client_wants_usage = True
+        resume = None
         if stream:
             so = dict(payload.get("stream_options") or {})
             client_wants_usage = bool(so.get("include_usage"))
             so["include_usage"] = True  # so the audit log gets exact token counts
             payload["stream_options"] = so
+            if pool.cfg.continue_streams and resumable(body):
+                payload["return_token_ids"] = True  # what the client has, should the stream break
+                resume = Resume(endpoint, body, public_model, pool, info or RequestInfo(),
+                                bool(body.get("return_token_ids")))
         headers = {"content-type": "application/json"}
         if b.api_key:
             headers["authorization"] = f"Bearer {b.api_key}"
@@ -251,15 +273,18 @@ class Forwarder:
             resp.close()
             raise
         return StreamingResponse(self._relay(first, resp, b, trace, client_wants_usage, on_done,
-                                             _model_field(public_model)),
+                                             _model_field(public_model), resume),
                                  media_type="text/event-stream", headers={"x-pagedserve-backend": b.name})
 
     async def _relay(self, first: bytes, resp: aiohttp.ClientResponse, b: Backend,
-                     trace: Trace, client_wants_usage: bool, on_done, model_field: bytes) -> AsyncIterator[bytes]:
+                     trace: Trace, client_wants_usage: bool, on_done, model_field: bytes,
+                     resume: Resume | None = None) -> AsyncIterator[bytes]:
         """Pass events through as they arrive; read usage on the way; drop the usage event the client
-        did not ask for; on an upstream failure, end with an error event."""
+        did not ask for; on an upstream failure after text was sent, continue the answer on another
+        backend (resume.py), or end with an error event."""
         buf = b""
         seen_content = completed = done_sent = False
+        sent: list[bytes] = []  # data events the client has (when the stream can be resumed)
         trace.status = 200
         try:
             chunk: bytes | None = first
@@ -289,6 +314,10 @@ class Forwarder:
                         if not seen_content and _has_content(obj):
                             seen_content = True
                             trace.ttft_s = time.monotonic() - trace.t0
+                    if resume is not None:
+                        sent.append(ev)
+                        if not resume.client_wants_ids:
+                            ev = strip_ids(ev)
                     yield _public_model(ev, model_field) + b"\n\n"
                 chunk = await resp.content.readany() or None
             if buf.strip():
@@ -301,6 +330,11 @@ class Forwarder:
                 yield f"data: {json.dumps(error_body(504, err.message, code='timeout'))}\n\n".encode()
             else:
                 b.record_failure(type(e).__name__)
+                if resume is not None and seen_content:
+                    async for piece in self._resume(resume, sent, b, trace, client_wants_usage, e):
+                        yield piece
+                    done_sent = True
+                    return
                 trace.status, trace.error = 502, f"backend {b.name} failed mid-stream: {type(e).__name__}"
                 msg = f"the backend failed after the stream started ({type(e).__name__}); the response is incomplete"
                 yield f"data: {json.dumps(error_body(502, msg))}\n\n".encode()
@@ -316,3 +350,100 @@ class Forwarder:
             else:
                 resp.close()  # a stream cut short closes the upstream connection, so the backend aborts
             on_done(trace)
+
+    async def _resume(self, r: Resume, events: list[bytes], failed: Backend, trace: Trace, client_wants_usage: bool,
+                      why: BaseException) -> AsyncIterator[bytes]:
+        """Continue a broken stream on other backends of its pool until the answer is complete
+        (each continuation may break too), then [DONE]; an error event if none can."""
+        sent = Sent.from_events(events, r.endpoint == "chat/completions")
+        pool, names, tried = r.pool, [failed.name], {failed.name}
+        outcome, error = "continued", None
+        try:
+            if sent.prompt_ids is None:
+                raise _Unresumable(f"backend {failed.name} returned no token ids")
+            for _ in range(pool.cfg.max_attempts):
+                if sent.finish_reason is not None:
+                    break  # the answer was complete before the connection broke
+                if trace.expired():
+                    raise _Unresumable("the request's time limit (server.request_timeout_s) ran out")
+                candidates = [x for x in pool.available() if x.name not in tried]
+                if not candidates:
+                    raise _Unresumable("no other backend of the pool is available")
+                b2 = self.policies[pool.name].choose(candidates, r.info)
+                tried.add(b2.name)
+                trace.attempts += 1
+                body = continuation_body(r.body, sent, b2.model or pool.cfg.model or r.public_model)
+                if body is None:  # max_tokens were all sent: the answer ends here
+                    yield client_event(sent, r.public_model, "", "length", None, [], r.client_wants_ids)
+                    sent.finish_reason = "length"
+                    break
+                names.append(b2.name)
+                async for piece in self._continue_on(b2, body, sent, r, trace):
+                    yield piece
+            if sent.finish_reason is None:
+                raise _Unresumable(f"{pool.cfg.max_attempts} attempts did not finish the answer")
+        except _Unresumable as e:
+            outcome, error = "failed", str(e)
+        self.metrics.continuations.labels(pool.name, outcome).inc()
+        trace.backend = ">".join(names)
+        trace.usage = Usage(len(sent.prompt_ids or ()), len(sent.token_ids))
+        if error is None:
+            log.warning("pool %s: stream continued on %s after %s failed mid-stream (%s)", pool.name,
+                        ", ".join(names[1:]), failed.name, type(why).__name__)
+            trace.error = f"continued on {', '.join(names[1:])} after {failed.name} failed mid-stream"
+            if client_wants_usage:
+                yield usage_event(sent, r.public_model, trace.usage.prompt_tokens, trace.usage.completion_tokens)
+        else:
+            trace.status = 502
+            trace.error = f"backend {failed.name} failed mid-stream ({type(why).__name__}); not continued: {error}"
+            msg = (f"the backend failed after the stream started ({type(why).__name__}) and the answer could not be "
+                   f"continued elsewhere ({error}); the response is incomplete")
+            yield f"data: {json.dumps(error_body(502, msg))}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+    async def _continue_on(self, b: Backend, body: dict, sent: Sent, r: Resume, trace: Trace) -> AsyncIterator[bytes]:
+        """One continuation request: its events rewritten into the client's stream, `sent` kept up
+        to date (so a continuation that breaks too is continued from where it stopped)."""
+        headers = {"content-type": "application/json"}
+        if b.api_key:
+            headers["authorization"] = f"Bearer {b.api_key}"
+        c = r.pool.cfg
+        left = trace.deadline - time.monotonic()
+        timeout = aiohttp.ClientTimeout(total=left if left != float("inf") else None,
+                                        sock_connect=c.connect_timeout_s, sock_read=c.read_timeout_s)
+        b.outstanding += 1
+        resp = None
+        try:
+            resp = await self.client.post(f"{b.url}/completions", data=json.dumps(body).encode(), headers=headers,
+                                          timeout=timeout)
+            if resp.status != 200:
+                if resp.status >= 500:
+                    b.record_failure(f"HTTP {resp.status}")
+                return
+            buf = b""
+            async for chunk in resp.content.iter_any():
+                buf += chunk.replace(b"\r\n", b"\n")
+                *events, buf = buf.split(b"\n\n")
+                for ev in events:
+                    if not ev.startswith(b"data:") or ev.startswith(b"data: [DONE]"):
+                        continue
+                    try:
+                        obj = json.loads(ev[5:])
+                    except ValueError:
+                        continue
+                    if "error" in obj:
+                        raise _Unresumable(f"backend {b.name} answered the continuation with an error: "
+                                           f"{str(obj['error'])[:200]}")
+                    for ch in obj.get("choices") or ():
+                        ids = ch.get("token_ids") or []
+                        sent.token_ids += ids
+                        sent.finish_reason = ch.get("finish_reason") or sent.finish_reason
+                        yield client_event(sent, r.public_model, ch.get("text") or "", ch.get("finish_reason"),
+                                           ch.get("stop_reason"), ids, r.client_wants_ids)
+            b.record_success()
+        except UPSTREAM_ERRORS as e:  # this one broke too: the caller continues from `sent`
+            b.record_failure(type(e).__name__)
+        finally:
+            b.outstanding -= 1
+            if resp is not None:
+                resp.close()

@@ -339,8 +339,11 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                     if want_lp is not None:
                         lp = completion_logprobs(c, o.prompt_logprobs if body.echo else None,
                                                  o.prompt_token_ids if body.echo else None, 0)
+                    ids = body.return_token_ids
                     choices.append(P.CompletionChoice(index=i * n + c.index, text=text, logprobs=lp,
-                                                      finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                                                      finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                                      prompt_token_ids=o.prompt_token_ids if ids else None,
+                                                      token_ids=c.token_ids if ids else None))
             return P.CompletionResponse(
                 id=rid, created=created, model=model_name, choices=choices,
                 usage=usage(sum(len(o.prompt_token_ids) for o in outs),
@@ -353,6 +356,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             last_times: dict = {}
             prompt_tokens = completion_tokens = 0
             echoed: set = set()
+            started: set = set()  # choice indexes that had their first chunk (prompt_token_ids go there)
             offsets: dict = {}
             async for i, o in merged(streams):
                 observe_stream(o, last_times, i)
@@ -368,8 +372,13 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                         lp = completion_logprobs(c, None, None, offsets.get(idx, 0))
                         offsets[idx] = offsets.get(idx, 0) + sum(len(t) for t in lp.tokens)
                     completion_tokens += len(c.token_ids)
-                    choices.append(P.CompletionChoice(index=idx, text=text, logprobs=lp,
-                                                      finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                    first_of_choice = idx not in started
+                    started.add(idx)
+                    ids = body.return_token_ids
+                    choices.append(P.CompletionChoice(
+                        index=idx, text=text, logprobs=lp, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                        prompt_token_ids=o.prompt_token_ids if ids and first_of_choice else None,
+                        token_ids=c.text_token_ids if ids else None))
                 if o.finished:
                     prompt_tokens += len(o.prompt_token_ids)
                 if choices:
@@ -405,21 +414,27 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
         if not body.stream:
             (o,) = await collect(raw, streams)
+            ids = body.return_token_ids
             choices = [P.ChatChoice(index=c.index, message=P.ChatResponseMessage(content=c.text),
                                     logprobs=chat_logprobs(c, k or 0) if body.logprobs else None,
-                                    finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in o.outputs]
+                                    finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                    token_ids=c.token_ids if ids else None) for c in o.outputs]
             return P.ChatCompletionResponse(
                 id=rid, created=created, model=model_name, choices=choices,
-                usage=usage(len(o.prompt_token_ids), sum(len(c.token_ids) for c in o.outputs), o.num_cached_tokens))
+                usage=usage(len(o.prompt_token_ids), sum(len(c.token_ids) for c in o.outputs), o.num_cached_tokens),
+                prompt_token_ids=o.prompt_token_ids if ids else None)
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def gen():
-            def chunk(choices, use=None):
-                return sse(P.ChatCompletionChunk(id=rid, created=created, model=model_name, choices=choices, usage=use))
+            def chunk(choices, use=None, prompt_ids=None):
+                return sse(P.ChatCompletionChunk(id=rid, created=created, model=model_name, choices=choices, usage=use,
+                                                 prompt_token_ids=prompt_ids))
 
-            yield chunk([P.ChatStreamChoice(index=i, delta=P.DeltaMessage(role="assistant", content=""))
-                         for i in range(body.n)])
+            ids = body.return_token_ids
+            yield chunk([P.ChatStreamChoice(index=i, delta=P.DeltaMessage(role="assistant", content=""),
+                                            token_ids=[] if ids else None) for i in range(body.n)],
+                        prompt_ids=list(prompt_ids) if ids else None)
             last_times: dict = {}
             completion_tokens = 0
             async for _, o in merged(streams):
@@ -432,7 +447,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                     choices.append(P.ChatStreamChoice(
                         index=c.index, delta=P.DeltaMessage(content=c.text),
                         logprobs=chat_logprobs(c, k or 0) if body.logprobs else None,
-                        finish_reason=c.finish_reason))
+                        finish_reason=c.finish_reason, token_ids=c.text_token_ids if ids else None))
                 if choices:
                     yield chunk(choices)
             if include_usage:

@@ -49,6 +49,9 @@ class _SamplingFields(_Lenient):
     priority: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM's: the prompt's token ids (the first chunk of a stream) and each choice's generated ones
+    # (in a stream, the tokens whose text the chunk carries).
+    return_token_ids: bool = False
 
 
 class CompletionRequest(_SamplingFields):
@@ -109,6 +112,11 @@ class DetokenizeRequest(_Lenient):
 
 
 # -- responses ---------------------------------------------------------------------------------
+def _ids(default=None):
+    """A token-id list field that is left out of the JSON unless set (return_token_ids)."""
+    return Field(default, exclude_if=lambda v: v is None)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int = 0
@@ -129,6 +137,8 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_token_ids: list[int] | None = _ids()
+    token_ids: list[int] | None = _ids()
 
 
 class CompletionResponse(BaseModel):
@@ -166,6 +176,7 @@ class ChatChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = _ids()
 
 
 class ChatCompletionResponse(BaseModel):
@@ -176,6 +187,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    prompt_token_ids: list[int] | None = _ids()
 
 
 class DeltaMessage(BaseModel):
@@ -188,6 +200,7 @@ class ChatStreamChoice(BaseModel):
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    token_ids: list[int] | None = _ids()
 
 
 class ChatCompletionChunk(BaseModel):
@@ -197,6 +210,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatStreamChoice]
     usage: Usage | None = None
+    prompt_token_ids: list[int] | None = _ids()
 
 
 class ModelCard(BaseModel):
