@@ -165,9 +165,8 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs every request at INFO: costly in the gateway
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and flag (the chart, the images and their tests parse with this, too)."""
     parser = argparse.ArgumentParser(prog="pagedserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="serve a model over the OpenAI API",
@@ -187,7 +186,13 @@ def main(argv: list[str] | None = None) -> int:
 
     p_gw = sub.add_parser("gateway", help="one front door for many replicas and providers (see examples/gateway.yaml)")
     add_gateway_args(p_gw)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs every request at INFO: costly in the gateway
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
             return serve(args)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from pagedserve.config import EngineConfig
+from pagedserve.engine.cpu_threads import container_threads
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.kv_cache import KVCacheManager
 from pagedserve.engine.model_runner import ModelRunner
@@ -63,8 +64,15 @@ class LLMEngine:
     def __init__(self, cfg: EngineConfig):
         t0 = time.monotonic()
         self.cfg = cfg
+        self.threads_why = "--num-threads"
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
+        elif cfg.resolve_device().type == "cpu":
+            # A pod's CPU limit, not the node's cores (cpu_threads.py); only ever fewer threads.
+            n, why = container_threads()
+            self.threads_why = why
+            if n < torch.get_num_threads():
+                torch.set_num_threads(n)
         self.model_path: Path = resolve_model(cfg.model)
         hf_cfg = load_hf_config(self.model_path)
         self.arch = ModelArch.from_hf_config(hf_cfg)
@@ -94,12 +102,14 @@ class LLMEngine:
         log.info(
             "engine ready in %.1fs: model=%s arch=%s params=%.1fM dtype=%s device=%s attention=%s "
             "kv_cache=%.0fMiB kv_cache_dtype=%s blocks=%d block_size=%d tokens=%d max_model_len=%d "
-            "max_concurrency=%.1f (at max_model_len) max_num_batched_tokens=%d prefix_caching=%s",
+            "max_concurrency=%.1f (at max_model_len) max_num_batched_tokens=%d prefix_caching=%s "
+            "threads=%d (%s)",
             self.startup_seconds, self.model_path, self.arch.architecture, self.arch.num_parameters() / 1e6,
             str(r.dtype).removeprefix("torch."), device, r.model.layers[0].self_attn.backend.name,
             r.kv_bytes / 2**20, str(r.kv_dtype).removeprefix("torch."), r.num_blocks, cfg.block_size,
             r.num_blocks * cfg.block_size,
             self.max_model_len, r.max_concurrency, self.max_num_batched_tokens, cfg.enable_prefix_caching,
+            torch.get_num_threads(), self.threads_why,
         )
 
     def _eos_ids(self, hf_cfg: dict) -> set[int]:
