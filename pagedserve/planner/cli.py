@@ -120,6 +120,8 @@ def print_report(plan: Plan, explain: bool) -> None:
             a.add_row(name, f"${v['monthly_usd']:,.0f}", f"${cost['monthly_usd']:,.0f}", "never" if x is None else f"{x:,.0f}")
         c.print(a)
     c.print("Recommended flags: " + " ".join(f"{k} {v}" for k, v in plan.flags.items()))
+    for why in plan.not_servable:
+        c.print(f"[yellow]Not servable by pagedserve yet:[/yellow] {why}")
     if explain:
         e = Table(title="How it was computed")
         e.add_column("step")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pagedserve.config import RUNTIME_RESERVE_FRACTION
 from pagedserve.planner.specs import KV_BYTES, WEIGHT_BITS, HardwareSpec, ModelSpec
@@ -328,32 +329,61 @@ class Plan:
         return hi
 
     # -- recommendations -------------------------------------------------------------------
+    # The planner's dtype names as the server spells them (config.DTYPES / KV_ONLY_DTYPES); "fp8" KV
+    # is the server's fp8_e5m2 (1 byte, unscaled). What is not here the server cannot do yet.
+    SERVER_WEIGHT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    SERVER_KV_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp8": "fp8_e5m2"}
+
     def _flags(self) -> dict:
+        """Flags of `pagedserve serve` for this plan: only ones the server accepts (tested by
+        parsing them with its CLI); what the plan needs and the server cannot do yet goes into
+        `not_servable` instead, so a plan never recommends a flag the server refuses."""
         inp = self.inp
+        self.not_servable: list[str] = []
         f = {"--max-model-len": inp.max_model_len, "--gpu-memory-utilization": inp.gpu_memory_utilization,
              "--max-num-seqs": max(1, self.capacity.get("batch") or 1)}
         if self.memory["tp"] > 1:
-            f["--tensor-parallel-size"] = self.memory["tp"]
-        if inp.weight_dtype in ("awq", "gptq", "fp8"):
-            f["--quantization"] = inp.weight_dtype
-        if self.kv_dtype != ("fp32" if inp.weight_dtype == "fp32" else "bf16"):  # not the engine's auto
-            engine_names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-            f["--kv-cache-dtype"] = engine_names.get(self.kv_dtype, self.kv_dtype)
+            self.not_servable.append(f"{self.memory['tp']} GPUs per replica (tensor parallel): pagedserve serves one "
+                                     "device per replica so far")
+        if inp.weight_dtype in self.SERVER_WEIGHT_DTYPES:
+            if inp.weight_dtype != "fp32":
+                f["--dtype"] = self.SERVER_WEIGHT_DTYPES[inp.weight_dtype]
+        else:
+            self.not_servable.append(f"{inp.weight_dtype} weights: pagedserve loads float32/bfloat16/float16 weights "
+                                     "(GGUF is dequantized) so far")
+        auto_kv = "fp32" if inp.weight_dtype == "fp32" else "bf16"
+        if self.kv_dtype != auto_kv:
+            if self.kv_dtype in self.SERVER_KV_DTYPES:
+                f["--kv-cache-dtype"] = self.SERVER_KV_DTYPES[self.kv_dtype]
+            else:
+                self.not_servable.append(f"{self.kv_dtype} KV cache: pagedserve's KV cache is float32, float16, "
+                                         "bfloat16 or fp8_e5m2 so far")
+        for why in self.not_servable:
+            self._note("flags", f"not servable by pagedserve yet: {why}")
         return f
 
-    def helm_values(self, model_ref: str) -> dict:
-        args = []
-        for k, v in self.flags.items():
-            args += [k, str(v)]
-        return {"model": model_ref, "replicaCount": self.capacity.get("replicas", 1),
-                "resources": {"limits": {"nvidia.com/gpu": self.memory["tp"]}},
-                "engineArgs": args,
-                "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": max(1, self.capacity.get("replicas", 1)),
-                                "metric": "vllm:num_requests_waiting"}}
+    def helm_values(self, model_ref: str, served_name: str | None = None) -> dict:
+        """Values for deploy/helm/pagedserve: one model entry with this plan's replicas, GPUs and
+        engine flags (the chart renders them as the server's flags)."""
+        import re
+
+        name = re.sub(r"[^a-z0-9-]+", "-", Path(model_ref).name.lower()).strip("-")[:40] or "model"
+        local = model_ref.startswith(("/", ".", "~")) or model_ref.count("/") != 1
+        source = ({"type": "pvc", "claimName": "models", "path": Path(model_ref).name} if local
+                  else {"type": "hub", "repo": model_ref, "storage": f"{max(10, int(self.memory['weight_bytes'] / 1e9 * 1.2))}Gi"})
+        replicas = max(1, self.capacity.get("replicas", 1))
+        entry = {"name": name, "servedModelName": served_name or Path(model_ref).name, "source": source,
+                 "replicas": replicas, "gpu": {"count": self.memory["tp"], "resource": "nvidia.com/gpu"},
+                 "engineArgs": {k.removeprefix("--"): v for k, v in self.flags.items()},
+                 "autoscaling": {"mode": "hpa", "minReplicas": 1, "maxReplicas": replicas, "targetWaitingRequests": 4}}
+        values = {"image": {"tag": "cuda"}, "models": [entry]}
+        if self.not_servable:
+            values["notServable"] = self.not_servable
+        return values
 
     def to_dict(self) -> dict:
         m = self.inp.model
         return {"model": {"name": m.name, "total_params": m.total_params, "active_params": m.active_params},
                 "hardware": self.inp.hw.name, "weight_dtype": self.inp.weight_dtype, "kv_dtype": self.kv_dtype,
                 "memory": self.memory, "roofline": self.roofline, "capacity": self.capacity, "cost": self.cost,
-                "flags": self.flags, "explain": [{"section": s, "formula": t} for s, t in self.explain]}
+                "flags": self.flags, "not_servable": self.not_servable, "explain": [{"section": s, "formula": t} for s, t in self.explain]}
