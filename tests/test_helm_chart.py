@@ -50,7 +50,7 @@ SCENARIOS = {
     "default": {},
     "two-models-gpu-pvc-hpa-keda-gateway": {"models": TWO_MODELS, "gateway": {"enabled": True,
                                                                               "adminKeySecret": "gw-admin"},
-                                            "serviceMonitor": {"enabled": True}},
+                                            "serviceMonitor": {"enabled": True}, "dashboard": {"enabled": True}},
     "hub-download": {"models": [HUB], "image": {"tag": "cuda"}},
 }
 
