@@ -52,6 +52,11 @@ SCENARIOS = {
                                                                               "adminKeySecret": "gw-admin"},
                                             "serviceMonitor": {"enabled": True}, "dashboard": {"enabled": True}},
     "hub-download": {"models": [HUB], "image": {"tag": "cuda"}},
+    "kserve-serverless-canary-gateway": {"kserve": {"enabled": True, "canaryTrafficPercent": 10},
+                                         "gateway": {"enabled": True},
+                                         "models": [dict(m, storageUri=f"pvc://models/{m['name']}") for m in TWO_MODELS]},
+    "kserve-raw-keda": {"kserve": {"enabled": True, "deploymentMode": "RawDeployment", "autoscalerClass": "keda"},
+                        "models": [dict(TWO_MODELS[0], storageUri="hf://HuggingFaceTB/SmolLM2-135M-Instruct")]},
 }
 
 
@@ -157,3 +162,49 @@ def test_bad_values_fail_with_a_message(tmp_path):
     r = subprocess.run([helm(), "template", "rel", str(CHART), "-f", str(f)], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode != 0 and "autoscaling.mode must be none, hpa or keda" in r.stderr
+
+
+def test_kserve_renders_a_runtime_and_inference_services_the_cli_accepts(tmp_path):
+    """KServe instead of Deployments: the runtime's args plus each model's (KServe appends them)
+    parse with the server's CLI; canaryTrafficPercent only where Knative can split traffic;
+    the gateway points at the predictor Services and its config loads."""
+    from pagedserve.gateway.config import load_config
+
+    docs = render(tmp_path, SCENARIOS["kserve-serverless-canary-gateway"])
+    kinds = [d["kind"] for d in docs]
+    assert "HorizontalPodAutoscaler" not in kinds and "ScaledObject" not in kinds
+    assert {d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"} == {"rel-gateway"}
+    (rt,) = [d for d in docs if d["kind"] == "ServingRuntime"]
+    isvcs = {d["metadata"]["name"]: d for d in docs if d["kind"] == "InferenceService"}
+    assert set(isvcs) == {"rel-small", "rel-llama-8b"}
+    for isvc in isvcs.values():
+        pred = isvc["spec"]["predictor"]
+        assert pred["model"]["runtime"] == rt["metadata"]["name"] and pred["canaryTrafficPercent"] == 10
+        assert pred["model"]["storageUri"].startswith("pvc://models/")
+        args = build_parser().parse_args(rt["spec"]["containers"][0]["args"] + pred["model"]["args"])
+        assert args.model_tag == "/mnt/models" and args.port == rt["spec"]["containers"][0]["ports"][0]["containerPort"]
+    assert isvcs["rel-llama-8b"]["spec"]["predictor"]["model"]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "rel-gateway")
+    (tmp_path / "gw.yaml").write_text(cm["data"]["gateway.yaml"])
+    cfg = load_config(tmp_path / "gw.yaml", env={})
+    assert {b.url for b in cfg.backends} == {"http://rel-small-predictor.llm.svc.cluster.local/v1",
+                                             "http://rel-llama-8b-predictor.llm.svc.cluster.local/v1"}
+    raw = render(tmp_path, SCENARIOS["kserve-raw-keda"])
+    (isvc,) = [d for d in raw if d["kind"] == "InferenceService"]
+    ann = isvc["metadata"]["annotations"]
+    assert ann == {"serving.kserve.io/deploymentMode": "RawDeployment", "serving.kserve.io/autoscalerClass": "keda"}
+    assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
+
+
+def test_raw_manifests_validate_and_their_args_parse():
+    """deploy/manifests: the no-Helm example, strict against Kubernetes' schemas, flags the CLI takes."""
+    path = ROOT / "deploy/manifests/pagedserve.yaml"
+    for v in K8S_VERSIONS:
+        r = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "-k", v, "--quiet", str(path)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+    dep = next(d for d in yaml.safe_load_all(path.read_text()) if d["kind"] == "Deployment")
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    args = build_parser().parse_args(c["args"])
+    assert c["ports"][0]["containerPort"] == args.port
+    assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > args.shutdown_timeout
