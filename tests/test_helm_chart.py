@@ -48,8 +48,11 @@ HUB = dict(TWO_MODELS[1], name="qwen", servedModelName="qwen2.5-7b",
                    "storage": "40Gi"}, autoscaling=dict(TWO_MODELS[1]["autoscaling"], mode="none"))
 SCENARIOS = {
     "default": {},
-    "two-models-gpu-pvc-hpa-keda-gateway": {"models": TWO_MODELS, "gateway": {"enabled": True,
-                                                                              "adminKeySecret": "gw-admin"},
+    "two-models-gpu-pvc-hpa-keda-gateway": {"models": TWO_MODELS, "gateway": {
+        "enabled": True, "adminKeySecret": "gw-admin", "providerKeysSecret": "provider-keys",
+        "ingress": {"enabled": True, "className": "nginx", "host": "llm.example.com", "tlsSecret": "llm-tls"},
+        "config": {"backends": [{"name": "openai", "url": "https://api.openai.com/v1", "api_key_env": "OPENAI_API_KEY",
+                                 "health_check": False}]}},
                                             "serviceMonitor": {"enabled": True}, "dashboard": {"enabled": True}},
     "hub-download": {"models": [HUB], "image": {"tag": "cuda"}},
     "kserve-serverless-canary-gateway": {"kserve": {"enabled": True, "canaryTrafficPercent": 10},
@@ -138,13 +141,18 @@ def test_rendered_gateway_config_loads_with_the_gateways_loader(tmp_path):
     cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "rel-gateway")
     path = tmp_path / "gateway.yaml"
     path.write_text(cm["data"]["gateway.yaml"])
-    cfg = load_config(path, env={"PAGEDSERVE_GATEWAY_ADMIN_KEY": "x"})
+    cfg = load_config(path, env={"PAGEDSERVE_GATEWAY_ADMIN_KEY": "x", "OPENAI_API_KEY": "y"})
     assert {m.name: m.pool for m in cfg.models} == {"SmolLM2-135M-Instruct": "small", "llama-8b": "llama-8b"}
     assert cfg.pool("small").discovery.dns == "rel-small-headless.llm.svc.cluster.local"
     assert cfg.server.admin_key_env == "PAGEDSERVE_GATEWAY_ADMIN_KEY" and cfg.server.host == "0.0.0.0"
     dep = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "rel-gateway")
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     assert build_parser().parse_args(c["args"]).config == "/etc/pagedserve/gateway.yaml"
+    assert c["envFrom"] == [{"secretRef": {"name": "provider-keys"}}]  # OPENAI_API_KEY for the config's backend
+    assert cfg.backends[0].api_key_env == "OPENAI_API_KEY"
+    ing = next(d for d in docs if d["kind"] == "Ingress")
+    assert ing["spec"]["tls"][0] == {"hosts": ["llm.example.com"], "secretName": "llm-tls"}
+    assert ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == "rel-gateway"
 
 
 def test_the_autoscalers_metric_is_on_a_real_server(server):
