@@ -216,3 +216,45 @@ def test_raw_manifests_validate_and_their_args_parse():
     args = build_parser().parse_args(c["args"])
     assert c["ports"][0]["containerPort"] == args.port
     assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > args.shutdown_timeout
+
+
+CRDS = ROOT / "tests/data/crds"
+
+
+def strict(schema):
+    """Refuse unknown fields where the CRD does not keep them (kubectl's strict validation)."""
+    if isinstance(schema, dict):
+        out = {k: strict(v) for k, v in schema.items()}
+        if "properties" in out and not out.get("x-kubernetes-preserve-unknown-fields") and "additionalProperties" not in out:
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [strict(v) for v in schema]
+    return schema
+
+
+def test_custom_resources_match_their_crd_schemas(tmp_path):
+    """ScaledObject, ServiceMonitor, ServingRuntime and InferenceService from every scenario,
+    validated against KEDA's, the Prometheus operator's and KServe's CRD schemas."""
+    import json
+
+    import jsonschema
+
+    schemas = {}
+    for f in CRDS.glob("*.json"):
+        d = json.loads(f.read_text())
+        schemas[(f"{d['crd']['group']}/{d['crd']['version']}", d["crd"]["kind"])] = strict(d["schema"])
+    checked = set()
+    for name, values in SCENARIOS.items():
+        for doc in render(tmp_path, values):
+            key = (doc["apiVersion"], doc["kind"])
+            if key in schemas:
+                jsonschema.validate(doc, schemas[key])
+                checked.add(doc["kind"])
+    assert checked == {"ScaledObject", "ServiceMonitor", "ServingRuntime", "InferenceService"}
+    # And a mistake is caught: a field the CRD does not have.
+    bad = next(d for d in render(tmp_path, SCENARIOS["two-models-gpu-pvc-hpa-keda-gateway"])
+               if d["kind"] == "ScaledObject")
+    bad["spec"]["minReplicas"] = 1  # KEDA's field is minReplicaCount
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schemas[("keda.sh/v1alpha1", "ScaledObject")])
