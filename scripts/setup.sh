@@ -42,13 +42,15 @@ progress() {  # what the logs say so far: packages pip has collected, the kernel
 [ -x .venv/bin/python ] || { say "creating .venv with $($PY --version)"; "$PY" -m venv .venv; }
 mkdir -p "$LOGS"
 VPY=.venv/bin/python
+TORCH=torch==2.13.0  # the local CPU wheel; unpinned torch pulls CUDA (GBs). The images pin the same.
+command -v "${CXX:-c++}" >/dev/null || { say "no C++ compiler: install g++ (apt-get install g++) and run again"; exit 1; }
 # --no-compile: compiling every file of every package was half of pip's time; step 3 compiles
 # just the modules pagedserve and its tests import, on the core the kernel build leaves idle.
 PIP=(.venv/bin/python -m pip)
 
-# 1. torch first: the kernels compile against it. The local CPU wheel; unpinned torch pulls CUDA (GBs).
-if ! $VPY -c "import torch, setuptools, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0' or int(setuptools.__version__.split('.')[0]) < 68)" 2>/dev/null; then
-  step "installing torch 2.13.0 (CPU)" torch.log "${PIP[@]}" install --no-compile torch==2.13.0 "setuptools>=68" wheel
+# 1. torch first: the kernels compile against it.
+if ! $VPY -c "import torch, setuptools, sys; sys.exit(torch.__version__.split('+')[0] != '${TORCH#torch==}' or int(setuptools.__version__.split('.')[0]) < 68)" 2>/dev/null; then
+  step "installing $TORCH (CPU)" torch.log "${PIP[@]}" install --no-compile "$TORCH" "setuptools>=68" wheel
 fi
 
 # 2. The C++ kernels compile (both cores, ~50 s idle) while pip installs pagedserve's dependencies
