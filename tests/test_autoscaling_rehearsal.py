@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from server_utils import ServerProcess, free_port
+from prom_utils import PrometheusServer
+from server_utils import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVED = "tiny-auto"
@@ -58,47 +59,24 @@ def prom_pair(tiny_dirs, tmp_path_factory):
             "32MiB", "--max-model-len", "512"]
     with ThreadPoolExecutor(2) as ex:
         reps = list(ex.map(lambda i: ServerProcess(args, tmp / f"r{i}.log"), range(2)))
-    prom = shutil.which("prometheus")
-    assert prom, "prometheus is installed by scripts/test.sh (Debian package 'prometheus')"
-    port = free_port()
-    targets = "\n".join(f"""      - targets: ["127.0.0.1:{r.port}"]
-        labels: {{namespace: llm, pod: r{i}}}""" for i, r in enumerate(reps))
-    (tmp / "prometheus.yml").write_text(f"""global:
-  scrape_interval: 1s
-scrape_configs:
-  - job_name: pagedserve
-    static_configs:
-{targets}
-""")
-    proc = subprocess.Popen([prom, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    yield reps, f"http://127.0.0.1:{port}/api/v1/query"
-    proc.terminate()
-    proc.wait(10)
+    prom = PrometheusServer([(r.port, {"namespace": "llm", "pod": f"r{i}"}) for i, r in enumerate(reps)])
+    yield reps, prom
+    prom.stop()
     for r in reps:
         r.stop()
 
 
-def query(api: str, q: str) -> list | None:
-    try:
-        res = httpx.get(api, params={"query": q}, timeout=5).json()
-    except (httpx.HTTPError, ValueError):
-        return None
-    return res["data"]["result"] if res.get("status") == "success" else None
-
-
 def test_hpa_and_keda_ask_for_more_replicas_under_load_and_the_minimum_idle(prom_pair, tmp_path):
-    reps, api = prom_pair
+    reps, prom = prom_pair
     keda_q, keda_threshold, hpa_target = chart_queries(tmp_path)
     adapter_q = adapter_query()
 
     def desired_keda() -> int | None:
-        got = query(api, keda_q)
+        got = prom.query(keda_q)
         return None if not got else math.ceil(float(got[0]["value"][1]) / keda_threshold)
 
     def desired_hpa() -> int | None:
-        got = query(api, adapter_q)
+        got = prom.query(adapter_q)
         if not got or len(got) != 2:
             return None
         mean = sum(float(g["value"][1]) for g in got) / len(got)

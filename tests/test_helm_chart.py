@@ -6,7 +6,6 @@ gateway's ConfigMap loads with its own loader, the autoscalers' metric exists on
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys

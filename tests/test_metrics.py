@@ -1,13 +1,10 @@
 """/metrics in vLLM's names, parsed by prometheus_client and scraped by a real Prometheus server."""
 
-import shutil
-import subprocess
 import time
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from server_utils import free_port
 
 NAMES = ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
          "vllm:prompt_tokens", "vllm:generation_tokens", "vllm:request_success", "vllm:num_preemptions",
@@ -40,32 +37,14 @@ def test_metric_names_and_counts(tiny_server):
     assert total(after, "vllm:inter_token_latency_seconds", "_count") - total(before, "vllm:inter_token_latency_seconds", "_count") == 8
 
 
-def test_real_prometheus_scrapes_it(tiny_server, tmp_path):
-    prom = shutil.which("prometheus")
-    assert prom, "prometheus is installed by scripts/test.sh (Debian package 'prometheus')"
-    port = free_port()
-    cfg = tmp_path / "prometheus.yml"
-    cfg.write_text(f"""global:
-  scrape_interval: 1s
-scrape_configs:
-  - job_name: pagedserve
-    static_configs:
-      - targets: ["127.0.0.1:{tiny_server.port}"]
-""")
-    proc = subprocess.Popen([prom, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def test_real_prometheus_scrapes_it(tiny_server):
+    from prom_utils import PrometheusServer
+
+    prom = PrometheusServer([(tiny_server.port, {})])
     try:
         for _ in range(3):
             httpx.post(f"{tiny_server.base}/completions", json={"prompt": "hello", "max_tokens": 5})
-        api = f"http://127.0.0.1:{port}/api/v1/query"
-
-        def query(q):
-            try:
-                res = httpx.get(api, params={"query": q}, timeout=5).json()
-            except (httpx.HTTPError, ValueError):
-                return None
-            return res["data"]["result"] if res.get("status") == "success" else None
-
+        query = prom.query
         deadline, got = time.monotonic() + 45, None
         while time.monotonic() < deadline:
             got = query('vllm:generation_tokens_total{model_name="tiny"}')
@@ -80,5 +59,4 @@ scrape_configs:
         up = query('up{job="pagedserve"}')
         assert up and up[0]["value"][1] == "1"
     finally:
-        proc.terminate()
-        proc.wait(10)
+        prom.stop()

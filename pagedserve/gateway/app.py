@@ -32,7 +32,7 @@ from pagedserve.gateway.metrics import GatewayMetrics
 from pagedserve.gateway.policies import RequestInfo, WeightedSplit, make_policy
 from pagedserve.gateway.proxy import Forwarder, Trace
 from pagedserve.gateway.store import open_db, utcnow
-from pagedserve.server.middleware import BodyLimitMiddleware
+from pagedserve.server.middleware import BodyLimitMiddleware, bearer_token
 from pagedserve.server.errors import APIError, install_error_handlers, quote
 
 log = logging.getLogger("pagedserve.gateway")
@@ -188,17 +188,17 @@ class Gateway:
     def authenticate(self, request: Request) -> KeyInfo:
         """The request's virtual key, from 'Authorization: Bearer <key>' (the scheme in any case, as
         RFC 7235 allows; a bare key without it is refused)."""
-        auth = request.headers.get("authorization", "").strip()
-        if not auth:
+        auth = request.headers.get("authorization", "")
+        if not auth.strip():
             if self.cfg.auth.require_key:
                 raise APIError(401, "missing API key: send 'Authorization: Bearer <key>' (create one with "
                                     "`pagedserve gateway keys create`)", code="invalid_api_key")
             return ANONYMOUS
-        scheme, _, secret = auth.partition(" ")
-        if scheme.lower() != "bearer" or not secret.strip():
+        secret = bearer_token(auth)
+        if secret is None:
             raise APIError(401, "malformed Authorization header: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
-        key = self.keys.lookup(secret.strip())
+        key = self.keys.lookup(secret)
         if key is None:
             raise APIError(401, "invalid API key", code="invalid_api_key")
         if key.revoked:
@@ -212,8 +212,8 @@ class Gateway:
             raise APIError(403, "this needs the gateway's admin key, and none is configured: set "
                                 "server.admin_key_env (or server.public_metrics: true for /metrics on a trusted "
                                 "network)", code="admin_key_required")
-        scheme, _, secret = request.headers.get("authorization", "").strip().partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(secret.strip().encode(), want.encode()):
+        secret = bearer_token(request.headers.get("authorization"))
+        if secret is None or not hmac.compare_digest(secret.encode(), want.encode()):
             raise APIError(401, "this needs the gateway's admin key: send 'Authorization: Bearer <admin key>'",
                            code="invalid_api_key")
 

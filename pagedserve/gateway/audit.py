@@ -122,9 +122,6 @@ class AuditWriter:
         finally:
             self.waiting -= 1
 
-    async def put(self, row: dict) -> None:
-        await self.queue.put(storable(row))
-
     def _drop(self, n: int, reason: str) -> None:
         self.dropped += n
         if self.metrics is not None:

@@ -176,12 +176,10 @@ class BudgetLedger:
     def __init__(self, db: Engine, hold_s: float):
         self.db, self.hold_s = db, hold_s
 
-    def _ensure_row(self, key_id: str, month: dt.datetime) -> None:
+    def _create_row(self, key_id: str, month: dt.datetime) -> None:
+        """The key's first request this month: its row, carrying over what the audit log already
+        has (from gateways before budgets lived here)."""
         with self.db.connect() as conn:
-            if conn.execute(select(key_spend.c.key_id).where(key_spend.c.key_id == key_id,
-                                                            key_spend.c.month == month)).first():
-                return
-            # First use this month: carry over what the audit log already has (older gateways).
             spent = conn.execute(select(func.coalesce(func.sum(audit_log.c.cost), 0.0)).where(
                 audit_log.c.key_id == key_id, audit_log.c.ts >= month)).scalar()
         try:
@@ -193,19 +191,22 @@ class BudgetLedger:
     def reserve(self, key: KeyInfo, worst: float) -> Reservation:
         """The reservation, or BudgetExceeded."""
         month, now = month_start(), utcnow()
-        self._ensure_row(key.id, month)
         rid = secrets.token_hex(16)
         where = (key_spend.c.key_id == key.id) & (key_spend.c.month == month)
-        with self.db.begin() as conn:
-            conn.execute(update(key_spend).where(where).values(version=key_spend.c.version + 1))  # the lock
-            spent = conn.execute(select(key_spend.c.spent).where(where)).scalar()
-            held = conn.execute(select(func.coalesce(func.sum(budget_reservations.c.amount), 0.0)).where(
-                budget_reservations.c.key_id == key.id, budget_reservations.c.expires_at > now)).scalar()
-            if spent + held + worst > key.monthly_budget:
-                raise BudgetExceeded(spent, held, worst)
-            conn.execute(insert(budget_reservations).values(id=rid, key_id=key.id, amount=worst,
-                                                            expires_at=now + dt.timedelta(seconds=self.hold_s)))
-        return Reservation(rid, key.id, month, worst)
+        for _ in range(2):
+            with self.db.begin() as conn:
+                # The lock (a row lock in PostgreSQL, the write lock in SQLite); 0 rows: no row yet.
+                if conn.execute(update(key_spend).where(where).values(version=key_spend.c.version + 1)).rowcount:
+                    spent = conn.execute(select(key_spend.c.spent).where(where)).scalar()
+                    held = conn.execute(select(func.coalesce(func.sum(budget_reservations.c.amount), 0.0)).where(
+                        budget_reservations.c.key_id == key.id, budget_reservations.c.expires_at > now)).scalar()
+                    if spent + held + worst > key.monthly_budget:
+                        raise BudgetExceeded(spent, held, worst)
+                    conn.execute(insert(budget_reservations).values(
+                        id=rid, key_id=key.id, amount=worst, expires_at=now + dt.timedelta(seconds=self.hold_s)))
+                    return Reservation(rid, key.id, month, worst)
+            self._create_row(key.id, month)
+        raise RuntimeError(f"budget row for key {key.id} could not be created")
 
     def settle(self, r: Reservation, cost: float) -> None:
         """Replace the reservation by the actual cost (charged to the month it was admitted in)."""

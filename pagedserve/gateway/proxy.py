@@ -92,6 +92,8 @@ _MODEL_FIELD = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
 
 
 def _public_model(data: bytes, public: bytes) -> bytes:
+    if public in data:  # the upstream already says it (pagedserve and vLLM echo the name sent)
+        return data
     return _MODEL_FIELD.sub(lambda _: public, data, count=1)
 
 
@@ -189,6 +191,18 @@ class Forwarder:
         raise APIError(503, f"no backend is available for model {public_model!r} (pools {', '.join(visited)} are "
                             "down or saturated); try again shortly", headers={"Retry-After": "1"})
 
+    def _post(self, b: Backend, pool: Pool, endpoint: str, payload: dict, trace: Trace):
+        """POST to a backend: its key, the pool's connect/read timeouts, and as total what is left
+        of server.request_timeout_s (aiohttp enforces it on every read, for free)."""
+        headers = {"content-type": "application/json"}
+        if b.api_key:
+            headers["authorization"] = f"Bearer {b.api_key}"
+        c, left = pool.cfg, trace.deadline - time.monotonic()
+        timeout = aiohttp.ClientTimeout(total=left if left != float("inf") else None,
+                                        sock_connect=c.connect_timeout_s, sock_read=c.read_timeout_s)
+        return self.client.post(f"{b.url}/{endpoint}", data=json.dumps(payload).encode(), headers=headers,
+                                timeout=timeout)
+
     async def _attempt(self, endpoint, body, public_model, pool: Pool, b: Backend, stream: bool, trace: Trace,
                        on_done, info: RequestInfo | None = None) -> Response:
         payload = dict(body)
@@ -204,18 +218,9 @@ class Forwarder:
                 payload["return_token_ids"] = True  # what the client has, should the stream break
                 resume = Resume(endpoint, body, public_model, pool, info or RequestInfo(),
                                 bool(body.get("return_token_ids")))
-        headers = {"content-type": "application/json"}
-        if b.api_key:
-            headers["authorization"] = f"Bearer {b.api_key}"
-        c = pool.cfg
-        # total: what is left of server.request_timeout_s (aiohttp enforces it on every read, for free)
-        left = trace.deadline - time.monotonic()
-        timeout = aiohttp.ClientTimeout(total=left if left != float("inf") else None,
-                                        sock_connect=c.connect_timeout_s, sock_read=c.read_timeout_s)
         b.outstanding += 1
         try:
-            resp = await self.client.post(f"{b.url}/{endpoint}", data=json.dumps(payload).encode(), headers=headers,
-                                          timeout=timeout)
+            resp = await self._post(b, pool, endpoint, payload, trace)
         except UPSTREAM_ERRORS as e:
             b.outstanding -= 1
             if trace.expired():  # our limit, not the backend's fault
@@ -404,18 +409,10 @@ class Forwarder:
     async def _continue_on(self, b: Backend, body: dict, sent: Sent, r: Resume, trace: Trace) -> AsyncIterator[bytes]:
         """One continuation request: its events rewritten into the client's stream, `sent` kept up
         to date (so a continuation that breaks too is continued from where it stopped)."""
-        headers = {"content-type": "application/json"}
-        if b.api_key:
-            headers["authorization"] = f"Bearer {b.api_key}"
-        c = r.pool.cfg
-        left = trace.deadline - time.monotonic()
-        timeout = aiohttp.ClientTimeout(total=left if left != float("inf") else None,
-                                        sock_connect=c.connect_timeout_s, sock_read=c.read_timeout_s)
         b.outstanding += 1
         resp = None
         try:
-            resp = await self.client.post(f"{b.url}/completions", data=json.dumps(body).encode(), headers=headers,
-                                          timeout=timeout)
+            resp = await self._post(b, r.pool, "completions", body, trace)
             if resp.status != 200:
                 if resp.status >= 500:
                     b.record_failure(f"HTTP {resp.status}")

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pagedserve.config import RUNTIME_RESERVE_FRACTION
+from pagedserve.config import DTYPES, RUNTIME_RESERVE_FRACTION
 from pagedserve.planner.specs import KV_BYTES, WEIGHT_BITS, HardwareSpec, ModelSpec
 
 GB = 1e9
@@ -329,10 +329,9 @@ class Plan:
         return hi
 
     # -- recommendations -------------------------------------------------------------------
-    # The planner's dtype names as the server spells them (config.DTYPES / KV_ONLY_DTYPES); "fp8" KV
-    # is the server's fp8_e5m2 (1 byte, unscaled). What is not here the server cannot do yet.
-    SERVER_WEIGHT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-    SERVER_KV_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp8": "fp8_e5m2"}
+    # The planner's dtype names as the server spells them: config.DTYPES knows fp32/bf16/fp16;
+    # the planner's 1-byte "fp8" KV is the server's fp8_e5m2 (unscaled). Others it cannot do yet.
+    SERVER_KV_DTYPES = {**DTYPES, "fp8": "fp8_e5m2"}
 
     def _flags(self) -> dict:
         """Flags of `pagedserve serve` for this plan: only ones the server accepts (tested by
@@ -345,9 +344,9 @@ class Plan:
         if self.memory["tp"] > 1:
             self.not_servable.append(f"{self.memory['tp']} GPUs per replica (tensor parallel): pagedserve serves one "
                                      "device per replica so far")
-        if inp.weight_dtype in self.SERVER_WEIGHT_DTYPES:
+        if inp.weight_dtype in DTYPES:
             if inp.weight_dtype != "fp32":
-                f["--dtype"] = self.SERVER_WEIGHT_DTYPES[inp.weight_dtype]
+                f["--dtype"] = DTYPES[inp.weight_dtype]
         else:
             self.not_servable.append(f"{inp.weight_dtype} weights: pagedserve loads float32/bfloat16/float16 weights "
                                      "(GGUF is dequantized) so far")

@@ -24,7 +24,7 @@ from pagedserve.model.tokenizer import apply_chat_template
 from pagedserve.server import protocol as P
 from pagedserve.server.errors import APIError, error_body, error_response, install_error_handlers, quote
 from pagedserve.server.metrics import ServerMetrics
-from pagedserve.server.middleware import BodyLimitMiddleware
+from pagedserve.server.middleware import BodyLimitMiddleware, bearer_token
 
 log = logging.getLogger("pagedserve.server")
 
@@ -83,8 +83,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     async def check_key(request: Request):
         if settings.api_key is None:
             return
-        auth = request.headers.get("authorization", "")
-        token = auth[7:] if auth.lower().startswith("bearer ") else ""
+        token = bearer_token(request.headers.get("authorization")) or ""
         if not hmac.compare_digest(token.encode(), settings.api_key.encode()):
             raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
 

@@ -1,11 +1,19 @@
-"""ASGI middleware shared by the server and the gateway (light: the gateway imports it without
-the engine)."""
+"""ASGI middleware and request helpers shared by the server and the gateway (light: the gateway
+imports it without the engine)."""
 
 from __future__ import annotations
 
 import json
 
 from pagedserve.server.errors import error_body
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of 'Authorization: Bearer <token>' (the scheme in any case, as RFC 7235 allows);
+    None for a missing header, another scheme, or a bare token without the scheme."""
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
 
 
 class BodyLimitMiddleware:
