@@ -10,7 +10,11 @@ import signal
 import sys
 import time
 
+from pagedserve.config import STRUCTURED_OUTPUTS_BACKENDS
+from pagedserve.server.tool_parsers import PARSERS as _TOOL_PARSERS
+
 T0 = time.monotonic()
+TOOL_CALL_PARSERS = tuple(_TOOL_PARSERS)
 log = logging.getLogger("pagedserve")
 
 
@@ -70,6 +74,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="on SIGTERM, seconds to finish in-flight requests")
     p.add_argument("--attention-backend", default=None, help="attention kernel: auto (default), cpp or torch")
     p.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--structured-outputs-backend", default="auto", choices=STRUCTURED_OUTPUTS_BACKENDS,
+                   help="grammar engine for response_format/structured_outputs/tools: auto (xgrammar; guidance for "
+                        "JSON schemas with keywords xgrammar does not enforce), xgrammar or guidance (llguidance)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='let the model decide to call tools (tool_choice "auto"); needs --tool-call-parser')
+    p.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
+                   help="how tool calls are read from the model's text with tool_choice auto (vLLM's names); "
+                        "hermes matches the built-in tool prompt used for templates without tool support")
     # vllm serve flags accepted for compatibility.
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="only 1 is supported (one device per replica)")
     for flag in ("--trust-remote-code", "--enforce-eager", "--disable-log-requests", "--disable-log-stats"):
@@ -92,8 +104,10 @@ def serve(args: argparse.Namespace) -> int:
         kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
         seed=args.seed, chat_template=args.chat_template, attention_backend=args.attention_backend,
-        num_threads=args.num_threads,
+        num_threads=args.num_threads, structured_outputs_backend=args.structured_outputs_backend,
     )
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (one of: " + ", ".join(TOOL_CALL_PARSERS) + ")")
     import uvicorn
 
     from pagedserve.engine.async_engine import AsyncEngine, ShuttingDownError
@@ -113,7 +127,8 @@ def serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         served_model_names=names, api_key=args.api_key, max_waiting_requests=args.max_waiting_requests,
         max_request_body_bytes=args.max_request_body_bytes, request_timeout=args.request_timeout,
-        root_model=str(engine.model_path),
+        root_model=str(engine.model_path), enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser,
     )
     app = build_app(async_engine, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,

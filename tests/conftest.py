@@ -48,7 +48,8 @@ def server(tmp_path_factory, default_model_dir):
     from server_utils import ServerProcess
 
     s = ServerProcess([str(default_model_dir), "--served-model-name", "smol", "--kv-cache-memory", "256MiB",
-                       "--max-model-len", "2048"], tmp_path_factory.mktemp("srv") / "server.log")
+                       "--max-model-len", "2048", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"],
+                      tmp_path_factory.mktemp("srv") / "server.log")
     yield s
     assert s.stop() == 0
 

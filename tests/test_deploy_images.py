@@ -52,6 +52,9 @@ def test_dockerfile(path):
     # The same torch as the README's setup.
     pin = re.search(r"torch==[\d.]+", (ROOT / "scripts/setup.sh").read_text()).group(0)
     assert pin in build_runs
+    # ... and the same xgrammar pins, installed without its GPU dependencies.
+    grammar = re.search(r"XGRAMMAR=\(([^)]*)\)", (ROOT / "scripts/setup.sh").read_text()).group(1)
+    assert f"pip install --no-deps {grammar}" in build_runs
     # Entrypoint and command: a real CLI invocation; the health check probes its port's /health.
     assert list(cmds["ENTRYPOINT"].value) == ["pagedserve"] and cmds["ENTRYPOINT"].json
     argv = list(cmds["CMD"].value)

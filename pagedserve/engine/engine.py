@@ -24,6 +24,7 @@ from pagedserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedserve.engine.request import Request, RequestStatus
 from pagedserve.engine.sampling_params import OutputKind, SamplingParams
 from pagedserve.engine.scheduler import Scheduler
+from pagedserve.engine.structured_output import StructuredOutputManager
 from pagedserve.model.arch import ModelArch
 from pagedserve.model.loader import load_hf_config, load_weights, resolve_model
 from pagedserve.model.tokenizer import load_tokenizer
@@ -90,6 +91,8 @@ class LLMEngine:
         default_budget = 2048 if device.type == "cuda" else 512
         self.max_num_batched_tokens = cfg.max_num_batched_tokens or default_budget
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, self.max_num_batched_tokens)
+        self.structured = StructuredOutputManager(
+            self.tokenizer, self.arch.vocab_size, self.eos_token_ids, cfg.structured_outputs_backend)
         self.parents: dict[str, _Parent] = {}
         self.req_to_parent: dict[str, _Parent] = {}
         self.stats = EngineStats()
@@ -140,8 +143,16 @@ class LLMEngine:
     ) -> str:
         """Validate and queue a request. Raises ValueError (naming the field) on bad input."""
         request_id = request_id if request_id is not None else str(next(self._ids))
-        self.enqueue(self.make_request(request_id, prompt, params, priority, arrival_time))
+        parent = self.make_request(request_id, prompt, params, priority, arrival_time)
+        self.wait_for_grammar(parent)
+        self.enqueue(parent)
         return request_id
+
+    def wait_for_grammar(self, parent: _Parent, timeout: float | None = None) -> None:
+        """Wait for a request's grammar to compile; ValueError (the backend's reason) if it does not.
+        add_request waits so that a bad grammar is its error; make_request + enqueue do not."""
+        if parent.params.structured_outputs is not None:
+            self.structured.grammar(parent.params.structured_outputs).result(timeout)
 
     def make_request(
         self,
@@ -194,6 +205,8 @@ class LLMEngine:
                 index=i,
                 seq_no=next(self._seq),
             )
+            if params.structured_outputs is not None:
+                req.grammar = self.structured.new_request(params.structured_outputs)
             if params.seed is not None:
                 req.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
             children.append(req)
@@ -208,6 +221,9 @@ class LLMEngine:
     def enqueue(self, parent: _Parent) -> None:
         if parent.request_id in self.parents:
             raise ValueError(f"request_id {parent.request_id!r} is already in use")
+        g = parent.children[0].grammar
+        if g is not None and g.ready() and g.error is not None:
+            raise ValueError(g.error)
         self.parents[parent.request_id] = parent
         for c in parent.children:
             self.req_to_parent[c.request_id] = parent
@@ -245,13 +261,23 @@ class LLMEngine:
         outputs, self._pending_outputs = self._pending_outputs, []
         sched = self.scheduler.schedule()
         self.stats.last_step_time = time.monotonic()
+        if sched.grammar_failed:
+            failed: dict[str, set[int]] = {}
+            for req in sched.grammar_failed:
+                parent = self.req_to_parent[req.request_id]
+                req.stop_reason = req.grammar.error
+                self._finish(parent, req, RequestStatus.FINISHED_ABORTED)
+                failed.setdefault(parent.request_id, set()).add(req.index)
+            outputs.extend(self._make_outputs(failed))
         if not sched.requests:
+            if self.scheduler.num_waiting and not self.scheduler.num_running:
+                self.structured.wait_for_compile(0.05)  # only compiling requests: do not spin
             return outputs
         now = time.monotonic()
         for r in sched.requests:
             if r.metrics.first_scheduled_time is None:
                 r.metrics.first_scheduled_time = now
-        result = self.runner.execute(sched, self.kv)
+        result = self.runner.execute(sched, self.kv, self.structured)
         self.scheduler.update_after_step(sched)
         self.stats.steps += 1
         now = time.monotonic()
@@ -288,7 +314,13 @@ class LLMEngine:
         may_stop = req.num_output_tokens >= p.min_tokens
         stop_str = parent.detoks[req.index].add_token(tok, check_stop=may_stop)
         status = None
-        if may_stop and tok in req.eos_token_ids:
+        if req.grammar is not None and not req.grammar.matcher.accept(tok):
+            # Only when something outside the mask picked the token (a -inf row, a backend bug).
+            log.error("request %s: token %d is not allowed by its grammar; ending it", req.request_id, tok)
+            status, req.stop_reason = RequestStatus.FINISHED_ABORTED, "token rejected by the grammar"
+        elif req.grammar is not None and req.grammar.matcher.is_terminated():
+            status = RequestStatus.FINISHED_STOPPED  # the grammar is complete (its stop token taken)
+        elif may_stop and tok in req.eos_token_ids:
             status = RequestStatus.FINISHED_STOPPED
         elif may_stop and tok in p.stop_token_ids:
             status, req.stop_reason = RequestStatus.FINISHED_STOPPED, tok

@@ -18,6 +18,7 @@ from pagedserve.engine.cpu_memory import keep_freed_memory, lazily_zeroed_cpu_te
 from pagedserve.engine.kv_cache import KVCacheManager
 from pagedserve.engine.request import Request
 from pagedserve.engine.scheduler import SchedulerOutput
+from pagedserve.engine.structured_output import StructuredOutputManager
 from pagedserve.model.arch import ModelArch
 from pagedserve.model import cpu_kernels
 from pagedserve.model.attention import AttentionMetadata, PrefillChunk, get_attention_backend
@@ -116,7 +117,7 @@ class ModelRunner:
             self._populating.join()
 
     # ------------------------------------------------------------------------------------------
-    def execute(self, out: SchedulerOutput, kv: KVCacheManager) -> StepResult:
+    def execute(self, out: SchedulerOutput, kv: KVCacheManager, structured: StructuredOutputManager | None = None) -> StepResult:
         bs = self.block_size
         decodes: list[Request] = []
         prefills: list[Request] = []
@@ -185,7 +186,10 @@ class ModelRunner:
             result.prompt_logprobs = self._prompt_logprobs(hidden, plp_spans)
         if sample_reqs:
             logits = self.model.compute_logits(hidden[sample_rows] if plp_spans else hidden)
-            s: SamplerOutput = self.sampler(logits, sample_reqs)
+            mask = None
+            if structured is not None and any(r.grammar is not None for r in sample_reqs):
+                mask = structured.bitmask([r.grammar for r in sample_reqs])
+            s: SamplerOutput = self.sampler(logits, sample_reqs, mask)
             for r, tok, lp in zip(sample_reqs, s.token_ids, s.logprobs):
                 result.sampled[r.request_id] = tok
                 if lp is not None:

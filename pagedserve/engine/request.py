@@ -14,6 +14,7 @@ import torch
 
 from pagedserve.engine.outputs import PositionLogprobs, RequestMetrics
 from pagedserve.engine.sampling_params import SamplingParams
+from pagedserve.engine.structured_output.manager import RequestGrammar  # noqa: F401 (a field type)
 
 
 class RequestStatus(enum.Enum):
@@ -53,6 +54,7 @@ class Request:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     generator: torch.Generator | None = None
+    grammar: RequestGrammar | None = None  # structured outputs: the constraint's matcher
     cumulative_logprob: float = 0.0
     logprobs: list[PositionLogprobs] = field(default_factory=list)
     prompt_logprobs: list[PositionLogprobs | None] = field(default_factory=list)

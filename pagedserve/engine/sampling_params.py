@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from pagedserve.engine.structured_output.params import StructuredOutputsParams
+
 MAX_LOGPROBS = 20  # same cap as vLLM's default --max-logprobs and OpenAI's top_logprobs
 
 
@@ -41,6 +43,8 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     output_kind: OutputKind = OutputKind.FINAL_ONLY
+    # A JSON schema, regex, choice or grammar the output must match (a dict is converted).
+    structured_outputs: StructuredOutputsParams | None = None
     # Derived in __post_init__.
     stop_strings: list[str] = field(default_factory=list, init=False, repr=False)
 
@@ -89,6 +93,10 @@ class SamplingParams:
         if any(not isinstance(s, str) or s == "" for s in self.stop_strings):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams (or a dict of its fields)")
         if self.logit_bias:
             for tok, bias in self.logit_bias.items():
                 if not -100 <= bias <= 100:

@@ -23,6 +23,7 @@ class SchedulerOutput:
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)  # same order as the dict
     preempted: list[Request] = field(default_factory=list)
+    grammar_failed: list[Request] = field(default_factory=list)  # taken off the queue: their grammar did not compile
 
     @property
     def total_tokens(self) -> int:
@@ -65,9 +66,18 @@ class Scheduler:
                 self._add_to_output(out, req, n)
                 budget -= n
         # 2. Admit waiting requests while budget, sequence slots and blocks allow. After a
-        # preemption nothing new is admitted: memory is short.
+        # preemption nothing new is admitted: memory is short. A request whose grammar is still
+        # compiling is passed over (it keeps its place), not waited for.
+        compiling = []
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
             req = self.waiting[0][1]
+            if req.grammar is not None and not req.grammar.ready():
+                compiling.append(heapq.heappop(self.waiting))
+                continue
+            if req.grammar is not None and req.grammar.error is not None:
+                heapq.heappop(self.waiting)
+                out.grammar_failed.append(req)
+                continue
             cached, num_cached = self.kv.get_computed_blocks(req)
             n = min(req.num_tokens - req.num_computed_tokens - num_cached, budget)
             if not self.kv.allocate_slots(req, n, cached):
@@ -80,6 +90,8 @@ class Scheduler:
             bisect.insort(self.running, req, key=lambda r: r.sort_key)
             self._add_to_output(out, req, n)
             budget -= n
+        for item in compiling:
+            heapq.heappush(self.waiting, item)
         return out
 
     @staticmethod

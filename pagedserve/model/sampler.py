@@ -1,8 +1,9 @@
 """Batched sampling: one call turns a step's logits into next tokens for every request.
 
-Order of operations (as in vLLM): logit_bias and min_tokens masking -> repetition, presence and
-frequency penalties -> greedy argmax, or temperature -> min_p -> top_k/top_p -> draw.
-Logprobs are reported from the model's raw distribution (log_softmax of the logits).
+Order of operations (as in vLLM): the structured-output bitmask -> logit_bias and min_tokens
+masking -> repetition, presence and frequency penalties -> greedy argmax, or temperature -> min_p ->
+top_k/top_p -> draw. Logprobs are reported from the model's distribution after the grammar's mask
+(log_softmax of the logits the grammar allows), before bias and penalties.
 
 Seeded requests draw with their own torch.Generator, one row at a time, so their result does not
 depend on what else is in the batch; unseeded rows draw together.
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedserve.engine.request import Request
+from pagedserve.engine.structured_output.backend import apply_bitmask
 
 
 @dataclass
@@ -33,8 +35,11 @@ class Sampler:
         self._argmax = argmax
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, reqs: list[Request], bitmask: torch.Tensor | None = None) -> SamplerOutput:
+        """bitmask: the step's structured-output mask (rows line up with `reqs`), or None."""
         logits = logits.float()
+        if bitmask is not None:
+            apply_bitmask(logits, bitmask)  # in place: the model's logits tensor is ours to edit
         raw = logits
         params = [r.sampling_params for r in reqs]
         masks = any(p.logit_bias or r.num_output_tokens < p.min_tokens for p, r in zip(params, reqs))
@@ -144,5 +149,7 @@ def top_logprobs(row_logprobs: torch.Tensor, chosen: int, k: int) -> tuple[float
     rank = int((row_logprobs > chosen_lp).sum().item()) + 1
     if k:
         vals, ids = row_logprobs.topk(k)
-        return float(chosen_lp), rank, ids.tolist(), vals.tolist()
+        # Tokens a grammar forbids have -inf: they are not alternatives (and not valid JSON).
+        keep = [(i, v) for i, v in zip(ids.tolist(), vals.tolist()) if v != float("-inf")]
+        return float(chosen_lp), rank, [i for i, _ in keep], [v for _, v in keep]
     return float(chosen_lp), rank, [], []

@@ -131,13 +131,15 @@ def load_tokenizer(folder: Path, chat_template: str | None = None):
     return tok
 
 
-def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                        tools: list[dict] | None = None) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             "this model's tokenizer has no chat template: pass one with --chat-template "
             "(a file or a Jinja string), or use the completions API"
         )
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    kw = {"tools": tools} if tools else {}
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt, **kw)
     if hasattr(ids, "keys"):  # transformers >= 5 returns a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)
