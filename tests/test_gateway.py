@@ -184,6 +184,30 @@ def test_chat_completions_models_and_streaming(env):
     assert chunks and {ch.model for ch in chunks} == {"tiny-sticky"}
 
 
+def test_structured_outputs_and_tools_pass_through(env):
+    """response_format, structured_outputs and tools reach the replica untouched; tokens are counted."""
+    c = env["client"]
+    start = last_id(env["db"])
+    tool = {"type": "function", "function": {"name": "pick", "parameters": {
+        "type": "object", "properties": {"x": {"enum": [1, 2]}}, "required": ["x"], "additionalProperties": False}}}
+    r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "pick"}], tools=[tool],
+                                  tool_choice={"type": "function", "function": {"name": "pick"}}, temperature=0,
+                                  max_tokens=64)
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "pick" and json.loads(call.function.arguments)["x"] in (1, 2)
+    chunks = list(c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "colour?"}],
+                                            max_tokens=16, temperature=0, stream=True,
+                                            extra_body={"structured_outputs": {"choice": ["red", "blue"]}}))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) in ("red", "blue")
+    bad = httpx.post(f"{env['gw'].base}/chat/completions", headers={"Authorization": f"Bearer {env['key']}"},
+                     json={"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                           "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"
+    got = rows(env["db"], start, expect=3)
+    assert [g.status for g in got] == [200, 200, 400]
+    assert got[0].completion_tokens == r.usage.completion_tokens
+
+
 def test_errors_are_openai_shaped(env):
     gw, key = env["gw"], env["key"]
     h = {"Authorization": f"Bearer {key}"}

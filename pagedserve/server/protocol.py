@@ -179,6 +179,7 @@ class TokenizeRequest(_Lenient):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[ChatTool] | None = None  # rendered as a chat request with these tools would be
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 

@@ -25,7 +25,7 @@ def router(ctx: ServingContext) -> APIRouter:
     async def tokenize(body: P.TokenizeRequest):
         ctx.check_model(body.model)
         if body.messages is not None:
-            messages, tools = conversation(P.ChatCompletionRequest(messages=body.messages), ctx.tokenizer)
+            messages, tools = conversation(P.ChatCompletionRequest(messages=body.messages, tools=body.tools), ctx.tokenizer)
             ids = apply_chat_template(ctx.tokenizer, messages, body.add_generation_prompt, tools)
         elif body.prompt is not None:
             ids = core.tokenize(body.prompt, body.add_special_tokens)
