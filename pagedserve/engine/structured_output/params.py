@@ -13,6 +13,10 @@ KINDS = ("json", "json_object", "regex", "choice", "grammar")
 # Limits on what one request may ask the compiler to do (bounded work on a shared thread).
 MAX_SPEC_CHARS = 256 * 1024
 MAX_CHOICES = 1024
+# Free whitespace between JSON tokens, per gap. Unbounded, a small model can emit newlines until
+# max_tokens (seen on tiny models: `{"x":` then 60 tokens of "\n"); 20 allows pretty-printing
+# (a newline and up to 19 spaces of indent, as llama.cpp's JSON grammars allow).
+JSON_MAX_WHITESPACE = 20
 
 
 @dataclass

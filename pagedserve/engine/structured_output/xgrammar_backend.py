@@ -8,7 +8,7 @@ import json
 import torch
 
 from pagedserve.engine.structured_output.backend import Backend, Grammar, Matcher
-from pagedserve.engine.structured_output.params import StructuredOutputsParams
+from pagedserve.engine.structured_output.params import JSON_MAX_WHITESPACE, StructuredOutputsParams
 from pagedserve.engine.structured_output.schema_check import unsupported_keywords
 
 
@@ -57,9 +57,9 @@ class XGrammarBackend(Backend):
                     raise ValueError(f"the {self.name} backend does not enforce {', '.join(bad[:5])}; remove "
                                      "it or start the server with --structured-outputs-backend guidance or auto")
                 schema = {} if p.json is True else p.json
-                g = c.compile_json_schema(json.dumps(schema), any_whitespace=ws)
+                g = c.compile_json_schema(json.dumps(schema), any_whitespace=ws, max_whitespace_cnt=JSON_MAX_WHITESPACE)
             elif p.kind == "json_object":
-                g = c.compile_json_schema('{"type": "object"}', any_whitespace=ws)
+                g = c.compile_json_schema('{"type": "object"}', any_whitespace=ws, max_whitespace_cnt=JSON_MAX_WHITESPACE)
             elif p.kind == "regex":
                 g = c.compile_regex(p.regex)
             elif p.kind == "choice":
