@@ -212,3 +212,26 @@ def test_unsupported_keywords_are_found_only_in_schema_positions():
     found = unsupported_keywords(schema, "xgrammar")
     assert found == ["'uniqueItems' at #/properties/tags", "'format: hex-color' at #/$defs/x"]
     assert unsupported_keywords(schema, "guidance") == ["'uniqueItems' at #/properties/tags"]
+
+
+@pytest.mark.parametrize("name", ["xgrammar", "guidance"])
+def test_json_whitespace_allows_compact_and_pretty_but_not_filler(llm, name):
+    eng = llm.engine
+    m = StructuredOutputManager(eng.tokenizer, eng.arch.vocab_size, eng.eos_token_ids, name)
+    schema = {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "integer"}}, "s": {"type": "string"}},
+              "required": ["a", "s"], "additionalProperties": False}
+    grammar = m.grammar(SO(json=schema)).result()
+    tok = eng.tokenizer
+    eos = min(eng.eos_token_ids)
+
+    def accepts(text: str) -> bool:
+        matcher = grammar.matcher()
+        return all(matcher.accept(t) for t in tok.encode(text, add_special_tokens=False)) and matcher.accept(eos)
+
+    assert accepts('{"a":[1,2],"s":"x"}')
+    assert accepts('{"a": [1, 2], "s": "two  spaces\\n"}')
+    assert accepts('{\n  "a": [\n    1\n  ],\n\t"s": "q"\n}')
+    assert not accepts('{"a":\n\n[1], "s": "x"}')  # two newlines in one gap
+    assert not accepts('{"a": [1], "s": "x"' + " " * 3 + "}")
+    assert not accepts('{"a": [1], "s": "x"\n' + " " * 25 + "}")  # indent past 19
+    m.shutdown()

@@ -8,7 +8,7 @@ import json
 import torch
 
 from pagedserve.engine.structured_output.backend import Backend, Grammar, Matcher
-from pagedserve.engine.structured_output.params import JSON_MAX_WHITESPACE, StructuredOutputsParams
+from pagedserve.engine.structured_output.params import JSON_WS_REGEX, StructuredOutputsParams
 from pagedserve.engine.structured_output.schema_check import unsupported_keywords
 
 
@@ -61,7 +61,7 @@ class GuidanceBackend(Backend):
             schema = {"type": "object"} if p.kind == "json_object" else ({} if p.json is True else p.json)
             opts = {"whitespace_flexible": not p.disable_any_whitespace}
             if not p.disable_any_whitespace:
-                opts["whitespace_pattern"] = f"[\\n\\t ]{{0,{JSON_MAX_WHITESPACE}}}"
+                opts["whitespace_pattern"] = JSON_WS_REGEX
             g = M.grammar_from_json_schema(schema, defaults=opts)
         elif p.kind == "regex":
             g = M.grammar_from_regex(p.regex)

@@ -13,10 +13,14 @@ KINDS = ("json", "json_object", "regex", "choice", "grammar")
 # Limits on what one request may ask the compiler to do (bounded work on a shared thread).
 MAX_SPEC_CHARS = 256 * 1024
 MAX_CHOICES = 1024
-# Free whitespace between JSON tokens, per gap. Unbounded, a small model can emit newlines until
-# max_tokens (seen on tiny models: `{"x":` then 60 tokens of "\n"); 20 allows pretty-printing
-# (a newline and up to 19 spaces of indent, as llama.cpp's JSON grammars allow).
-JSON_MAX_WHITESPACE = 20
+# Whitespace between JSON tokens: nothing, one space, or one newline and up to 19 spaces/tabs of
+# indent (llama.cpp's JSON grammars allow the same). Compact and pretty-printed JSON both fit; what
+# does not is the filler a small model otherwise emits until max_tokens ("\n\n\n\n..." in every
+# gap: measured on SmolLM2-135M and tiny models with unbounded whitespace).
+# disable_any_whitespace instead fixes the separators (", " and ": ", no newlines).
+JSON_MAX_INDENT = 19
+JSON_WS_REGEX = f"(?: |\n[ \t]{{0,{JSON_MAX_INDENT}}})?"
+JSON_WS_EBNF = f'json_ws ::= "" | " " | ("\\n" [ \\t]{{0,{JSON_MAX_INDENT}}})'
 
 
 @dataclass

@@ -4,11 +4,12 @@ so filling one row's mask costs microseconds."""
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 
 from pagedserve.engine.structured_output.backend import Backend, Grammar, Matcher
-from pagedserve.engine.structured_output.params import JSON_MAX_WHITESPACE, StructuredOutputsParams
+from pagedserve.engine.structured_output.params import JSON_WS_EBNF, StructuredOutputsParams
 from pagedserve.engine.structured_output.schema_check import unsupported_keywords
 
 
@@ -57,9 +58,9 @@ class XGrammarBackend(Backend):
                     raise ValueError(f"the {self.name} backend does not enforce {', '.join(bad[:5])}; remove "
                                      "it or start the server with --structured-outputs-backend guidance or auto")
                 schema = {} if p.json is True else p.json
-                g = c.compile_json_schema(json.dumps(schema), any_whitespace=ws, max_whitespace_cnt=JSON_MAX_WHITESPACE)
+                g = self._json(schema, ws)
             elif p.kind == "json_object":
-                g = c.compile_json_schema('{"type": "object"}', any_whitespace=ws, max_whitespace_cnt=JSON_MAX_WHITESPACE)
+                g = self._json({"type": "object"}, ws)
             elif p.kind == "regex":
                 g = c.compile_regex(p.regex)
             elif p.kind == "choice":
@@ -73,3 +74,17 @@ class XGrammarBackend(Backend):
             msg = msg.split(": ", 1)[1] if msg.startswith("[") and ": " in msg else msg
             raise ValueError(f"{p.kind} could not be compiled ({self.name}): {msg}") from None
         return _Grammar(g)
+
+    def _json(self, schema: dict, any_whitespace: bool):
+        """A JSON-schema grammar whose free whitespace is params.JSON_WS_EBNF: xgrammar's own
+        grammar, with each whitespace run (`whitespace_N{0, K}`) swapped for that rule."""
+        import xgrammar as xgr
+
+        if not any_whitespace:
+            return self._compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+        k = 64  # a marker count: only xgrammar's whitespace runs carry it
+        ebnf = str(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=True, max_whitespace_cnt=k))
+        ebnf, n = re.subn(r"\bwhitespace(?:_\d+)?\{0, %d\}" % k, "json_ws", ebnf)
+        if n == 0 and "whitespace" in ebnf:
+            raise RuntimeError("xgrammar's JSON grammar changed shape: its whitespace rules were not found")
+        return self._compiler.compile_grammar(ebnf + "\n" + JSON_WS_EBNF + "\n")
