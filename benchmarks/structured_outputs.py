@@ -91,7 +91,7 @@ def correctness(llm, n: int) -> dict:
     ss = schemas(n)
     for temp in (0.0, 1.0):
         convs = [[{"role": "user", "content": "Answer with JSON that matches this schema:\n" + json.dumps(s)}] for s in ss]
-        params = [SamplingParams(temperature=temp, seed=i, max_tokens=512, structured_outputs=SO(json=s))
+        params = [SamplingParams(temperature=temp, seed=i, max_tokens=1024, structured_outputs=SO(json=s))
                   for i, s in enumerate(ss)]
         t0 = time.perf_counter()
         outs = _chat_each(llm, convs, params)

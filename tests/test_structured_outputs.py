@@ -235,3 +235,20 @@ def test_json_whitespace_allows_compact_and_pretty_but_not_filler(llm, name):
     assert not accepts('{"a": [1], "s": "x"' + " " * 3 + "}")
     assert not accepts('{"a": [1], "s": "x"\n' + " " * 25 + "}")  # indent past 19
     m.shutdown()
+
+
+@pytest.mark.parametrize("name", ["xgrammar", "guidance"])
+def test_bounded_strings_reject_raw_control_characters(llm, name):
+    """JSON strings may not hold a raw tab or newline (xgrammar's own grammar for maxLength allows one)."""
+    eng = llm.engine
+    m = StructuredOutputManager(eng.tokenizer, eng.arch.vocab_size, eng.eos_token_ids, name)
+    grammar = m.grammar(SO(json={"type": "object", "properties": {"s": {"type": "string", "maxLength": 8}},
+                                 "required": ["s"]})).result()
+
+    def accepts(text: str) -> bool:
+        matcher = grammar.matcher()
+        return all(matcher.accept(t) for t in eng.tokenizer.encode(text, add_special_tokens=False))
+
+    assert accepts('{"s": "a b"}')
+    assert not accepts('{"s": "a\tb"}')
+    m.shutdown()

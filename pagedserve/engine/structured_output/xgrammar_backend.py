@@ -76,15 +76,22 @@ class XGrammarBackend(Backend):
         return _Grammar(g)
 
     def _json(self, schema: dict, any_whitespace: bool):
-        """A JSON-schema grammar whose free whitespace is params.JSON_WS_EBNF: xgrammar's own
-        grammar, with each whitespace run (`whitespace_N{0, K}`) swapped for that rule."""
+        """xgrammar's JSON-schema grammar, mended in its EBNF text before compiling:
+        - free whitespace is params.JSON_WS_EBNF (each `whitespace_N{0, K}` run swapped for it);
+        - characters of length-bounded strings exclude control characters, as JSON requires
+          (xgrammar 0.2.9 allows a raw tab there, which no JSON parser accepts)."""
         import xgrammar as xgr
 
-        if not any_whitespace:
-            return self._compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
         k = 64  # a marker count: only xgrammar's whitespace runs carry it
-        ebnf = str(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=True, max_whitespace_cnt=k))
-        ebnf, n = re.subn(r"\bwhitespace(?:_\d+)?\{0, %d\}" % k, "json_ws", ebnf)
-        if n == 0 and "whitespace" in ebnf:
-            raise RuntimeError("xgrammar's JSON grammar changed shape: its whitespace rules were not found")
-        return self._compiler.compile_grammar(ebnf + "\n" + JSON_WS_EBNF + "\n")
+        ebnf = str(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=any_whitespace, max_whitespace_cnt=k))
+        ebnf = ebnf.replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR)
+        if any_whitespace:
+            ebnf, n = re.subn(r"\bwhitespace(?:_\d+)?\{0, %d\}" % k, "json_ws", ebnf)
+            if n == 0 and "whitespace" in ebnf:
+                raise RuntimeError("xgrammar's JSON grammar changed shape: its whitespace rules were not found")
+            ebnf += "\n" + JSON_WS_EBNF + "\n"
+        return self._compiler.compile_grammar(ebnf)
+
+
+_BOUNDED_STRING_CHAR = r'[^\"\\\r\n]'
+_JSON_STRING_CHAR = r'[^\0-\x1f\"\\]'
