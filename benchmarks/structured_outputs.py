@@ -322,7 +322,7 @@ def main() -> None:
     if args.part in ("all", "correctness", "cost"):
         from pagedserve import LLM
 
-        llm = LLM(None, max_model_len=2048, kv_cache_memory=1 << 30, structured_outputs_backend=args.backend)
+        llm = LLM(None, max_model_len=4096, kv_cache_memory=1 << 30, structured_outputs_backend=args.backend)
         if args.part in ("all", "correctness"):
             print(f"1. correctness: {args.schemas} schemas x temperature 0 and 1")
             res["correctness"] = correctness(llm, args.schemas)
