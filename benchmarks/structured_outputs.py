@@ -275,6 +275,7 @@ def plot(res: dict, path: Path) -> None:
         axes[0].bar(ks, [res["correctness"][k]["valid_pct"] for k in ks], color="#4c72b0")
         axes[0].set_ylim(0, 105)
         axes[0].set_title(f"valid outputs, {res['correctness'][ks[0]]['schemas']} schemas (%)")
+        axes[0].set_xticks(range(len(ks)), [k.removeprefix("t") for k in ks])
         axes[0].set_xlabel("temperature")
     if "cost" in res:
         c = res["cost"]["rounds"]
@@ -282,8 +283,9 @@ def plot(res: dict, path: Path) -> None:
             xs = [r + i * 0.38 for r in range(len(c[k]))]
             axes[1].bar(xs, [x["tok_s"] for x in c[k]], width=0.36, color=col, label=k)
         axes[1].set_title(f"{res['cost']['requests']} concurrent requests: output tok/s")
+        axes[1].set_xticks([r + 0.19 for r in range(len(c["unconstrained"]))], [str(r + 1) for r in range(len(c["unconstrained"]))])
         axes[1].set_xlabel("round")
-        axes[1].legend()
+        axes[1].legend(loc="lower right")
     if "compile" in res:
         ph = res["compile"]["phases"]
         rows = [("without", ph["without"]), ("with cold compiles", ph["with_cold_compiles"])]
@@ -291,8 +293,9 @@ def plot(res: dict, path: Path) -> None:
             axes[2].bar([r + i * 0.38 for r in range(len(v))], [pct(x["ttft_free"], .99) * 1e3 for x in v], width=0.36,
                         label=k, color=["#999999", "#dd8452"][i])
         axes[2].set_title("unconstrained requests: TTFT p99 (ms)")
+        axes[2].set_xticks([r + 0.19 for r in range(len(rows[0][1]))], [str(r + 1) for r in range(len(rows[0][1]))])
         axes[2].set_xlabel("round")
-        axes[2].legend()
+        axes[2].legend(loc="lower right")
     fig.suptitle(f"pagedserve structured outputs ({res.get('backend')}) — {res.get('machine')}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -169,6 +169,7 @@ def serve(args: argparse.Namespace) -> int:
             )
             if hasattr(engine.tokenizer, "preload"):  # chat templates need transformers: import it now
                 engine.tokenizer.preload()
+            engine.structured.preload()  # the grammar backend's tokenizer tables, off the request path
             r.start_kv_populate()  # now, not while loading: it would slow the start
 
     server.startup = startup
