@@ -35,7 +35,7 @@ def torch_dtype(name: str) -> torch.dtype:
 class EngineConfig:
     model: str | None = None  # None: the default model (SmolLM2-135M-Instruct)
     served_model_name: str | None = None
-    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    dtype: str = "auto"  # auto: bfloat16 on CUDA and on CPUs with AVX512_BF16, float32 on other CPUs
     kv_cache_dtype: str = "auto"  # auto: the model's dtype; float16/bfloat16 halve a float32 cache, fp8_e5m2 quarters it
     device: str = "auto"  # auto: cuda if available, else cpu
     max_model_len: int | None = None  # default: the model's max_position_embeddings
@@ -89,7 +89,13 @@ class EngineConfig:
         import torch
 
         if self.dtype == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
+            if device.type == "cuda":
+                return torch.bfloat16
+            # CPU: bf16 only where the CPU multiplies it natively (AVX512_BF16: ~2x float32's
+            # GEMM rate); emulated, bf16 is far slower than float32.
+            from pagedserve.model import cpu_kernels
+
+            return torch.bfloat16 if cpu_kernels.bf16_gemm() is not None else torch.float32
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES) + ['auto']}, got {self.dtype!r}")
         return torch_dtype(self.dtype)

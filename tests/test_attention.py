@@ -315,3 +315,40 @@ def test_fused_layer_loop_equals_the_python_loop(tiny_dirs, kind):
         return [(o.outputs[0].token_ids, repr(o.outputs[0].logprobs), repr(o.prompt_logprobs)) for o in outs + more]
 
     assert run(True) == run(False)
+
+
+@pytest.mark.parametrize("m", [1, 5, 12, 13, 64, 97])
+@pytest.mark.parametrize("n,k", [(960, 576), (576, 1536), (48, 33), (32, 6201)])
+def test_bf16_packed_linear_matches_a_rounded_reference(m, n, k):
+    """The AVX512_BF16 GEMM (`--dtype bfloat16` on CPU): inputs and weights rounded to bf16 as torch
+    rounds them, products summed in float32 — within float32 rounding of a float64 sum of the same
+    rounded values; every row remainder of the 12-row tile, an odd last panel (n=48), odd K, K in
+    slices (6201). A build or CPU without AVX512_BF16 says so and refuses bf16 weights."""
+    from pagedserve.model import kernel_levels
+    from pagedserve.model.llama import Linear, use_cpu_kernels
+
+    ops = cpu_kernels._module
+    v4 = kernel_levels.level_named("x86-64-v4")
+    expected = "avx512_bf16" in kernel_levels.cpu_flags() and v4 in kernel_levels.supported_levels() \
+        and ops is cpu_kernels.load_level(v4.name)
+    g = torch.Generator().manual_seed(m * 7 + n + k)
+    x, w, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    assert ops.packed_linear_bf16_supported() == expected
+    if not expected:  # the AVX2 build, or a CPU without the instruction
+        with pytest.raises(RuntimeError, match="AVX512_BF16|x86-64-v4"):
+            ops.packed_linear(x, ops.pack_linear_weight_bf16(w), b)
+        return
+    wp = ops.pack_linear_weight_bf16(w)
+    assert wp.shape == (n // 16, (k + 1) // 2, 32) and wp.dtype == torch.bfloat16
+    ref = (x.bfloat16().double() @ w.bfloat16().double().T + b.double())
+    tol = 2e-6 * k ** 0.5 * ref.abs().max().item()
+    assert (ops.packed_linear(x, wp, b).double() - ref).abs().max().item() < tol
+    wide = torch.randn(m, k + 24, generator=g)[:, 8 : 8 + k]  # rows strided in memory
+    ref_w = wide.bfloat16().double() @ w.bfloat16().double().T
+    assert (ops.packed_linear(wide, wp).double() - ref_w).abs().max().item() < tol
+    lin = Linear(k, n, bias=True)
+    with torch.no_grad():
+        expect = torch.nn.functional.linear(x.bfloat16().float(), lin.weight.bfloat16().float(), lin.bias)
+    if n % 16 == 0:
+        assert use_cpu_kernels(lin, ops, weight_dtype=torch.bfloat16) == 1 and lin.weight.dtype == torch.bfloat16
+        torch.testing.assert_close(lin(x), expect, rtol=1e-4, atol=1e-3)

@@ -63,17 +63,26 @@ class ModelRunner:
         self.device = cfg.resolve_device()
         self.dtype = cfg.resolve_dtype(self.device)
         self.kv_dtype = cfg.resolve_kv_cache_dtype(self.dtype)
+        # bfloat16 on a CPU with AVX512_BF16: the GEMMs run in bf16 (weights packed once, float32
+        # accumulation); activations, norms and attention math stay float32 and the KV cache
+        # holds bf16. Without the instruction (or the kernels), bf16 runs through PyTorch.
+        self.bf16_gemm = self.device.type == "cpu" and self.dtype == torch.bfloat16 and cpu_kernels.bf16_gemm() is not None
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16 and not self.bf16_gemm:
+            log.warning("--dtype bfloat16 on a CPU without AVX512_BF16 (or without the x86-64-v4 kernels) runs "
+                        "through PyTorch's emulated bf16, much slower than float32: use --dtype float32 (or auto)")
+        compute = torch.float32 if self.bf16_gemm else self.dtype
         self.block_size = cfg.block_size
         self.max_model_len = max_model_len
-        backend = get_attention_backend(self.device, self.dtype, cfg.attention_backend, self.kv_dtype)
-        with build_for_checkpoint(self.device, self.dtype):
+        backend = get_attention_backend(self.device, compute, cfg.attention_backend, self.kv_dtype)
+        with build_for_checkpoint(self.device, compute):
             model = LlamaForCausalLM(arch, backend, max_model_len)
         model.load_weights(weights)
         model.rotary = model.rotary.to(self.device)  # tables are built on the CPU, in float32
         self.model = model.eval()
         kernels = cpu_kernels.load() if backend.name == "cpp" else None
         if kernels is not None:  # the C++ CPU kernels built: fused elementwise ops, packed-weight GEMM
-            use_cpu_kernels(self.model, kernels, pack=cpu_kernels.packed_linear() is not None)
+            use_cpu_kernels(self.model, kernels, pack=cpu_kernels.packed_linear() is not None,
+                            weight_dtype=torch.bfloat16 if self.bf16_gemm else torch.float32)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.sampler = Sampler(arch.vocab_size, argmax=kernels.argmax_rows if kernels is not None else None)
 

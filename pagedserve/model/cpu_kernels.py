@@ -155,6 +155,16 @@ def _cpu_identity() -> str:
     return "\n".join(keep)
 
 
+def bf16_gemm():
+    """The C++ module when its bf16 packed GEMM can run here (the x86-64-v4 build on a CPU with
+    AVX512_BF16), else None. What `--dtype auto` and `bfloat16` check on CPU."""
+    if os.environ.get("PAGEDSERVE_PACKED_LINEAR", "1") == "0":
+        return None
+    m = load()
+    ok = m is not None and hasattr(m, "packed_linear_bf16_supported") and m.packed_linear_bf16_supported()
+    return m if ok else None
+
+
 def packed_linear():
     """The C++ module when its packed-weight linear kernel can run here (built, AVX2+FMA), else
     None: also None with PAGEDSERVE_PACKED_LINEAR=0 (BLAS only, for A/B runs)."""

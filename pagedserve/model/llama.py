@@ -35,10 +35,13 @@ class Linear(nn.Linear):
             return self.packed.packed_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
-    def pack(self, kernels) -> None:
-        """Replace the weight [out, in] by its packed layout [out/16, in, 16]. A weight shared
-        with another module (the tied embedding) is copied, not changed."""
-        self.weight = nn.Parameter(kernels.pack_linear_weight(self.weight.detach()), requires_grad=False)
+    def pack(self, kernels, dtype: torch.dtype = torch.float32) -> None:
+        """Replace the weight [out, in] by its packed layout: float32 [out/16, in, 16], or bf16
+        [out/16, in/2, 32] (k-pairs for AVX512_BF16's dot product). A weight shared with another
+        module (the tied embedding) is copied, not changed."""
+        w = self.weight.detach()
+        packed = kernels.pack_linear_weight_bf16(w) if dtype == torch.bfloat16 else kernels.pack_linear_weight(w)
+        self.weight = nn.Parameter(packed, requires_grad=False)
         self.packed = kernels
 
 
@@ -66,10 +69,11 @@ def build_for_checkpoint(device: torch.device, dtype: torch.dtype):
         Linear.random_init = True
 
 
-def use_cpu_kernels(model: nn.Module, kernels, pack: bool = True) -> int:
+def use_cpu_kernels(model: nn.Module, kernels, pack: bool = True, weight_dtype: torch.dtype = torch.float32) -> int:
     """Install the C++ CPU kernels (cpu_kernels.load()) in `model`: fused RMSNorm, rotary and
     SiLU*up everywhere, with `pack` the packed-weight GEMM on every float32 Linear whose output
-    size is a multiple of 16, and, when that covers every layer of a LlamaForCausalLM on the C++
+    size is a multiple of 16 (its weights packed in `weight_dtype`: float32, or bfloat16 for the
+    AVX512_BF16 GEMM), and, when that covers every layer of a LlamaForCausalLM on the C++
     attention backend, its whole layer loop in one C++ call. Returns how many Linears were packed."""
     n = 0
     for m in list(model.modules()):
@@ -77,7 +81,7 @@ def use_cpu_kernels(model: nn.Module, kernels, pack: bool = True) -> int:
             m.fused = kernels
         elif (pack and isinstance(m, Linear) and m.packed is None and m.out_features % 16 == 0
               and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"):
-            m.pack(kernels)
+            m.pack(kernels, weight_dtype)
             n += 1
     if isinstance(model, LlamaForCausalLM):
         model.fuse_layers(kernels)

@@ -112,7 +112,10 @@ torch::Tensor pack_linear_weight(torch::Tensor w) {
   return out;
 }
 
+torch::Tensor packed_linear_bf16(torch::Tensor x, torch::Tensor wp, c10::optional<torch::Tensor> bias);
+
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor wp, c10::optional<torch::Tensor> bias) {
+  if (wp.scalar_type() == torch::kBFloat16) return packed_linear_bf16(x, wp, bias);  // gemm_bf16_cpu.cpp
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && wp.scalar_type() == torch::kFloat32, "float32 only");
   TORCH_CHECK(x.dim() == 2 && wp.dim() == 3 && wp.size(2) == NR && wp.is_contiguous(),
               "x [M, K] and a packed weight [N/16, K, 16] (pack_linear_weight)");

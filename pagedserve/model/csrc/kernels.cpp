@@ -4,5 +4,6 @@
 #include "paged_attention_cpu.cpp"
 #include "prefill_attention_cpu.cpp"
 #include "gemm_cpu.cpp"
+#include "gemm_bf16_cpu.cpp"
 #include "fused_cpu.cpp"
 #include "llama_layers_cpu.cpp"

@@ -397,6 +397,8 @@ void paged_attention_prefill(torch::Tensor out, torch::Tensor q, torch::Tensor k
 torch::Tensor pack_linear_weight(torch::Tensor w);  // gemm_cpu.cpp
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor wp, c10::optional<torch::Tensor> bias);
 bool packed_linear_supported();
+torch::Tensor pack_linear_weight_bf16(torch::Tensor w);  // gemm_bf16_cpu.cpp
+bool packed_linear_bf16_supported();
 void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor w, double eps);  // fused_cpu.cpp
 void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, double eps);
 void rotary_embedding(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin);
@@ -423,9 +425,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("write_kv", &write_kv, "store float32 K/V rows in their cache slots (CPU; cache float32/float16/bfloat16/float8_e5m2)", nogil());
   m.def("pack_linear_weight", &pack_linear_weight, "W [N, K] -> column panels [N/16, K, 16] for packed_linear",
         nogil());
-  m.def("packed_linear", &packed_linear, "x @ W.T (+ bias) with W from pack_linear_weight (CPU, float32)",
+  m.def("packed_linear", &packed_linear, "x @ W.T (+ bias) with W from pack_linear_weight (float32) or pack_linear_weight_bf16 (CPU, float32 x)",
         py::arg("x"), py::arg("wp"), py::arg("bias") = py::none(), nogil());
   m.def("packed_linear_supported", &packed_linear_supported, "built with AVX2+FMA");
+  m.def("pack_linear_weight_bf16", &pack_linear_weight_bf16,
+        "W [N, K] -> bf16 k-pair panels [N/16, ceil(K/2), 32] for packed_linear's AVX512_BF16 path", nogil());
+  m.def("packed_linear_bf16_supported", &packed_linear_bf16_supported,
+        "the x86-64-v4 build, on a CPU with AVX512_BF16");
   m.def("rms_norm", &rms_norm, "out = w * x / rms(x)", nogil());
   m.def("add_rms_norm", &add_rms_norm, "in place: residual += x; x = w * residual / rms(residual)", nogil());
   m.def("rotary_embedding", &rotary_embedding, "in place rotate-half rotary embedding of q and k", nogil());

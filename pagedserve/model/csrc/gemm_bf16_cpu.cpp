@@ -1,0 +1,195 @@
+// y[M, N] = x[M, K] @ W[N, K]^T (+ bias) with W in bfloat16, for CPUs with AVX512_BF16 (AMD Zen 4,
+// Intel Cooper Lake / Sapphire Rapids): `--dtype bfloat16` on CPU.
+//
+// x stays float32 in the model (norms, attention, residuals); only the GEMM reads it as bf16:
+// each call rounds x once (round-to-nearest-even, as torch does) into pairs of bf16, and
+// VDPBF16PS multiplies a pair of x by a pair of W per lane, accumulating in float32. Per
+// instruction that is twice the multiply-adds of an fp32 FMA, and the weights are half the bytes,
+// which is what decode steps (streaming every weight once per step) are bound by.
+//
+// Layout: W as [N/16][K2][16][2] (K2 = ceil(K/2), zero-padded): for panel j and k-pair p, one
+// 64-byte row holds columns 16j..16j+15, each with W[., 2p] and W[., 2p+1] side by side — one zmm
+// of __m512bh. A 12x32 register tile (two panels, 24 float32 accumulators) walks the k-pairs,
+// the shape of the fp32 AVX-512 tile (gemm_tile512.h).
+//
+// Compiled into the x86-64-v4 build only, with AVX512_BF16 enabled for these functions alone;
+// packed_linear_bf16_supported() checks the CPU at run time before anything calls them.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cstring>
+
+#if defined(__AVX512F__) && defined(__GNUC__)
+#define PAGEDSERVE_BF16_GEMM 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
+#include <immintrin.h>
+
+namespace bf16gemm {
+constexpr int64_t NR = 16;    // output columns per panel
+constexpr int64_t MR = 12;    // rows of x per register tile
+constexpr int64_t KCP = 1024;  // k-pairs per slice for long K (1024 x 16 x 4 bytes = 64 KB of panel)
+
+#define BF_ROW(r)                                                                       \
+  if constexpr (R > r) {                                                                \
+    const __m512bh a = (__m512bh)_mm512_set1_epi32(A[r * lda + p]);                     \
+    c##r##0 = _mm512_dpbf16_ps(c##r##0, a, b0);                                         \
+    if constexpr (NP > 1) c##r##1 = _mm512_dpbf16_ps(c##r##1, a, b1);                   \
+  }
+#define BF_OUT(r)                                                                       \
+  if constexpr (R > r) {                                                                \
+    if (add) c##r##0 = _mm512_add_ps(c##r##0, _mm512_loadu_ps(add + r * add_ld));      \
+    _mm512_storeu_ps(C + r * ldc, c##r##0);                                             \
+    if constexpr (NP > 1) {                                                             \
+      if (add) c##r##1 = _mm512_add_ps(c##r##1, _mm512_loadu_ps(add + r * add_ld + 16)); \
+      _mm512_storeu_ps(C + r * ldc + 16, c##r##1);                                      \
+    }                                                                                   \
+  }
+
+// C[0:R, 0:16*NP] (+)= pairs A[0:R, 0:kp] . the same kp pair-rows of NP panels. A holds x as
+// uint32 pairs of bf16 (lda pairs per row); a panel's pair-row is 16 uint32 = 32 bf16.
+template <int R, int NP>
+static inline void tile(const uint32_t* __restrict A, int64_t lda, const uint16_t* __restrict Bp, int64_t pstride,
+                        float* __restrict C, int64_t ldc, int64_t kp, bool first, const float* bias) {
+  const __m512 z = _mm512_setzero_ps();
+  __m512 c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z, c40 = z, c41 = z, c50 = z, c51 = z;
+  __m512 c60 = z, c61 = z, c70 = z, c71 = z, c80 = z, c81 = z, c90 = z, c91 = z;
+  __m512 c100 = z, c101 = z, c110 = z, c111 = z;
+  const uint16_t* __restrict B1 = Bp + pstride;
+  for (int64_t p = 0; p < kp; ++p) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(Bp + p * 2 * NR);
+    const __m512bh b1 = NP > 1 ? (__m512bh)_mm512_loadu_si512(B1 + p * 2 * NR) : (__m512bh)_mm512_setzero_si512();
+    BF_ROW(0) BF_ROW(1) BF_ROW(2) BF_ROW(3) BF_ROW(4) BF_ROW(5)
+    BF_ROW(6) BF_ROW(7) BF_ROW(8) BF_ROW(9) BF_ROW(10) BF_ROW(11)
+  }
+  const float* add = first ? bias : C;
+  const int64_t add_ld = first ? 0 : ldc;
+  BF_OUT(0) BF_OUT(1) BF_OUT(2) BF_OUT(3) BF_OUT(4) BF_OUT(5)
+  BF_OUT(6) BF_OUT(7) BF_OUT(8) BF_OUT(9) BF_OUT(10) BF_OUT(11)
+}
+#undef BF_ROW
+#undef BF_OUT
+
+template <int NP>
+static inline void tile_rows(int64_t rows, const uint32_t* A, int64_t lda, const uint16_t* Bp, int64_t pstride, float* C,
+                             int64_t ldc, int64_t kp, bool first, const float* bias) {
+  switch (rows) {
+    case 12: tile<12, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
+    case 11: tile<11, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
+    case 10: tile<10, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
+    case 9: tile<9, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
+    case 8: tile<8, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
+    case 7: tile<7, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
+    case 6: tile<6, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
+    case 5: tile<5, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
+    case 4: tile<4, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
+    case 3: tile<3, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
+    case 2: tile<2, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
+    default: tile<1, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
+  }
+}
+
+// Panels [j0, j1) (pairs kept whole) for all M rows; each panel pair is read from memory once and
+// reused from L2 by every row tile.
+static void panels(const uint32_t* A, int64_t lda, const uint16_t* Wp, const float* bias, float* C, int64_t ldc,
+                   int64_t M, int64_t K2, int64_t j0, int64_t j1) {
+  const int64_t kcp_max = K2 <= 3 * KCP / 2 ? K2 : KCP;
+  const int64_t pstride = K2 * 2 * NR;  // bf16 elements per panel
+  for (int64_t j = j0; j < j1; j += 2) {
+    const bool pair = j + 1 < j1;
+    const float* b = bias ? bias + j * NR : nullptr;
+    for (int64_t pc = 0; pc < K2; pc += kcp_max) {
+      const int64_t kp = std::min(kcp_max, K2 - pc);
+      const uint16_t* bp = Wp + j * pstride + pc * 2 * NR;
+      for (int64_t ir = 0; ir < M; ir += MR) {
+        const int64_t rows = std::min(MR, M - ir);
+        if (pair)
+          tile_rows<2>(rows, A + ir * lda + pc, lda, bp, pstride, C + ir * ldc + j * NR, ldc, kp, pc == 0, b);
+        else
+          tile_rows<1>(rows, A + ir * lda + pc, lda, bp, pstride, C + ir * ldc + j * NR, ldc, kp, pc == 0, b);
+      }
+    }
+  }
+}
+
+// x rows [r0, r1) -> bf16 pairs (RNE), zero-padded to K2 pairs.
+static void round_rows(const float* x, int64_t ldx, int64_t K, uint16_t* out, int64_t K2, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* src = x + r * ldx;
+    uint16_t* dst = out + r * 2 * K2;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + k + 16), _mm512_loadu_ps(src + k));
+      _mm512_storeu_si512(dst + k, (__m512i)v);
+    }
+    for (; k < K; ++k) dst[k] = c10::BFloat16(src[k]).x;
+    if (K & 1) dst[K] = 0;
+  }
+}
+}  // namespace bf16gemm
+#pragma GCC pop_options
+#endif
+
+bool packed_linear_bf16_supported() {
+#if defined(PAGEDSERVE_BF16_GEMM)
+  return __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+// W[N, K] float32 (or bf16) -> bf16 [N/16, ceil(K/2), 32], the layout above.
+torch::Tensor pack_linear_weight_bf16(torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2, "a 2-D weight");
+  constexpr int64_t NR = 16;
+  const int64_t N = w.size(0), K = w.size(1), K2 = (K + 1) / 2;
+  TORCH_CHECK(N % NR == 0, "out_features must be a multiple of ", NR, ", got ", N);
+  auto wb = w.to(torch::kBFloat16).contiguous();  // round-to-nearest-even, as torch's .bfloat16()
+  auto out = torch::zeros({N / NR, K2, 2 * NR}, wb.options());
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(wb.data_ptr<at::BFloat16>());
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, N / NR, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j)
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t c = 0; c < NR; ++c) dst[(j * K2 + k / 2) * 2 * NR + c * 2 + (k & 1)] = src[(j * NR + c) * K + k];
+  });
+  return out;
+}
+
+torch::Tensor packed_linear_bf16(torch::Tensor x, torch::Tensor wp, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && wp.scalar_type() == torch::kBFloat16,
+              "float32 x and a bf16 packed weight");
+  TORCH_CHECK(x.dim() == 2 && wp.dim() == 3 && wp.size(2) == 32 && wp.is_contiguous(),
+              "x [M, K] and a packed weight [N/16, K/2, 32] (pack_linear_weight_bf16)");
+  const int64_t M = x.size(0), K = x.size(1), K2 = wp.size(1), P = wp.size(0), N = P * 16;
+  TORCH_CHECK((K + 1) / 2 == K2, "x has ", K, " features, the weight expects ", 2 * K2 - 1, " or ", 2 * K2);
+  if (x.stride(1) != 1) x = x.contiguous();
+  const float* b = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == torch::kFloat32,
+                "bias must be float32 [", N, "]");
+    b = bias->data_ptr<float>();
+  }
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0) return y;
+#if defined(PAGEDSERVE_BF16_GEMM)
+  TORCH_CHECK(packed_linear_bf16_supported(), "this CPU has no AVX512_BF16");
+  auto xb = torch::empty({M, 2 * K2}, x.options().dtype(torch::kBFloat16));
+  uint16_t* xbp = reinterpret_cast<uint16_t*>(xb.data_ptr<at::BFloat16>());
+  const float* xp = x.data_ptr<float>();
+  const int64_t ldx = x.stride(0);
+  at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) { bf16gemm::round_rows(xp, ldx, K, xbp, K2, r0, r1); });
+  const uint32_t* A = reinterpret_cast<const uint32_t*>(xbp);
+  const uint16_t* wpp = reinterpret_cast<const uint16_t*>(wp.data_ptr<at::BFloat16>());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (P + 1) / 2, 2, [&](int64_t q0, int64_t q1) {
+    bf16gemm::panels(A, K2, wpp, b, yp, N, M, K2, 2 * q0, std::min(P, 2 * q1));
+  });
+  return y;
+#else
+  TORCH_CHECK(false, "the bf16 packed GEMM needs the x86-64-v4 kernel build and a CPU with AVX512_BF16");
+  return y;
+#endif
+}
