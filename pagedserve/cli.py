@@ -45,7 +45,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", nargs="+", default=None, help="name(s) clients use in 'model' (default: the model path/id)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (the Helm chart passes 0.0.0.0)")
     p.add_argument("--port", type=int, default=8000, help="listen port")
-    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA and on CPUs with AVX512_BF16, float32 on other CPUs), float32, bfloat16, float16")
     p.add_argument("--kv-cache-dtype", default="auto",
                    help="KV cache element type: auto (the model's dtype), float16 or bfloat16 (half the memory "
                         "and attention reads of a float32 cache), fp8_e5m2 (a quarter; 2 mantissa bits, unscaled, "

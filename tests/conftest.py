@@ -22,10 +22,12 @@ def tiny_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def llm(default_model_dir):
-    """The default model, shared by the engine tests (each test leaves it idle and leak-free)."""
+    """The default model in float32, shared by the engine tests (each test leaves it idle and
+    leak-free). float32 is the exact path (token for token with transformers); where the CPU has
+    AVX512_BF16, `auto` computes in bf16, which tests/test_bf16.py covers."""
     from pagedserve import LLM
 
-    return LLM(str(default_model_dir), max_model_len=2048, kv_cache_memory=256 << 20)
+    return LLM(str(default_model_dir), max_model_len=2048, kv_cache_memory=256 << 20, dtype="float32")
 
 
 @pytest.fixture(scope="session")

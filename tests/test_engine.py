@@ -23,7 +23,7 @@ def test_preemption_under_tiny_budget_gives_same_outputs(llm, default_model_dir)
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     ample = llm.generate(prompts, params, use_tqdm=False)
     # 24 blocks of 16 tokens: far less than 8 requests x ~8 blocks each need at once.
-    small = LLM(str(default_model_dir), max_model_len=256, kv_cache_memory=24 * 16 * 46080, max_num_seqs=8)
+    small = LLM(str(default_model_dir), dtype="float32", max_model_len=256, kv_cache_memory=24 * 16 * 46080, max_num_seqs=8)
     assert small.engine.kv.num_blocks == 24
     tight = small.generate(prompts, params, use_tqdm=False)
     assert small.engine.scheduler.num_preemptions > 0, "the budget was meant to force preemption"
@@ -37,7 +37,7 @@ def test_prefix_cache_hit_counted_and_output_identical(llm, default_model_dir):
     shared = long_prompt(300, tok)
     a, b = shared + " the river.", shared + " the market."
     params = SamplingParams(temperature=0, max_tokens=20)
-    no_cache = LLM(str(default_model_dir), max_model_len=1024, kv_cache_memory=64 << 20, enable_prefix_caching=False)
+    no_cache = LLM(str(default_model_dir), dtype="float32", max_model_len=1024, kv_cache_memory=64 << 20, enable_prefix_caching=False)
     ref = no_cache.generate(b, params, use_tqdm=False)[0]
     assert ref.num_cached_tokens == 0
     hits_before = llm.engine.kv.prefix_hits

@@ -114,7 +114,7 @@ def test_logits_default_model(llm, hf_model):
 @pytest.mark.parametrize("kind", ["llama", "llama3", "qwen2", "mistral"])
 def test_logits_tiny_models(tiny_dirs, kind, backend):
     # block_size 4 and a small token budget: the prompt spans many blocks and is chunked.
-    llm = LLM(str(tiny_dirs[kind]), kv_cache_memory=16 << 20, block_size=4, max_num_batched_tokens=32,
+    llm = LLM(str(tiny_dirs[kind]), dtype="float32", kv_cache_memory=16 << 20, block_size=4, max_num_batched_tokens=32,
               attention_backend=backend)
     assert llm.engine.runner.model.layers[0].self_attn.backend.name == backend
     hf = AutoModelForCausalLM.from_pretrained(str(tiny_dirs[kind]), dtype=torch.float32).eval()
@@ -126,7 +126,7 @@ def test_logits_tiny_models(tiny_dirs, kind, backend):
 def test_torch_backend_greedy_matches_transformers(default_model_dir, references):
     """The pure-PyTorch fallback path stays exact too (the default path uses the C++ kernel)."""
     prompts, refs = references
-    llm = LLM(str(default_model_dir), max_model_len=2048, kv_cache_memory=128 << 20, attention_backend="torch")
+    llm = LLM(str(default_model_dir), dtype="float32", max_model_len=2048, kv_cache_memory=128 << 20, attention_backend="torch")
     outs = llm.generate(prompts[-6:], SamplingParams(temperature=0, max_tokens=MAX_NEW), use_tqdm=False)
     for o, ref in zip(outs, refs[-6:]):
         assert o.outputs[0].token_ids == ref
@@ -144,7 +144,7 @@ def test_low_precision_kv_cache(default_model_dir, hf_model, backend, kv_dtype, 
     prefills reading earlier chunks back from the smaller cache (measured max |diff|: 0.013
     float16, 0.07-0.11 bfloat16, 2.3 fp8_e5m2; float32 K/V give 1e-4)."""
     kw = dict(max_model_len=2048, kv_cache_memory=96 << 20, max_num_batched_tokens=80, attention_backend=backend)
-    llm = LLM(str(default_model_dir), kv_cache_dtype=kv_dtype, **kw)
+    llm = LLM(str(default_model_dir), dtype="float32", kv_cache_dtype=kv_dtype, **kw)
     r = llm.engine.runner
     dtype = getattr(torch, KV_ONLY_DTYPES.get(kv_dtype, kv_dtype))
     assert r.kv_caches.dtype == dtype and r.dtype == torch.float32

@@ -111,7 +111,7 @@ def test_preemption_keeps_constrained_outputs_valid_and_identical(llm, default_m
     prompts = [f"Person number {i}, as JSON:" + " filler" * (20 + 8 * i) for i in range(8)]
     params = SamplingParams(temperature=0, max_tokens=60, structured_outputs=SO(json=PERSON))
     ample = llm.generate(prompts, params, use_tqdm=False)
-    small = LLM(str(default_model_dir), max_model_len=256, kv_cache_memory=24 * 16 * 46080, max_num_seqs=8)
+    small = LLM(str(default_model_dir), dtype="float32", max_model_len=256, kv_cache_memory=24 * 16 * 46080, max_num_seqs=8)
     tight = small.generate(prompts, params, use_tqdm=False)
     assert small.engine.scheduler.num_preemptions > 0, "the budget was meant to force preemption"
     for a, b in zip(ample, tight):
