@@ -25,6 +25,7 @@ temperature 0; SmolLM2-135M-Instruct float32), prints one table, writes JSON and
         [--modes offline online itl-pair]
     python benchmarks/peers.py --engines pagedserve-f32 openvino-f32kv --offline-pairs 6   # same-run pairs, median
     python benchmarks/peers.py --engines pagedserve openvino-default --offline-pairs 4     # each one's defaults
+    python benchmarks/peers.py --engines pagedserve openvino-default --offline-pairs 2 --contended  # a busy loop on CPU 0
 
 Results of every engine run are merged into results/peers.json, so engines can be (re)run one at
 a time; the table and plot show everything recorded, with the date of each run.
@@ -205,7 +206,20 @@ def offline(engine: str) -> dict:
     raise ValueError(f"{engine} has no offline mode here")
 
 
-def offline_pairs(engines: list[str], rounds: int) -> dict:
+class BusyNeighbour:
+    """A noisy neighbour: one busy-loop process pinned to CPU 0 for as long as it is open (what a
+    sidecar, a CI job or another tenant does to a replica; issue 24's contended pair)."""
+
+    def __enter__(self):
+        self.proc = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c", "while True: pass"])
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def offline_pairs(engines: list[str], rounds: int, contended: bool = False) -> dict:
     """The offline mode `rounds` times over: pagedserve (the first engine) and its peers (the rest)
     run back to back in every round, taking turns at going first, and each round's ratio is
     pagedserve's tok/s over the best peer's in that round. One engine's throughput drifts +-4%
@@ -222,14 +236,18 @@ def offline_pairs(engines: list[str], rounds: int) -> dict:
         order = [ours, *peers] if i % 2 == 0 else [*peers, ours]
         tok = {}
         for e in order:
-            print(f"== round {i + 1}/{rounds}: {e} offline", flush=True)
-            tok[e] = offline(e)["output_tok_s"]
+            print(f"== round {i + 1}/{rounds}: {e} offline{' (busy loop on CPU 0)' if contended else ''}", flush=True)
+            if contended:
+                with BusyNeighbour():
+                    tok[e] = offline(e)["output_tok_s"]
+            else:
+                tok[e] = offline(e)["output_tok_s"]
             gc.collect()  # the in-process engine's KV cache goes before the next engine starts
         ratio = tok[ours] / max(tok[p] for p in peers)
         rows.append({**tok, "first": order[0], "ratio": ratio})
         print(f"   round {i + 1}: " + ", ".join(f"{e} {t:.1f}" for e, t in tok.items()) + f" -> {ratio:.3f}x", flush=True)
     ratios = [r["ratio"] for r in rows]
-    return {"date": time.strftime("%Y-%m-%d %H:%M"), "engine": ours, "peers": peers, "rounds": rows,
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "engine": ours, "peers": peers, "rounds": rows, "contended": contended,
             "median_ratio": statistics.median(ratios), "min_ratio": min(ratios), "max_ratio": max(ratios),
             "rounds_at_or_above_1.2": sum(r >= 1.2 for r in ratios)}
 
@@ -326,7 +344,7 @@ def itl_pair(rounds: int, itl_requests: int) -> dict:
 
 def engine_results(results: dict) -> dict:
     """The per-engine entries of peers.json (it also holds the itl-pair turns and offline pairs)."""
-    return {e: r for e, r in results.items() if e not in ("itl_pair", "offline_pairs")}
+    return {e: r for e, r in results.items() if e != "itl_pair" and not e.startswith("offline_pairs")}
 
 
 def report(results: dict) -> None:
@@ -374,12 +392,13 @@ def report(results: dict) -> None:
         rounds = ", ".join(f"{x:.2f}" for x in pair["ratios"])
         lines.append(f"ITL at c=1 vs llama-server, in turns ({pair['date']}): median {pair['median_ratio']:.2f}x "
                      f"(rounds {rounds}; target <= 1.2x)")
-    if pairs := results.get("offline_pairs"):
+    for key in sorted(k for k in results if k.startswith("offline_pairs")):
+        pairs = results[key]
         rounds = ", ".join(f"{r['ratio']:.3f}" for r in pairs["rounds"])
-        lines.append(f"offline, {len(pairs['rounds'])} same-run pairs vs best of {' / '.join(pairs['peers'])} "
-                     f"({pairs['date']}): median {pairs['median_ratio']:.3f}x, range {pairs['min_ratio']:.3f}-"
-                     f"{pairs['max_ratio']:.3f}x, {pairs['rounds_at_or_above_1.2']} at or above 1.2x "
-                     f"(rounds {rounds}; target >= 1.2x)")
+        busy = ", busy loop on CPU 0" if pairs.get("contended") else ""
+        lines.append(f"offline, {len(pairs['rounds'])} same-run pairs, {pairs['engine']} vs best of "
+                     f"{' / '.join(pairs['peers'])} ({pairs['date']}{busy}): median {pairs['median_ratio']:.3f}x, range "
+                     f"{pairs['min_ratio']:.3f}-{pairs['max_ratio']:.3f}x (rounds {rounds})")
     for line in lines:
         print(line)
 
@@ -435,6 +454,8 @@ def main():
     ap.add_argument("--offline-pairs", type=int, default=0, metavar="N",
                     help="offline only: N rounds of the first engine (pagedserve) and the others back to back, "
                          "taking turns at going first; reports each round's ratio and the median")
+    ap.add_argument("--contended", action="store_true",
+                    help="with --offline-pairs: every run shares the machine with a busy loop pinned to CPU 0")
     ap.add_argument("--install-only", action="store_true")
     args = ap.parse_args()
     import logging
@@ -449,7 +470,8 @@ def main():
              "openvino-f32kv": install_openvino, "openvino-default": install_openvino}.get(e, lambda: None)()
         return
     if args.offline_pairs:
-        results["offline_pairs"] = offline_pairs(args.engines, args.offline_pairs)
+        key = "offline_pairs_contended" if args.contended else "offline_pairs"
+        results[key] = offline_pairs(args.engines, args.offline_pairs, args.contended)
         out.write_text(json.dumps(results, indent=2))
         report(results)
         plot(results, out.with_suffix(".png"))
