@@ -1,0 +1,111 @@
+"""Sharing the CPU: offline throughput quiet and with a busy loop pinned to CPU 0, for the thread
+settings an engine could choose (issue 24's groundwork): torch's threads spinning between
+kernels (libgomp's default), waiting passively (OMP_WAIT_POLICY=PASSIVE), or one thread.
+
+Each configuration runs in its own process (libgomp reads its wait policy once, at load);
+32 requests, prompts 32-128 tokens, 64 output tokens each, default dtype.
+
+  python benchmarks/cpu_contention.py [--repeat 2]
+  python benchmarks/cpu_contention.py --from-json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+OUT = RESULTS / "cpu_contention.json"
+CONFIGS = {  # name -> extra environment
+    "2 threads, spinning (default)": {},
+    "2 threads, OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "1 thread": {"PAGEDSERVE_BENCH_THREADS": "1"},
+}
+
+RUN = r'''
+import os, time
+from pagedserve import LLM, SamplingParams
+from pagedserve.bench.workload import synthetic_workload
+n = int(os.environ.get("PAGEDSERVE_BENCH_THREADS", "0")) or None
+llm = LLM(None, max_model_len=2048, kv_cache_memory=1 << 30, num_threads=n)
+reqs = synthetic_workload(num_requests=32, prompt_len=(32, 128), output_len=(64, 64))
+p = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
+t = time.perf_counter()
+outs = llm.generate([r.prompt_token_ids for r in reqs], p, use_tqdm=False)
+dt = time.perf_counter() - t
+print("RESULT", sum(len(o.outputs[0].token_ids) for o in outs) / dt)
+'''
+
+
+def run(env: dict, busy: bool) -> float:
+    neighbour = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c", "while True: pass"]) if busy else None
+    try:
+        out = subprocess.run([sys.executable, "-c", RUN], env={**os.environ, **env}, capture_output=True, text=True,
+                             check=True).stdout
+    finally:
+        if neighbour:
+            neighbour.kill()
+            neighbour.wait()
+    return float(next(line for line in out.splitlines() if line.startswith("RESULT")).split()[1])
+
+
+def report(res: dict) -> None:
+    print(f"\n{res['machine']}  ({res['date']}; out tok/s per run)")
+    print(f"  {'':38} {'quiet':>16} {'busy loop on CPU 0':>22}")
+    for name, r in res["configs"].items():
+        q = ", ".join(f"{x:.0f}" for x in r["quiet"])
+        b = ", ".join(f"{x:.0f}" for x in r["busy"])
+        print(f"  {name:38} {q:>16} {b:>22}")
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(res["configs"])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, (k, col) in enumerate((("quiet", "#999999"), ("busy", "#dd8452"))):
+        vals = [sum(res["configs"][n][k]) / len(res["configs"][n][k]) for n in names]
+        ax.bar([x + i * 0.38 for x in range(len(names))], vals, width=0.36, color=col,
+               label="quiet" if k == "quiet" else "busy loop on CPU 0")
+    ax.set_xticks([x + 0.19 for x in range(len(names))], names, fontsize=8)
+    ax.set_ylabel("out tok/s (mean of runs)")
+    ax.set_title(f"thread settings, quiet and contended — {res['machine']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--from-json", action="store_true")
+    args = ap.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    if args.from_json:
+        res = json.loads(OUT.read_text())
+    else:
+        cpu = subprocess.run("lscpu | sed -n 's/^Model name: *//p'", shell=True, capture_output=True, text=True).stdout.strip()
+        res = {"machine": f"{cpu}, {os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d %H:%M"), "configs": {}}
+        for r in range(args.repeat):  # configurations interleaved, so drift hits them alike
+            for name, env in CONFIGS.items():
+                slot = res["configs"].setdefault(name, {"quiet": [], "busy": []})
+                for busy in (False, True):
+                    v = run(env, busy)
+                    slot["busy" if busy else "quiet"].append(v)
+                    print(f"  run {r + 1} {name}, {'busy' if busy else 'quiet'}: {v:.1f} tok/s", flush=True)
+        OUT.write_text(json.dumps(res, indent=1))
+    report(res)
+    plot(res, OUT.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
