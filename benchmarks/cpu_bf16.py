@@ -17,9 +17,10 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import time
 from pathlib import Path
+
+from bench_common import finish, machine
 
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "cpu_bf16.json"
@@ -157,18 +158,13 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--from-json", action="store_true")
     args = ap.parse_args()
-    RESULTS.mkdir(exist_ok=True)
     if args.from_json:
-        res = json.loads(OUT.read_text())
-        report(res)
-        plot(res, OUT.with_suffix(".png"))
-        return
+        return finish(json.loads(OUT.read_text()), OUT, report, plot, save=False)
     from pagedserve import LLM
     from pagedserve.model import cpu_kernels
     from pagedserve.model.kernel_levels import cpu_flags
 
-    cpu = subprocess.run("lscpu | sed -n 's/^Model name: *//p'", shell=True, capture_output=True, text=True).stdout.strip()
-    res = {"machine": f"{cpu}, {os.cpu_count()} CPUs", "avx512_bf16": "avx512_bf16" in cpu_flags(),
+    res = {"machine": machine(), "avx512_bf16": "avx512_bf16" in cpu_flags(),
            "date": time.strftime("%Y-%m-%d")}
     dtypes = ["float32"] + (["bfloat16"] if cpu_kernels.bf16_gemm() is not None else [])
     # No prefix caching: rounds repeat the same prompts, and a bf16 cache (twice the tokens) would
@@ -182,9 +178,7 @@ def main() -> None:
                        (1, 16, 64, 256))
     print(f"3. offline throughput: {args.requests} requests x {args.rounds} rounds")
     res["throughput"] = throughput(llms, args.requests, args.rounds)
-    OUT.write_text(json.dumps(res, indent=1))
-    report(res)
-    plot(res, OUT.with_suffix(".png"))
+    finish(res, OUT, report, plot)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_common import finish, machine
+
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "cpu_contention.json"
 CONFIGS = {  # name -> extra environment
@@ -89,22 +91,17 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--from-json", action="store_true")
     args = ap.parse_args()
-    RESULTS.mkdir(exist_ok=True)
     if args.from_json:
-        res = json.loads(OUT.read_text())
-    else:
-        cpu = subprocess.run("lscpu | sed -n 's/^Model name: *//p'", shell=True, capture_output=True, text=True).stdout.strip()
-        res = {"machine": f"{cpu}, {os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d %H:%M"), "configs": {}}
-        for r in range(args.repeat):  # configurations interleaved, so drift hits them alike
-            for name, env in CONFIGS.items():
-                slot = res["configs"].setdefault(name, {"quiet": [], "busy": []})
-                for busy in (False, True):
-                    v = run(env, busy)
-                    slot["busy" if busy else "quiet"].append(v)
-                    print(f"  run {r + 1} {name}, {'busy' if busy else 'quiet'}: {v:.1f} tok/s", flush=True)
-        OUT.write_text(json.dumps(res, indent=1))
-    report(res)
-    plot(res, OUT.with_suffix(".png"))
+        return finish(json.loads(OUT.read_text()), OUT, report, plot, save=False)
+    res = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "configs": {}}
+    for r in range(args.repeat):  # configurations interleaved, so drift hits them alike
+        for name, env in CONFIGS.items():
+            slot = res["configs"].setdefault(name, {"quiet": [], "busy": []})
+            for busy in (False, True):
+                v = run(env, busy)
+                slot["busy" if busy else "quiet"].append(v)
+                print(f"  run {r + 1} {name}, {'busy' if busy else 'quiet'}: {v:.1f} tok/s", flush=True)
+    finish(res, OUT, report, plot)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,11 @@ import asyncio
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench_common import finish, machine
 
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "structured_outputs.json"
@@ -169,7 +170,7 @@ def cost(llm, n: int, rounds: int) -> dict:
 async def _phase(base: str, n: int, rate: float, cold_every: int, salt0: int) -> dict:
     import httpx
 
-    ttft_free, ttft_cold, compile_total = [], [], []
+    ttft_free, ttft_cold = [], []
 
     async def one(client, i):
         body = {"model": "smol", "stream": True, "max_tokens": 24, "temperature": 0, "ignore_eos": True,
@@ -313,15 +314,10 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=4.0, help="arrivals per second in the TTFT phases")
     ap.add_argument("--from-json", action="store_true")
     args = ap.parse_args()
-    RESULTS.mkdir(exist_ok=True)
     if args.from_json:
-        res = json.loads(OUT.read_text())
-        report(res)
-        plot(res, OUT.with_suffix(".png"))
-        return
+        return finish(json.loads(OUT.read_text()), OUT, report, plot, save=False)
     res = json.loads(OUT.read_text()) if OUT.exists() and args.part != "all" else {}
-    cpu = subprocess.run("lscpu | sed -n 's/^Model name: *//p'", shell=True, capture_output=True, text=True).stdout.strip()
-    res.update(machine=f"{cpu}, {os.cpu_count()} CPUs", backend=args.backend, date=time.strftime("%Y-%m-%d"))
+    res.update(machine=machine(), backend=args.backend, date=time.strftime("%Y-%m-%d"))
     if args.part in ("all", "correctness", "cost"):
         from pagedserve import LLM
 
@@ -337,9 +333,7 @@ def main() -> None:
     if args.part in ("all", "compile"):
         print(f"3. cold compiles vs unconstrained TTFT: {args.stream_requests} requests per phase at {args.rate}/s")
         res["compile"] = compile_stall(args.stream_requests, args.rate, args.rounds, args.backend)
-    OUT.write_text(json.dumps(res, indent=1))
-    report(res)
-    plot(res, OUT.with_suffix(".png"))
+    finish(res, OUT, report, plot)
 
 
 if __name__ == "__main__":

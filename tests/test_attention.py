@@ -349,6 +349,5 @@ def test_bf16_packed_linear_matches_a_rounded_reference(m, n, k):
     lin = Linear(k, n, bias=True)
     with torch.no_grad():
         expect = torch.nn.functional.linear(x.bfloat16().float(), lin.weight.bfloat16().float(), lin.bias)
-    if n % 16 == 0:
-        assert use_cpu_kernels(lin, ops, weight_dtype=torch.bfloat16) == 1 and lin.weight.dtype == torch.bfloat16
-        torch.testing.assert_close(lin(x), expect, rtol=1e-4, atol=1e-3)
+    assert use_cpu_kernels(lin, ops, weight_dtype=torch.bfloat16) == 1 and lin.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(lin(x), expect, rtol=1e-4, atol=1e-3)

@@ -167,8 +167,7 @@ class _StreamState:
         for call in calls:
             if not self.parallel and self.num_calls >= 1:
                 break
-            tc = _tool_call(call)
-            out.append(P.DeltaToolCall(index=self.num_calls, id=tc.id, type="function",
+            out.append(P.DeltaToolCall(index=self.num_calls, id=P.random_id("call"), type="function",
                                        function=P.DeltaFunctionCall(name=call.name, arguments=call.arguments)))
             self.num_calls += 1
         return out

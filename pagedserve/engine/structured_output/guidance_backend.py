@@ -13,16 +13,15 @@ from pagedserve.engine.structured_output.schema_check import unsupported_keyword
 
 
 class _Matcher(Matcher):
-    def __init__(self, m):
+    def __init__(self, m, fill):
         self._m = m
+        self._fill = fill  # llguidance.torch.fill_next_token_bitmask, imported once per grammar
 
     def accept(self, token: int) -> bool:
         return self._m.consume_token(token)
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        from llguidance.torch import fill_next_token_bitmask
-
-        fill_next_token_bitmask(self._m, bitmask, row)
+        self._fill(self._m, bitmask, row)
 
     def is_terminated(self) -> bool:
         return self._m.is_stopped()
@@ -30,13 +29,16 @@ class _Matcher(Matcher):
 
 class _Grammar(Grammar):
     def __init__(self, tokenizer, grammar: str):
+        from llguidance.torch import fill_next_token_bitmask
+
         self._tokenizer = tokenizer
         self._grammar = grammar
+        self._fill = fill_next_token_bitmask
 
     def matcher(self) -> Matcher:
         import llguidance
 
-        return _Matcher(llguidance.LLMatcher(self._tokenizer, self._grammar))
+        return _Matcher(llguidance.LLMatcher(self._tokenizer, self._grammar), self._fill)
 
 
 class GuidanceBackend(Backend):

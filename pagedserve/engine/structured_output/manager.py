@@ -27,7 +27,6 @@ from pagedserve.engine.structured_output.schema_check import check_schema, unsup
 
 log = logging.getLogger("pagedserve.structured_output")
 
-BACKENDS = STRUCTURED_OUTPUTS_BACKENDS
 CACHE_ENTRIES = 512
 
 
@@ -54,8 +53,9 @@ class RequestGrammar:
 
 class StructuredOutputManager:
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids, backend: str = "auto"):
-        if backend not in BACKENDS:
-            raise ValueError(f"structured_outputs_backend must be one of {list(BACKENDS)}, got {backend!r}")
+        if backend not in STRUCTURED_OUTPUTS_BACKENDS:
+            raise ValueError(f"structured_outputs_backend must be one of {list(STRUCTURED_OUTPUTS_BACKENDS)}, "
+                             f"got {backend!r}")
         self.backend_name = backend
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size

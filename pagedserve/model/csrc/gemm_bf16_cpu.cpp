@@ -158,22 +158,10 @@ torch::Tensor pack_linear_weight_bf16(torch::Tensor w) {
   return out;
 }
 
-torch::Tensor packed_linear_bf16(torch::Tensor x, torch::Tensor wp, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && wp.scalar_type() == torch::kBFloat16,
-              "float32 x and a bf16 packed weight");
-  TORCH_CHECK(x.dim() == 2 && wp.dim() == 3 && wp.size(2) == 32 && wp.is_contiguous(),
-              "x [M, K] and a packed weight [N/16, K/2, 32] (pack_linear_weight_bf16)");
+// y = x @ W^T (+ bias) for packed_linear (gemm_cpu.cpp), which has checked the shapes and the bias
+// and allocated y.
+void packed_linear_bf16(const torch::Tensor& x, const torch::Tensor& wp, const float* b, torch::Tensor& y) {
   const int64_t M = x.size(0), K = x.size(1), K2 = wp.size(1), P = wp.size(0), N = P * 16;
-  TORCH_CHECK((K + 1) / 2 == K2, "x has ", K, " features, the weight expects ", 2 * K2 - 1, " or ", 2 * K2);
-  if (x.stride(1) != 1) x = x.contiguous();
-  const float* b = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == torch::kFloat32,
-                "bias must be float32 [", N, "]");
-    b = bias->data_ptr<float>();
-  }
-  auto y = torch::empty({M, N}, x.options());
-  if (M == 0) return y;
 #if defined(PAGEDSERVE_BF16_GEMM)
   TORCH_CHECK(packed_linear_bf16_supported(), "this CPU has no AVX512_BF16");
   auto xb = torch::empty({M, 2 * K2}, x.options().dtype(torch::kBFloat16));
@@ -187,9 +175,8 @@ torch::Tensor packed_linear_bf16(torch::Tensor x, torch::Tensor wp, c10::optiona
   at::parallel_for(0, (P + 1) / 2, 2, [&](int64_t q0, int64_t q1) {
     bf16gemm::panels(A, K2, wpp, b, yp, N, M, K2, 2 * q0, std::min(P, 2 * q1));
   });
-  return y;
 #else
+  (void)M, (void)K, (void)K2, (void)N, (void)b;
   TORCH_CHECK(false, "the bf16 packed GEMM needs the x86-64-v4 kernel build and a CPU with AVX512_BF16");
-  return y;
 #endif
 }

@@ -112,14 +112,23 @@ torch::Tensor pack_linear_weight(torch::Tensor w) {
   return out;
 }
 
-torch::Tensor packed_linear_bf16(torch::Tensor x, torch::Tensor wp, c10::optional<torch::Tensor> bias);
+void packed_linear_bf16(const torch::Tensor& x, const torch::Tensor& wp, const float* bias, torch::Tensor& y);
 
+// x float32 [M, K] @ a packed weight: float32 panels (here) or bf16 k-pairs (gemm_bf16_cpu.cpp,
+// chosen by the weight's dtype); the checks, the bias and the output are shared.
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor wp, c10::optional<torch::Tensor> bias) {
-  if (wp.scalar_type() == torch::kBFloat16) return packed_linear_bf16(x, wp, bias);  // gemm_bf16_cpu.cpp
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && wp.scalar_type() == torch::kFloat32, "float32 only");
-  TORCH_CHECK(x.dim() == 2 && wp.dim() == 3 && wp.size(2) == NR && wp.is_contiguous(),
-              "x [M, K] and a packed weight [N/16, K, 16] (pack_linear_weight)");
-  TORCH_CHECK(x.size(1) == wp.size(1), "x has ", x.size(1), " features, the weight expects ", wp.size(1));
+  const bool bf16 = wp.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && (bf16 || wp.scalar_type() == torch::kFloat32),
+              "float32 x and a float32 or bf16 packed weight");
+  TORCH_CHECK(x.dim() == 2 && wp.dim() == 3 && wp.size(2) == (bf16 ? 2 * NR : NR) && wp.is_contiguous(),
+              "x [M, K] and a packed weight: [N/16, K, 16] (pack_linear_weight) or [N/16, ceil(K/2), 32] "
+              "(pack_linear_weight_bf16)");
+  if (bf16) {
+    TORCH_CHECK((x.size(1) + 1) / 2 == wp.size(1), "x has ", x.size(1), " features, the weight expects ",
+                2 * wp.size(1) - 1, " or ", 2 * wp.size(1));
+  } else {
+    TORCH_CHECK(x.size(1) == wp.size(1), "x has ", x.size(1), " features, the weight expects ", wp.size(1));
+  }
   if (x.stride(1) != 1) x = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1), P = wp.size(0), N = P * NR;
   const float* b = nullptr;
@@ -130,6 +139,10 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor wp, c10::optional<tor
   }
   auto y = torch::empty({M, N}, x.options());
   if (M == 0) return y;
+  if (bf16) {
+    packed_linear_bf16(x, wp, b, y);
+    return y;
+  }
 #if defined(__AVX2__) && defined(__FMA__)
   const float* xp = x.data_ptr<float>();
   const float* wpp = wp.data_ptr<float>();

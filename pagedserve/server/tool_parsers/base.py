@@ -95,7 +95,3 @@ class ToolParser(ABC):
             return "", []
         out, self._sent = self._text[self._sent:], len(self._text)
         return out, []
-
-    @property
-    def called(self) -> bool:
-        return self._calls_sent > 0

@@ -1,0 +1,31 @@
+"""What the benchmark scripts share: how they name the machine and how they end (JSON, table, PNG)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+
+def machine() -> str:
+    """The CPU's model name and how many CPUs this process sees (each figure is stated with it)."""
+    name = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} CPUs"
+
+
+def finish(res: dict, out: Path, report: Callable[[dict], None], plot: Callable[[dict, Path], None],
+           save: bool = True) -> None:
+    """Save `res` as JSON at `out` (unless re-reading it), print the table, draw the PNG beside it."""
+    if save:
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(res, indent=1))
+    report(res)
+    plot(res, out.with_suffix(".png"))
