@@ -205,6 +205,35 @@ def test_auto_tool_choice_parses_the_models_calls(client, stream):
     assert (content or "").strip() in ("", "Checking the weather.")
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("mode", ["named", "auto"])
+def test_round_trip_for_named_and_auto(client, mode, stream):
+    """tools -> tool_calls -> tool message -> final answer, the way an agent loop runs it, streamed
+    or not at every turn ("required" has its own round trip above; "none" never calls)."""
+    kw = {"messages": Q, "tools": TOOLS}
+    if mode == "named":
+        kw["tool_choice"] = {"type": "function", "function": {"name": "get_weather"}}
+    else:
+        kw.update(temperature=1.0, seed=5, max_tokens=60, extra_body={"structured_outputs": {"regex": HERMES_CALL}})
+    if stream:
+        _, got, finish = chat(client, stream=True, **kw)
+        calls = list(got.values())
+    else:
+        r = chat(client, **kw)
+        finish = r.choices[0].finish_reason
+        calls = [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments} for c in r.choices[0].message.tool_calls]
+    assert finish == ("stop" if mode == "named" else "tool_calls") and len(calls) == 1 and calls[0]["id"]
+    history = Q + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]}]
+    history += [{"role": "tool", "tool_call_id": calls[0]["id"], "content": json.dumps({"temp_c": 18})}]
+    if stream:
+        text, more, _ = chat(client, stream=True, messages=history, tools=TOOLS, tool_choice="none", max_tokens=30)
+    else:
+        m = chat(client, messages=history, tools=TOOLS, tool_choice="none", max_tokens=30).choices[0].message
+        text, more = m.content, m.tool_calls
+    assert text and not more
+
+
 def test_auto_without_a_call_is_plain_content(client):
     r = chat(client, messages=Q, tools=TOOLS, max_tokens=16)
     m = r.choices[0].message
