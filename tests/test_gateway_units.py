@@ -162,3 +162,34 @@ def test_public_model_name_replaces_only_the_top_level_field():
     assert json.loads(_public_model(body, _model_field('we"ird\n'))) == {
         "id": "c", "object": "chat.completion", "model": 'we"ird\n', "choices": []}
     assert _public_model(b'{"id": "c"}', _model_field("pub")) == b'{"id": "c"}'  # no model field: unchanged
+
+
+def test_trace_tells_its_own_time_limit_from_a_backend_timeout():
+    """A backend that accepts and never answers: aiohttp's total timer (what _post sets from the
+    request's deadline) counts as the request's limit even when it fires before time.monotonic()
+    reaches the deadline (uvloop schedules on a cached ms clock); its read timer is the backend's
+    fault until the deadline has passed."""
+    import aiohttp
+    from pagedserve.gateway.proxy import Trace
+
+    async def run():
+        silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{silent.sockets[0].getsockname()[1]}/"
+        errors = {}
+        async with aiohttp.ClientSession() as s:
+            for name, t in {"total": aiohttp.ClientTimeout(total=0.2),
+                            "read": aiohttp.ClientTimeout(sock_read=0.2)}.items():
+                try:
+                    async with s.post(url, data=b"{}", timeout=t):
+                        pass
+                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                    errors[name] = e
+        silent.close()
+        return errors
+
+    errors = asyncio.run(run())
+    trace = Trace()
+    trace.deadline = time.monotonic() + 3600
+    assert trace.ran_out(errors["total"]) and not trace.ran_out(errors["read"]), errors
+    trace.deadline = time.monotonic() - 1
+    assert trace.ran_out(errors["read"])

@@ -73,6 +73,15 @@ class Trace:
     def expired(self) -> bool:
         return time.monotonic() >= self.deadline
 
+    def ran_out(self, e: BaseException) -> bool:
+        """Whether an upstream error is this request's own limit rather than the backend's fault.
+        aiohttp's total timer (set from the deadline in _post) is the only source of a bare
+        TimeoutError: its connect and read timers raise subclasses. The type decides, because
+        the clock can't: under uvloop the timer is scheduled on the loop's cached millisecond
+        time, so it may fire a few ms (more on a loaded box) before time.monotonic() reaches
+        the deadline."""
+        return type(e) is TimeoutError or self.expired()
+
 
 def _timed_out(trace: Trace) -> APIError:
     return APIError(504, f"the request did not complete within the gateway's limit of {trace.deadline - trace.t0:g}s "
@@ -223,7 +232,7 @@ class Forwarder:
             resp = await self._post(b, pool, endpoint, payload, trace)
         except UPSTREAM_ERRORS as e:
             b.outstanding -= 1
-            if trace.expired():  # our limit, not the backend's fault
+            if trace.ran_out(e):  # our limit, not the backend's fault
                 raise _timed_out(trace) from None
             b.record_failure(type(e).__name__)
             raise _Failed(f"{type(e).__name__}: {e}") from None
@@ -242,7 +251,7 @@ class Forwarder:
                 try:
                     content = await resp.read()
                 except UPSTREAM_ERRORS as e:
-                    if trace.expired():
+                    if trace.ran_out(e):
                         raise _timed_out(trace) from None
                     b.record_failure(type(e).__name__)
                     raise _Failed(f"{type(e).__name__} while reading the response: {e}") from None
@@ -264,7 +273,7 @@ class Forwarder:
             try:
                 first = await resp.content.readany()
             except UPSTREAM_ERRORS as e:
-                if trace.expired():
+                if trace.ran_out(e):
                     raise _timed_out(trace) from None
                 first, why = b"", type(e).__name__
             else:
@@ -329,7 +338,7 @@ class Forwarder:
                 yield buf + b"\n\n"
             completed = True
         except UPSTREAM_ERRORS as e:
-            if trace.expired():
+            if trace.ran_out(e):
                 err = _timed_out(trace)
                 trace.status, trace.error = 504, err.message
                 yield f"data: {json.dumps(error_body(504, err.message, code='timeout'))}\n\n".encode()
