@@ -1,11 +1,13 @@
 """Sharing the CPU: offline throughput quiet and with a busy loop pinned to CPU 0, for the thread
-settings an engine could choose (issue 24's groundwork): torch's threads spinning between
-kernels (libgomp's default), waiting passively (OMP_WAIT_POLICY=PASSIVE), or one thread.
+settings an engine could choose: what pagedserve did before (libgomp's long spin between kernels,
+each kernel's work in fixed per-thread shares), passive waits (OMP_WAIT_POLICY=PASSIVE), a short
+spin (GOMP_SPINCOUNT=1000) with work handed out in chunks (csrc/parallel.h), that plus the
+engine's 1-or-N thread tuner (engine/thread_tuner.py; the default), and one thread.
 
 Each configuration runs in its own process (libgomp reads its wait policy once, at load);
-32 requests, prompts 32-128 tokens, 64 output tokens each, default dtype.
+--requests requests (64), prompts 32-128 tokens, 64 output tokens each, default dtype.
 
-  python benchmarks/cpu_contention.py [--repeat 2]
+  python benchmarks/cpu_contention.py [--repeat 2] [--requests 64]
   python benchmarks/cpu_contention.py --from-json
 """
 
@@ -24,18 +26,24 @@ from bench_common import finish, machine
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "cpu_contention.json"
 CONFIGS = {  # name -> extra environment
-    "2 threads, spinning (default)": {},
-    "2 threads, OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
-    "1 thread": {"PAGEDSERVE_BENCH_THREADS": "1"},
+    "before: libgomp spin, fixed split": {"GOMP_SPINCOUNT": "300000", "BENCH_FIXED_SPLIT": "1",
+                                          "BENCH_ADAPTIVE": "0"},
+    "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE", "BENCH_ADAPTIVE": "0"},
+    "spin 1000 + dynamic split": {"BENCH_ADAPTIVE": "0"},
+    "default: + 1-or-N tuner": {},
+    "1 thread": {"BENCH_THREADS": "1"},
 }
 
 RUN = r'''
 import os, time
 from pagedserve import LLM, SamplingParams
 from pagedserve.bench.workload import synthetic_workload
-n = int(os.environ.get("PAGEDSERVE_BENCH_THREADS", "0")) or None
-llm = LLM(None, max_model_len=2048, kv_cache_memory=1 << 30, num_threads=n)
-reqs = synthetic_workload(num_requests=32, prompt_len=(32, 128), output_len=(64, 64))
+n = int(os.environ.get("BENCH_THREADS", "0")) or None
+llm = LLM(None, max_model_len=2048, kv_cache_memory=1 << 30, num_threads=n,
+          adaptive_threads=os.environ.get("BENCH_ADAPTIVE") != "0")
+if os.environ.get("BENCH_FIXED_SPLIT"):
+    llm.engine.runner.kernels.set_dynamic_split(False)
+reqs = synthetic_workload(num_requests=int(os.environ["BENCH_REQUESTS"]), prompt_len=(32, 128), output_len=(64, 64))
 p = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
 t = time.perf_counter()
 outs = llm.generate([r.prompt_token_ids for r in reqs], p, use_tqdm=False)
@@ -44,10 +52,10 @@ print("RESULT", sum(len(o.outputs[0].token_ids) for o in outs) / dt)
 '''
 
 
-def run(env: dict, busy: bool) -> float:
+def run(env: dict, busy: bool, requests: int) -> float:
     neighbour = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c", "while True: pass"]) if busy else None
     try:
-        out = subprocess.run([sys.executable, "-c", RUN], env={**os.environ, **env}, capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-c", RUN], env={**os.environ, **env, "BENCH_REQUESTS": str(requests)}, capture_output=True, text=True,
                              check=True).stdout
     finally:
         if neighbour:
@@ -89,16 +97,17 @@ def plot(res: dict, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--from-json", action="store_true")
     args = ap.parse_args()
     if args.from_json:
         return finish(json.loads(OUT.read_text()), OUT, report, plot, save=False)
-    res = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "configs": {}}
+    res = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "requests": args.requests, "configs": {}}
     for r in range(args.repeat):  # configurations interleaved, so drift hits them alike
         for name, env in CONFIGS.items():
             slot = res["configs"].setdefault(name, {"quiet": [], "busy": []})
             for busy in (False, True):
-                v = run(env, busy)
+                v = run(env, busy, args.requests)
                 slot["busy" if busy else "quiet"].append(v)
                 print(f"  run {r + 1} {name}, {'busy' if busy else 'quiet'}: {v:.1f} tok/s", flush=True)
     finish(res, OUT, report, plot)

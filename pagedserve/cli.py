@@ -28,6 +28,19 @@ def parse_bytes(s: str) -> int:
     return int(num * base ** " kmgt".index(unit or " "))
 
 
+def parse_ttft_target(s: str) -> float | None:
+    """'500' (ms) or 'off'."""
+    if s.strip().lower() in ("off", "none"):
+        return None
+    try:
+        v = float(s)
+    except ValueError:
+        v = -1.0
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"not a TTFT target: {s!r} (use milliseconds >= 0, e.g. 500, or 'off')")
+    return v
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends '(default: X)' only where the help does not already say what the default is, and
     not for flags whose default is 'not set'."""
@@ -58,6 +71,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache size in bytes (e.g. 4GiB); overrides --gpu-memory-utilization. CPU default 4GiB")
     p.add_argument("--max-num-seqs", type=int, default=256, help="max sequences in one batch")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step (default 512 CPU, 2048 CUDA)")
+    p.add_argument("--ttft-target-ms", type=parse_ttft_target, default=None,
+                   help="a prompt that has waited this long goes ahead of running decodes for a step ('off': "
+                        "decodes always first); bounds time to first token under bursts at some inter-token latency")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse KV blocks of shared prompt prefixes (default on)")
@@ -74,6 +90,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="on SIGTERM, seconds to finish in-flight requests")
     p.add_argument("--attention-backend", default=None, help="attention kernel: auto (default), cpp or torch")
     p.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--adaptive-threads", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU: measure one thread against all of them while serving and keep the faster "
+                        "(one wins when other processes share the cores)")
     p.add_argument("--structured-outputs-backend", default="auto", choices=STRUCTURED_OUTPUTS_BACKENDS,
                    help="grammar engine for response_format/structured_outputs/tools: auto (xgrammar; guidance for "
                         "JSON schemas with keywords xgrammar does not enforce), xgrammar or guidance (llguidance)")
@@ -105,6 +124,7 @@ def serve(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
         seed=args.seed, chat_template=args.chat_template, attention_backend=args.attention_backend,
         num_threads=args.num_threads, structured_outputs_backend=args.structured_outputs_backend,
+        ttft_target_ms=args.ttft_target_ms, adaptive_threads=args.adaptive_threads,
     )
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (one of: " + ", ".join(TOOL_CALL_PARSERS) + ")")

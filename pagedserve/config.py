@@ -49,7 +49,9 @@ class EngineConfig:
     chat_template: str | None = None  # a path or a template string
     attention_backend: str | None = None
     num_threads: int | None = None  # CPU threads for torch; default: all cores
+    adaptive_threads: bool = True  # CPU: probe 1 vs num_threads while stepping, keep the faster (thread_tuner.py)
     structured_outputs_backend: str = "auto"  # STRUCTURED_OUTPUTS_BACKENDS
+    ttft_target_ms: float | None = None  # a prompt waiting this long goes ahead of decodes (scheduler.py); None: never
 
     def __post_init__(self) -> None:
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
@@ -66,6 +68,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.ttft_target_ms is not None and self.ttft_target_ms < 0:
+            raise ValueError(f"ttft_target_ms must be >= 0 (or None: off), got {self.ttft_target_ms}")
         if self.dtype != "auto" and self.dtype not in DTYPES:  # bad names fail here, before the model loads
             raise ValueError(f"dtype must be one of {sorted(DTYPES) + ['auto']}, got {self.dtype!r}")
         self._check_kv_cache_dtype()

@@ -351,3 +351,60 @@ def test_bf16_packed_linear_matches_a_rounded_reference(m, n, k):
         expect = torch.nn.functional.linear(x.bfloat16().float(), lin.weight.bfloat16().float(), lin.bias)
     assert use_cpu_kernels(lin, ops, weight_dtype=torch.bfloat16) == 1 and lin.weight.dtype == torch.bfloat16
     torch.testing.assert_close(lin(x), expect, rtol=1e-4, atol=1e-3)
+
+
+@pytest.fixture
+def two_threads():
+    """The dynamic split only differs from the fixed one with more than one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+    cpu_kernels._module.set_dynamic_split(True)
+
+
+def test_dynamic_split_is_bitwise_the_fixed_split(two_threads, tiny_dirs):
+    """Kernels hand their work out in chunks from a shared counter (parallel.h), so a thread that
+    lost its core takes fewer; which thread computes an item never changes its bits: every kernel
+    (GEMMs in float32 and bf16 over panel counts that cut into many chunks, prompt chunks and
+    decodes through the attention kernels, norms, rotary, SiLU, KV writes, argmax) gives exactly
+    the fixed split's results, kernel by kernel and through the whole model; and so does one
+    thread running work planned for two (the decode attention's flash-decoding splits)."""
+    from pagedserve import LLM, SamplingParams
+
+    ops = cpu_kernels._module
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1536, 576, generator=g)
+    weights = [ops.pack_linear_weight(w)]
+    if ops.packed_linear_bf16_supported():
+        weights.append(ops.pack_linear_weight_bf16(w))
+    xs = [torch.randn(m, 576, generator=g) for m in (1, 13, 97)]
+    logits = torch.randn(37, 49152, generator=g)
+
+    def kernels():
+        out = [ops.packed_linear(x, wp) for x in xs for wp in weights] + [ops.argmax_rows(logits)]
+        for x in xs:
+            r, y = x.clone(), x.clone()
+            ops.add_rms_norm(y, r, w[0], 1e-5)
+            out += [r, y, ops.silu_and_mul(torch.cat([x, x.flip(0)], 1))]
+        return out
+
+    llm = LLM(str(tiny_dirs["llama"]), kv_cache_memory=16 << 20, block_size=4, max_num_batched_tokens=64,
+              enable_prefix_caching=False)  # both runs compute every prompt
+    assert llm.engine.runner.model.fused is ops
+
+    def model():
+        prompts = [list(range(100, 100 + n)) for n in (5, 40, 17, 70, 3)]
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, logprobs=3, prompt_logprobs=1,
+                                                    ignore_eos=True), use_tqdm=False)
+        return [(o.outputs[0].token_ids, repr(o.outputs[0].logprobs), repr(o.prompt_logprobs)) for o in outs]
+
+    ops.set_dynamic_split(False)
+    fixed = kernels(), model()
+    ops.set_dynamic_split(True)
+    dynamic = kernels(), model()
+    torch.set_num_threads(1)  # the engine's tuner may run the work on fewer threads than it was planned for
+    one_thread = kernels(), model()
+    for run in (dynamic, one_thread):
+        assert all(torch.equal(a, b) for a, b in zip(fixed[0], run[0]))
+        assert fixed[1] == run[1]

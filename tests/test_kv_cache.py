@@ -84,3 +84,99 @@ def test_preemption_picks_lowest_priority():
     assert [r.request_id for r in out.preempted] == ["lo"]
     assert out.num_scheduled_tokens == {"hi": 1}
     assert lo.num_computed_tokens == 0 and kv.block_ids("lo") == []
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def _step(s: Scheduler, clock: _Clock, dt: float = 0.125):  # exact in binary: no rounding at the target
+    """One engine step on a fake clock: schedule, compute, and a token for every request whose
+    tokens are all computed (what the engine samples)."""
+    out = s.schedule()
+    s.update_after_step(out)
+    for r in out.requests:
+        if r.num_computed_tokens == r.num_tokens:
+            r.append_token(7)
+    clock.t += dt
+    return out
+
+
+def _full_batch(ttft_target_s, decodes=16, budget=16):
+    """`decodes` running requests that fill the token budget every step, then a 40-token prompt."""
+    clock = _Clock()
+    kv = KVCacheManager(num_blocks=1000, block_size=4)
+    s = Scheduler(kv, max_num_seqs=64, max_num_batched_tokens=budget, ttft_target_s=ttft_target_s, clock=clock)
+    running = [Request(f"d{i}", [1], SamplingParams(), max_tokens=1000, arrival_time=0.0, seq_no=i)
+               for i in range(decodes)]
+    for r in running:
+        s.add(r)
+    _step(s, clock)
+    assert all(r.num_output_tokens == 1 for r in running)
+    prompt = Request("p", list(range(40)), SamplingParams(), max_tokens=5, arrival_time=clock.t, seq_no=decodes)
+    s.add(prompt)
+    return s, clock, running, prompt
+
+
+def test_ttft_target_bounds_a_prompts_wait_behind_a_full_batch_of_decodes():
+    """Step level, deterministic: decodes that fill the budget starve a new prompt for as long as
+    they run; with a TTFT target the prompt goes first once it has waited that long (0.5 s =
+    4 steps here), its 40 tokens take ceil(40/16) = 3 steps, and the decodes, paused (not
+    preempted: their blocks stay) for those steps, resume."""
+    s, clock, running, prompt = _full_batch(None)
+    for _ in range(30):
+        _step(s, clock)
+    assert prompt.num_computed_tokens == 0 and s.num_prompt_first_steps == 0  # starved: no bound
+
+    s, clock, running, prompt = _full_batch(0.5)
+    t0, blocks = clock.t, {r.request_id: len(s.kv.block_ids(r.request_id)) for r in running}
+    steps = 0
+    while prompt.num_output_tokens == 0:
+        out = _step(s, clock)
+        steps += 1
+        assert not out.preempted
+    assert clock.t - t0 == 0.5 + 3 * 0.125 and steps == 4 + 3  # its TTFT: the target + its prefill
+    assert s.num_prompt_first_steps == 3 and all(len(s.kv.block_ids(r.request_id)) >= blocks[r.request_id]
+                                                 for r in running)
+    before = [r.num_output_tokens for r in running]
+    out = _step(s, clock)  # no prompt is late: running requests in order again, decodes first
+    assert [r.request_id for r in out.requests][:16] == [r.request_id for r in running]
+    assert [r.num_output_tokens for r in running] == [n + 1 for n in before]
+
+
+def test_ttft_target_keeps_better_priority_decodes_and_uses_leftover_budget():
+    """A prompt that goes ahead does not pass decodes of a better priority, and decodes of its own
+    priority use the budget its chunk leaves."""
+    s, clock, running, prompt = _full_batch(0.0, decodes=4, budget=16)
+    vip = Request("vip", [1, 2], SamplingParams(), max_tokens=1000, priority=-1, arrival_time=clock.t,
+                  seq_no=99)
+    s.add(vip)
+    out = s.schedule()
+    assert out.num_scheduled_tokens["vip"] == 2 and out.num_scheduled_tokens["p"] == 14
+    assert sum(out.num_scheduled_tokens.values()) == 16 and not any(r in out.requests for r in running)
+    s.update_after_step(out)
+    vip.append_token(7)
+    clock.t += 0.125
+    out = s.schedule()  # p's last 26 tokens don't fit: the budget is the prompt's after vip's decode
+    assert out.num_scheduled_tokens == {"vip": 1, "p": 15}
+
+
+def test_ttft_target_flag_and_config_refuse_bad_values(capsys):
+    import pytest
+
+    from pagedserve.cli import build_parser
+    from pagedserve.config import EngineConfig
+
+    p = build_parser()
+    assert p.parse_args(["serve", "--ttft-target-ms", "250"]).ttft_target_ms == 250.0
+    assert p.parse_args(["serve", "--ttft-target-ms", "off"]).ttft_target_ms is None
+    for bad in ("-3", "soon", "nan"):
+        with pytest.raises(SystemExit):
+            p.parse_args(["serve", "--ttft-target-ms", bad])
+        assert "not a TTFT target" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="ttft_target_ms must be >= 0"):
+        EngineConfig(ttft_target_ms=-1)

@@ -25,6 +25,7 @@ from pagedserve.engine.request import Request, RequestStatus
 from pagedserve.engine.sampling_params import OutputKind, SamplingParams
 from pagedserve.engine.scheduler import Scheduler
 from pagedserve.engine.structured_output import StructuredOutputManager
+from pagedserve.engine.thread_tuner import ThreadTuner
 from pagedserve.model.arch import ModelArch
 from pagedserve.model.loader import load_hf_config, load_weights, resolve_model
 from pagedserve.model.tokenizer import load_tokenizer
@@ -87,10 +88,15 @@ class LLMEngine:
         self.eos_token_ids = frozenset(self._eos_ids(hf_cfg))
         self.runner = ModelRunner(cfg, self.arch, load_weights(self.model_path), self.max_model_len)
         self.kv = KVCacheManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.tuner: ThreadTuner | None = None  # 1 or N threads, measured (thread_tuner.py)
+        if cfg.adaptive_threads and self.runner.kernels is not None and torch.get_num_threads() > 1:
+            self.runner.kernels.set_planned_threads(torch.get_num_threads())
+            self.tuner = ThreadTuner(torch.get_num_threads(), torch.set_num_threads)
         device = self.runner.device
         default_budget = 2048 if device.type == "cuda" else 512
         self.max_num_batched_tokens = cfg.max_num_batched_tokens or default_budget
-        self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, self.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, self.max_num_batched_tokens,
+                                   None if cfg.ttft_target_ms is None else cfg.ttft_target_ms / 1000)
         self.structured = StructuredOutputManager(
             self.tokenizer, self.arch.vocab_size, self.eos_token_ids, cfg.structured_outputs_backend)
         self.parents: dict[str, _Parent] = {}
@@ -106,13 +112,13 @@ class LLMEngine:
             "engine ready in %.1fs: model=%s arch=%s params=%.1fM dtype=%s device=%s attention=%s "
             "kv_cache=%.0fMiB kv_cache_dtype=%s blocks=%d block_size=%d tokens=%d max_model_len=%d "
             "max_concurrency=%.1f (at max_model_len) max_num_batched_tokens=%d prefix_caching=%s "
-            "threads=%d (%s)",
+            "threads=%d (%s%s)",
             self.startup_seconds, self.model_path, self.arch.architecture, self.arch.num_parameters() / 1e6,
             str(r.dtype).removeprefix("torch."), device, r.model.layers[0].self_attn.backend.name,
             r.kv_bytes / 2**20, str(r.kv_dtype).removeprefix("torch."), r.num_blocks, cfg.block_size,
             r.num_blocks * cfg.block_size,
             self.max_model_len, r.max_concurrency, self.max_num_batched_tokens, cfg.enable_prefix_caching,
-            torch.get_num_threads(), self.threads_why,
+            torch.get_num_threads(), self.threads_why, "; 1 when a probe finds the CPU shared" if self.tuner else "",
         )
 
     def _eos_ids(self, hf_cfg: dict) -> set[int]:
@@ -277,7 +283,11 @@ class LLMEngine:
         for r in sched.requests:
             if r.metrics.first_scheduled_time is None:
                 r.metrics.first_scheduled_time = now
+        if self.tuner is not None:
+            self.tuner.before_step()
         result = self.runner.execute(sched, self.kv, self.structured)
+        if self.tuner is not None:
+            self.tuner.after_step(sched.total_tokens)
         self.scheduler.update_after_step(sched)
         self.stats.steps += 1
         now = time.monotonic()

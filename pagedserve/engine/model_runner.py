@@ -80,6 +80,7 @@ class ModelRunner:
         model.rotary = model.rotary.to(self.device)  # tables are built on the CPU, in float32
         self.model = model.eval()
         kernels = cpu_kernels.load() if backend.name == "cpp" else None
+        self.kernels = kernels
         if kernels is not None:  # the C++ CPU kernels built: fused elementwise ops, packed-weight GEMM
             use_cpu_kernels(self.model, kernels, pack=cpu_kernels.packed_linear() is not None,
                             weight_dtype=torch.bfloat16 if self.bf16_gemm else torch.float32)

@@ -6,12 +6,21 @@ prompt, a chunk of one, or the one token sampled last step), so prefill chunks a
 a step under one token budget. Requests run in (priority, arrival) order; when KV blocks run
 out, the lowest-priority running request is preempted: its blocks are freed and it is recomputed
 later (its prefix blocks usually survive in the prefix cache).
+
+Running requests go first, so a new prompt waits behind the decodes of a full batch. With a TTFT
+target (`--ttft-target-ms`), a prompt that has waited that long goes ahead instead: for that step
+the running requests still in their prompt (and those of better priority) run, then the waiting
+prompts are admitted, and the other decodes take what budget is left, without preempting anyone
+(a decode that finds no free block just waits a step). Decodes pause for a step or two; the
+prompts of a burst reach their first token at prefill speed instead of behind every decode.
 """
 
 from __future__ import annotations
 
 import bisect
 import heapq
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pagedserve.engine.kv_cache import KVCacheManager
@@ -31,10 +40,14 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 ttft_target_s: float | None = None, clock: Callable[[], float] = time.monotonic):
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.ttft_target_s = ttft_target_s  # None: running requests always go first
+        self.clock = clock  # the clock of Request.arrival_time
+        self.num_prompt_first_steps = 0
         self.waiting: list[tuple[tuple, Request]] = []  # heap by sort_key
         self.running: list[Request] = []  # sorted by sort_key: the tail is preempted first
         self.num_preemptions = 0
@@ -49,14 +62,47 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        # 1. Running requests keep going, preempting from the tail when blocks run out.
-        for req in list(self.running):
+        late = self._overdue_prompt()
+        if late is not None:
+            self.num_prompt_first_steps += 1
+            first = [r for r in self.running if r.num_output_tokens == 0 or r.priority < late.priority]
+            budget = self._run(first, out, budget, preempt=True)
+            budget = self._admit(out, budget)
+            self._run([r for r in self.running if r.request_id not in out.num_scheduled_tokens], out, budget,
+                      preempt=False)
+        else:
+            budget = self._run(list(self.running), out, budget, preempt=True)
+            self._admit(out, budget)
+        return out
+
+    def _overdue_prompt(self) -> Request | None:
+        """A prompt (no token yet) that has waited the TTFT target and can go ahead now: running
+        (a chunked prompt), or next to be admitted with a free sequence slot and its grammar ready."""
+        if self.ttft_target_s is None:
+            return None
+        deadline = self.clock() - self.ttft_target_s
+        for r in self.running:
+            if r.num_output_tokens == 0 and r.arrival_time <= deadline:
+                return r
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            r = self.waiting[0][1]
+            if r.num_output_tokens == 0 and r.arrival_time <= deadline and (r.grammar is None or r.grammar.ready()):
+                return r
+        return None
+
+    def _run(self, reqs: list[Request], out: SchedulerOutput, budget: int, preempt: bool) -> int:
+        """Schedule running requests in order: each its uncomputed tokens, as budget allows. When
+        blocks run out, preempt from the tail of the running list, or (preempt=False) skip it."""
+        for req in reqs:
             if budget == 0:
                 break
             if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, n):
+                if not preempt:
+                    n = 0
+                    break
                 victim = self.running[-1]
                 self._preempt(victim, out)
                 if victim is req:
@@ -65,9 +111,12 @@ class Scheduler:
             if n:
                 self._add_to_output(out, req, n)
                 budget -= n
-        # 2. Admit waiting requests while budget, sequence slots and blocks allow. After a
-        # preemption nothing new is admitted: memory is short. A request whose grammar is still
-        # compiling is passed over (it keeps its place), not waited for.
+        return budget
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> int:
+        """Admit waiting requests while budget, sequence slots and blocks allow. After a preemption
+        nothing new is admitted: memory is short. A request whose grammar is still compiling is
+        passed over (it keeps its place), not waited for."""
         compiling = []
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
             req = self.waiting[0][1]
@@ -92,7 +141,7 @@ class Scheduler:
             budget -= n
         for item in compiling:
             heapq.heappush(self.waiting, item)
-        return out
+        return budget
 
     @staticmethod
     def _add_to_output(out: SchedulerOutput, req: Request, n: int) -> None:

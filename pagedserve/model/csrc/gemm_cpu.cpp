@@ -15,6 +15,7 @@
 // two threads write the same element.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include "parallel.h"
 
 #include <algorithm>
 
@@ -28,9 +29,11 @@ constexpr int64_t KC = 2048;  // K slice for long K: 2048 x 16 floats = 128 KB o
 #include "gemm_tile512.h"
 
 // AVX-512: the same walk two panels at a time (a 12x32 tile, gemm_tile512.h); an odd last panel
-// runs alone. Panels [j0, j1) as above; the caller keeps pairs whole (j0 even).
+// runs alone. Panels [j0, j1) as above; the caller keeps pairs whole (j0 even). The pair after
+// each one is prefetched, up to panel `jpf` (past j1: a thread's share is handed out a pair per
+// call, parallel.h, and its next pair follows on).
 static void gemm_panels512(const float* A, int64_t lda, const float* Wp, const float* bias, float* C, int64_t ldc,
-                           int64_t M, int64_t K, int64_t j0, int64_t j1) {
+                           int64_t M, int64_t K, int64_t j0, int64_t j1, int64_t jpf) {
   constexpr int64_t MR5 = 12;
   const int64_t kc_max = K <= 3 * KC / 2 ? K : KC;
   for (int64_t j = j0; j < j1; j += 2) {
@@ -44,7 +47,7 @@ static void gemm_panels512(const float* A, int64_t lda, const float* Wp, const f
       // pair's first tile waited on memory; with all of it in the first tile (as before), that
       // tile asked for more than the core's fill buffers carry. 30 layers' distinct weights in
       // turn: M = 64 255 -> 289-297 GFLOP/s, M = 32 222 -> 266-274, M = 128 280 -> 300-308.
-      const float* next = j + 3 < j1 ? bp + 2 * K * NR : nullptr;
+      const float* next = j + 3 < jpf ? bp + 2 * K * NR : nullptr;
       const int64_t tiles = (M + MR5 - 1) / MR5, chunk = (kc + tiles - 1) / tiles;
       const int64_t every = std::max<int64_t>(1, kc / chunk);
       for (int64_t ir = 0, t = 0; ir < M; ir += MR5, ++t) {
@@ -150,11 +153,11 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor wp, c10::optional<tor
   const int64_t lda = x.stride(0);
   // Grain: enough panels per task that each thread gets a long sequential run of weights.
 #if defined(__AVX512F__)
-  at::parallel_for(0, (P + 1) / 2, 2, [&](int64_t q0, int64_t q1) {
-    gemm_panels512(xp, lda, wpp, b, yp, N, M, K, 2 * q0, std::min(P, 2 * q1));
+  pagedserve::parallel_chunks(0, (P + 1) / 2, 1, [&](int64_t q0, int64_t q1) {
+    gemm_panels512(xp, lda, wpp, b, yp, N, M, K, 2 * q0, std::min(P, 2 * q1), P);
   });
 #else
-  at::parallel_for(0, P, 4, [&](int64_t j0, int64_t j1) { gemm_panels(xp, lda, wpp, b, yp, N, M, K, j0, j1); });
+  pagedserve::parallel_chunks(0, P, 4, [&](int64_t j0, int64_t j1) { gemm_panels(xp, lda, wpp, b, yp, N, M, K, j0, j1); });
 #endif
   return y;
 #else

@@ -13,6 +13,7 @@
 // is what bounds this kernel.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include "parallel.h"
 
 #include <algorithm>
 #include <atomic>
@@ -234,7 +235,7 @@ static void decode_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k_cach
   // item, and with fewer such items than 4 per thread (a small decode batch: 3 items for 2
   // threads at batch 1), each sequence's blocks are also split, flash-decoding style, into
   // ranges of at least 8 blocks whose partial softmax states merge below.
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = pagedserve::planned_threads();  // not the running count: results never depend on it
   const int64_t hp = n >= 2 * threads ? KVH : 1;
   const int64_t items_per_seq = KVH / hp;
   int64_t splits = 1;
@@ -256,7 +257,7 @@ static void decode_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k_cach
     return cl[a / splits / items_per_seq] > cl[b / splits / items_per_seq];
   });
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), total), 1, [&](int64_t, int64_t) {
     std::vector<float> scores(HG * BS), acc(HG * D), mx(HG), sum(HG);
     for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < total;) {
       const int64_t w = order[i];
@@ -297,7 +298,7 @@ static void decode_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k_cach
   });
   if (splits == 1) return;
   // Merge the splits of each (item, query head): rescale every partial to the common max.
-  at::parallel_for(0, n * items_per_seq, 1, [&](int64_t begin, int64_t end) {
+  pagedserve::parallel_chunks(0, n * items_per_seq, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / items_per_seq, h0 = (item % items_per_seq) * hp;
       for (int64_t g = 0; g < HG; ++g) {
@@ -369,7 +370,7 @@ static void write_kv_impl(torch::Tensor k, torch::Tensor v, torch::Tensor k_cach
   C* kc = k_cache.data_ptr<C>();
   C* vc = v_cache.data_ptr<C>();
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1);
-  at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+  pagedserve::parallel_chunks(0, T, 16, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t)
       for (int64_t h = 0; h < KVH; ++h) {
         const int64_t dst = ((bp[t] * KVH + h) * BS + op[t]) * D;
@@ -437,6 +438,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_embedding", &rotary_embedding, "in place rotate-half rotary embedding of q and k", nogil());
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up from [gate | up]", nogil());
   m.def("argmax_rows", &argmax_rows, "row-wise argmax of float32 [B, V], as torch.argmax (first max; NaN is largest)", nogil());
+  m.def("set_planned_threads", [](int64_t n) { pagedserve::planned_threads_value().store(n); },
+        "the thread count work is decomposed for (0: the current one); fewer threads may run it, same results");
+  m.def("set_dynamic_split", [](bool on) { pagedserve::dynamic_split_flag().store(on); },
+        "hand kernels' work out in chunks from a shared counter (default) or in at::parallel_for's fixed shares");
   m.def("llama_layers", &llama_layers, "every decoder layer of a Llama-family model for one step (CPU, float32)",
         nogil());
 }
