@@ -254,12 +254,13 @@ def offline_pairs(engines: list[str], rounds: int, contended: bool = False) -> d
 
 # -- online -------------------------------------------------------------------------------------
 
-def start_server(engine: str, port: int) -> subprocess.Popen:
+def start_server(engine: str, port: int, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    """A server for `engine` (`extra`: more pagedserve flags) on `port`, once it answers /health."""
     log = open(RESULTS / f"peers_{engine}_server.log", "w")
     env = dict(os.environ)
     if engine == "pagedserve":
         cmd = [sys.executable, "-m", "pagedserve.cli", "serve", "--served-model-name", "m", "--kv-cache-memory", "2GiB",
-               "--max-model-len", "2048", "--port", str(port)]
+               "--max-model-len", "2048", "--port", str(port), *extra]
     elif engine == "vllm":
         venv = install_vllm()
         env.update(VLLM_CPU_KVCACHE_SPACE="2", LD_PRELOAD=str(venv / "lib/libiomp5.so"))

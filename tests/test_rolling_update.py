@@ -50,13 +50,17 @@ def test_rolling_update_under_load_fails_no_request(tiny_dirs, tmp_path):
                 return False, repr(e)
 
         with ThreadPoolExecutor(6) as ex:
-            futs = [ex.submit(one, i) for i in range(90)]
+            futs = [ex.submit(one, i) for i in range(30)]
             while sum(f.done() for f in futs) < 20:
                 time.sleep(0.1)
-            # The rollout: a new pod becomes ready and joins; then an old one is terminated.
+            # The rollout: a new pod becomes ready and joins; then an old one is terminated. The
+            # rest of the load is sent once it has joined (its start takes seconds, in which a
+            # fast enough pair of old replicas could finish everything already queued).
             new = ServerProcess(args, tmp_path / "new.log")
             disc.write_text(f"{old[1].base}\n{old[0].base}\n{new.base}\n")
-            time.sleep(1.0)
+            time.sleep(0.6)  # two discovery intervals
+            futs += [ex.submit(one, i) for i in range(30, 90)]
+            time.sleep(0.4)
             disc.write_text(f"{old[1].base}\n{new.base}\n")  # endpoints drop the terminating pod...
             old[0].proc.send_signal(signal.SIGTERM)  # ...while the kubelet sends it SIGTERM
             results = [f.result() for f in futs]
