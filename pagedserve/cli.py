@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 
-from pagedserve.config import STRUCTURED_OUTPUTS_BACKENDS
+from pagedserve.config import DEFAULT_TTFT_TARGET_MS, STRUCTURED_OUTPUTS_BACKENDS
 from pagedserve.server.tool_parsers import PARSERS as _TOOL_PARSERS
 
 T0 = time.monotonic()
@@ -71,7 +71,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache size in bytes (e.g. 4GiB); overrides --gpu-memory-utilization. CPU default 4GiB")
     p.add_argument("--max-num-seqs", type=int, default=256, help="max sequences in one batch")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step (default 512 CPU, 2048 CUDA)")
-    p.add_argument("--ttft-target-ms", type=parse_ttft_target, default=None,
+    p.add_argument("--ttft-target-ms", type=parse_ttft_target, default=DEFAULT_TTFT_TARGET_MS,
                    help="a prompt that has waited this long goes ahead of running decodes for a step ('off': "
                         "decodes always first); bounds time to first token under bursts at some inter-token latency")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
