@@ -6,10 +6,10 @@ the thread on that core runs in time slices and everyone else waits for it at ea
 threads then deliver less than one (measured in benchmarks/cpu_contention.py). No load figure
 says which side of that line a step is on, so the tuner measures: a probe runs a few steps
 alternating between N threads and one (consecutive steps have nearly the same batch, so both
-settings see the same work), and the faster per token is kept until the next probe (by a margin:
-noise does not flip it). Probes come
-soon after start, then at an interval that doubles while the answer holds (a probe costs a few
-one-thread steps: ~0.2% of a quiet box's throughput at the longest interval).
+settings see the same work), and the faster per token is kept until the next probe (by a
+margin, so noise does not flip it). Probes come soon after start, then at an interval that
+doubles while the answer holds (a probe costs a few one-thread steps: ~0.2% of a quiet box's
+throughput at the longest interval).
 
 The kernels' results do not depend on the thread count that runs them (parallel.h), so a switch
 changes speed only.

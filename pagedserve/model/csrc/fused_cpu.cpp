@@ -43,7 +43,7 @@ void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor w, double eps) {
   const float* wp = w.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t xs = x.stride(0), os = out.stride(0);
-  pagedserve::parallel_chunks(0, x.size(0), kGrain, [&](int64_t b, int64_t e) {
+  pagedserve::parallel_for(0, x.size(0), kGrain, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) norm_row(xp + t * xs, wp, op + t * os, n, static_cast<float>(eps));
   });
 }
@@ -59,7 +59,7 @@ void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, doub
   float* rp = residual.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   const int64_t xs = x.stride(0), rs = residual.stride(0);
-  pagedserve::parallel_chunks(0, x.size(0), kGrain, [&](int64_t b, int64_t e) {
+  pagedserve::parallel_for(0, x.size(0), kGrain, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       float* xr = xp + t * xs;
       float* rr = rp + t * rs;
@@ -88,7 +88,7 @@ void rotary_embedding(torch::Tensor q, torch::Tensor k, torch::Tensor positions,
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1), ks0 = k.stride(0), ks1 = k.stride(1);
-  pagedserve::parallel_chunks(0, T, kGrain, [&](int64_t b, int64_t e) {
+  pagedserve::parallel_for(0, T, kGrain, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t p = pp[t];
       TORCH_CHECK(p >= 0 && p < max_pos, "rotary: position out of range");
@@ -116,7 +116,7 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up) {
   const float* gp = gate_up.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t gs = gate_up.stride(0);
-  pagedserve::parallel_chunks(0, T, kGrain, [&](int64_t b, int64_t e) {
+  pagedserve::parallel_for(0, T, kGrain, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const float* g = gp + t * gs;
       const float* u = g + I;
@@ -173,7 +173,7 @@ torch::Tensor argmax_rows(torch::Tensor x) {
   const float* xp = x.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
   const int64_t xs = x.stride(0);
-  pagedserve::parallel_chunks(0, B, 1, [&](int64_t b, int64_t e) {
+  pagedserve::parallel_for(0, B, 1, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) op[r] = argmax_row(xp + r * xs, V);
   });
   return out;

@@ -169,11 +169,11 @@ void packed_linear_bf16(const torch::Tensor& x, const torch::Tensor& wp, const f
   uint16_t* xbp = reinterpret_cast<uint16_t*>(xb.data_ptr<at::BFloat16>());
   const float* xp = x.data_ptr<float>();
   const int64_t ldx = x.stride(0);
-  pagedserve::parallel_chunks(0, M, 16, [&](int64_t r0, int64_t r1) { bf16gemm::round_rows(xp, ldx, K, xbp, K2, r0, r1); });
+  pagedserve::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) { bf16gemm::round_rows(xp, ldx, K, xbp, K2, r0, r1); });
   const uint32_t* A = reinterpret_cast<const uint32_t*>(xbp);
   const uint16_t* wpp = reinterpret_cast<const uint16_t*>(wp.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
-  pagedserve::parallel_chunks(0, (P + 1) / 2, 1, [&](int64_t q0, int64_t q1) {
+  pagedserve::parallel_for(0, (P + 1) / 2, 1, [&](int64_t q0, int64_t q1) {
     bf16gemm::panels(A, K2, wpp, b, yp, N, M, K2, 2 * q0, std::min(P, 2 * q1));
   });
 #else

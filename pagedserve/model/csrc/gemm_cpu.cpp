@@ -153,11 +153,11 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor wp, c10::optional<tor
   const int64_t lda = x.stride(0);
   // Grain: enough panels per task that each thread gets a long sequential run of weights.
 #if defined(__AVX512F__)
-  pagedserve::parallel_chunks(0, (P + 1) / 2, 1, [&](int64_t q0, int64_t q1) {
+  pagedserve::parallel_for(0, (P + 1) / 2, 1, [&](int64_t q0, int64_t q1) {
     gemm_panels512(xp, lda, wpp, b, yp, N, M, K, 2 * q0, std::min(P, 2 * q1), P);
   });
 #else
-  pagedserve::parallel_chunks(0, P, 4, [&](int64_t j0, int64_t j1) { gemm_panels(xp, lda, wpp, b, yp, N, M, K, j0, j1); });
+  pagedserve::parallel_for(0, P, 4, [&](int64_t j0, int64_t j1) { gemm_panels(xp, lda, wpp, b, yp, N, M, K, j0, j1); });
 #endif
   return y;
 #else

@@ -298,7 +298,7 @@ static void decode_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k_cach
   });
   if (splits == 1) return;
   // Merge the splits of each (item, query head): rescale every partial to the common max.
-  pagedserve::parallel_chunks(0, n * items_per_seq, 1, [&](int64_t begin, int64_t end) {
+  pagedserve::parallel_for(0, n * items_per_seq, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / items_per_seq, h0 = (item % items_per_seq) * hp;
       for (int64_t g = 0; g < HG; ++g) {
@@ -370,7 +370,7 @@ static void write_kv_impl(torch::Tensor k, torch::Tensor v, torch::Tensor k_cach
   C* kc = k_cache.data_ptr<C>();
   C* vc = v_cache.data_ptr<C>();
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1);
-  pagedserve::parallel_chunks(0, T, 16, [&](int64_t b, int64_t e) {
+  pagedserve::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t)
       for (int64_t h = 0; h < KVH; ++h) {
         const int64_t dst = ((bp[t] * KVH + h) * BS + op[t]) * D;

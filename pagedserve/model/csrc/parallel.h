@@ -60,7 +60,7 @@ struct alignas(64) Share {
 // at::parallel_for's contract, f(b, e) over [begin, end) with at least `grain` items per call,
 // the units shared out as above.
 template <class F>
-void parallel_chunks(int64_t begin, int64_t end, int64_t grain, const F& f) {
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   const int64_t n = end - begin;
   if (n <= 0) return;
   if (!dynamic_split_flag().load(std::memory_order_relaxed)) {

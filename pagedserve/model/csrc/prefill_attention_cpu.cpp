@@ -107,7 +107,7 @@ static void prefill_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k, to
   //    (a long-context model would want them per kv head, or in windows of keys).
   const int64_t NP = (L + KP - 1) / KP;
   std::unique_ptr<float[]> kt(new float[KVH * NP * KP * D]), vb(new float[KVH * NP * KP * D]);
-  pagedserve::parallel_chunks(0, KVH * NP, 4, [&](int64_t b, int64_t e) {
+  pagedserve::parallel_for(0, KVH * NP, 4, [&](int64_t b, int64_t e) {
     for (int64_t w = b; w < e; ++w) {
       const int64_t h = w / NP, p = w % NP;
       float* kpan = kt.get() + w * KP * D;
@@ -136,7 +136,7 @@ static void prefill_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k, to
   //    zig-zag (first, last, second, ...): each thread's contiguous range gets an even share.
   const int64_t R = n * G, ntiles = (R + QR - 1) / QR;
   const float sc = static_cast<float>(scale);
-  pagedserve::parallel_chunks(0, KVH * ntiles, 1, [&](int64_t b, int64_t e) {
+  pagedserve::parallel_for(0, KVH * ntiles, 1, [&](int64_t b, int64_t e) {
     std::unique_ptr<float[]> Q(new float[QR * D]), O(new float[QR * D]), S(new float[QR * KS]);
     for (int64_t w = b; w < e; ++w) {
       const int64_t h = w / ntiles, i = w % ntiles;
