@@ -1,7 +1,7 @@
 """Block pool and prefix-cache bookkeeping, without a model."""
 
 from pagedserve.engine.kv_cache import KVCacheManager
-from pagedserve.engine.request import Request
+from pagedserve.engine.request import Request, RequestStatus
 from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.engine.scheduler import Scheduler
 
@@ -180,3 +180,34 @@ def test_ttft_target_flag_and_config_refuse_bad_values(capsys):
         assert "not a TTFT target" in capsys.readouterr().err
     with pytest.raises(ValueError, match="ttft_target_ms must be >= 0"):
         EngineConfig(ttft_target_ms=-1)
+
+
+def test_ttft_target_never_stalls_a_full_cache():
+    """An overdue prompt that cannot get blocks must not stop the decodes that need one: the step
+    becomes an ordinary one and preempts, so the engine always makes progress."""
+    clock = _Clock()
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    s = Scheduler(kv, max_num_seqs=16, max_num_batched_tokens=64, ttft_target_s=0.5, clock=clock)
+    running = [Request(f"d{i}", list(range(8)), SamplingParams(), max_tokens=8, arrival_time=0.0, seq_no=i)
+               for i in range(4)]  # each fits the cache alone (16 tokens), not all four at once
+    for r in running:
+        s.add(r)
+    _step(s, clock)  # 4 prompts of 8 tokens: all 8 blocks, and each decode now needs a third
+    assert kv.num_free_blocks == 0 and all(r.num_output_tokens == 1 for r in running)
+    s.add(Request("late", [1, 2, 3], SamplingParams(), max_tokens=5, arrival_time=0.0, seq_no=9))
+    clock.t = 1.0
+    out = s.schedule()
+    assert out.requests and out.preempted  # progress: decodes ran, the tail was preempted for blocks
+    for _ in range(200):  # and everything finishes
+        if not s.has_work():
+            break
+        out = s.schedule()
+        assert out.requests
+        s.update_after_step(out)
+        for r in out.requests:
+            if r.num_computed_tokens == r.num_tokens:
+                r.append_token(7)
+                if r.num_output_tokens >= r.max_tokens:
+                    s.finish(r, RequestStatus.FINISHED_LENGTH)
+        clock.t += 0.125
+    assert not s.has_work()

@@ -11,7 +11,8 @@ Running requests go first, so a new prompt waits behind the decodes of a full ba
 target (`--ttft-target-ms`), a prompt that has waited that long goes ahead instead: for that step
 the running requests still in their prompt (and those of better priority) run, then the waiting
 prompts are admitted, and the other decodes take what budget is left, without preempting anyone
-(a decode that finds no free block just waits a step). Decodes pause for a step or two; the
+(a decode that finds no free block just waits a step) — unless the prompts could not be given
+anything (no free blocks), when the step is an ordinary one. Decodes pause for a step or two; the
 prompts of a burst reach their first token at prefill speed instead of behind every decode.
 """
 
@@ -68,8 +69,10 @@ class Scheduler:
             first = [r for r in self.running if r.num_output_tokens == 0 or r.priority < late.priority]
             budget = self._run(first, out, budget, preempt=True)
             budget = self._admit(out, budget)
+            # Decodes take what is left. They preempt no one, unless the prompts got nothing (no
+            # blocks for them either): then this is an ordinary step, or nothing would ever run.
             self._run([r for r in self.running if r.request_id not in out.num_scheduled_tokens], out, budget,
-                      preempt=False)
+                      preempt=not out.requests)
         else:
             budget = self._run(list(self.running), out, budget, preempt=True)
             self._admit(out, budget)
