@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 
@@ -21,11 +22,26 @@ def machine() -> str:
     return f"{name}, {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} CPUs"
 
 
-def finish(res: dict, out: Path, report: Callable[[dict], None], plot: Callable[[dict, Path], None],
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (these machines have no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def finish(res: dict, out: Path, report: Callable[[dict], None], plot: Callable[[dict], Any],
            save: bool = True) -> None:
-    """Save `res` as JSON at `out` (unless re-reading it), print the table, draw the PNG beside it."""
+    """Save `res` as JSON at `out` (unless re-reading it), print the table, and save the figure
+    `plot` draws as the PNG beside it."""
     if save:
         out.parent.mkdir(exist_ok=True)
         out.write_text(json.dumps(res, indent=1))
     report(res)
-    plot(res, out.with_suffix(".png"))
+    fig = plot(res)
+    fig.tight_layout()
+    path = out.with_suffix(".png")
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")

@@ -20,7 +20,7 @@ import os
 import time
 from pathlib import Path
 
-from bench_common import finish, machine
+from bench_common import finish, machine, pyplot
 
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "cpu_bf16.json"
@@ -118,11 +118,8 @@ def report(res: dict) -> None:
         print("  bf16 / float32 per round: " + "  ".join(f"{x:.2f}" for x in ratios) + f"  (median {ratios[len(ratios) // 2]:.2f})")
 
 
-def plot(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(res: dict):
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     g = res["gemm"]
@@ -147,9 +144,7 @@ def plot(res: dict, path: Path) -> None:
     sub = (f"perplexity {a['perplexity_change_pct']:+.2f}%, top-1 agreement {a['top1_agreement_pct']:.1f}%"
            if "top1_agreement_pct" in a else "no AVX512_BF16: float32 only")
     fig.suptitle(f"bf16 vs float32 on CPU — {res['machine']} — {sub}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"plot: {path}")
+    return fig
 
 
 def main() -> None:

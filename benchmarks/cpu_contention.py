@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import finish, machine
+from bench_common import finish, machine, pyplot
 
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "cpu_contention.json"
@@ -75,11 +75,8 @@ def report(res: dict) -> None:
         print(f"  {name:38} {q:>16} {b:>22}")
 
 
-def plot(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(res: dict):
+    plt = pyplot()
 
     names = list(res["configs"])
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -91,9 +88,7 @@ def plot(res: dict, path: Path) -> None:
     ax.set_ylabel("out tok/s (mean of runs)")
     ax.set_title(f"thread settings, quiet and contended — {res['machine']}")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"plot: {path}")
+    return fig
 
 
 def main() -> None:

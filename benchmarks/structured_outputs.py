@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import finish, machine
+from bench_common import finish, machine, pyplot
 
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "structured_outputs.json"
@@ -264,11 +264,8 @@ def report(res: dict) -> None:
             print(f"  {pa * 1e3:7.0f} / {pb * 1e3:7.0f}   ({(pb / pa - 1) * 100:+.1f}%)")
 
 
-def plot(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(res: dict):
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     if "correctness" in res:
@@ -298,9 +295,7 @@ def plot(res: dict, path: Path) -> None:
         axes[2].set_xlabel("round")
         axes[2].legend(loc="lower right")
     fig.suptitle(f"pagedserve structured outputs ({res.get('backend')}) — {res.get('machine')}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"plot: {path}")
+    return fig
 
 
 def main() -> None:

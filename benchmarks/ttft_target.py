@@ -17,10 +17,9 @@ import asyncio
 import json
 import os
 import time
-from pathlib import Path
 
 import peers
-from bench_common import finish, machine
+from bench_common import finish, machine, pyplot
 
 OUT = peers.RESULTS / "ttft_target.json"
 KEYS = ("output_tok_s", "ttft_p50", "ttft_p99", "itl_p50", "itl_p99")
@@ -54,11 +53,8 @@ def report(res: dict) -> None:
                       f"throughput {r['output_tok_s'] / v['output_tok_s']:.2f}x (target >= 1.5x)")
 
 
-def plot(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(res: dict):
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, r in res["runs"].items():
@@ -67,9 +63,7 @@ def plot(res: dict, path: Path) -> None:
     ax.set_xlabel("output tok/s (higher is better)")
     ax.set_ylabel("TTFT p99, s (lower is better)")
     ax.set_title(f"TTFT target vs throughput at 64 streams — {res['machine']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"plot: {path}")
+    return fig
 
 
 def main() -> None:

@@ -151,7 +151,8 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor wp, c10::optional<tor
   const float* wpp = wp.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t lda = x.stride(0);
-  // Grain: enough panels per task that each thread gets a long sequential run of weights.
+  // One panel pair (AVX2: 4 panels) per unit: each thread walks its share in order, a long sequential
+  // run of weights, and units move to another thread only when this one falls behind (parallel.h).
 #if defined(__AVX512F__)
   pagedserve::parallel_for(0, (P + 1) / 2, 1, [&](int64_t q0, int64_t q1) {
     gemm_panels512(xp, lda, wpp, b, yp, N, M, K, 2 * q0, std::min(P, 2 * q1), P);
