@@ -52,23 +52,16 @@ is read: the same values as the PyTorch path, which widens the gathered copy."""
     assert (out - ref).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size",
-                         [(9, 3, 64, 16), (4, 4, 32, 8), (8, 2, 128, 4), (6, 1, 16, 1), (4, 2, 40, 5), (14, 2, 64, 16)])
-@pytest.mark.parametrize("chunks", [[(0, 7)], [(0, 130), (61, 3)], [(200, 77), (0, 1), (15, 64)]])
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e5m2])
-def test_cpp_attention_step_matches_torch(heads, kv_heads, head_dim, block_size, chunks, kv_dtype):
-    """A whole step through each backend: decodes, then prompt chunks (cached prefix, chunk
-    length) that start fresh or follow a prefix, chunks shorter than a 6-row tile and spanning
-    several 64-key steps, one head per group (a tile spans 6 tokens), a head size that is not a
-    multiple of 16 (the portable tail), q/k/v as strided views of the fused QKV output. The C++
-    prefill kernel reads the prefix from the paged cache and the chunk's own K/V as computed."""
+def _step(heads, kv_heads, head_dim, block_size, chunks, kv_dtype):
+    """A step's inputs: decodes of 3 and 40 tokens, then prompt chunks (cached prefix, chunk
+    length), each sequence its own scattered blocks, q/k/v strided views of a fused QKV output."""
     g = torch.Generator().manual_seed(len(chunks) * 100 + head_dim)
     dec_lens = [3, 40]
     need = [-(-n // block_size) for n in dec_lens] + [-(-(c + n) // block_size) for c, n in chunks]
     num_blocks = sum(need) + 3
     perm = torch.randperm(num_blocks, generator=g)
     tables, at = [], 0
-    for nb in need:  # each sequence its own scattered blocks
+    for nb in need:
         tables.append(perm[at : at + nb].contiguous())
         at += nb
     kv = torch.randn(2, num_blocks, kv_heads, block_size, head_dim, generator=g).to(kv_dtype)
@@ -93,12 +86,55 @@ def test_cpp_attention_step_matches_torch(heads, kv_heads, head_dim, block_size,
                              num_decodes=len(dec_lens), decode_block_tables=dec_tables,
                              decode_context_lens=torch.tensor(dec_lens), decode_max_context=max(dec_lens),
                              prefills=prefills, block_size=block_size)
-    scale = head_dim**-0.5
+    return q, k, v, kv, meta, head_dim**-0.5
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size",
+                         [(9, 3, 64, 16), (4, 4, 32, 8), (8, 2, 128, 4), (6, 1, 16, 1), (4, 2, 40, 5), (14, 2, 64, 16)])
+@pytest.mark.parametrize("chunks", [[(0, 7)], [(0, 130), (61, 3)], [(200, 77), (0, 1), (15, 64)]])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e5m2])
+def test_cpp_attention_step_matches_torch(heads, kv_heads, head_dim, block_size, chunks, kv_dtype):
+    """A whole step through each backend: decodes, then prompt chunks that start fresh or follow a
+    prefix, chunks shorter than a 6-row tile and spanning several 64-key steps, one head per group
+    (a tile spans 6 tokens), a head size that is not a multiple of 16 (the portable tail), q/k/v
+    as strided views of the fused QKV output. The C++ prefill kernel reads the prefix from the
+    paged cache and the chunk's own K/V as computed."""
+    q, k, v, kv, meta, scale = _step(heads, kv_heads, head_dim, block_size, chunks, kv_dtype)
     ref_kv, got_kv = kv.clone(), kv.clone()
     ref = TorchPagedAttention().forward(q, k, v, ref_kv, meta, scale)
     got = CppCpuPagedAttention().forward(q, k, v, got_kv, meta, scale)
     assert torch.equal(got_kv, ref_kv)
     assert got.shape == ref.shape and (got - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size",
+                         [(9, 3, 64, 16), (8, 2, 128, 4), (4, 2, 96, 5), (4, 4, 32, 8), (14, 2, 64, 16), (5, 5, 64, 3)])
+@pytest.mark.parametrize("chunks", [[(0, 7)], [(0, 130), (61, 3)], [(200, 77), (0, 1), (15, 64)]])
+def test_bf16_attention_matches_a_rounded_reference(heads, kv_heads, head_dim, block_size, chunks):
+    """bf16 math (`--dtype bfloat16` on a CPU with AVX512_BF16: csrc/attention_bf16.h) on a bf16
+    cache: a whole step against float64 attention of the bf16-rounded q, k and v, within what
+    rounding the probabilities to bf16 costs; decode (head sizes that are multiples of 64; 96 keeps
+    float32 math there) and prefill (multiples of 32), odd block sizes and chunk lengths (a zero
+    row pairs with the last key). Where the build or the CPU has no AVX512_BF16, bf16_math changes
+    nothing: the results are bitwise the float32 math's."""
+    q, k, v, kv, meta, scale = _step(heads, kv_heads, head_dim, block_size, chunks, torch.bfloat16)
+    # Slots past each sequence's context hold NaN: stale bytes there must never reach a result.
+    got_kv = kv.clone()
+    ends = [(t, int(n)) for t, n in zip(meta.decode_block_tables, meta.decode_context_lens)]
+    for t, n in ends + [(p.block_table, p.context_len) for p in meta.prefills]:
+        got_kv[:, int(t[(n - 1) // block_size]), :, (n - 1) % block_size + 1 :] = float("nan")
+    fast = CppCpuPagedAttention()
+    fast.bf16_math = True
+    got = fast.forward(q, k, v, got_kv, meta, scale)
+    plain = CppCpuPagedAttention().forward(q, k, v, kv.clone(), meta, scale)
+    if not fast.ops.packed_linear_bf16_supported():  # the AVX2 build, or a CPU without the instruction
+        assert torch.equal(got, plain)
+        return
+    r = lambda x: x.bfloat16().double()  # noqa: E731
+    ref = TorchPagedAttention().forward(r(q), r(k), r(v), kv.clone(), meta, scale)
+    err = (got.double() - ref).abs()
+    assert torch.isfinite(got).all() and err.max().item() < 2e-2 and err.mean().item() < 2e-3, (err.max(), err.mean())
+    assert not torch.equal(got, plain)  # the bf16 path did run
 
 
 def test_cpp_prefill_refuses_bad_chunks():

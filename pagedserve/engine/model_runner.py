@@ -64,8 +64,9 @@ class ModelRunner:
         self.dtype = cfg.resolve_dtype(self.device)
         self.kv_dtype = cfg.resolve_kv_cache_dtype(self.dtype)
         # bfloat16 on a CPU with AVX512_BF16: the GEMMs run in bf16 (weights packed once, float32
-        # accumulation); activations, norms and attention math stay float32 and the KV cache
-        # holds bf16. Without the instruction (or the kernels), bf16 runs through PyTorch.
+        # accumulation), and so do decode attention's q.k and p.v on the bf16 KV cache; activations,
+        # norms and the softmax stay float32. Without the instruction (or the kernels), bf16 runs
+        # through PyTorch.
         self.bf16_gemm = self.device.type == "cpu" and self.dtype == torch.bfloat16 and cpu_kernels.bf16_gemm() is not None
         if self.device.type == "cpu" and self.dtype == torch.bfloat16 and not self.bf16_gemm:
             log.warning("--dtype bfloat16 on a CPU without AVX512_BF16 (or without the x86-64-v4 kernels) runs "
@@ -74,6 +75,8 @@ class ModelRunner:
         self.block_size = cfg.block_size
         self.max_model_len = max_model_len
         backend = get_attention_backend(self.device, compute, cfg.attention_backend, self.kv_dtype)
+        if self.bf16_gemm and self.kv_dtype == torch.bfloat16 and backend.name == "cpp":
+            backend.bf16_math = True
         with build_for_checkpoint(self.device, compute):
             model = LlamaForCausalLM(arch, backend, max_model_len)
         model.load_weights(weights)

@@ -145,6 +145,9 @@ class CppCpuPagedAttention(TorchPagedAttention):
         from pagedserve.model import cpu_kernels
 
         self.ops = cpu_kernels.load(required=True)
+        # q.k and p.v in bf16 on a bf16 cache (csrc/attention_bf16.h): set by the runner for bf16
+        # models on CPUs with AVX512_BF16; the kernel keeps float32 math anywhere else.
+        self.bf16_math = False
 
     def forward(self, q, k, v, kv_cache, meta, scale):
         k_cache, v_cache = kv_cache[0], kv_cache[1]
@@ -155,7 +158,7 @@ class CppCpuPagedAttention(TorchPagedAttention):
             self._decode(q[:nd], k_cache, v_cache, meta, scale, out[:nd])
         for p in meta.prefills:
             self.ops.paged_attention_prefill(out, q, k, v, k_cache, v_cache, p.block_table, p.start, p.num_tokens,
-                                             p.context_len, scale)
+                                             p.context_len, scale, self.bf16_math)
         return out
 
     def _write_kv(self, k, v, k_cache, v_cache, meta: AttentionMetadata):
@@ -165,7 +168,7 @@ class CppCpuPagedAttention(TorchPagedAttention):
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         self.ops.paged_attention_decode(
-            out, q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale
+            out, q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale, self.bf16_math
         )
         return out
 

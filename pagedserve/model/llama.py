@@ -301,7 +301,7 @@ class LlamaForCausalLM(nn.Module):
             meta.slot_blocks, meta.slot_offsets, meta.num_decodes, meta.decode_block_tables, meta.decode_context_lens,
             [p.block_table for p in pf], [p.start for p in pf], [p.num_tokens for p in pf],
             [p.context_len for p in pf], rows, a.num_heads, a.num_kv_heads, self.norm.eps,
-            self.layers[0].self_attn.scale)
+            self.layers[0].self_attn.scale, self.layers[0].self_attn.backend.bf16_math)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -27,68 +27,30 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
 #include <immintrin.h>
+#include "gemm_tile_bf16.h"
 
 namespace bf16gemm {
 constexpr int64_t NR = 16;    // output columns per panel
 constexpr int64_t MR = 12;    // rows of x per register tile
 constexpr int64_t KCP = 1024;  // k-pairs per slice for long K (1024 x 16 x 4 bytes = 64 KB of panel)
 
-#define BF_ROW(r)                                                                       \
-  if constexpr (R > r) {                                                                \
-    const __m512bh a = (__m512bh)_mm512_set1_epi32(A[r * lda + p]);                     \
-    c##r##0 = _mm512_dpbf16_ps(c##r##0, a, b0);                                         \
-    if constexpr (NP > 1) c##r##1 = _mm512_dpbf16_ps(c##r##1, a, b1);                   \
-  }
-#define BF_OUT(r)                                                                       \
-  if constexpr (R > r) {                                                                \
-    if (add) c##r##0 = _mm512_add_ps(c##r##0, _mm512_loadu_ps(add + r * add_ld));      \
-    _mm512_storeu_ps(C + r * ldc, c##r##0);                                             \
-    if constexpr (NP > 1) {                                                             \
-      if (add) c##r##1 = _mm512_add_ps(c##r##1, _mm512_loadu_ps(add + r * add_ld + 16)); \
-      _mm512_storeu_ps(C + r * ldc + 16, c##r##1);                                      \
-    }                                                                                   \
-  }
-
-// C[0:R, 0:16*NP] (+)= pairs A[0:R, 0:kp] . the same kp pair-rows of NP panels. A holds x as
-// uint32 pairs of bf16 (lda pairs per row); a panel's pair-row is 16 uint32 = 32 bf16.
-template <int R, int NP>
-static inline void tile(const uint32_t* __restrict A, int64_t lda, const uint16_t* __restrict Bp, int64_t pstride,
-                        float* __restrict C, int64_t ldc, int64_t kp, bool first, const float* bias) {
-  const __m512 z = _mm512_setzero_ps();
-  __m512 c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z, c40 = z, c41 = z, c50 = z, c51 = z;
-  __m512 c60 = z, c61 = z, c70 = z, c71 = z, c80 = z, c81 = z, c90 = z, c91 = z;
-  __m512 c100 = z, c101 = z, c110 = z, c111 = z;
-  const uint16_t* __restrict B1 = Bp + pstride;
-  for (int64_t p = 0; p < kp; ++p) {
-    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(Bp + p * 2 * NR);
-    const __m512bh b1 = NP > 1 ? (__m512bh)_mm512_loadu_si512(B1 + p * 2 * NR) : (__m512bh)_mm512_setzero_si512();
-    BF_ROW(0) BF_ROW(1) BF_ROW(2) BF_ROW(3) BF_ROW(4) BF_ROW(5)
-    BF_ROW(6) BF_ROW(7) BF_ROW(8) BF_ROW(9) BF_ROW(10) BF_ROW(11)
-  }
-  const float* add = first ? bias : C;
-  const int64_t add_ld = first ? 0 : ldc;
-  BF_OUT(0) BF_OUT(1) BF_OUT(2) BF_OUT(3) BF_OUT(4) BF_OUT(5)
-  BF_OUT(6) BF_OUT(7) BF_OUT(8) BF_OUT(9) BF_OUT(10) BF_OUT(11)
-}
-#undef BF_ROW
-#undef BF_OUT
 
 template <int NP>
 static inline void tile_rows(int64_t rows, const uint32_t* A, int64_t lda, const uint16_t* Bp, int64_t pstride, float* C,
                              int64_t ldc, int64_t kp, bool first, const float* bias) {
   switch (rows) {
-    case 12: tile<12, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
-    case 11: tile<11, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
-    case 10: tile<10, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
-    case 9: tile<9, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
-    case 8: tile<8, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
-    case 7: tile<7, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
-    case 6: tile<6, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
-    case 5: tile<5, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
-    case 4: tile<4, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
-    case 3: tile<3, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
-    case 2: tile<2, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
-    default: tile<1, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
+    case 12: bf16tile::tile<12, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
+    case 11: bf16tile::tile<11, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
+    case 10: bf16tile::tile<10, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
+    case 9: bf16tile::tile<9, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
+    case 8: bf16tile::tile<8, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
+    case 7: bf16tile::tile<7, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
+    case 6: bf16tile::tile<6, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
+    case 5: bf16tile::tile<5, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
+    case 4: bf16tile::tile<4, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
+    case 3: bf16tile::tile<3, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
+    case 2: bf16tile::tile<2, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
+    default: bf16tile::tile<1, NP>(A, lda, Bp, pstride, C, ldc, kp, first, bias); break;
   }
 }
 

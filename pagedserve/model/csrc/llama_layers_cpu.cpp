@@ -11,10 +11,10 @@
 
 // The kernels (paged_attention_cpu.cpp, prefill_attention_cpu.cpp, gemm_cpu.cpp, fused_cpu.cpp).
 void paged_attention_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                            torch::Tensor block_tables, torch::Tensor context_lens, double scale);
+                            torch::Tensor block_tables, torch::Tensor context_lens, double scale, bool bf16_math);
 void paged_attention_prefill(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Tensor v,
                              torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_table, int64_t start,
-                             int64_t num_tokens, int64_t context_len, double scale);
+                             int64_t num_tokens, int64_t context_len, double scale, bool bf16_math);
 void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor blocks,
               torch::Tensor offsets);
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor wp, c10::optional<torch::Tensor> bias);
@@ -33,7 +33,8 @@ constexpr int64_t kPerLayer = 7;  // input norm, qkv, qkv bias (empty: none), o,
 // weights: kPerLayer tensors per layer (Linear weights packed), then the final norm's.
 // Attention metadata as in attention.py's AttentionMetadata, the prefill chunks as parallel lists.
 // rows: the tokens whose hidden states are wanted (the last layer's output projection and MLP run
-// for those only). Returns the final-normed hidden states [T or rows, hidden].
+// for those only). bf16_attention: q.k and p.v in bf16 math on a bf16 cache (attention_bf16.h).
+// Returns the final-normed hidden states [T or rows, hidden].
 torch::Tensor llama_layers(torch::Tensor x, torch::Tensor positions, torch::Tensor kv_caches,
                            const std::vector<torch::Tensor>& weights, torch::Tensor cos, torch::Tensor sin,
                            torch::Tensor slot_blocks, torch::Tensor slot_offsets, int64_t num_decodes,
@@ -42,7 +43,7 @@ torch::Tensor llama_layers(torch::Tensor x, torch::Tensor positions, torch::Tens
                            const std::vector<torch::Tensor>& prefill_tables, const std::vector<int64_t>& prefill_starts,
                            const std::vector<int64_t>& prefill_tokens, const std::vector<int64_t>& prefill_contexts,
                            c10::optional<torch::Tensor> rows, int64_t num_heads, int64_t num_kv_heads, double eps,
-                           double scale) {
+                           double scale, bool bf16_attention) {
   const int64_t L = kv_caches.size(0), T = x.size(0), D = kv_caches.size(5);
   const int64_t q_size = num_heads * D, kv_size = num_kv_heads * D;
   const size_t P = prefill_tables.size();
@@ -86,12 +87,12 @@ torch::Tensor llama_layers(torch::Tensor x, torch::Tensor positions, torch::Tens
     if (num_decodes) {
       PS_LABEL("paged_attention_decode");
       paged_attention_decode(attn.narrow(0, 0, num_decodes), q.narrow(0, 0, num_decodes), k_cache, v_cache,
-                             *decode_block_tables, *decode_context_lens, scale);
+                             *decode_block_tables, *decode_context_lens, scale, bf16_attention);
     }
     for (size_t p = 0; p < P; ++p) {
       PS_LABEL("paged_attention_prefill");
       paged_attention_prefill(attn, q, k, v, k_cache, v_cache, prefill_tables[p], prefill_starts[p],
-                              prefill_tokens[p], prefill_contexts[p], scale);
+                              prefill_tokens[p], prefill_contexts[p], scale, bf16_attention);
     }
     auto o = attn.view({T, q_size});
     if (i == L - 1 && rows.has_value()) {

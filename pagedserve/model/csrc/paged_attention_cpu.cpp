@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "kv_types.h"
+#include "attention_bf16.h"
 
 // Blocks come in table order, i.e. scattered in memory: ask for the next block's lines while
 // this one is being used, since the hardware prefetcher cannot guess the jump.
@@ -204,9 +205,39 @@ static inline void attend_block(const float* q, const T* kb, const T* vb, int64_
   }
 }
 
+#ifdef PS_ATTN_BF16
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+// attend_block in bf16 math (attention_bf16.h): q holds the G heads' bf16 values, acc is in
+// attn_bf16::acc_index order; D a multiple of 64.
+static inline void attend_block_bf16(const uint16_t* q, const uint16_t* kb, const uint16_t* vb, int64_t n, int64_t G,
+                                     int64_t D, int64_t BS, float scale, float* scores, float* mx, float* sum,
+                                     float* acc, uint16_t* pp, const uint16_t* next_k, const uint16_t* next_v) {
+  for (int64_t g0 = 0; g0 < G; g0 += 3) {
+    const int64_t nh = std::min<int64_t>(3, G - g0);
+    const uint16_t* pk = g0 == 0 ? next_k : nullptr;  // prefetch once, during the first chunk of heads
+    const uint16_t* pv = g0 == 0 ? next_v : nullptr;
+    const uint16_t* qg = q + g0 * D;
+    float* sg = scores + g0 * BS;
+    if (nh == 3) attn_bf16::scores<3>(qg, kb, n, D, BS, scale, sg, pk);
+    else if (nh == 2) attn_bf16::scores<2>(qg, kb, n, D, BS, scale, sg, pk);
+    else attn_bf16::scores<1>(qg, kb, n, D, BS, scale, sg, pk);
+    for (int64_t g = g0; g < g0 + nh; ++g) {
+      if (n % 8 == 0) softmax_step8(scores + g * BS, n, D, mx[g], sum[g], acc + g * D);
+      else softmax_step(scores + g * BS, n, D, mx[g], sum[g], acc + g * D);
+    }
+    float* ag = acc + g0 * D;
+    if (nh == 3) attn_bf16::values<3>(sg, vb, n, D, BS, ag, pp, pv);
+    else if (nh == 2) attn_bf16::values<2>(sg, vb, n, D, BS, ag, pp, pv);
+    else attn_bf16::values<1>(sg, vb, n, D, BS, ag, pp, pv);
+  }
+}
+#pragma GCC pop_options
+#endif
+
 template <typename T>
 static void decode_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                        torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
+                        torch::Tensor block_tables, torch::Tensor context_lens, double scale, bool bf16_math) {
   // q may be a view into the fused QKV output: rows strided, heads packed.
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "paged_attention_decode: q must be [n, H, D] with packed heads");
   TORCH_CHECK(out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
@@ -227,6 +258,11 @@ static void decode_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k_cach
   const int64_t* cl = context_lens.data_ptr<int64_t>();
   const float sc = static_cast<float>(scale);
   const int64_t q_row = q.stride(0);
+  // bf16 math (attention_bf16.h) on a bf16 cache when asked for and the CPU has AVX512_BF16.
+  bool use_bf16 = false;
+#ifdef PS_ATTN_BF16
+  use_bf16 = std::is_same_v<T, at::BFloat16> && bf16_math && D % 64 == 0 && bf16_attention_supported();
+#endif
 
   // One work item = a sequence, a range of its kv heads, and a range of its blocks. With enough
   // sequences to keep every thread busy, an item takes all heads and all blocks: a block's keys
@@ -259,6 +295,9 @@ static void decode_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k_cach
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), total), 1, [&](int64_t, int64_t) {
     std::vector<float> scores(HG * BS), acc(HG * D), mx(HG), sum(HG);
+    std::vector<uint16_t> qb(use_bf16 ? HG * D : 0), pp(use_bf16 ? 3 * attn_bf16::pp_row(BS) : 0);
+    // acc's index of value d (bf16 math keeps it permuted; attention_bf16.h)
+    auto acc_at = [&](int64_t g, int64_t d) { return g * D + (use_bf16 ? attn_bf16::acc_index(d) : d); };
     for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < total;) {
       const int64_t w = order[i];
       const int64_t item = w / splits, sp = w % splits;
@@ -268,6 +307,9 @@ static void decode_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k_cach
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(mx.begin(), mx.end(), std::numeric_limits<float>::lowest());  // finite: built with -ffast-math
       std::fill(sum.begin(), sum.end(), 0.f);
+#ifdef PS_ATTN_BF16
+      if (use_bf16) attn_bf16::round_bf16(qs, HG * D, qb.data());
+#endif
       const int64_t nblocks = (L + BS - 1) / BS, per = (nblocks + splits - 1) / splits;
       const int64_t b0 = std::min(nblocks, sp * per), b1 = std::min(nblocks, b0 + per);
       for (int64_t b = b0; b < b1; ++b) {
@@ -275,6 +317,16 @@ static void decode_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k_cach
         for (int64_t h = 0; h < hp; ++h) {
           const int64_t off = table[b] * blk_stride + (h0 + h) * head_stride;
           const int64_t next = b + 1 < b1 ? table[b + 1] * blk_stride + (h0 + h) * head_stride : -1;
+#ifdef PS_ATTN_BF16
+          if (use_bf16) {
+            auto bits = [](const T* p) { return reinterpret_cast<const uint16_t*>(p); };
+            attend_block_bf16(qb.data() + h * G * D, bits(kp + off), bits(vp + off), nt, G, D, BS, sc,
+                              scores.data() + h * G * BS, mx.data() + h * G, sum.data() + h * G,
+                              acc.data() + h * G * D, pp.data(), next < 0 ? nullptr : bits(kp + next),
+                              next < 0 ? nullptr : bits(vp + next));
+            continue;
+          }
+#endif
           attend_block(qs + h * G * D, kp + off, vp + off, nt, G, D, BS, sc, scores.data() + h * G * BS,
                        mx.data() + h * G, sum.data() + h * G, acc.data() + h * G * D,
                        next < 0 ? nullptr : kp + next, next < 0 ? nullptr : vp + next);
@@ -283,7 +335,7 @@ static void decode_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k_cach
       if (splits > 1) {  // keep the partial state; an empty range (short sequence) has sum 0
         float* pw = part.data() + w * HG * (D + 2);
         for (int64_t g = 0; g < HG; ++g) {
-          std::copy_n(acc.data() + g * D, D, pw + g * (D + 2));
+          for (int64_t d = 0; d < D; ++d) pw[g * (D + 2) + d] = acc[acc_at(g, d)];
           pw[g * (D + 2) + D] = mx[g];
           pw[g * (D + 2) + D + 1] = sum[g];
         }
@@ -292,7 +344,7 @@ static void decode_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k_cach
       for (int64_t g = 0; g < HG; ++g) {
         float* og = op + (s * H + h0 * G + g) * D;
         const float inv = 1.f / sum[g];
-        for (int64_t d = 0; d < D; ++d) og[d] = acc[g * D + d] * inv;
+        for (int64_t d = 0; d < D; ++d) og[d] = acc[acc_at(g, d)] * inv;
       }
     }
   });
@@ -324,12 +376,13 @@ static void decode_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k_cach
 }
 
 void paged_attention_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                            torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
+                            torch::Tensor block_tables, torch::Tensor context_lens, double scale, bool bf16_math) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && out.scalar_type() == torch::kFloat32 &&
                   v_cache.scalar_type() == k_cache.scalar_type(),
               "paged_attention_decode: float32 q and out; K and V caches of one dtype");
   with_kv_type(k_cache.scalar_type(), "paged_attention_decode", [&](auto* type) {
-    decode_impl<std::remove_pointer_t<decltype(type)>>(out, q, k_cache, v_cache, block_tables, context_lens, scale);
+    decode_impl<std::remove_pointer_t<decltype(type)>>(out, q, k_cache, v_cache, block_tables, context_lens, scale,
+                                                       bf16_math);
   });
 }
 
@@ -394,7 +447,7 @@ void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
 
 void paged_attention_prefill(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Tensor v,
                              torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_table, int64_t start,
-                             int64_t num_tokens, int64_t context_len, double scale);  // prefill_attention_cpu.cpp
+                             int64_t num_tokens, int64_t context_len, double scale, bool bf16_math);  // prefill_attention_cpu.cpp
 torch::Tensor pack_linear_weight(torch::Tensor w);  // gemm_cpu.cpp
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor wp, c10::optional<torch::Tensor> bias);
 bool packed_linear_supported();
@@ -413,16 +466,24 @@ torch::Tensor llama_layers(torch::Tensor x, torch::Tensor positions, torch::Tens
                            const std::vector<torch::Tensor>& prefill_tables, const std::vector<int64_t>& prefill_starts,
                            const std::vector<int64_t>& prefill_tokens, const std::vector<int64_t>& prefill_contexts,
                            c10::optional<torch::Tensor> rows, int64_t num_heads, int64_t num_kv_heads, double eps,
-                           double scale);
+                           double scale, bool bf16_attention);
 
 // Every kernel runs without the GIL (plain C++ on tensors): the server's event loop thread can
 // stream tokens while the engine thread is inside one, instead of waiting for the interpreter's
 // switch interval (5 ms) at the next bytecode between kernels.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using nogil = py::call_guard<py::gil_scoped_release>;
-  m.def("paged_attention_decode", &paged_attention_decode, "paged decode attention (CPU; float32 q, float32/float16/bfloat16/float8_e5m2 KV cache)", nogil());
+  m.def("paged_attention_decode", &paged_attention_decode,
+        "paged decode attention (CPU; float32 q, float32/float16/bfloat16/float8_e5m2 KV cache; bf16_math: "
+        "q.k and p.v in bf16 on a bf16 cache where the CPU has AVX512_BF16)",
+        py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
+        py::arg("context_lens"), py::arg("scale"), py::arg("bf16_math") = false, nogil());
   m.def("paged_attention_prefill", &paged_attention_prefill,
-        "causal attention of one prompt chunk over its cached prefix and itself (CPU; float32 q/k/v)", nogil());
+        "causal attention of one prompt chunk over its cached prefix and itself (CPU; float32 q/k/v; bf16_math: "
+        "q.k and p.v in bf16 where the CPU has AVX512_BF16)",
+        py::arg("out"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("block_table"), py::arg("start"), py::arg("num_tokens"), py::arg("context_len"), py::arg("scale"),
+        py::arg("bf16_math") = false, nogil());
   m.def("write_kv", &write_kv, "store float32 K/V rows in their cache slots (CPU; cache float32/float16/bfloat16/float8_e5m2)", nogil());
   m.def("pack_linear_weight", &pack_linear_weight, "W [N, K] -> column panels [N/16, K, 16] for packed_linear",
         nogil());

@@ -24,9 +24,16 @@
 #include <memory>
 #include <type_traits>
 
+#include "attention_bf16.h"
 #include "gemm_tile.h"
 #include "gemm_tile512.h"
 #include "kv_types.h"
+#ifdef PS_ATTN_BF16
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+#include "gemm_tile_bf16.h"
+#pragma GCC pop_options
+#endif
 
 namespace {
 constexpr int64_t KP = 16;   // keys per panel
@@ -76,10 +83,138 @@ static inline void pv_step(const float* P, const float* V, int64_t nt, int64_t D
       for (int64_t d = d0; d < D; ++d) O[r * D + d] += P[r * KS + t] * V[t * D + d];
 }
 
+// One call's inputs, as raw pointers and sizes.
+template <typename T>
+struct Prefill {
+  const float *q, *k, *v;
+  const T *kc, *vc;
+  float* out;
+  const int64_t* table;
+  int64_t qs0, ks0, ks1, vs0, vs1, H, D, KVH, G, BS, start, n, L, prefix;
+  float scale;
+
+  // Kv head h's key and value at context position t < L, as float32: from the cache for the
+  // prefix, else the chunk's own (as the PyTorch path reads them).
+  void kv_rows(int64_t h, int64_t t, float* krow, float* vrow) const {
+    if (t < prefix) {
+      const int64_t off = ((table[t / BS] * KVH + h) * BS + t % BS) * D;
+      for (int64_t d = 0; d < D; ++d) krow[d] = to_float(kc[off + d]);
+      for (int64_t d = 0; d < D; ++d) vrow[d] = to_float(vc[off + d]);
+    } else {
+      std::copy_n(k + (start + t - prefix) * ks0 + h * ks1, D, krow);
+      std::copy_n(v + (start + t - prefix) * vs0 + h * vs1, D, vrow);
+    }
+  }
+};
+
+#ifdef PS_ATTN_BF16
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+// The same computation in bf16 math (attention_bf16.h): q.k and p.v on the bf16 GEMM's tile
+// (gemm_tile_bf16.h), keys and values gathered as bf16 pair panels, scores and softmax float32.
+// Layouts, per kv head: keys in panels of 16 as [D/2][16][2] (the tile's B with k = d), values per
+// 64-key step and 16-wide column panel of D as [32][16][2] (B with k = key: pairs of keys). D a
+// multiple of 32, QR = 12 (the AVX-512 build).
+template <typename T>
+static void prefill_bf16(const Prefill<T>& c) {
+  const int64_t D = c.D, D2 = D / 2, G = c.G, L = c.L, KVH = c.KVH;
+  const int64_t NP = (L + KP - 1) / KP, NS = (L + KS - 1) / KS, DP = D / 16;
+  const int64_t kpanel = D2 * 32, vpanel = (KS / 2) * 32;  // bf16 values per key / value panel
+  std::unique_ptr<uint16_t[]> kt(new uint16_t[KVH * NP * kpanel]), vt(new uint16_t[KVH * NS * DP * vpanel]);
+  std::fill(kt.get(), kt.get() + KVH * NP * kpanel, 0);  // pad keys past L are zero (finite products)
+  std::fill(vt.get(), vt.get() + KVH * NS * DP * vpanel, 0);
+  pagedserve::parallel_for(0, KVH * NP, 4, [&](int64_t b, int64_t e) {
+    std::unique_ptr<float[]> kr(new float[2 * D]);
+    std::unique_ptr<uint16_t[]> kb(new uint16_t[2 * D]);
+    for (int64_t w = b; w < e; ++w) {
+      const int64_t h = w / NP, p = w % NP;
+      for (int64_t j = 0; j < KP && p * KP + j < L; ++j) {
+        const int64_t t = p * KP + j;
+        c.kv_rows(h, t, kr.get(), kr.get() + D);
+        attn_bf16::round_bf16(kr.get(), 2 * D, kb.get());
+        uint16_t* kpan = kt.get() + w * kpanel;
+        for (int64_t d = 0; d < D; ++d) kpan[(d / 2) * 32 + j * 2 + (d & 1)] = kb[d];
+        const int64_t s = t / KS, tp = (t % KS) / 2;
+        uint16_t* vpan = vt.get() + (h * NS + s) * DP * vpanel;
+        for (int64_t d = 0; d < D; ++d) vpan[(d / 16) * vpanel + tp * 32 + (d % 16) * 2 + (t & 1)] = kb[D + d];
+      }
+    }
+  });
+  const int64_t R = c.n * G, ntiles = (R + QR - 1) / QR;
+  pagedserve::parallel_for(0, KVH * ntiles, 1, [&](int64_t b, int64_t e) {
+    std::unique_ptr<float[]> Qf(new float[D]), O(new float[QR * D]), S(new float[QR * KS]);
+    std::unique_ptr<uint32_t[]> Q(new uint32_t[QR * D2]), P(new uint32_t[QR * KS / 2]);
+    for (int64_t w = b; w < e; ++w) {
+      const int64_t h = w / ntiles, i = w % ntiles;
+      const int64_t tile = i % 2 == 0 ? i / 2 : ntiles - 1 - i / 2;  // zig-zag, as prefill_impl
+      int64_t pos[QR], tok[QR], head[QR];
+      float mx[QR], sum[QR];
+      int64_t pmax = 0;
+      for (int64_t r = 0; r < QR; ++r) {
+        const int64_t row = std::min(tile * QR + r, R - 1);
+        tok[r] = row / G;
+        head[r] = h * G + row % G;
+        pos[r] = c.prefix + tok[r];
+        pmax = std::max(pmax, pos[r]);
+        const float* src = c.q + (c.start + tok[r]) * c.qs0 + head[r] * D;
+        for (int64_t d = 0; d < D; ++d) Qf[d] = src[d] * c.scale;
+        attn_bf16::round_bf16(Qf.get(), D, reinterpret_cast<uint16_t*>(Q.get() + r * D2));
+        mx[r] = std::numeric_limits<float>::lowest();
+        sum[r] = 0.f;
+      }
+      std::fill(O.get(), O.get() + QR * D, 0.f);
+      const uint16_t* kh = kt.get() + h * NP * kpanel;
+      for (int64_t j0 = 0; j0 <= pmax; j0 += KS) {
+        const int64_t nt = std::min(KS, pmax + 1 - j0);
+        for (int64_t p = 0; p * KP < nt; p += 2) {
+          const uint16_t* kp = kh + (j0 / KP + p) * kpanel;
+          if ((p + 1) * KP < nt) bf16tile::tile<QR, 2>(Q.get(), D2, kp, kpanel, S.get() + p * KP, KS, D2, true, nullptr);
+          else bf16tile::tile<QR, 1>(Q.get(), D2, kp, kpanel, S.get() + p * KP, KS, D2, true, nullptr);
+        }
+        for (int64_t r = 0; r < QR; ++r) {
+          float* s = S.get() + r * KS;
+          const int64_t valid = std::max<int64_t>(0, std::min(nt, pos[r] + 1 - j0));
+          float m = mx[r], part = 0.f;
+          if (valid == nt && nt % 16 == 0) {
+            part = exp_in_place(s, nt, m);
+          } else {
+            for (int64_t t = 0; t < valid; ++t) m = std::max(m, s[t]);
+            for (int64_t t = 0; t < valid; ++t) {
+              s[t] = std::exp(s[t] - m);
+              part += s[t];
+            }
+            for (int64_t t = valid; t < nt; ++t) s[t] = 0.f;
+          }
+          if (m > mx[r]) {
+            const float corr = sum[r] > 0.f ? std::exp(mx[r] - m) : 0.f;
+            sum[r] *= corr;
+            for (int64_t d = 0; d < D; ++d) O[r * D + d] *= corr;
+            mx[r] = m;
+          }
+          sum[r] += part;
+          attn_bf16::round_bf16(s, nt, reinterpret_cast<uint16_t*>(P.get() + r * KS / 2));  // zero past nt
+        }
+        const uint16_t* vs = vt.get() + (h * NS + j0 / KS) * DP * vpanel;
+        for (int64_t d0 = 0; d0 < D; d0 += 32)
+          bf16tile::tile<QR, 2>(P.get(), KS / 2, vs + (d0 / 16) * vpanel, vpanel, O.get() + d0, D, (nt + 1) / 2, false,
+                                nullptr);
+      }
+      const int64_t rows = std::min(QR, R - tile * QR);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* dst = c.out + (c.start + tok[r]) * c.H * D + head[r] * D;
+        const float inv = 1.f / sum[r];
+        for (int64_t d = 0; d < D; ++d) dst[d] = O[r * D + d] * inv;
+      }
+    }
+  });
+}
+#pragma GCC pop_options
+#endif
+
 template <typename T>
 static void prefill_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_cache,
                          torch::Tensor v_cache, torch::Tensor block_table, int64_t start, int64_t n, int64_t L,
-                         double scale) {
+                         double scale, bool bf16_math) {
   const int64_t H = q.size(1), D = q.size(2), KVH = k.size(1), NB = k_cache.size(0), BS = k_cache.size(2);
   TORCH_CHECK(H % KVH == 0 && k.size(2) == D && v.size(1) == KVH && v.size(2) == D && k_cache.size(1) == KVH &&
                   k_cache.size(3) == D && out.size(1) == H && out.size(2) == D,
@@ -100,6 +235,13 @@ static void prefill_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k, to
   const T* vc = v_cache.data_ptr<T>();
   float* op = out.data_ptr<float>();
   const int64_t qs0 = q.stride(0), ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1);
+  const Prefill<T> c{qp, kp, vp, kc, vc, op, table, qs0, ks0, ks1, vs0, vs1, H, D, KVH, G, BS, start, n, L, prefix,
+                     static_cast<float>(scale)};
+#ifdef PS_ATTN_BF16
+  if (bf16_math && D % 32 == 0 && bf16_attention_supported()) return prefill_bf16(c);
+#else
+  (void)bf16_math;
+#endif
 
   // 1. Gather every kv head's keys into panels [D][16] and values into rows; pad keys (past L) are
   //    zero, so the tail panel's products are finite and its masked probabilities (0) cancel them.
@@ -108,6 +250,7 @@ static void prefill_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k, to
   const int64_t NP = (L + KP - 1) / KP;
   std::unique_ptr<float[]> kt(new float[KVH * NP * KP * D]), vb(new float[KVH * NP * KP * D]);
   pagedserve::parallel_for(0, KVH * NP, 4, [&](int64_t b, int64_t e) {
+    std::unique_ptr<float[]> kr(new float[D]);
     for (int64_t w = b; w < e; ++w) {
       const int64_t h = w / NP, p = w % NP;
       float* kpan = kt.get() + w * KP * D;
@@ -118,14 +261,9 @@ static void prefill_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k, to
         if (t >= L) {
           for (int64_t d = 0; d < D; ++d) kpan[d * KP + j] = 0.f;
           std::fill(vr, vr + D, 0.f);
-        } else if (t < prefix) {
-          const int64_t off = ((table[t / BS] * KVH + h) * BS + t % BS) * D;
-          for (int64_t d = 0; d < D; ++d) kpan[d * KP + j] = to_float(kc[off + d]);
-          for (int64_t d = 0; d < D; ++d) vr[d] = to_float(vc[off + d]);
         } else {
-          const float* ks = kp + (start + t - prefix) * ks0 + h * ks1;
-          for (int64_t d = 0; d < D; ++d) kpan[d * KP + j] = ks[d];
-          std::copy_n(vp + (start + t - prefix) * vs0 + h * vs1, D, vr);
+          c.kv_rows(h, t, kr.get(), vr);
+          for (int64_t d = 0; d < D; ++d) kpan[d * KP + j] = kr[d];
         }
       }
     }
@@ -207,9 +345,10 @@ static void prefill_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k, to
 // of L tokens: L - n cached ones (k_cache/v_cache through block_table) then the chunk's own k/v.
 // q [T, H, D], k/v [T, KVH, D] (rows may be strided views of the fused QKV output); out [T, H, D]
 // contiguous; caches [num_blocks, KVH, block_size, D] float32, float16, bfloat16 or float8_e5m2.
+// bf16_math: q.k and p.v in bf16 where the CPU has AVX512_BF16 (prefill_bf16), else float32.
 void paged_attention_prefill(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Tensor v,
                              torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_table, int64_t start,
-                             int64_t num_tokens, int64_t context_len, double scale) {
+                             int64_t num_tokens, int64_t context_len, double scale, bool bf16_math) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 &&
                   v.scalar_type() == torch::kFloat32 && out.scalar_type() == torch::kFloat32 &&
                   v_cache.scalar_type() == k_cache.scalar_type(),
@@ -222,6 +361,6 @@ void paged_attention_prefill(torch::Tensor out, torch::Tensor q, torch::Tensor k
               "contiguous out, caches and int64 block table");
   with_kv_type(k_cache.scalar_type(), "paged_attention_prefill", [&](auto* type) {
     prefill_impl<std::remove_pointer_t<decltype(type)>>(out, q, k, v, k_cache, v_cache, block_table, start,
-                                                        num_tokens, context_len, scale);
+                                                        num_tokens, context_len, scale, bf16_math);
   });
 }
