@@ -471,7 +471,9 @@ def main():
              "openvino-f32kv": install_openvino, "openvino-default": install_openvino}.get(e, lambda: None)()
         return
     if args.offline_pairs:
-        key = "offline_pairs_contended" if args.contended else "offline_pairs"
+        # one key per question: each engine's defaults, the same under contention, float32 pairs
+        defaults = "openvino-default" in args.engines[1:]
+        key = "offline_pairs_contended" if args.contended else "offline_pairs_defaults" if defaults else "offline_pairs"
         results[key] = offline_pairs(args.engines, args.offline_pairs, args.contended)
         out.write_text(json.dumps(results, indent=2))
         report(results)

@@ -61,8 +61,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA and on CPUs with AVX512_BF16, float32 on other CPUs), float32, bfloat16, float16")
     p.add_argument("--kv-cache-dtype", default="auto",
                    help="KV cache element type: auto (the model's dtype), float16 or bfloat16 (half the memory "
-                        "and attention reads of a float32 cache), fp8_e5m2 (a quarter; 2 mantissa bits, unscaled, "
-                        "as vLLM's CPU backend); fp8/fp8_e4m3 (scaled) are not supported")
+                        "and attention reads of a float32 cache), int8 or fp8/fp8_e4m3 (~a quarter: one byte per "
+                        "value plus a float32 scale per token and kv head), fp8_e5m2 (a quarter; 2 mantissa bits, "
+                        "unscaled, as vLLM's CPU backend)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + output); default: the model's")
     p.add_argument("--gpu-memory-utilization", type=float, default=None,

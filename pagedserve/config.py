@@ -16,9 +16,13 @@ DTYPES = {
     "bfloat16": "bfloat16", "bf16": "bfloat16",
     "float16": "float16", "half": "float16", "fp16": "float16",
 }
-# KV cache only: float8 e5m2 (vLLM's fp8_e5m2, the fp8 format its CPU backend supports). No scale
-# factors: K/V are stored as they are, rounded to 2 mantissa bits, so it quarters a float32 cache.
-KV_ONLY_DTYPES = {"fp8_e5m2": "float8_e5m2"}
+# KV cache only. fp8_e5m2 (vLLM's, the fp8 its CPU backend supports): K/V stored as they are,
+# rounded to 2 mantissa bits, no scale factors. int8 and fp8 / fp8_e4m3 are scaled: each (token,
+# kv head) row is stored as x / s with one float32 s = max|x| / qmax beside it
+# (model/attention.py quantize_kv), ~1 byte per value plus KV_SCALE_BYTES per row.
+KV_ONLY_DTYPES = {"fp8_e5m2": "float8_e5m2", "int8": "int8", "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn"}
+SCALED_KV_DTYPES = ("int8", "fp8", "fp8_e4m3")
+KV_SCALE_BYTES = 4  # one float32 per (token, kv head) row of a scaled cache, for K and again for V
 # --structured-outputs-backend (vLLM's names): auto = xgrammar, switching to guidance (llguidance)
 # for JSON schemas with keywords xgrammar would not enforce.
 STRUCTURED_OUTPUTS_BACKENDS = ("auto", "xgrammar", "guidance")
@@ -37,7 +41,7 @@ class EngineConfig:
     model: str | None = None  # None: the default model (SmolLM2-135M-Instruct)
     served_model_name: str | None = None
     dtype: str = "auto"  # auto: bfloat16 on CUDA and on CPUs with AVX512_BF16, float32 on other CPUs
-    kv_cache_dtype: str = "auto"  # auto: the model's dtype; float16/bfloat16 halve a float32 cache, fp8_e5m2 quarters it
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype; float16/bfloat16 halve a float32 cache; fp8_e5m2, int8, fp8 ~quarter it
     device: str = "auto"  # auto: cuda if available, else cpu
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     block_size: int = 16
@@ -110,17 +114,19 @@ class EngineConfig:
     def resolve_kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """The KV cache's element type. 16-bit K/V under float32 weights halves the cache (twice
         the tokens in the same memory) and the bytes decode attention reads each step; fp8_e5m2
-        quarters them, at 2 mantissa bits per value."""
+        quarters them, at 2 mantissa bits per value; int8 and fp8 (e4m3) about quarter them too,
+        with a scale per row (kv_cache_scaled)."""
         self._check_kv_cache_dtype()
         return model_dtype if self.kv_cache_dtype == "auto" else torch_dtype(self.kv_cache_dtype)
+
+    @property
+    def kv_cache_scaled(self) -> bool:
+        """Whether the KV cache keeps a scale per (token, kv head) row (int8, fp8 / fp8_e4m3)."""
+        return self.kv_cache_dtype in SCALED_KV_DTYPES
 
     def _check_kv_cache_dtype(self) -> None:
         if self.kv_cache_dtype == "auto" or self.kv_cache_dtype in KV_ONLY_DTYPES:
             return
-        if self.kv_cache_dtype.startswith("fp8"):
-            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported: fp8 KV caches with scale "
-                             "factors (e4m3) are not implemented; use fp8_e5m2 (unscaled, as vLLM's CPU backend), "
-                             "float16, bfloat16 or auto")
         if self.kv_cache_dtype not in DTYPES:
             names = sorted(DTYPES) + sorted(KV_ONLY_DTYPES) + ["auto"]
             raise ValueError(f"kv_cache_dtype must be one of {names}, got {self.kv_cache_dtype!r}")

@@ -5,7 +5,22 @@ import pytest
 import torch
 
 from pagedserve.model import cpu_kernels, kernel_levels
-from pagedserve.model.attention import AttentionMetadata, CppCpuPagedAttention, PrefillChunk, TorchPagedAttention
+from pagedserve.model.attention import (AttentionMetadata, CppCpuPagedAttention, PrefillChunk, ScaledKV,
+                                        TorchPagedAttention, quantize_kv)
+
+KV_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e5m2, torch.int8, torch.float8_e4m3fn]
+
+
+def _cache(x: torch.Tensor, dtype: torch.dtype):
+    """Random K/V x as a cache of dtype: a ScaledKV for int8 / float8 e4m3 (scale per row)."""
+    return ScaledKV(*quantize_kv(x, dtype)) if dtype in (torch.int8, torch.float8_e4m3fn) else x.to(dtype)
+
+
+def _same(a, b) -> bool:
+    """Caches equal byte for byte (values and, when scaled, scales)."""
+    if isinstance(a, ScaledKV):
+        return _same(a.data, b.data) and torch.equal(a.scales, b.scales)
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 @pytest.fixture(autouse=True, params=[lv.name for lv in kernel_levels.supported_levels()])
@@ -21,12 +36,13 @@ def kernel_level(request, monkeypatch):
                          [(9, 3, 64, 16), (4, 4, 32, 8), (8, 2, 128, 4), (6, 1, 16, 1), (4, 2, 96, 5), (14, 2, 64, 16),
                           (8, 2, 128, 32)])
 @pytest.mark.parametrize("lens", [[1, 5, 17, 33, 64, 2, 100], [700], [3, 400]])
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e5m2])
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
 def test_cpp_decode_matches_torch(heads, kv_heads, head_dim, block_size, lens, kv_dtype):
     """Many sequences (one pass per sequence), and one or two long ones, where each sequence's
     blocks are split over the threads and the partial softmax states merged (also with a split
     range that is empty for the short sequence). A 16-bit cache (--kv-cache-dtype) is widened as it
-is read: the same values as the PyTorch path, which widens the gathered copy."""
+is read, an int8 / e4m3 one also scaled per row: the same values as the PyTorch path, which
+widens the gathered copy."""
     g = torch.Generator().manual_seed(0)
     n = len(lens)
     lens = torch.tensor(lens, dtype=torch.long)
@@ -35,7 +51,7 @@ is read: the same values as the PyTorch path, which widens the gathered copy."""
     # Scattered, overlapping block tables (shared blocks are fine for attention).
     perm = torch.randperm(num_blocks, generator=g)
     tables = torch.stack([perm.roll(i * 3)[:max_blocks] for i in range(n)]).contiguous()
-    kv = torch.randn(2, num_blocks, kv_heads, block_size, head_dim, generator=g).to(kv_dtype)
+    kv = _cache(torch.randn(2, num_blocks, kv_heads, block_size, head_dim, generator=g), kv_dtype)
     q = torch.randn(n, heads, head_dim, generator=g)
     meta = AttentionMetadata(slot_blocks=torch.zeros(0, dtype=torch.long), slot_offsets=torch.zeros(0, dtype=torch.long), num_decodes=n,
                              decode_block_tables=tables, decode_context_lens=lens,
@@ -64,7 +80,7 @@ def _step(heads, kv_heads, head_dim, block_size, chunks, kv_dtype):
     for nb in need:
         tables.append(perm[at : at + nb].contiguous())
         at += nb
-    kv = torch.randn(2, num_blocks, kv_heads, block_size, head_dim, generator=g).to(kv_dtype)
+    kv = _cache(torch.randn(2, num_blocks, kv_heads, block_size, head_dim, generator=g), kv_dtype)
     t = len(dec_lens) + sum(n for _, n in chunks)
     qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim, generator=g)
     q = qkv[:, : heads * head_dim].view(t, heads, head_dim)
@@ -92,7 +108,7 @@ def _step(heads, kv_heads, head_dim, block_size, chunks, kv_dtype):
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size",
                          [(9, 3, 64, 16), (4, 4, 32, 8), (8, 2, 128, 4), (6, 1, 16, 1), (4, 2, 40, 5), (14, 2, 64, 16)])
 @pytest.mark.parametrize("chunks", [[(0, 7)], [(0, 130), (61, 3)], [(200, 77), (0, 1), (15, 64)]])
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e5m2])
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
 def test_cpp_attention_step_matches_torch(heads, kv_heads, head_dim, block_size, chunks, kv_dtype):
     """A whole step through each backend: decodes, then prompt chunks that start fresh or follow a
     prefix, chunks shorter than a 6-row tile and spanning several 64-key steps, one head per group
@@ -103,7 +119,7 @@ def test_cpp_attention_step_matches_torch(heads, kv_heads, head_dim, block_size,
     ref_kv, got_kv = kv.clone(), kv.clone()
     ref = TorchPagedAttention().forward(q, k, v, ref_kv, meta, scale)
     got = CppCpuPagedAttention().forward(q, k, v, got_kv, meta, scale)
-    assert torch.equal(got_kv, ref_kv)
+    assert _same(got_kv, ref_kv)
     assert got.shape == ref.shape and (got - ref).abs().max().item() < 1e-5
 
 
@@ -272,25 +288,31 @@ def test_cpp_argmax_matches_torch(vocab):
         assert torch.equal(ops.argmax_rows(t), torch.argmax(t, dim=-1))
 
 
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e5m2])
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
 def test_cpp_write_kv_matches_index_put(kv_dtype):
     """The C++ K/V store puts strided K/V rows (views of a fused QKV output) in the same slots as
     the PyTorch index_put, rounded to the cache's dtype the same way (nearest even, infinity past
-    the largest finite value), byte for byte, and rejects slots outside the cache."""
+    the largest finite value; int8 / e4m3 scaled per row, an outlier row and an all-zero row
+    included), byte for byte, and rejects slots outside the cache."""
     g = torch.Generator().manual_seed(1)
     t, kvh, d, nb, bs = 37, 3, 64, 11, 16
     qkv = torch.randn(t, (9 + 2 * kvh) * d, generator=g)
     k = qkv[:, 9 * d : (9 + kvh) * d].view(t, kvh, d)
     v = qkv[:, (9 + kvh) * d :].view(t, kvh, d)
     k[0] *= 3e4  # past float16's and float8 e5m2's largest finite values: both paths store inf
+    v[1, 2] = 0.0
     slots = torch.randperm(nb * bs, generator=g)[:t]
     meta = AttentionMetadata(slot_blocks=slots // bs, slot_offsets=slots % bs, num_decodes=0, decode_block_tables=None,
                              decode_context_lens=None, decode_max_context=0, prefills=[], block_size=bs)
-    ref, got = torch.zeros(2, nb, kvh, bs, d, dtype=kv_dtype), torch.zeros(2, nb, kvh, bs, d, dtype=kv_dtype)
+    ref, got = (_cache(torch.zeros(2, nb, kvh, bs, d), kv_dtype) for _ in range(2))
     TorchPagedAttention._write_kv(k, v, ref[0], ref[1], meta)
     backend = CppCpuPagedAttention()
     backend._write_kv(k, v, got[0], got[1], meta)
-    assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8)) and ref.float().abs().sum() > 0
+    assert _same(got, ref) and ref.to(torch.float32).abs().sum() > 0
+    if isinstance(ref, ScaledKV):  # read back within half a step of the format at each row's scale
+        back = ref[1].to(torch.float32)[meta.slot_blocks, :, meta.slot_offsets]
+        step = ref[1].scales[meta.slot_blocks, :, meta.slot_offsets].unsqueeze(-1)
+        assert ((back - v).abs() <= step * (0.5 if kv_dtype == torch.int8 else 16)).all() and (back[1, 2] == 0).all()
     meta.slot_blocks = meta.slot_blocks.clone()
     meta.slot_blocks[5] = nb
     with pytest.raises(RuntimeError, match="slot out of range"):
@@ -345,9 +367,11 @@ def test_fused_layer_loop_equals_the_python_loop(tiny_dirs, kind):
         params = SamplingParams(temperature=0, max_tokens=12, logprobs=2, ignore_eos=True)
         outs = llm.generate(prompts, params, use_tqdm=False)
         more = llm.generate([list(range(100, 140)) + [7, 8, 9]],  # its first 40 tokens are cached
-                            SamplingParams(temperature=0, max_tokens=5, logprobs=2, prompt_logprobs=1,
-                                           ignore_eos=True), use_tqdm=False)
+                            SamplingParams(temperature=0, max_tokens=5, logprobs=2, ignore_eos=True), use_tqdm=False)
         assert more[0].num_cached_tokens == 40
+        more += llm.generate([list(range(100, 140)) + [7, 8]],  # prompt logprobs: every row's hidden state
+                             SamplingParams(temperature=0, max_tokens=5, logprobs=2, prompt_logprobs=1,
+                                            ignore_eos=True), use_tqdm=False)
         return [(o.outputs[0].token_ids, repr(o.outputs[0].logprobs), repr(o.prompt_logprobs)) for o in outs + more]
 
     assert run(True) == run(False)

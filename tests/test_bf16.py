@@ -5,12 +5,11 @@ teacher-forced top-1 agreement >= 97% on ~1000 tokens of a fixed text)."""
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_no_leaks
+from conftest import assert_no_leaks, prompt_stats
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.config import EngineConfig
@@ -43,20 +42,11 @@ def test_bf16_engine_layout(bf16_llm, caplog):
         assert not r.bf16_gemm
 
 
-def _prompt_stats(llm, ids):
-    (o,) = llm.generate([ids], SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0), use_tqdm=False)
-    nll, top = [], []
-    for tok, entry in zip(ids[1:], o.prompt_logprobs[1:]):
-        nll.append(-entry[tok].logprob)
-        top.append(next(t for t, lp in entry.items() if lp.rank == 1))
-    return math.exp(sum(nll) / len(nll)), top
-
-
 def test_bf16_accuracy_on_a_fixed_text(llm, bf16_llm):
     ids = llm.get_tokenizer()(TEXT.read_text()).input_ids
     assert len(ids) >= 1000
-    ppl32, top32 = _prompt_stats(llm, ids)
-    ppl16, top16 = _prompt_stats(bf16_llm, ids)
+    ppl32, top32 = prompt_stats(llm, ids)
+    ppl16, top16 = prompt_stats(bf16_llm, ids)
     agree = sum(a == b for a, b in zip(top32, top16)) / len(top32)
     assert ppl16 <= ppl32 * 1.01, (ppl16, ppl32)
     assert agree >= 0.97, agree

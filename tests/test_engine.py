@@ -49,6 +49,21 @@ def test_prefix_cache_hit_counted_and_output_identical(llm, default_model_dir):
     assert_no_leaks(llm.engine)
 
 
+def test_prompt_logprobs_are_never_served_from_the_prefix_cache(llm):
+    """A prompt already in the cache, asked again with prompt_logprobs: every position gets its
+    entry again (a cached position's logits would never be computed), the same as the first time."""
+    ids = llm.get_tokenizer()(long_prompt(120, llm.get_tokenizer())).input_ids
+    p = SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0)
+    first = llm.generate([ids], p, use_tqdm=False)[0]
+    again = llm.generate([ids], p, use_tqdm=False)[0]
+    assert again.num_cached_tokens == 0 and len(again.prompt_logprobs) == len(ids)
+    assert all(tok in e for tok, e in zip(ids[1:], again.prompt_logprobs[1:]))
+    assert repr(again.prompt_logprobs) == repr(first.prompt_logprobs)
+    plain = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)[0]
+    assert plain.num_cached_tokens >= 112  # the blocks were cached all along, for requests without them
+    assert_no_leaks(llm.engine)
+
+
 def test_seeded_sampling_independent_of_batch(llm):
     p = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_tokens=24, ignore_eos=True)
     alone = llm.generate("Write a short poem about autumn:", p, use_tqdm=False)[0].outputs[0]

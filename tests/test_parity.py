@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import assert_no_leaks
 from pagedserve import LLM, SamplingParams
-from pagedserve.config import KV_ONLY_DTYPES
+from pagedserve.config import KV_SCALE_BYTES, SCALED_KV_DTYPES, torch_dtype
 from pagedserve.engine.sampling_params import OutputKind
 from prompts import parity_prompts
 
@@ -82,6 +82,8 @@ class LogitRecorder:
 
 
 TOL_FP8 = 4.0  # 2 mantissa bits: measured 2.3 on this prompt; top-1 agreement 95.7% over 1000 tokens
+TOL_INT8 = 1.5  # per-row scales, the chunk read back from the cache too: measured 0.95-0.99
+TOL_FP8_SCALED = 3.5  # e4m3, per-row scales, the chunk read back from the cache too: measured 2.39
 
 
 def check_logits(llm, hf, prompt_ids, tol, max_new=6):
@@ -137,19 +139,21 @@ def test_default_backend_is_the_cpp_kernel(llm):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
-@pytest.mark.parametrize("kv_dtype,tol", [("float16", 0.05), ("bfloat16", 0.3), ("fp8_e5m2", TOL_FP8)])
+@pytest.mark.parametrize("kv_dtype,tol", [("float16", 0.05), ("bfloat16", 0.3), ("fp8_e5m2", TOL_FP8),
+                                          ("int8", TOL_INT8), ("fp8", TOL_FP8_SCALED)])
 def test_low_precision_kv_cache(default_model_dir, hf_model, backend, kv_dtype, tol):
-    """--kv-cache-dtype float16/bfloat16/fp8_e5m2 under float32 weights: two or four times the
-    blocks in the same memory, and logits that stay near the float32 reference with chunked
-    prefills reading earlier chunks back from the smaller cache (measured max |diff|: 0.013
-    float16, 0.07-0.11 bfloat16, 2.3 fp8_e5m2; float32 K/V give 1e-4)."""
+    """--kv-cache-dtype float16/bfloat16/fp8_e5m2/int8/fp8 under float32 weights: two or about
+    four times the blocks in the same memory (int8 and fp8 keep a float32 scale per token and kv
+    head), and logits that stay near the float32 reference with chunked prefills reading earlier
+    chunks back from the smaller cache (measured max |diff|: 0.013 float16, 0.07-0.11 bfloat16,
+    2.3 fp8_e5m2; float32 K/V give 1e-4)."""
     kw = dict(max_model_len=2048, kv_cache_memory=96 << 20, max_num_batched_tokens=80, attention_backend=backend)
     llm = LLM(str(default_model_dir), dtype="float32", kv_cache_dtype=kv_dtype, **kw)
     r = llm.engine.runner
-    dtype = getattr(torch, KV_ONLY_DTYPES.get(kv_dtype, kv_dtype))
+    dtype = torch_dtype(kv_dtype)
     assert r.kv_caches.dtype == dtype and r.dtype == torch.float32
-    per_value = dtype.itemsize  # float32 would hold 4 / itemsize times fewer blocks
-    assert r.num_blocks == (96 << 20) // (2 * 30 * 3 * 64 * per_value * 16)
+    row = 64 * dtype.itemsize + (KV_SCALE_BYTES if kv_dtype in SCALED_KV_DTYPES else 0)  # per token, kv head, K or V
+    assert r.num_blocks == (96 << 20) // (2 * 30 * 3 * row * 16)
     tok = llm.get_tokenizer()
     ids = tok("Paged attention stores the KV cache in fixed-size blocks, so that " * 12).input_ids
     assert len(ids) % 80 > 1  # the last prefill chunk is not mistaken for a decode by check_logits
@@ -158,7 +162,7 @@ def test_low_precision_kv_cache(default_model_dir, hf_model, backend, kv_dtype, 
     assert_no_leaks(llm.engine)
 
 
-@pytest.mark.parametrize("value,match", [("fp8", "use fp8_e5m2"), ("fp8_e4m3", "use fp8_e5m2"),
+@pytest.mark.parametrize("value,match", [("fp8_inc", "kv_cache_dtype must be one of"),
                                          ("int4", "kv_cache_dtype must be one of")])
 def test_bad_kv_cache_dtype_is_a_clear_error(value, match):
     from pagedserve.config import EngineConfig

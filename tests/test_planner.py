@@ -25,12 +25,13 @@ def test_llama3_8b_memory_by_hand():
     assert m.total_params == 8_030_261_248
     assert m.weight_bytes("fp16") == pytest.approx(16.06e9, rel=1e-3)  # "16 GB"
     assert m.kv_bytes_per_token("fp16") == 128 * 1024  # 2 x 32 x 8 x 128 x 2 bytes
-    assert m.kv_bytes_per_token("fp8") == 64 * 1024  # fp8 KV halves it
+    # fp8 KV halves it, plus the engine's float32 scale per (token, kv head) row: 2 x 32 x 8 x (128 + 4)
+    assert m.kv_bytes_per_token("fp8") == m.kv_bytes_per_token("int8") == 67584
     p = plan(weight_dtype="fp16", kv_dtype="fp8")
-    assert p.memory["kv_bytes_per_token"] == 64 * 1024 and p.memory["kv_bytes_per_block"] == 1 << 20
+    assert p.memory["kv_bytes_per_token"] == 67584 and p.memory["kv_bytes_per_block"] == 67584 * 16
     # KV budget on one H100: 80 GB x 0.9 - 16.06 GB weights - 4 GB reserve = 51.94 GB
     assert p.memory["kv_budget_bytes"] == pytest.approx(72e9 - 16.06e9 - 4e9, rel=1e-3)
-    assert p.memory["max_seqs_at_max_model_len"] == int(p.memory["kv_budget_bytes"] // (64 * 1024 * 8192))
+    assert p.memory["max_seqs_at_max_model_len"] == int(p.memory["kv_budget_bytes"] // (67584 * 8192))
 
 
 def test_awq_int4_8b_is_about_5_gb():
@@ -69,10 +70,8 @@ def test_every_recommended_flag_is_one_the_server_takes(weights, kv):
                  gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs)
     if weights in ("fp8", "int8", "awq", "gptq"):
         assert any(weights in w for w in p.not_servable)
-    if kv == "int8":
-        assert any("int8 KV" in w for w in p.not_servable)
-    if kv == "fp8":
-        assert p.flags["--kv-cache-dtype"] == "fp8_e5m2"
+    if kv in ("int8", "fp8"):  # the scaled 1-byte caches, spelled as the server (and vLLM) spell them
+        assert p.flags["--kv-cache-dtype"] == kv and not any("KV" in w for w in p.not_servable)
 
 
 def test_kv_dtype_flag_is_one_the_engine_takes():

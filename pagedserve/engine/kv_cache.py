@@ -116,8 +116,12 @@ class KVCacheManager:
 
     def get_computed_blocks(self, req: Request) -> tuple[list[Block], int]:
         """Cached blocks matching the request's leading tokens, and how many tokens they cover.
-        At least the last token is always left to compute: its logits are needed."""
+        At least the last token is always left to compute: its logits are needed. A request that
+        wants prompt logprobs reads nothing from the cache (as in vLLM): a cached position's
+        logits would never be computed. Its blocks are still cached for others."""
         if not self.enable_prefix_caching or req.request_id in self.req_blocks:
+            return [], 0
+        if req.sampling_params.prompt_logprobs is not None:
             return [], 0
         max_blocks = (req.num_tokens - 1) // self.block_size
         hits: list[Block] = []

@@ -13,7 +13,7 @@ import numpy as np
 import psutil
 import torch
 
-from pagedserve.config import CPU_DEFAULT_KV_CACHE_BYTES, RUNTIME_RESERVE_FRACTION, EngineConfig
+from pagedserve.config import CPU_DEFAULT_KV_CACHE_BYTES, KV_SCALE_BYTES, RUNTIME_RESERVE_FRACTION, EngineConfig
 from pagedserve.engine.cpu_memory import keep_freed_memory, lazily_zeroed_cpu_tensor, populate
 from pagedserve.engine.kv_cache import KVCacheManager
 from pagedserve.engine.request import Request
@@ -21,7 +21,7 @@ from pagedserve.engine.scheduler import SchedulerOutput
 from pagedserve.engine.structured_output import StructuredOutputManager
 from pagedserve.model.arch import ModelArch
 from pagedserve.model import cpu_kernels
-from pagedserve.model.attention import AttentionMetadata, PrefillChunk, get_attention_backend
+from pagedserve.model.attention import AttentionMetadata, PrefillChunk, ScaledKV, get_attention_backend
 from pagedserve.model.llama import LlamaForCausalLM, build_for_checkpoint, use_cpu_kernels
 from pagedserve.model.sampler import Sampler, SamplerOutput, top_logprobs
 
@@ -90,7 +90,8 @@ class ModelRunner:
         self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.sampler = Sampler(arch.vocab_size, argmax=kernels.argmax_rows if kernels is not None else None)
 
-        per_token = arch.kv_bytes_per_token(torch.empty((), dtype=self.kv_dtype).element_size())
+        per_token = arch.kv_bytes_per_token(torch.empty((), dtype=self.kv_dtype).element_size(),
+                                            KV_SCALE_BYTES if cfg.kv_cache_scaled else 0)
         budget = kv_cache_bytes(cfg, self.device, self.weight_bytes)
         self.num_blocks = budget // (per_token * self.block_size)
         blocks_per_seq = -(-max_model_len // self.block_size)
@@ -102,12 +103,18 @@ class ModelRunner:
             )
         shape = (arch.num_layers, 2, self.num_blocks, arch.num_kv_heads, self.block_size, arch.head_dim)
         # Zeroed: padded attention reads must see finite numbers (0 * NaN would poison outputs).
+        def zeros(shape, dtype):
+            if self.device.type == "cpu":
+                return lazily_zeroed_cpu_tensor(shape, dtype)
+            return torch.zeros(shape, dtype=dtype, device=self.device)
+
         if self.device.type == "cpu":
             keep_freed_memory()
-            self.kv_caches = lazily_zeroed_cpu_tensor(shape, self.kv_dtype)
-        else:
-            self.kv_caches = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+        self.kv_caches = zeros(shape, self.kv_dtype)
         self.kv_bytes = self.kv_caches.numel() * self.kv_caches.element_size()
+        if cfg.kv_cache_scaled:  # int8 / fp8: a float32 scale per (token, kv head) row beside the values
+            self.kv_caches = ScaledKV(self.kv_caches, zeros(shape[:-1], torch.float32))
+            self.kv_bytes += self.kv_caches.scales.numel() * 4
         self._populating: threading.Thread | None = None
         self.max_concurrency = self.num_blocks / blocks_per_seq
 
@@ -120,7 +127,8 @@ class ModelRunner:
             self._populating.start()
 
     def _populate_kv(self) -> None:
-        secs = populate(self.kv_caches)
+        caches = self.kv_caches
+        secs = sum(populate(t) for t in ((caches.data, caches.scales) if isinstance(caches, ScaledKV) else (caches,)))
         log.info("KV cache faulted in: %.0f MiB in %.2fs", self.kv_bytes / 2**20, secs)
 
     def wait_kv_populated(self) -> None:

@@ -10,6 +10,9 @@ head-major inside a block, so one head's keys of a block are contiguous (4 KiB f
 
 The cache may hold a narrower type than the model computes in (--kv-cache-dtype): K/V are
 rounded when stored and widened when read; a prefill chunk attends over its own K/V as computed.
+int8 and fp8 (e4m3) caches are scaled: a ScaledKV pairs the stored values with one float32 scale
+per (token, kv head), see quantize_kv; with those a chunk reads its own K/V back from the cache
+too, so no output depends on how a prompt was chunked or which prefix came from the cache.
 Backends implement `forward`; `get_attention_backend` picks one for the device. The pure-PyTorch
 backend runs anywhere (CPU float32 here, CUDA bfloat16 where a GPU exists).
 """
@@ -28,6 +31,60 @@ class PrefillChunk:
     num_tokens: int
     context_len: int  # tokens in the cache after this chunk (prefix + chunk)
     block_table: torch.Tensor  # [num_blocks] int64
+
+
+# --kv-cache-dtype int8 / fp8 (e4m3): stored = x / s per (token, kv head) row, s = max|x| / QMAX.
+KV_QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+
+
+def quantize_kv(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows x [..., D] -> (stored [..., D] of dtype, scales [...] float32), the C++ write_kv's bits
+    (csrc/kv_types.h quantize_row): inverse scale qmax / max|x| (0 for an all-zero row), values
+    clamped to the format's range, int8 rounded to nearest even."""
+    qmax = KV_QMAX[dtype]
+    x = x.float()
+    amax = x.abs().amax(-1)
+    inv = torch.where(amax > 0, qmax / amax, torch.zeros_like(amax))
+    y = (x * inv.unsqueeze(-1)).clamp(-qmax, qmax)
+    return (y.round() if dtype == torch.int8 else y).to(dtype), amax * (1.0 / qmax)
+
+
+@dataclass(frozen=True)
+class ScaledKV:
+    """A scaled KV cache (int8 / float8_e4m3fn): `data` [..., block_size, D] and its row scales
+    `scales` [..., block_size] float32, indexed together like the tensor it stands for (all
+    layers, one layer, its K or V half, gathered blocks)."""
+
+    data: torch.Tensor
+    scales: torch.Tensor
+
+    def __getitem__(self, idx) -> "ScaledKV":
+        return ScaledKV(self.data[idx], self.scales[idx])
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+    def clone(self) -> "ScaledKV":
+        return ScaledKV(self.data.clone(), self.scales.clone())
+
+    def to(self, dtype: torch.dtype) -> torch.Tensor:
+        """The values read back: scale * stored."""
+        return self.data.to(dtype) * self.scales.unsqueeze(-1).to(dtype)
+
+
+def store_kv(cache, blocks: torch.Tensor, offsets: torch.Tensor, x: torch.Tensor) -> None:
+    """Write rows x [T, KVH, D] into their slots of one layer's K or V cache (a tensor or ScaledKV)."""
+    if isinstance(cache, ScaledKV):
+        stored, scales = quantize_kv(x, cache.dtype)
+        cache.data[blocks, :, offsets] = stored
+        cache.scales[blocks, :, offsets] = scales
+    else:
+        cache[blocks, :, offsets] = x.to(cache.dtype)
 
 
 @dataclass
@@ -78,8 +135,8 @@ class TorchPagedAttention(AttentionBackend):
 
     @staticmethod
     def _write_kv(k, v, k_cache, v_cache, meta: AttentionMetadata):
-        k_cache[meta.slot_blocks, :, meta.slot_offsets] = k.to(k_cache.dtype)
-        v_cache[meta.slot_blocks, :, meta.slot_offsets] = v.to(v_cache.dtype)
+        store_kv(k_cache, meta.slot_blocks, meta.slot_offsets, k)
+        store_kv(v_cache, meta.slot_blocks, meta.slot_offsets, v)
 
     @staticmethod
     def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale):
@@ -89,8 +146,8 @@ class TorchPagedAttention(AttentionBackend):
         nblocks = -(-meta.decode_max_context // bs)
         bt = meta.decode_block_tables[:, :nblocks]
         # Gather each request's blocks: [n, MB, KVH, BS, D] -> [n, KVH, L, D] (a copy).
-        keys = k_cache[bt].transpose(1, 2).reshape(n, kvh, nblocks * bs, d).to(q.dtype)
-        values = v_cache[bt].transpose(1, 2).reshape(n, kvh, nblocks * bs, d).to(q.dtype)
+        keys = k_cache[bt].to(q.dtype).transpose(1, 2).reshape(n, kvh, nblocks * bs, d)
+        values = v_cache[bt].to(q.dtype).transpose(1, 2).reshape(n, kvh, nblocks * bs, d)
         pos = torch.arange(nblocks * bs, device=q.device)
         mask = (pos[None, :] < meta.decode_context_lens[:, None])[:, None, None, :]  # [n,1,1,L]
         o = F.scaled_dot_product_attention(
@@ -107,16 +164,19 @@ class TorchPagedAttention(AttentionBackend):
     def _prefill(q, k, v, k_cache, v_cache, p: PrefillChunk, bs, scale):
         qn, h, d = q.shape
         kvh = k.shape[1]
-        if p.context_len == qn:  # nothing cached before this chunk: use K/V as computed
+        # Positions read back from the cache: the prefix, and for int8 / fp8 the chunk's own too
+        # (prefill_attention_cpu.cpp's kv_rows: outputs then do not depend on chunking or caching).
+        cached = p.context_len if isinstance(k_cache, ScaledKV) else p.context_len - qn
+        if cached == 0:  # nothing cached before this chunk: use K/V as computed
             keys, values, mask, causal = k, v, None, True
         else:
-            offset = p.context_len - qn  # cached prefix tokens, then the chunk's own as computed
-            blocks = p.block_table[: -(-offset // bs)]
-            # [nb, KVH, BS, D] -> [prefix, KVH, D] in token order.
-            keys = k_cache[blocks].transpose(0, 1).reshape(kvh, -1, d)[:, :offset].transpose(0, 1).to(q.dtype)
-            values = v_cache[blocks].transpose(0, 1).reshape(kvh, -1, d)[:, :offset].transpose(0, 1).to(q.dtype)
-            keys, values = torch.cat([keys, k]), torch.cat([values, v])
-            qpos = torch.arange(qn, device=q.device)[:, None] + offset
+            blocks = p.block_table[: -(-cached // bs)]
+            # [nb, KVH, BS, D] -> [cached, KVH, D] in token order.
+            keys = k_cache[blocks].to(q.dtype).transpose(0, 1).reshape(kvh, -1, d)[:, :cached].transpose(0, 1)
+            values = v_cache[blocks].to(q.dtype).transpose(0, 1).reshape(kvh, -1, d)[:, :cached].transpose(0, 1)
+            if cached < p.context_len:  # then the chunk's own as computed
+                keys, values = torch.cat([keys, k]), torch.cat([values, v])
+            qpos = torch.arange(qn, device=q.device)[:, None] + (p.context_len - qn)
             mask = torch.arange(p.context_len, device=q.device)[None, :] <= qpos
             causal = False
         # A leading batch dim matters: 4-D inputs take PyTorch's CPU flash-attention kernel,
@@ -152,28 +212,39 @@ class CppCpuPagedAttention(TorchPagedAttention):
     def forward(self, q, k, v, kv_cache, meta, scale):
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         self._write_kv(k, v, k_cache, v_cache, meta)
+        ks, vs = _scales(k_cache), _scales(v_cache)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         nd = meta.num_decodes
         if nd:
             self._decode(q[:nd], k_cache, v_cache, meta, scale, out[:nd])
         for p in meta.prefills:
-            self.ops.paged_attention_prefill(out, q, k, v, k_cache, v_cache, p.block_table, p.start, p.num_tokens,
-                                             p.context_len, scale, self.bf16_math)
+            self.ops.paged_attention_prefill(out, q, k, v, _data(k_cache), _data(v_cache), p.block_table, p.start,
+                                             p.num_tokens, p.context_len, scale, self.bf16_math, ks, vs)
         return out
 
     def _write_kv(self, k, v, k_cache, v_cache, meta: AttentionMetadata):
-        self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_blocks, meta.slot_offsets)
+        self.ops.write_kv(k, v, _data(k_cache), _data(v_cache), meta.slot_blocks, meta.slot_offsets,
+                          _scales(k_cache), _scales(v_cache))
 
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale, out=None):
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         self.ops.paged_attention_decode(
-            out, q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale, self.bf16_math
+            out, q, _data(k_cache), _data(v_cache), meta.decode_block_tables, meta.decode_context_lens, scale,
+            self.bf16_math, _scales(k_cache), _scales(v_cache)
         )
         return out
 
 
-CPP_KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e5m2)
+def _data(cache):
+    return cache.data if isinstance(cache, ScaledKV) else cache
+
+
+def _scales(cache):
+    return cache.scales if isinstance(cache, ScaledKV) else None
+
+
+CPP_KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e5m2, torch.int8, torch.float8_e4m3fn)
 
 
 def get_attention_backend(device: torch.device, dtype: torch.dtype, name: str | None = None,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.model.arch import ModelArch
-from pagedserve.model.attention import AttentionBackend, AttentionMetadata
+from pagedserve.model.attention import AttentionBackend, AttentionMetadata, ScaledKV
 
 
 class Linear(nn.Linear):
@@ -251,7 +251,7 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
-        kv_caches: torch.Tensor,  # [layers, 2, num_blocks, KVH, block_size, D]
+        kv_caches: torch.Tensor | ScaledKV,  # [layers, 2, num_blocks, KVH, block_size, D]
         meta: AttentionMetadata,
         rows: torch.Tensor | None = None,  # [R] token indices whose hidden states are wanted
     ) -> torch.Tensor:  # hidden states [T, hidden], or [R, hidden] for `rows`
@@ -296,12 +296,14 @@ class LlamaForCausalLM(nn.Module):
 
     def _fused_layers(self, x, positions, kv_caches, meta: AttentionMetadata, rows):
         a, pf = self.arch, meta.prefills
+        scaled = isinstance(kv_caches, ScaledKV)
         return self.fused.llama_layers(
-            x, positions, kv_caches, self._layer_weights, self.rotary.cos, self.rotary.sin,
+            x, positions, kv_caches.data if scaled else kv_caches, self._layer_weights, self.rotary.cos, self.rotary.sin,
             meta.slot_blocks, meta.slot_offsets, meta.num_decodes, meta.decode_block_tables, meta.decode_context_lens,
             [p.block_table for p in pf], [p.start for p in pf], [p.num_tokens for p in pf],
             [p.context_len for p in pf], rows, a.num_heads, a.num_kv_heads, self.norm.eps,
-            self.layers[0].self_attn.scale, self.layers[0].self_attn.backend.bf16_math)
+            self.layers[0].self_attn.scale, self.layers[0].self_attn.backend.bf16_math,
+            kv_caches.scales if scaled else None)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pagedserve.config import DTYPES, RUNTIME_RESERVE_FRACTION
+from pagedserve.config import DTYPES, RUNTIME_RESERVE_FRACTION, SCALED_KV_DTYPES
 from pagedserve.planner.specs import KV_BYTES, WEIGHT_BITS, HardwareSpec, ModelSpec
 
 GB = 1e9
@@ -329,9 +329,9 @@ class Plan:
         return hi
 
     # -- recommendations -------------------------------------------------------------------
-    # The planner's dtype names as the server spells them: config.DTYPES knows fp32/bf16/fp16;
-    # the planner's 1-byte "fp8" KV is the server's fp8_e5m2 (unscaled). Others it cannot do yet.
-    SERVER_KV_DTYPES = {**DTYPES, "fp8": "fp8_e5m2"}
+    # The planner's dtype names as the server spells them: config.DTYPES knows fp32/bf16/fp16, and
+    # the 1-byte KV caches are the server's scaled int8 and fp8 (e4m3), spelled the same.
+    SERVER_KV_DTYPES = {**DTYPES, **{d: d for d in SCALED_KV_DTYPES}}
 
     def _flags(self) -> dict:
         """Flags of `pagedserve serve` for this plan: only ones the server accepts (tested by
@@ -356,7 +356,7 @@ class Plan:
                 f["--kv-cache-dtype"] = self.SERVER_KV_DTYPES[self.kv_dtype]
             else:
                 self.not_servable.append(f"{self.kv_dtype} KV cache: pagedserve's KV cache is float32, float16, "
-                                         "bfloat16 or fp8_e5m2 so far")
+                                         "bfloat16, int8 or fp8 so far")
         for why in self.not_servable:
             self._note("flags", f"not servable by pagedserve yet: {why}")
         return f

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from pagedserve.config import KV_SCALE_BYTES, SCALED_KV_DTYPES
+
 HERE = Path(__file__).parent
 
 # Bits per weight of the decoder's linear layers. Embeddings and the output head stay 16-bit
@@ -97,7 +99,9 @@ class ModelSpec:
         return self.layer_params * bits / 8 + (self.embedding_params + self.hidden) * emb_bytes
 
     def kv_bytes_per_token(self, kv_dtype: str) -> int:
-        return 2 * self.layers * self.kv_heads * self.head_dim * KV_BYTES[kv_dtype]
+        """As the engine allocates it (model/arch.py): int8 and fp8 keep a float32 scale per kv head row."""
+        scale = KV_SCALE_BYTES if kv_dtype in SCALED_KV_DTYPES else 0
+        return 2 * self.layers * self.kv_heads * (self.head_dim * KV_BYTES[kv_dtype] + scale)
 
 
 def load_model_spec(model: str) -> ModelSpec:

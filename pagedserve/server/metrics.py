@@ -39,6 +39,15 @@ class _EngineCollector:
         yield counter("vllm:num_preemptions", "Cumulative number of preemptions.", e.scheduler.num_preemptions)
         yield counter("vllm:prefix_cache_queries", "Prefix cache queries, in tokens.", e.kv.prefix_queries)
         yield counter("vllm:prefix_cache_hits", "Prefix cache hits, in tokens.", e.kv.prefix_hits)
+        # vLLM's info gauge (value 1, facts as labels): the KV cache's dtype as given (int8 / fp8
+        # hold ~1 byte per value plus row scales), its blocks and their size, and its bytes.
+        r = e.runner
+        info = GaugeMetricFamily("vllm:cache_config_info", "Information of the KV cache configuration.",
+                                 labels=["model_name", "cache_dtype", "block_size", "num_gpu_blocks", "kv_cache_bytes"])
+        info.add_metric([self.model_name, e.cfg.kv_cache_dtype if e.cfg.kv_cache_dtype != "auto" else
+                         str(r.kv_dtype).removeprefix("torch."), str(e.cfg.block_size), str(r.num_blocks),
+                         str(r.kv_bytes)], 1.0)
+        yield info
         ok = CounterMetricFamily("vllm:request_success", "Count of successfully processed requests.",
                                  labels=["model_name", "finished_reason"])
         for reason, n in e.stats.finished.items():

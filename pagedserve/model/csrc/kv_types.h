@@ -1,8 +1,14 @@
 // What the CPU attention kernels share: the KV cache's element types (float32, float16,
-// bfloat16, float8 e5m2) read as float32, and a dispatch on the cache's dtype.
+// bfloat16, float8 e5m2; int8 and float8 e4m3 with a scale per token and kv head) read as float32,
+// and a dispatch on the cache's dtype.
 #pragma once
 #include <torch/extension.h>
+#include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Float8_e5m2.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define PS_AVX2 1
@@ -13,6 +19,51 @@ static inline float to_float(float x) { return x; }
 static inline float to_float(at::Half x) { return static_cast<float>(x); }
 static inline float to_float(at::BFloat16 x) { return static_cast<float>(x); }
 static inline float to_float(c10::Float8_e5m2 x) { return static_cast<float>(x); }
+static inline float to_float(int8_t x) { return static_cast<float>(x); }
+static inline float to_float(c10::Float8_e4m3fn x) { return static_cast<float>(x); }
+
+// Scaled caches (--kv-cache-dtype int8, fp8 / fp8_e4m3): each (token, kv head) row of D values is
+// stored as x / s with s = max|x| / kv_qmax, and s beside it in a float32 scales tensor
+// [num_blocks, KVH, block_size]; a row reads back as s * stored. Per row, so an outlier token
+// costs only its own precision, and the scale multiplies a whole dot product (q.k) or a
+// probability (p.v), not each value.
+template <typename T>
+constexpr bool kv_scaled = std::is_same_v<T, int8_t> || std::is_same_v<T, c10::Float8_e4m3fn>;
+template <typename T>
+constexpr float kv_qmax = std::is_same_v<T, int8_t> ? 127.f : 448.f;  // e4m3's largest finite value
+
+// Row x[0:D] into dst and its scale, as attention.py's quantize_kv computes them (the same bits).
+template <typename T>
+static inline void quantize_row(const float* x, T* dst, int64_t D, float* scale) {
+  float amax = 0.f;
+  for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(x[d]));
+  const float inv = amax > 0.f ? kv_qmax<T> / amax : 0.f;
+  // times the float32 of the double 1/qmax, as torch multiplies a float32 tensor by a Python float
+  // (a division by the constant would be this product anyway under -ffast-math)
+  *scale = amax * static_cast<float>(1.0 / double(kv_qmax<T>));
+  for (int64_t d = 0; d < D; ++d) {
+    const float y = std::min(kv_qmax<T>, std::max(-kv_qmax<T>, x[d] * inv));
+    if constexpr (std::is_same_v<T, int8_t>)
+      dst[d] = static_cast<int8_t>(std::nearbyint(y));  // nearest, ties to even (torch.round)
+    else
+      dst[d] = T(y);  // c10's conversion, as torch's .to(float8_e4m3fn)
+  }
+}
+
+// The scales tensor of a scaled cache ([num_blocks, KVH, block_size] float32, contiguous), checked;
+// null for the other types (which must not have one).
+template <typename T>
+static float* kv_scales(const c10::optional<torch::Tensor>& s, const torch::Tensor& cache, const char* who) {
+  if (!kv_scaled<T>) {
+    TORCH_CHECK(!s.has_value(), who, ": scales are for int8 / float8_e4m3fn caches only");
+    return nullptr;
+  }
+  TORCH_CHECK(s.has_value(), who, ": an int8 / float8_e4m3fn cache needs its scales");
+  TORCH_CHECK(s->scalar_type() == torch::kFloat32 && s->is_contiguous() && s->dim() == 3 &&
+                  s->size(0) == cache.size(0) && s->size(1) == cache.size(1) && s->size(2) == cache.size(2),
+              who, ": scales must be float32 [num_blocks, KVH, block_size], contiguous");
+  return s->data_ptr<float>();
+}
 
 // Calls f with a null pointer of the KV cache's element type (float32, float16, bfloat16 or
 // float8 e5m2).
@@ -23,7 +74,9 @@ static void with_kv_type(at::ScalarType t, const char* who, F f) {
     case torch::kFloat16: return f(static_cast<at::Half*>(nullptr));
     case torch::kBFloat16: return f(static_cast<at::BFloat16*>(nullptr));
     case torch::kFloat8_e5m2: return f(static_cast<c10::Float8_e5m2*>(nullptr));
-    default: TORCH_CHECK(false, who, ": KV cache must be float32, float16, bfloat16 or float8_e5m2");
+    case torch::kChar: return f(static_cast<int8_t*>(nullptr));
+    case torch::kFloat8_e4m3fn: return f(static_cast<c10::Float8_e4m3fn*>(nullptr));
+    default: TORCH_CHECK(false, who, ": KV cache must be float32, float16, bfloat16, float8_e5m2, int8 or float8_e4m3fn");
   }
 }
 
@@ -42,6 +95,20 @@ static inline __m256 load8(const at::BFloat16* p) {  // bfloat16 is the top half
 static inline __m256 load8(const c10::Float8_e5m2* p) {
   const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
   return _mm256_cvtph_ps(_mm_unpacklo_epi8(_mm_setzero_si128(), b));
+}
+
+// int8 and float8 e4m3 (scaled caches): the stored values, before the row's scale.
+static inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+// e4m3 (bias 7) is float16 (bias 15) with 4 exponent and 3 mantissa bits: shifted into a float16's
+// bit positions it reads as the value * 2^-8, subnormals included (both scale the same way), so
+// widen as float16 and multiply back. No NaN is ever stored (quantize_row clamps).
+static inline __m256 load8(const c10::Float8_e4m3fn* p) {
+  const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7F)), 7),
+                                 _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8));
+  return _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.f));
 }
 
 static inline float hmax8(__m256 v) {

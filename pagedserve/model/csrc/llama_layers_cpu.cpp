@@ -11,12 +11,14 @@
 
 // The kernels (paged_attention_cpu.cpp, prefill_attention_cpu.cpp, gemm_cpu.cpp, fused_cpu.cpp).
 void paged_attention_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                            torch::Tensor block_tables, torch::Tensor context_lens, double scale, bool bf16_math);
+                            torch::Tensor block_tables, torch::Tensor context_lens, double scale, bool bf16_math,
+                            c10::optional<torch::Tensor> k_scales, c10::optional<torch::Tensor> v_scales);
 void paged_attention_prefill(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Tensor v,
                              torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_table, int64_t start,
-                             int64_t num_tokens, int64_t context_len, double scale, bool bf16_math);
+                             int64_t num_tokens, int64_t context_len, double scale, bool bf16_math,
+                             c10::optional<torch::Tensor> k_scales, c10::optional<torch::Tensor> v_scales);
 void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor blocks,
-              torch::Tensor offsets);
+              torch::Tensor offsets, c10::optional<torch::Tensor> k_scales, c10::optional<torch::Tensor> v_scales);
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor wp, c10::optional<torch::Tensor> bias);
 void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor w, double eps);
 void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, double eps);
@@ -29,7 +31,8 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up);
 
 constexpr int64_t kPerLayer = 7;  // input norm, qkv, qkv bias (empty: none), o, post-attention norm, gate/up, down
 
-// x: the step's embeddings [T, hidden]; kv_caches [layers, 2, blocks, KVH, block_size, D];
+// x: the step's embeddings [T, hidden]; kv_caches [layers, 2, blocks, KVH, block_size, D], and for
+// an int8 / float8_e4m3fn cache its row scales kv_scales [layers, 2, blocks, KVH, block_size];
 // weights: kPerLayer tensors per layer (Linear weights packed), then the final norm's.
 // Attention metadata as in attention.py's AttentionMetadata, the prefill chunks as parallel lists.
 // rows: the tokens whose hidden states are wanted (the last layer's output projection and MLP run
@@ -43,7 +46,7 @@ torch::Tensor llama_layers(torch::Tensor x, torch::Tensor positions, torch::Tens
                            const std::vector<torch::Tensor>& prefill_tables, const std::vector<int64_t>& prefill_starts,
                            const std::vector<int64_t>& prefill_tokens, const std::vector<int64_t>& prefill_contexts,
                            c10::optional<torch::Tensor> rows, int64_t num_heads, int64_t num_kv_heads, double eps,
-                           double scale, bool bf16_attention) {
+                           double scale, bool bf16_attention, c10::optional<torch::Tensor> kv_scales) {
   const int64_t L = kv_caches.size(0), T = x.size(0), D = kv_caches.size(5);
   const int64_t q_size = num_heads * D, kv_size = num_kv_heads * D;
   const size_t P = prefill_tables.size();
@@ -79,20 +82,25 @@ torch::Tensor llama_layers(torch::Tensor x, torch::Tensor positions, torch::Tens
     }
     auto layer_cache = kv_caches.select(0, i);
     auto k_cache = layer_cache.select(0, 0), v_cache = layer_cache.select(0, 1);
+    c10::optional<torch::Tensor> k_scales, v_scales;
+    if (kv_scales.has_value()) {
+      k_scales = kv_scales->select(0, i).select(0, 0);
+      v_scales = kv_scales->select(0, i).select(0, 1);
+    }
     {
       PS_LABEL("write_kv");
-      write_kv(k, v, k_cache, v_cache, slot_blocks, slot_offsets);
+      write_kv(k, v, k_cache, v_cache, slot_blocks, slot_offsets, k_scales, v_scales);
     }
     auto attn = torch::empty({T, num_heads, D}, x.options());
     if (num_decodes) {
       PS_LABEL("paged_attention_decode");
       paged_attention_decode(attn.narrow(0, 0, num_decodes), q.narrow(0, 0, num_decodes), k_cache, v_cache,
-                             *decode_block_tables, *decode_context_lens, scale, bf16_attention);
+                             *decode_block_tables, *decode_context_lens, scale, bf16_attention, k_scales, v_scales);
     }
     for (size_t p = 0; p < P; ++p) {
       PS_LABEL("paged_attention_prefill");
       paged_attention_prefill(attn, q, k, v, k_cache, v_cache, prefill_tables[p], prefill_starts[p],
-                              prefill_tokens[p], prefill_contexts[p], scale, bf16_attention);
+                              prefill_tokens[p], prefill_contexts[p], scale, bf16_attention, k_scales, v_scales);
     }
     auto o = attn.view({T, q_size});
     if (i == L - 1 && rows.has_value()) {

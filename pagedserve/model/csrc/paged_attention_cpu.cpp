@@ -164,12 +164,20 @@ static inline void softmax_step8(float* s, int64_t n, int64_t D, float& mx, floa
 }
 #endif
 
+// A scaled cache's row scales (kv_types.h), applied per key: to its score (q.k), then to its
+// probability (p.v) once the softmax has summed it. Null: an unscaled cache.
+static inline void scale_rows(float* s, const float* rs, int64_t n) {
+  if (rs == nullptr) return;
+  for (int64_t t = 0; t < n; ++t) s[t] *= rs[t];
+}
+
 // One block (n keys and values) for the G query heads of one kv head. next_k / next_v: the block
-// this item reads next (prefetched as this one is used), or null.
+// this item reads next (prefetched as this one is used), or null. ks / vs: the rows' scales of a
+// scaled cache, else null.
 template <typename T>
 static inline void attend_block(const float* q, const T* kb, const T* vb, int64_t n, int64_t G, int64_t D,
                                 int64_t BS, float scale, float* scores, float* mx, float* sum, float* acc,
-                                const T* next_k, const T* next_v) {
+                                const T* next_k, const T* next_v, const float* ks, const float* vs) {
 #ifdef PS_AVX2
   if (D % 32 == 0) {
     for (int64_t g0 = 0; g0 < G; g0 += 3) {
@@ -182,8 +190,10 @@ static inline void attend_block(const float* q, const T* kb, const T* vb, int64_
       else if (nh == 2) scores_nh<T, 2>(qg, kb, n, D, BS, scale, sg, pk);
       else scores_nh<T, 1>(qg, kb, n, D, BS, scale, sg, pk);
       for (int64_t g = g0; g < g0 + nh; ++g) {
+        scale_rows(scores + g * BS, ks, n);
         if (n % 8 == 0) softmax_step8(scores + g * BS, n, D, mx[g], sum[g], acc + g * D);
         else softmax_step(scores + g * BS, n, D, mx[g], sum[g], acc + g * D);
+        scale_rows(scores + g * BS, vs, n);
       }
       float* ag = acc + g0 * D;
       if (nh == 3) values_nh<T, 3>(sg, vb, n, D, BS, ag, pv);
@@ -200,7 +210,9 @@ static inline void attend_block(const float* q, const T* kb, const T* vb, int64_
   for (int64_t g = 0; g < G; ++g) {
     float* sg = scores + g * BS;
     block_scores(q + g * D, kb, n, D, scale, sg);
+    scale_rows(sg, ks, n);
     softmax_step(sg, n, D, mx[g], sum[g], acc + g * D);
+    scale_rows(sg, vs, n);
     accumulate_values(sg, vb, n, D, acc + g * D);
   }
 }
@@ -237,7 +249,8 @@ static inline void attend_block_bf16(const uint16_t* q, const uint16_t* kb, cons
 
 template <typename T>
 static void decode_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                        torch::Tensor block_tables, torch::Tensor context_lens, double scale, bool bf16_math) {
+                        torch::Tensor block_tables, torch::Tensor context_lens, double scale, bool bf16_math,
+                        const float* ksc, const float* vsc) {
   // q may be a view into the fused QKV output: rows strided, heads packed.
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "paged_attention_decode: q must be [n, H, D] with packed heads");
   TORCH_CHECK(out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
@@ -327,9 +340,11 @@ static void decode_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k_cach
             continue;
           }
 #endif
+          const int64_t so = (table[b] * KVH + h0 + h) * BS;  // the rows' scales (scaled caches)
           attend_block(qs + h * G * D, kp + off, vp + off, nt, G, D, BS, sc, scores.data() + h * G * BS,
                        mx.data() + h * G, sum.data() + h * G, acc.data() + h * G * D,
-                       next < 0 ? nullptr : kp + next, next < 0 ? nullptr : vp + next);
+                       next < 0 ? nullptr : kp + next, next < 0 ? nullptr : vp + next,
+                       ksc ? ksc + so : nullptr, vsc ? vsc + so : nullptr);
         }
       }
       if (splits > 1) {  // keep the partial state; an empty range (short sequence) has sum 0
@@ -376,13 +391,16 @@ static void decode_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k_cach
 }
 
 void paged_attention_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                            torch::Tensor block_tables, torch::Tensor context_lens, double scale, bool bf16_math) {
+                            torch::Tensor block_tables, torch::Tensor context_lens, double scale, bool bf16_math,
+                            c10::optional<torch::Tensor> k_scales, c10::optional<torch::Tensor> v_scales) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && out.scalar_type() == torch::kFloat32 &&
                   v_cache.scalar_type() == k_cache.scalar_type(),
               "paged_attention_decode: float32 q and out; K and V caches of one dtype");
   with_kv_type(k_cache.scalar_type(), "paged_attention_decode", [&](auto* type) {
-    decode_impl<std::remove_pointer_t<decltype(type)>>(out, q, k_cache, v_cache, block_tables, context_lens, scale,
-                                                       bf16_math);
+    using T = std::remove_pointer_t<decltype(type)>;
+    decode_impl<T>(out, q, k_cache, v_cache, block_tables, context_lens, scale, bf16_math,
+                   kv_scales<T>(k_scales, k_cache, "paged_attention_decode"),
+                   kv_scales<T>(v_scales, v_cache, "paged_attention_decode"));
   });
 }
 
@@ -407,7 +425,7 @@ static inline void store_row(const float* src, c10::Float8_e5m2* dst, int64_t D)
 
 template <typename C>
 static void write_kv_impl(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
-                          torch::Tensor blocks, torch::Tensor offsets) {
+                          torch::Tensor blocks, torch::Tensor offsets, float* ksc, float* vsc) {
   TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.stride(2) == 1 && v.stride(2) == 1 && k_cache.is_contiguous() &&
                   v_cache.is_contiguous() && blocks.is_contiguous() && offsets.is_contiguous(),
               "write_kv: layout");
@@ -426,28 +444,37 @@ static void write_kv_impl(torch::Tensor k, torch::Tensor v, torch::Tensor k_cach
   pagedserve::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t)
       for (int64_t h = 0; h < KVH; ++h) {
-        const int64_t dst = ((bp[t] * KVH + h) * BS + op[t]) * D;
-        store_row(kp + t * ks0 + h * ks1, kc + dst, D);
-        store_row(vp + t * vs0 + h * vs1, vc + dst, D);
+        const int64_t row = (bp[t] * KVH + h) * BS + op[t];
+        if constexpr (kv_scaled<C>) {
+          quantize_row(kp + t * ks0 + h * ks1, kc + row * D, D, ksc + row);
+          quantize_row(vp + t * vs0 + h * vs1, vc + row * D, D, vsc + row);
+        } else {
+          store_row(kp + t * ks0 + h * ks1, kc + row * D, D);
+          store_row(vp + t * vs0 + h * vs1, vc + row * D, D);
+        }
       }
   });
 }
 
 // Store each token's K and V ([T, KVH, D] float32, rows may be strided views of the fused QKV
-// output) in its slot (block, offset) of the caches [num_blocks, KVH, block_size, D].
+// output) in its slot (block, offset) of the caches [num_blocks, KVH, block_size, D]; a scaled
+// cache's row scales go to the same slot of k_scales / v_scales.
 void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor blocks,
-              torch::Tensor offsets) {
+              torch::Tensor offsets, c10::optional<torch::Tensor> k_scales, c10::optional<torch::Tensor> v_scales) {
   TORCH_CHECK(k.scalar_type() == torch::kFloat32 && v.scalar_type() == torch::kFloat32 &&
                   v_cache.scalar_type() == k_cache.scalar_type(),
               "write_kv: float32 K/V rows; K and V caches of one dtype");
   with_kv_type(k_cache.scalar_type(), "write_kv", [&](auto* type) {
-    write_kv_impl<std::remove_pointer_t<decltype(type)>>(k, v, k_cache, v_cache, blocks, offsets);
+    using C = std::remove_pointer_t<decltype(type)>;
+    write_kv_impl<C>(k, v, k_cache, v_cache, blocks, offsets, kv_scales<C>(k_scales, k_cache, "write_kv"),
+                     kv_scales<C>(v_scales, v_cache, "write_kv"));
   });
 }
 
 void paged_attention_prefill(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Tensor v,
                              torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_table, int64_t start,
-                             int64_t num_tokens, int64_t context_len, double scale, bool bf16_math);  // prefill_attention_cpu.cpp
+                             int64_t num_tokens, int64_t context_len, double scale, bool bf16_math,
+                             c10::optional<torch::Tensor> k_scales, c10::optional<torch::Tensor> v_scales);  // prefill_attention_cpu.cpp
 torch::Tensor pack_linear_weight(torch::Tensor w);  // gemm_cpu.cpp
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor wp, c10::optional<torch::Tensor> bias);
 bool packed_linear_supported();
@@ -466,7 +493,7 @@ torch::Tensor llama_layers(torch::Tensor x, torch::Tensor positions, torch::Tens
                            const std::vector<torch::Tensor>& prefill_tables, const std::vector<int64_t>& prefill_starts,
                            const std::vector<int64_t>& prefill_tokens, const std::vector<int64_t>& prefill_contexts,
                            c10::optional<torch::Tensor> rows, int64_t num_heads, int64_t num_kv_heads, double eps,
-                           double scale, bool bf16_attention);
+                           double scale, bool bf16_attention, c10::optional<torch::Tensor> kv_scales);
 
 // Every kernel runs without the GIL (plain C++ on tensors): the server's event loop thread can
 // stream tokens while the engine thread is inside one, instead of waiting for the interpreter's
@@ -477,14 +504,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "paged decode attention (CPU; float32 q, float32/float16/bfloat16/float8_e5m2 KV cache; bf16_math: "
         "q.k and p.v in bf16 on a bf16 cache where the CPU has AVX512_BF16)",
         py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
-        py::arg("context_lens"), py::arg("scale"), py::arg("bf16_math") = false, nogil());
+        py::arg("context_lens"), py::arg("scale"), py::arg("bf16_math") = false, py::arg("k_scales") = py::none(),
+        py::arg("v_scales") = py::none(), nogil());
   m.def("paged_attention_prefill", &paged_attention_prefill,
         "causal attention of one prompt chunk over its cached prefix and itself (CPU; float32 q/k/v; bf16_math: "
         "q.k and p.v in bf16 where the CPU has AVX512_BF16)",
         py::arg("out"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("block_table"), py::arg("start"), py::arg("num_tokens"), py::arg("context_len"), py::arg("scale"),
-        py::arg("bf16_math") = false, nogil());
-  m.def("write_kv", &write_kv, "store float32 K/V rows in their cache slots (CPU; cache float32/float16/bfloat16/float8_e5m2)", nogil());
+        py::arg("bf16_math") = false, py::arg("k_scales") = py::none(), py::arg("v_scales") = py::none(), nogil());
+  m.def("write_kv", &write_kv,
+        "store float32 K/V rows in their cache slots (CPU; cache float32/float16/bfloat16/float8_e5m2, or "
+        "int8/float8_e4m3fn with row scales)",
+        py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("blocks"), py::arg("offsets"),
+        py::arg("k_scales") = py::none(), py::arg("v_scales") = py::none(), nogil());
   m.def("pack_linear_weight", &pack_linear_weight, "W [N, K] -> column panels [N/16, K, 16] for packed_linear",
         nogil());
   m.def("packed_linear", &packed_linear, "x @ W.T (+ bias) with W from pack_linear_weight (float32) or pack_linear_weight_bf16 (CPU, float32 x)",

@@ -88,18 +88,23 @@ template <typename T>
 struct Prefill {
   const float *q, *k, *v;
   const T *kc, *vc;
+  const float *ksc, *vsc;  // a scaled cache's row scales (kv_types.h), else null
   float* out;
   const int64_t* table;
   int64_t qs0, ks0, ks1, vs0, vs1, H, D, KVH, G, BS, start, n, L, prefix;
   float scale;
 
   // Kv head h's key and value at context position t < L, as float32: from the cache for the
-  // prefix, else the chunk's own (as the PyTorch path reads them).
+  // prefix, else the chunk's own as computed (as the PyTorch path reads them). A scaled cache is
+  // read for the chunk's own too (written before attention runs): every query then sees the same
+  // quantized K/V whether its prefix was computed in this chunk, an earlier one or came from the
+  // prefix cache, so outputs do not depend on chunking or caching.
   void kv_rows(int64_t h, int64_t t, float* krow, float* vrow) const {
-    if (t < prefix) {
-      const int64_t off = ((table[t / BS] * KVH + h) * BS + t % BS) * D;
-      for (int64_t d = 0; d < D; ++d) krow[d] = to_float(kc[off + d]);
-      for (int64_t d = 0; d < D; ++d) vrow[d] = to_float(vc[off + d]);
+    if (t < prefix || ksc != nullptr) {
+      const int64_t row = (table[t / BS] * KVH + h) * BS + t % BS, off = row * D;
+      const float ks = ksc ? ksc[row] : 1.f, vs = vsc ? vsc[row] : 1.f;
+      for (int64_t d = 0; d < D; ++d) krow[d] = ks * to_float(kc[off + d]);
+      for (int64_t d = 0; d < D; ++d) vrow[d] = vs * to_float(vc[off + d]);
     } else {
       std::copy_n(k + (start + t - prefix) * ks0 + h * ks1, D, krow);
       std::copy_n(v + (start + t - prefix) * vs0 + h * vs1, D, vrow);
@@ -214,7 +219,7 @@ static void prefill_bf16(const Prefill<T>& c) {
 template <typename T>
 static void prefill_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_cache,
                          torch::Tensor v_cache, torch::Tensor block_table, int64_t start, int64_t n, int64_t L,
-                         double scale, bool bf16_math) {
+                         double scale, bool bf16_math, const float* ksc, const float* vsc) {
   const int64_t H = q.size(1), D = q.size(2), KVH = k.size(1), NB = k_cache.size(0), BS = k_cache.size(2);
   TORCH_CHECK(H % KVH == 0 && k.size(2) == D && v.size(1) == KVH && v.size(2) == D && k_cache.size(1) == KVH &&
                   k_cache.size(3) == D && out.size(1) == H && out.size(2) == D,
@@ -224,8 +229,9 @@ static void prefill_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k, to
                   start + n <= out.size(0),
               "paged_attention_prefill: chunk [", start, ", ", start + n, ") with context ", L, " out of range");
   const int64_t* table = block_table.data_ptr<int64_t>();
-  TORCH_CHECK(block_table.numel() * BS >= prefix, "paged_attention_prefill: block table shorter than the prefix");
-  for (int64_t b = 0; b * BS < prefix; ++b)
+  const int64_t cached = ksc ? L : prefix;  // the positions read from the cache (kv_rows)
+  TORCH_CHECK(block_table.numel() * BS >= cached, "paged_attention_prefill: block table shorter than the prefix");
+  for (int64_t b = 0; b * BS < cached; ++b)
     TORCH_CHECK(table[b] >= 0 && table[b] < NB, "paged_attention_prefill: block id out of range");
 
   const float* qp = q.data_ptr<float>();
@@ -235,7 +241,7 @@ static void prefill_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k, to
   const T* vc = v_cache.data_ptr<T>();
   float* op = out.data_ptr<float>();
   const int64_t qs0 = q.stride(0), ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1);
-  const Prefill<T> c{qp, kp, vp, kc, vc, op, table, qs0, ks0, ks1, vs0, vs1, H, D, KVH, G, BS, start, n, L, prefix,
+  const Prefill<T> c{qp, kp, vp, kc, vc, ksc, vsc, op, table, qs0, ks0, ks1, vs0, vs1, H, D, KVH, G, BS, start, n, L, prefix,
                      static_cast<float>(scale)};
 #ifdef PS_ATTN_BF16
   if (bf16_math && D % 32 == 0 && bf16_attention_supported()) return prefill_bf16(c);
@@ -344,11 +350,13 @@ static void prefill_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k, to
 // out[start:start+n] = causal attention of the chunk's queries q[start:start+n] over its context
 // of L tokens: L - n cached ones (k_cache/v_cache through block_table) then the chunk's own k/v.
 // q [T, H, D], k/v [T, KVH, D] (rows may be strided views of the fused QKV output); out [T, H, D]
-// contiguous; caches [num_blocks, KVH, block_size, D] float32, float16, bfloat16 or float8_e5m2.
+// contiguous; caches [num_blocks, KVH, block_size, D] float32, float16, bfloat16 or float8_e5m2, or
+// int8 / float8_e4m3fn with their row scales [num_blocks, KVH, block_size] (kv_types.h).
 // bf16_math: q.k and p.v in bf16 where the CPU has AVX512_BF16 (prefill_bf16), else float32.
 void paged_attention_prefill(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Tensor v,
                              torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_table, int64_t start,
-                             int64_t num_tokens, int64_t context_len, double scale, bool bf16_math) {
+                             int64_t num_tokens, int64_t context_len, double scale, bool bf16_math,
+                             c10::optional<torch::Tensor> k_scales, c10::optional<torch::Tensor> v_scales) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 &&
                   v.scalar_type() == torch::kFloat32 && out.scalar_type() == torch::kFloat32 &&
                   v_cache.scalar_type() == k_cache.scalar_type(),
@@ -360,7 +368,9 @@ void paged_attention_prefill(torch::Tensor out, torch::Tensor q, torch::Tensor k
               "paged_attention_prefill: q [T, H, D] with packed heads, k/v [T, KVH, D] with unit-stride rows, "
               "contiguous out, caches and int64 block table");
   with_kv_type(k_cache.scalar_type(), "paged_attention_prefill", [&](auto* type) {
-    prefill_impl<std::remove_pointer_t<decltype(type)>>(out, q, k, v, k_cache, v_cache, block_table, start,
-                                                        num_tokens, context_len, scale, bf16_math);
+    using T = std::remove_pointer_t<decltype(type)>;
+    prefill_impl<T>(out, q, k, v, k_cache, v_cache, block_table, start, num_tokens, context_len, scale, bf16_math,
+                    kv_scales<T>(k_scales, k_cache, "paged_attention_prefill"),
+                    kv_scales<T>(v_scales, v_cache, "paged_attention_prefill"));
   });
 }
