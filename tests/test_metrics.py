@@ -9,7 +9,8 @@ from prometheus_client.parser import text_string_to_metric_families
 NAMES = ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
          "vllm:prompt_tokens", "vllm:generation_tokens", "vllm:request_success", "vllm:num_preemptions",
          "vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:time_to_first_token_seconds",
-         "vllm:inter_token_latency_seconds", "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds"]
+         "vllm:inter_token_latency_seconds", "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds",
+         "vllm:cache_config_info"]
 
 
 def families(url):
@@ -22,6 +23,9 @@ def test_metric_names_and_counts(tiny_server):
     for f in before.values():
         if f.name.startswith("vllm:"):
             assert all(s.labels.get("model_name") == "tiny" for s in f.samples)
+    (info,) = before["vllm:cache_config_info"].samples  # the KV cache's facts as labels, value 1
+    assert info.value == 1 and info.labels["cache_dtype"] in ("float32", "bfloat16")
+    assert int(info.labels["num_gpu_blocks"]) > 0 and int(info.labels["kv_cache_bytes"]) >= int(info.labels["num_gpu_blocks"])
 
     def total(fams, name, suffix="_total", **labels):
         return sum(s.value for s in fams[name].samples

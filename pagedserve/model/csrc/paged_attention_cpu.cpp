@@ -1,8 +1,9 @@
-// Paged decode attention for CPU (float32 compute): each query token attends over its context,
-// reading K/V blocks in place through the block table; nothing is gathered or copied. The cache
-// holds float32, float16, bfloat16 or float8 e5m2 (--kv-cache-dtype): 16-bit halves the bytes this
-// kernel streams and 8-bit quarters them; widening to float32 as a block is loaded costs one or
-// two instructions per 8 values.
+// Paged decode attention for CPU (float32 compute; bf16 math on a bf16 cache where asked for and
+// the CPU has AVX512_BF16, attention_bf16.h): each query token attends over its context, reading
+// K/V blocks in place through the block table; nothing is gathered or copied. The cache holds
+// float32, float16, bfloat16 or float8 e5m2, or int8 / float8 e4m3 with a scale per row
+// (--kv-cache-dtype; kv_types.h): 16-bit halves the bytes this kernel streams and 8-bit quarters
+// them; widening to float32 as a block is loaded costs one to three instructions per 8 values.
 //
 // Shapes: q, out [n, H, D]; k_cache, v_cache [num_blocks, KVH, block_size, D] (head-major inside a
 // block, so one head's keys of a block are contiguous and stream well);

@@ -1,6 +1,7 @@
-// Prefill attention for CPU (float32 compute): the tokens of one prompt chunk attend causally over
-// the chunk's cached prefix and over themselves, flash-attention style: an online softmax over
-// 64-key steps, so the [queries, keys] score matrix never exists in memory.
+// Prefill attention for CPU (float32 compute, or bf16 math: prefill_bf16): the tokens of one
+// prompt chunk attend causally over the chunk's cached prefix and over themselves, flash-attention
+// style: an online softmax over 64-key steps, so the [queries, keys] score matrix never exists in
+// memory.
 //
 // Why our own kernel: PyTorch's CPU flash attention ran at ~60 GFLOP/s on these shapes (64-wide
 // heads, 3 query heads per kv head, chunks of at most 512 tokens), and a chunk that follows a
