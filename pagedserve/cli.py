@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 
-from pagedserve.config import DEFAULT_TTFT_TARGET_MS, STRUCTURED_OUTPUTS_BACKENDS
+from pagedserve.config import DEFAULT_TTFT_TARGET_MS, QUANTIZATION_METHODS, STRUCTURED_OUTPUTS_BACKENDS
 from pagedserve.server.tool_parsers import PARSERS as _TOOL_PARSERS
 
 T0 = time.monotonic()
@@ -64,6 +64,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "and attention reads of a float32 cache), int8 or fp8/fp8_e4m3 (~a quarter: one byte per "
                         "value plus a float32 scale per token and kv head), fp8_e5m2 (a quarter; 2 mantissa bits, "
                         "unscaled, as vLLM's CPU backend)")
+    p.add_argument("--quantization", "-q", default=None, choices=list(QUANTIZATION_METHODS),
+                   help="how the checkpoint's weights are quantized (default: read from the checkpoint). gguf: a "
+                        "GGUF file, loaded dequantized to --dtype; awq, gptq, fp8 and compressed-tensors checkpoints "
+                        "are refused at startup with what to do instead (not loadable yet)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + output); default: the model's")
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
@@ -118,7 +122,8 @@ def serve(args: argparse.Namespace) -> int:
     model = args.model or args.model_tag
     locate_model(model)  # a bad path or flag is reported now, not after torch and the model load
     cfg = EngineConfig(
-        model=model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, device=args.device,
+        model=model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
+        device=args.device,
         max_model_len=args.max_model_len,
         block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,

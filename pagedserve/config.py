@@ -23,6 +23,11 @@ DTYPES = {
 KV_ONLY_DTYPES = {"fp8_e5m2": "float8_e5m2", "int8": "int8", "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn"}
 SCALED_KV_DTYPES = ("int8", "fp8", "fp8_e4m3")
 KV_SCALE_BYTES = 4  # one float32 per (token, kv head) row of a scaled cache, for K and again for V
+# --quantization (vLLM's names), detected from the checkpoint when not given. A GGUF loads with its
+# tensors dequantized to --dtype; checkpoints quantized by the other methods are refused at
+# startup, by name, until their weights load (issue 25).
+QUANTIZATION_METHODS = ("awq", "gptq", "fp8", "compressed-tensors", "gguf")
+LOADABLE_QUANTIZATION = ("gguf",)
 # --structured-outputs-backend (vLLM's names): auto = xgrammar, switching to guidance (llguidance)
 # for JSON schemas with keywords xgrammar would not enforce.
 STRUCTURED_OUTPUTS_BACKENDS = ("auto", "xgrammar", "guidance")
@@ -42,6 +47,7 @@ class EngineConfig:
     served_model_name: str | None = None
     dtype: str = "auto"  # auto: bfloat16 on CUDA and on CPUs with AVX512_BF16, float32 on other CPUs
     kv_cache_dtype: str = "auto"  # auto: the model's dtype; float16/bfloat16 halve a float32 cache; fp8_e5m2, int8, fp8 ~quarter it
+    quantization: str | None = None  # None: what the checkpoint says (config.json quantization_config, or a GGUF)
     device: str = "auto"  # auto: cuda if available, else cpu
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     block_size: int = 16
@@ -80,6 +86,9 @@ class EngineConfig:
         if self.dtype != "auto" and self.dtype not in DTYPES:  # bad names fail here, before the model loads
             raise ValueError(f"dtype must be one of {sorted(DTYPES) + ['auto']}, got {self.dtype!r}")
         self._check_kv_cache_dtype()
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {list(QUANTIZATION_METHODS)} (or left out: detected "
+                             f"from the checkpoint), got {self.quantization!r}")
         if self.structured_outputs_backend not in STRUCTURED_OUTPUTS_BACKENDS:
             raise ValueError(f"structured_outputs_backend must be one of {list(STRUCTURED_OUTPUTS_BACKENDS)}, "
                              f"got {self.structured_outputs_backend!r}")
@@ -118,6 +127,24 @@ class EngineConfig:
         with a scale per row (kv_cache_scaled)."""
         self._check_kv_cache_dtype()
         return model_dtype if self.kv_cache_dtype == "auto" else torch_dtype(self.kv_cache_dtype)
+
+    def resolve_quantization(self, detected: str | None) -> str | None:
+        """The checkpoint's quantization method (`detected`: its config.json quantization_config,
+        or "gguf") checked against --quantization, at startup: a flag naming another method is an
+        error, and so is a method whose weights pagedserve cannot load yet, by name."""
+        if self.quantization is not None and self.quantization != detected:
+            raise ValueError(f"--quantization {self.quantization} was given, but the checkpoint is "
+                             + (f"quantized with {detected!r}" if detected else "not quantized")
+                             + ": leave the flag out (the method is read from the checkpoint)")
+        if detected is None or detected in LOADABLE_QUANTIZATION:
+            return detected
+        if detected not in QUANTIZATION_METHODS:
+            raise ValueError(f"the checkpoint is quantized with {detected!r} (config.json quantization_config."
+                             f"quant_method), a method pagedserve does not know (known: {list(QUANTIZATION_METHODS)}); "
+                             "serve the model's float16/bfloat16 original, or a GGUF of it")
+        raise ValueError(f"the checkpoint's weights are {detected}-quantized (config.json quantization_config): "
+                         f"pagedserve cannot load {detected} weights yet; serve the model's float16/bfloat16 "
+                         "original, or a GGUF of it (loaded dequantized)")
 
     @property
     def kv_cache_scaled(self) -> bool:

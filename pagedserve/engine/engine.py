@@ -27,7 +27,7 @@ from pagedserve.engine.scheduler import Scheduler
 from pagedserve.engine.structured_output import StructuredOutputManager
 from pagedserve.engine.thread_tuner import ThreadTuner
 from pagedserve.model.arch import ModelArch
-from pagedserve.model.loader import load_hf_config, load_weights, resolve_model
+from pagedserve.model.loader import checkpoint_quantization, load_hf_config, load_weights, resolve_model
 from pagedserve.model.tokenizer import load_tokenizer
 
 log = logging.getLogger("pagedserve.engine")
@@ -77,6 +77,7 @@ class LLMEngine:
                 torch.set_num_threads(n)
         self.model_path: Path = resolve_model(cfg.model)
         hf_cfg = load_hf_config(self.model_path)
+        self.quantization = cfg.resolve_quantization(checkpoint_quantization(self.model_path, hf_cfg))
         self.arch = ModelArch.from_hf_config(hf_cfg)
         self.tokenizer = load_tokenizer(self.model_path, cfg.chat_template)
         self.max_model_len = cfg.max_model_len or self.arch.max_position_embeddings

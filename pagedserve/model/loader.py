@@ -115,6 +115,19 @@ def load_hf_config(folder: Path) -> dict:
     return json.loads(cfg_path.read_text())
 
 
+def checkpoint_quantization(folder: Path, hf_cfg: dict) -> str | None:
+    """How a checkpoint's weights are quantized, in vLLM's names: "gguf" for a converted GGUF, else
+    config.json's quantization_config.quant_method (lowercase, "compressed_tensors" spelled with a
+    hyphen), None for a float checkpoint."""
+    if (folder / "SOURCE").exists() and ".gguf" in (folder / "SOURCE").read_text():
+        return "gguf"
+    qc = hf_cfg.get("quantization_config")
+    if not qc:
+        return None
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    return str(method or "unnamed").strip().lower().replace("_", "-")[:64]
+
+
 def load_weights(folder: Path) -> dict[str, torch.Tensor]:
     import torch
 
