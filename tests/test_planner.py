@@ -1,5 +1,6 @@
 """Planner math against hand-checked numbers, plus its CLI and errors."""
 
+import functools
 import json
 from pathlib import Path
 import subprocess
@@ -145,6 +146,13 @@ def test_cost_and_crossover():
     (dict(max_model_len=100), "max_model_len"),
     (dict(workload=Workload(daily_users=-5)), "daily_users"),
     (dict(workload=Workload(peak_factor=0.5)), "peak_factor"),
+    (dict(workload=Workload(daily_users=float("inf"))), "daily_users must be a finite number"),
+    (dict(workload=Workload(daily_users=float("nan"))), "daily_users must be a finite number"),
+    (dict(workload=Workload(itl_target_s=float("nan"))), "itl_target_s"),
+    (dict(gpu_hourly_price=float("inf")), "gpu_hourly_price"),
+    (dict(ops_fte=-1), "ops_fte"),
+    (dict(api_prices={"x": {"input": 1.0}}), "x.output"),
+    (dict(api_prices={"x": {"input": float("nan"), "output": 1}}), "x.input"),
 ])
 def test_bad_inputs(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -158,6 +166,12 @@ def test_unknown_gpu_and_bad_config(tmp_path):
         ModelSpec.from_config({"num_hidden_layers": 2, "hidden_size": 8, "num_attention_heads": 2, "vocab_size": 10})
     with pytest.raises(ValueError, match="bandwidth_gbs"):
         custom_hardware("memory_gb=24,bf16_tflops=100")
+    with pytest.raises(ValueError, match="unknown key 'bandwith_gbs'"):  # a typo is an error, not ignored
+        custom_hardware("memory_gb=24,bandwith_gbs=600,bf16_tflops=100")
+    with pytest.raises(ValueError, match="must be a finite number"):
+        custom_hardware("memory_gb=24,bandwidth_gbs=inf,bf16_tflops=100")
+    with pytest.raises(ValueError, match="must be a number"):
+        custom_hardware("memory_gb=lots,bandwidth_gbs=600,bf16_tflops=100")
     with pytest.raises(ValueError, match="> 0"):
         custom_hardware("memory_gb=24,bf16_tflops=100,bandwidth_gbs=-1")
 
@@ -245,3 +259,80 @@ def test_measured_step_time_adds_layer_host_cost_and_logit_reads():
     # The logit read: halving the bandwidth doubles it (the curves set every other term here).
     slow = replace(hw, bandwidth_gbs=8.0)
     assert step(slow, 64) - step(hw, 64) == pytest.approx(64 * spec.vocab * 4 / 16e9)
+
+
+@functools.cache
+def _catalog_plans(dtypes=("fp32", "bf16", "fp8", "awq")) -> list:
+    """Every catalog model x GPU x weight dtype x peak factor 1 and 3, with the built-in API prices
+    (issue 29's sweep)."""
+    from pagedserve.planner.specs import HERE, load_catalog
+
+    prices = yaml.safe_load((HERE / "prices.yaml").read_text())
+    models = list(yaml.safe_load((HERE / "known_models.yaml").read_text()))
+    return [plan(m, gpu, weight_dtype=dtype, api_prices=prices, workload=Workload(peak_factor=peak))
+            for m in models for gpu in load_catalog() for dtype in dtypes for peak in (1.0, 3.0)]
+
+
+def test_cheaper_intervals_are_exact_against_a_brute_force_scan():
+    """Self-hosting rises in replica steps, the API bill in a line: it can be cheaper, dearer, and
+    cheaper again. Every interval the plan reports agrees, at 600 user counts from 1 to 10^8, with
+    comparing the two monthly costs directly; the crossover is where it first gets cheaper."""
+    import numpy as np
+
+    users = np.geomspace(1, 1e8, 600)
+    checked = with_gaps = 0
+    for p in [p for p in _catalog_plans() if p.inp.weight_dtype in ("bf16", "awq")]:
+        for name, prices in p.inp.api_prices.items():
+            spans, total = p.cheaper_intervals(prices)
+            if total > len(spans):  # the full list, for the check
+                p.MAX_LISTED_INTERVALS = total + 1
+                spans, total = p.cheaper_intervals(prices)
+            assert len(spans) == total
+            with_gaps += total > 1
+            edges = [e for s in spans for e in s if e is not None]
+            for u in users:
+                if any(abs(u - e) <= 1e-9 * e for e in edges):
+                    continue  # on a boundary either answer is right
+                direct = p._monthly_self_host(u) <= p._monthly_api(u, prices)
+                listed = any(lo <= u and (hi is None or u <= hi) for lo, hi in spans)
+                assert direct == listed, (p.inp.model.name, p.inp.hw.name, name, u, spans[:3])
+            x = p.cost["api"][name]["crossover_daily_users"]
+            first = next((u for u in users if p._monthly_self_host(u) <= p._monthly_api(u, prices)), None)
+            assert (x is None) == (not spans) and (first is None or x <= first * (1 + 1e-9))
+            if x is not None:  # cheaper just after it, dearer just before (the scan may step over a narrow span)
+                assert p._monthly_self_host(x * (1 + 1e-9)) <= p._monthly_api(x * (1 + 1e-9), prices)
+                assert x <= 1 or p._monthly_self_host(x * (1 - 1e-9)) > p._monthly_api(x * (1 - 1e-9), prices)
+            checked += 1
+    assert checked > 300 and with_gaps > 0
+
+
+def test_the_a10_example_crossover():
+    """Issue 29's example: one A10 is cheaper than gpt-4o-mini from ~9,236 daily users (the old
+    bisection said 73,887), dearer again above ~9,971, and so on up to one replica's steps."""
+    from pagedserve.planner.specs import HERE
+
+    p = plan("llama-3-8b", "A10", api_prices=yaml.safe_load((HERE / "prices.yaml").read_text()))
+    v = p.cost["api"]["gpt-4o-mini"]
+    assert v["crossover_daily_users"] == pytest.approx(9236, rel=0.01)
+    assert v["cheaper_daily_users"][0][1] == pytest.approx(9971, rel=0.01) and v["cheaper_daily_users"][-1][1] is None
+
+
+def test_plan_json_is_valid_json_against_its_schema():
+    import jsonschema
+
+    from pagedserve.planner.specs import HERE
+
+    schema = json.loads((HERE / "plan.schema.json").read_text())
+    nulls = 0
+    for p in _catalog_plans():
+        doc = json.loads(json.dumps(p.to_json(), allow_nan=False))  # raises on Infinity / NaN
+        jsonschema.validate(doc, schema)
+        nulls += len(doc["nulls"])
+        for path, why in doc["nulls"].items():
+            assert why and path
+    assert nulls > 0  # the sweep has plans that never turn compute-bound or do not fit
+    r = subprocess.run([sys.executable, "-m", "pagedserve.cli", "plan", "llama-3-70b", "--gpu", "A10", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    jsonschema.validate(json.loads(r.stdout), schema)
+    assert "Infinity" not in r.stdout and "NaN" not in r.stdout

@@ -113,11 +113,14 @@ def print_report(plan: Plan, explain: bool) -> None:
     c.print(r)
     if cost["api"]:
         a = Table(title="Same traffic on API models")
-        for col in ("API model", "$/month", "self-hosted $/month", "self-hosting cheaper from (daily users)"):
+        for col in ("API model", "$/month", "self-hosted $/month", "self-hosting no dearer at (daily users)"):
             a.add_column(col)
         for name, v in cost["api"].items():
-            x = v["crossover_daily_users"]
-            a.add_row(name, f"${v['monthly_usd']:,.0f}", f"${cost['monthly_usd']:,.0f}", "never" if x is None else f"{x:,.0f}")
+            spans = [f"{lo:,.0f} up" if hi is None else f"{lo:,.0f}–{hi:,.0f}" for lo, hi in v["cheaper_daily_users"]]
+            n = v["cheaper_intervals_total"]
+            if n > 4:  # the first steps, then where it stays cheaper (--json lists more)
+                spans = spans[:3] + [f"… {n - 4} more …", spans[-1]]
+            a.add_row(name, f"${v['monthly_usd']:,.0f}", f"${cost['monthly_usd']:,.0f}", ", ".join(spans) or "never")
         c.print(a)
     c.print("Recommended flags: " + " ".join(f"{k} {v}" for k, v in plan.flags.items()))
     for why in plan.not_servable:
@@ -162,7 +165,7 @@ def plot_roofline(plan: Plan, path: str) -> None:
 def run_plan(args) -> int:
     plan = build_plan(args)
     if args.json:
-        print(json.dumps(plan.to_dict(), indent=2, default=lambda x: None if x == math.inf else str(x)))
+        print(json.dumps(plan.to_json(), indent=2, allow_nan=False, default=str))
     else:
         print_report(plan, args.explain)
     if args.plot:

@@ -50,8 +50,9 @@ class Workload:
         if self.kind not in ("chat", "batch"):
             raise ValueError(f"workload must be 'chat' or 'batch', got {self.kind!r}")
         for name in ("daily_users", "requests_per_user", "peak_factor", "ttft_target_s", "itl_target_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):  # nan and inf fail here too
+                raise ValueError(f"{name} must be a finite number > 0, got {v}")
         if self.input_tokens < 1 or self.output_tokens < 1:
             raise ValueError("input and output tokens per request must be >= 1")
         if self.peak_factor < 1:
@@ -88,8 +89,15 @@ class PlanInputs:
         if self.workload.input_tokens + self.workload.output_tokens > self.max_model_len:
             raise ValueError(f"input + output tokens ({self.workload.input_tokens + self.workload.output_tokens}) "
                              f"exceed max_model_len ({self.max_model_len})")
-        if self.ops_fte < 0:
-            raise ValueError("ops FTE fraction must be >= 0")
+        for name in ("ops_fte", "fte_annual_usd", "gpu_hourly_price"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+        for api, prices in self.api_prices.items():
+            for k in ("input", "output"):
+                v = prices.get(k) if isinstance(prices, dict) else None
+                if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                    raise ValueError(f"API price {api}.{k} ($ per million tokens) must be a finite number >= 0, got {v!r}")
         self.workload.validate()
 
 
@@ -308,25 +316,46 @@ class Plan:
                            + f" = ${monthly:,.0f} (provisioned for peak)")
         for name, prices in self.inp.api_prices.items():
             api_monthly = self._monthly_api(w.daily_users, prices)
-            out["api"][name] = {"monthly_usd": api_monthly, "crossover_daily_users": self._crossover(prices)}
+            spans, total = self.cheaper_intervals(prices)
+            out["api"][name] = {"monthly_usd": api_monthly, "crossover_daily_users": spans[0][0] if spans else None,
+                                "cheaper_daily_users": [list(s) for s in spans], "cheaper_intervals_total": total}
         if self.inp.api_prices:
-            self._note("cost", "API $/month = requests x (input tokens x $in + output tokens x $out) / 1e6; "
-                               "crossover = fewest daily users where self-hosting costs less")
+            self._note("cost", "API $/month = requests x (input tokens x $in + output tokens x $out) / 1e6, a line "
+                               "through zero in daily users; self-hosted $/month is constant between replica steps "
+                               "(one more replica each time the users one replica serves at peak are exceeded), so on "
+                               "step r self-hosting costs no more than the API from (r x replica $ + ops $) / (API $ "
+                               "per user) to the step's end: crossover = the first such point, and every such interval "
+                               "is listed")
         return out
 
-    def _crossover(self, prices: dict[str, float]) -> float | None:
-        lo, hi = 1.0, 1e9
-        if self._monthly_self_host(hi) > self._monthly_api(hi, prices):
-            return None  # never cheaper
-        if self._monthly_self_host(lo) <= self._monthly_api(lo, prices):
-            return lo
-        for _ in range(80):  # self-host cost is a step function: bisect on the sign
-            mid = math.sqrt(lo * hi)
-            if self._monthly_self_host(mid) <= self._monthly_api(mid, prices):
-                hi = mid
-            else:
-                lo = mid
-        return hi
+    MAX_LISTED_INTERVALS = 20
+
+    def cheaper_intervals(self, prices: dict[str, float]) -> tuple[list[tuple[float, float | None]], int]:
+        """Every daily-user interval where self-hosting costs no more than the API, in order (an
+        upper end of None: from there on), at most MAX_LISTED_INTERVALS of them, and how many there
+        are. Exact, not searched: replica r serves users in ((r - 1) U, r U] (U: the users one
+        replica serves at peak), where self-hosting costs S_r = r C + O (C: a replica's $/month, O:
+        operations) against the API's a x users; S_r <= a u from u = S_r / a."""
+        cap, w = self.capacity, self.inp.workload
+        a = self._monthly_api(1.0, prices)
+        if not cap.get("batch") or a <= 0:
+            return [], 0
+        U = cap["requests_per_s_per_replica"] * 86400 / (w.requests_per_user * w.peak_factor)
+        price = self.inp.gpu_hourly_price if self.inp.gpu_hourly_price is not None else self.inp.hw.usd_per_hour
+        C = self.memory["tp"] * price * HOURS_PER_MONTH
+        O = self.inp.ops_fte * self.inp.fte_annual_usd / 12
+        slope = a * U - C  # how much more the API charges than a replica costs, per replica's worth of users
+        if slope <= 0:  # each replica's users pay the API less than the replica costs: never cheaper
+            return [], 0
+        r0 = max(1, math.ceil(O / slope))  # the first step where self-hosting gets cheaper before its end
+        r1 = max(r0, math.ceil((C + O) / slope))  # from here the next step starts cheaper too: no more gaps
+
+        def start(r: int) -> float:
+            return max((r - 1) * U, (r * C + O) / a)
+
+        spans: list[tuple[float, float | None]] = [(start(r), r * U) for r in range(r0, min(r1, r0 + self.MAX_LISTED_INTERVALS - 1))]
+        spans.append((start(r1), None))
+        return spans, r1 - r0 + 1
 
     # -- recommendations -------------------------------------------------------------------
     # The planner's dtype names as the server spells them: config.DTYPES knows fp32/bf16/fp16, and
@@ -379,6 +408,34 @@ class Plan:
         if self.not_servable:
             values["notServable"] = self.not_servable
         return values
+
+    # Why a figure can be infinite, for the JSON's `nulls` (JSON has no Infinity).
+    NULL_REASONS = {
+        "compute_bound_from_batch": "never compute-bound: the KV reads grow as fast as the compute with the batch",
+        "monthly_usd": "no replica can serve the workload (capacity.reason)",
+        "usd_per_million_tokens": "no replica can serve the workload (capacity.reason)",
+        "usd_per_million_output_tokens_at_capacity": "no replica can serve the workload (capacity.reason)",
+    }
+
+    def to_json(self) -> dict:
+        """to_dict with every infinite or NaN figure as null, and `nulls`: each such field's path
+        and why (valid JSON, plan.schema.json)."""
+        nulls: dict[str, str] = {}
+
+        def clean(x, path: str):
+            if isinstance(x, float) and not math.isfinite(x):
+                leaf = path.rsplit(".", 1)[-1]
+                nulls[path] = self.NULL_REASONS.get(leaf, "infinite" if math.isinf(x) else "undefined")
+                return None
+            if isinstance(x, dict):
+                return {k: clean(v, f"{path}.{k}" if path else str(k)) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return [clean(v, f"{path}[{i}]") for i, v in enumerate(x)]
+            return x
+
+        out = clean(self.to_dict(), "")
+        out["nulls"] = nulls
+        return out
 
     def to_dict(self) -> dict:
         m = self.inp.model

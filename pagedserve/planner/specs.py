@@ -7,6 +7,7 @@ from the catalog (hardware.yaml, vendor datasheets) or from measuring this machi
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,20 +182,28 @@ def get_hardware(name: str, catalog: dict[str, HardwareSpec] | None = None) -> H
     return hw
 
 
+CUSTOM_HW_KEYS = ("memory_gb", "bandwidth_gbs", "bf16_tflops", "fp32_tflops", "fp8_tflops", "int8_tops", "usd_per_hour")
+
+
 def custom_hardware(spec: str) -> HardwareSpec:
     fields_ = {}
     for part in spec.split(","):
         if "=" not in part:
-            raise ValueError(f"--hw-custom takes key=value pairs separated by commas, got {part!r}")
-        k, v = part.split("=", 1)
-        fields_[k.strip()] = float(v)
+            raise ValueError(f"--hw-custom takes key=value pairs separated by commas, got {part[:80]!r}")
+        k, v = (x.strip() for x in part.split("=", 1))
+        if k not in CUSTOM_HW_KEYS:  # a typo would otherwise be dropped silently
+            raise ValueError(f"--hw-custom: unknown key {k[:40]!r}; known: {', '.join(CUSTOM_HW_KEYS)}")
+        try:
+            fields_[k] = float(v)
+        except ValueError:
+            raise ValueError(f"--hw-custom {k} must be a number, got {v[:40]!r}") from None
     need = ("memory_gb", "bandwidth_gbs", "bf16_tflops")
     missing = [k for k in need if k not in fields_]
     if missing:
         raise ValueError(f"--hw-custom needs {missing}")
     for k, v in fields_.items():
-        if v <= 0:
-            raise ValueError(f"--hw-custom {k} must be > 0, got {v}")
+        if not (math.isfinite(v) and (v > 0 or k == "usd_per_hour" and v == 0)):
+            raise ValueError(f"--hw-custom {k} must be a finite number > 0, got {v}")
     return HardwareSpec(name="custom", memory_gb=fields_["memory_gb"], bandwidth_gbs=fields_["bandwidth_gbs"],
                         fp32_tflops=fields_.get("fp32_tflops", fields_["bf16_tflops"] / 8),
                         bf16_tflops=fields_["bf16_tflops"], fp8_tflops=fields_.get("fp8_tflops"),
