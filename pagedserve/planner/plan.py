@@ -193,10 +193,14 @@ class Plan:
                 "bound": "compute" if t_compute > t_memory else "memory"}
 
     def _weights_read(self, batch: int) -> float:
-        """Bytes of weights one step reads. MoE: only the experts some token in the batch routes
-        to, in expectation E x (1 - (1 - k/E)^B)."""
+        """Bytes of weights one step reads. The input embedding is a gather of B rows, not a read
+        of its table (a tied table is read whole anyway, as the output head). MoE: only the experts
+        some token in the batch routes to, in expectation E x (1 - (1 - k/E)^B)."""
         m, dtype = self.inp.model, self.inp.weight_dtype
         total = m.weight_bytes(dtype)
+        if not m.tied_embeddings:
+            emb_bytes = 4 if dtype == "fp32" else 2
+            total -= (m.vocab - min(batch, m.vocab)) * m.hidden * emb_bytes
         if not m.experts:
             return total
         per_expert = m.layers * 3 * m.hidden * m.expert_intermediate * WEIGHT_BITS[dtype] / 8
