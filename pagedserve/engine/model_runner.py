@@ -64,9 +64,9 @@ class ModelRunner:
         self.dtype = cfg.resolve_dtype(self.device)
         self.kv_dtype = cfg.resolve_kv_cache_dtype(self.dtype)
         # bfloat16 on a CPU with AVX512_BF16: the GEMMs run in bf16 (weights packed once, float32
-        # accumulation), and so do decode attention's q.k and p.v on the bf16 KV cache; activations,
-        # norms and the softmax stay float32. Without the instruction (or the kernels), bf16 runs
-        # through PyTorch.
+        # accumulation), and so do attention's q.k and p.v on the bf16 KV cache (decode and
+        # prefill); activations, norms and the softmax stay float32. Without the instruction (or
+        # the kernels), bf16 runs through PyTorch.
         self.bf16_gemm = self.device.type == "cpu" and self.dtype == torch.bfloat16 and cpu_kernels.bf16_gemm() is not None
         if self.device.type == "cpu" and self.dtype == torch.bfloat16 and not self.bf16_gemm:
             log.warning("--dtype bfloat16 on a CPU without AVX512_BF16 (or without the x86-64-v4 kernels) runs "
