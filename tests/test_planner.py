@@ -353,3 +353,19 @@ def test_decode_reads_embedding_rows_not_the_table():
     assert p._weights_read(1) == pytest.approx(m.weight_bytes("bf16") - table + m.hidden * 2)
     tied = plan("smollm2-135m")
     assert tied.inp.model.tied_embeddings and tied._weights_read(8) == tied.inp.model.weight_bytes("bf16")
+
+
+def test_tensor_parallel_all_reduces_cost_time_and_more_over_pcie():
+    """Two all-reduces per layer of B x hidden x 2 bytes, a ring over tp GPUs across the catalog's
+    interconnect (NVLink 4: 900 GB/s both ways; PCIe Gen5: 128): issue 29 found TP assumed free."""
+    nv, pcie = plan("llama-3-70b", "H100-SXM", tp=2), plan("llama-3-70b", "H100-PCIe", tp=2)
+    one = plan("llama-3-8b", "H100-SXM")
+    assert one.memory["tp"] == 1 and one.step_time(64)["t_comm"] == 0
+    m = nv.inp.model
+    bytes_256 = 256 * m.hidden * 2
+    assert nv.step_time(256)["t_comm"] == pytest.approx(2 * m.layers * (10e-6 + bytes_256 / 450e9))
+    assert pcie.step_time(256)["t_comm"] == pytest.approx(2 * m.layers * (10e-6 + bytes_256 / 64e9))
+    assert pcie.step_time(256)["t_comm"] > 3 * nv.step_time(256)["t_comm"]
+    s = nv.step_time(256)
+    assert s["t_step"] == pytest.approx(max(s["t_compute"], s["t_memory"]) + s["t_comm"] + nv.inp.hw.step_overhead_s)
+    assert any("all-reduces per layer" in f for _, f in nv.explain)

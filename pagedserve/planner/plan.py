@@ -168,7 +168,8 @@ class Plan:
         peak = hw.peak_flops(inp.weight_dtype) * hw.compute_efficiency * tp
         bw = hw.bandwidth_gbs * GB * hw.bandwidth_efficiency * tp
         t_compute, t_memory = flops / peak, (weights + kv) / bw
-        t = max(t_compute, t_memory) + hw.step_overhead_s
+        t_comm = self._tp_comm_s(batch)
+        t = max(t_compute, t_memory) + t_comm + hw.step_overhead_s
         curve = hw.measured.get("linear_curve")
         if curve:  # measured machine: linear layers from the measured curve, attention on top
             attn_flops = 4 * m.layers * m.heads * m.head_dim * ctx * batch
@@ -189,8 +190,14 @@ class Plan:
             t_memory = kv / kv_bw
             t = t_lin + max(attn_flops / peak, t_memory) + t_other
         return {"batch": batch, "flops": flops, "bytes": weights + kv, "intensity": flops / (weights + kv),
-                "t_compute": t_compute, "t_memory": t_memory, "t_step": t, "tokens_per_s": batch / t,
+                "t_compute": t_compute, "t_memory": t_memory, "t_comm": t_comm, "t_step": t, "tokens_per_s": batch / t,
                 "bound": "compute" if t_compute > t_memory else "memory"}
+
+    def _tp_comm_s(self, tokens: int) -> float:
+        """Tensor parallelism's all-reduces for `tokens` rows: two per layer (after attention's
+        output projection and after the MLP), each of tokens x hidden x 2 bytes of activations."""
+        m, tp = self.inp.model, self.memory["tp"]
+        return 2 * m.layers * self.inp.hw.allreduce_s(tokens * m.hidden * 2, tp)
 
     def _weights_read(self, batch: int) -> float:
         """Bytes of weights one step reads. The input embedding is a gather of B rows, not a read
@@ -211,7 +218,8 @@ class Plan:
         m, hw = self.inp.model, self.inp.hw
         flops = 2 * m.active_params * tokens + 2 * m.layers * m.heads * m.head_dim * tokens**2
         peak = hw.peak_flops(self.inp.weight_dtype) * hw.compute_efficiency * self.memory["tp"]
-        return max(flops / peak, self._weights_read(tokens) / (hw.bandwidth_gbs * GB * hw.bandwidth_efficiency * self.memory["tp"]))
+        return (max(flops / peak, self._weights_read(tokens) / (hw.bandwidth_gbs * GB * hw.bandwidth_efficiency * self.memory["tp"]))
+                + self._tp_comm_s(tokens))
 
     def _roofline(self, m: ModelSpec, hw: HardwareSpec) -> dict:
         inp = self.inp
@@ -237,6 +245,12 @@ class Plan:
                                    "+ max(attention FLOPs / peak, B x context x KV/token / measured KV read rate) "
                                    "+ layers x (elementwise at B + host cost of a layer at 1 token - elementwise at 1) "
                                    "+ B x vocab x 4 bytes of logits / bandwidth")
+        if self.memory["tp"] > 1:
+            self._note("roofline", f"tensor parallel {self.memory['tp']}: + 2 all-reduces per layer of B x hidden x 2 "
+                                   f"bytes, each {hw.allreduce_latency_s * 1e6:.0f} us + 2 (tp - 1) / tp x bytes / "
+                                   f"(interconnect {hw.interconnect_gbs or 64:g} GB/s / 2): "
+                                   f"{self._tp_comm_s(1) * 1e3:.2f} ms per step at batch 1, "
+                                   f"{self._tp_comm_s(256) * 1e3:.2f} ms at 256")
         ttft = self._prefill_time(inp.workload.input_tokens)
         self._note("roofline", f"prefill of {inp.workload.input_tokens} tokens = max(2 P n + attention, weights) / rate "
                                f"= {ttft * 1000:.1f} ms (TTFT without queueing)")

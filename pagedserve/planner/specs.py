@@ -144,12 +144,23 @@ class HardwareSpec:
     fp8_tflops: float | None
     int8_tops: float | None
     usd_per_hour: float
+    interconnect_gbs: float | None = None  # GPU-to-GPU, both directions together (NVLink, PCIe); None: unknown
     source: str = ""
     # Fractions of the datasheet peaks a tuned engine reaches (measured hardware: 1.0).
     compute_efficiency: float = 0.6
     bandwidth_efficiency: float = 0.8
     step_overhead_s: float = 0.003  # scheduling, sampling, launches per decode step
+    allreduce_latency_s: float = 10e-6  # per all-reduce, on top of its bytes (NCCL's small-message latency)
     measured: dict = field(default_factory=dict)
+
+    def allreduce_s(self, nbytes: float, tp: int) -> float:
+        """One ring all-reduce of nbytes over tp GPUs: each GPU sends and receives 2 (tp - 1) / tp x
+        nbytes, over half the quoted (two-way) interconnect bandwidth. 0 for one GPU; PCIe Gen4's
+        64 GB/s where the link is unknown."""
+        if tp <= 1:
+            return 0.0
+        one_way = (self.interconnect_gbs or 64) / 2 * 1e9
+        return self.allreduce_latency_s + 2 * (tp - 1) / tp * nbytes / one_way
 
     def peak_flops(self, weight_dtype: str) -> float:
         """FLOP/s the matmuls run at for this weight format (weight-only int4 computes in bf16;
@@ -182,7 +193,8 @@ def get_hardware(name: str, catalog: dict[str, HardwareSpec] | None = None) -> H
     return hw
 
 
-CUSTOM_HW_KEYS = ("memory_gb", "bandwidth_gbs", "bf16_tflops", "fp32_tflops", "fp8_tflops", "int8_tops", "usd_per_hour")
+CUSTOM_HW_KEYS = ("memory_gb", "bandwidth_gbs", "bf16_tflops", "fp32_tflops", "fp8_tflops", "int8_tops", "usd_per_hour",
+                  "interconnect_gbs")
 
 
 def custom_hardware(spec: str) -> HardwareSpec:
@@ -208,6 +220,7 @@ def custom_hardware(spec: str) -> HardwareSpec:
                         fp32_tflops=fields_.get("fp32_tflops", fields_["bf16_tflops"] / 8),
                         bf16_tflops=fields_["bf16_tflops"], fp8_tflops=fields_.get("fp8_tflops"),
                         int8_tops=fields_.get("int8_tops"), usd_per_hour=fields_.get("usd_per_hour", 0.0),
+                        interconnect_gbs=fields_.get("interconnect_gbs"),
                         source="user figures")
 
 
