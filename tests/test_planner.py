@@ -9,6 +9,7 @@ import sys
 import pytest
 import yaml
 
+from pagedserve.config import LOADABLE_QUANTIZATION, QUANTIZATION_METHODS
 from pagedserve.planner.plan import Plan, PlanInputs, Workload
 from pagedserve.planner.specs import ModelSpec, custom_hardware, get_hardware, load_model_spec
 
@@ -68,9 +69,12 @@ def test_every_recommended_flag_is_one_the_server_takes(weights, kv):
     argv = [str(x) for k, v in p.flags.items() for x in (k, v)]
     args = build_parser().parse_args(["serve", *argv])
     EngineConfig(dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len,
-                 gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs)
-    if weights in ("fp8", "int8", "awq", "gptq"):
-        assert any(weights in w for w in p.not_servable)
+                 gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
+                 quantization=args.quantization)
+    if weights in ("fp8", "int8", "awq", "gptq"):  # named as the server names the method, not emitted (yet)
+        method = Plan.WEIGHT_QUANTIZATION[weights]
+        assert method in QUANTIZATION_METHODS and method not in LOADABLE_QUANTIZATION
+        assert "--quantization" not in p.flags and any(f"--quantization {method}" in w for w in p.not_servable)
     if kv in ("int8", "fp8"):  # the scaled 1-byte caches, spelled as the server (and vLLM) spell them
         assert p.flags["--kv-cache-dtype"] == kv and not any("KV" in w for w in p.not_servable)
 

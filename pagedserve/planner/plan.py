@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pagedserve.config import DTYPES, RUNTIME_RESERVE_FRACTION, SCALED_KV_DTYPES
+from pagedserve.config import DTYPES, LOADABLE_QUANTIZATION, RUNTIME_RESERVE_FRACTION, SCALED_KV_DTYPES
 from pagedserve.planner.specs import KV_BYTES, WEIGHT_BITS, HardwareSpec, ModelSpec
 
 GB = 1e9
@@ -379,6 +379,10 @@ class Plan:
     # The planner's dtype names as the server spells them: config.DTYPES knows fp32/bf16/fp16, and
     # the 1-byte KV caches are the server's scaled int8 and fp8 (e4m3), spelled the same.
     SERVER_KV_DTYPES = {**DTYPES, **{d: d for d in SCALED_KV_DTYPES}}
+    # The planner's quantized weight formats as checkpoints' methods (config.QUANTIZATION_METHODS):
+    # a plan recommends `--quantization` only for a method the server loads (LOADABLE_QUANTIZATION).
+    WEIGHT_QUANTIZATION = {"awq": "awq", "gptq": "gptq", "fp8": "fp8", "int8": "compressed-tensors",
+                           "int4": "compressed-tensors"}
 
     def _flags(self) -> dict:
         """Flags of `pagedserve serve` for this plan: only ones the server accepts (tested by
@@ -394,9 +398,12 @@ class Plan:
         if inp.weight_dtype in DTYPES:
             if inp.weight_dtype != "fp32":
                 f["--dtype"] = DTYPES[inp.weight_dtype]
+        elif (method := self.WEIGHT_QUANTIZATION[inp.weight_dtype]) in LOADABLE_QUANTIZATION:
+            f["--quantization"] = method
         else:
-            self.not_servable.append(f"{inp.weight_dtype} weights: pagedserve loads float32/bfloat16/float16 weights "
-                                     "(GGUF is dequantized) so far")
+            self.not_servable.append(f"{inp.weight_dtype} weights (--quantization {method}): pagedserve cannot load "
+                                     f"them yet; it loads {', '.join(LOADABLE_QUANTIZATION)} checkpoints and "
+                                     "float32/bfloat16/float16 weights")
         auto_kv = "fp32" if inp.weight_dtype == "fp32" else "bf16"
         if self.kv_dtype != auto_kv:
             if self.kv_dtype in self.SERVER_KV_DTYPES:
