@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -28,22 +27,16 @@ TEXT = Path(__file__).parent / "data" / "eval_text.txt"
 
 
 def accuracy(llms: dict) -> dict:
-    from pagedserve import SamplingParams
+    from pagedserve.bench.accuracy import agreement_pct, prompt_stats
 
     tok = next(iter(llms.values())).get_tokenizer()
     ids = tok(TEXT.read_text()).input_ids
     res, top1 = {}, {}
     for name, llm in llms.items():
-        (o,) = llm.generate([ids], SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0), use_tqdm=False)
-        nll, best = [], []
-        for pos, entry in zip(ids[1:], o.prompt_logprobs[1:]):
-            nll.append(-entry[pos].logprob)
-            best.append(next(t for t, lp in entry.items() if lp.rank == 1))
-        top1[name] = best
-        res[name] = {"tokens": len(nll), "perplexity": math.exp(sum(nll) / len(nll))}
+        ppl, top1[name] = prompt_stats(llm, ids)
+        res[name] = {"tokens": len(ids) - 1, "perplexity": ppl}
     if "bfloat16" in top1:
-        a, b = top1["float32"], top1["bfloat16"]
-        res["top1_agreement_pct"] = 100 * sum(x == y for x, y in zip(a, b)) / len(a)
+        res["top1_agreement_pct"] = agreement_pct(top1["float32"], top1["bfloat16"])
         res["perplexity_change_pct"] = 100 * (res["bfloat16"]["perplexity"] / res["float32"]["perplexity"] - 1)
     return res
 

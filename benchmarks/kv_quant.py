@@ -37,20 +37,15 @@ def _llm(kv: str, dtype: str):
 
 
 def accuracy() -> dict:
-    import math
-
-    from pagedserve import SamplingParams
+    from pagedserve.bench.accuracy import agreement_pct, prompt_stats
 
     res, base_top = {}, None
     for kv in ACCURACY_DTYPES:
         llm = _llm(kv, "float32")
         ids = llm.get_tokenizer()(TEXT.read_text()).input_ids
-        (o,) = llm.generate([ids], SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0), use_tqdm=False)
-        nll = [-e[t].logprob for t, e in zip(ids[1:], o.prompt_logprobs[1:])]
-        top = [next(t for t, lp in e.items() if lp.rank == 1) for e in o.prompt_logprobs[1:]]
+        ppl, top = prompt_stats(llm, ids)
         base_top = base_top or top
-        res[kv] = {"perplexity": math.exp(sum(nll) / len(nll)), "tokens": len(nll),
-                   "top1_agreement_pct": 100 * sum(a == b for a, b in zip(base_top, top)) / len(top),
+        res[kv] = {"perplexity": ppl, "tokens": len(ids) - 1, "top1_agreement_pct": agreement_pct(base_top, top),
                    "blocks_per_GiB": llm.engine.runner.num_blocks / 2}
         print(f"  {kv:>9}: perplexity {res[kv]['perplexity']:.3f}, top-1 agreement {res[kv]['top1_agreement_pct']:.1f}%",
               flush=True)

@@ -66,18 +66,3 @@ def tiny_server(tmp_path_factory, tiny_dirs):
                       tmp_path_factory.mktemp("tiny-srv") / "server.log")
     yield s
     assert s.stop() == 0
-
-
-def prompt_stats(llm, ids):
-    """Perplexity of token ids under llm (teacher-forced, every position via prompt_logprobs) and
-    the top-1 token it predicts at each position (accuracy checks against a float32 engine)."""
-    import math
-
-    from pagedserve import SamplingParams
-
-    (o,) = llm.generate([ids], SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0), use_tqdm=False)
-    nll, top = [], []
-    for tok, entry in zip(ids[1:], o.prompt_logprobs[1:]):
-        nll.append(-entry[tok].logprob)
-        top.append(next(t for t, lp in entry.items() if lp.rank == 1))
-    return math.exp(sum(nll) / len(nll)), top

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_no_leaks, prompt_stats
+from conftest import assert_no_leaks
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.bench.accuracy import agreement_pct, prompt_stats
 from pagedserve.config import EngineConfig
 from pagedserve.model import cpu_kernels
 
@@ -47,9 +48,9 @@ def test_bf16_accuracy_on_a_fixed_text(llm, bf16_llm):
     assert len(ids) >= 1000
     ppl32, top32 = prompt_stats(llm, ids)
     ppl16, top16 = prompt_stats(bf16_llm, ids)
-    agree = sum(a == b for a, b in zip(top32, top16)) / len(top32)
+    agree = agreement_pct(top32, top16)
     assert ppl16 <= ppl32 * 1.01, (ppl16, ppl32)
-    assert agree >= 0.97, agree
+    assert agree >= 97, agree
 
 
 def test_bf16_greedy_is_batch_invariant_and_leak_free(bf16_llm):
