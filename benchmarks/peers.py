@@ -20,6 +20,10 @@ temperature 0; SmolLM2-135M-Instruct float32), prints one table, writes JSON and
            inter-token latency)
   itl-pair: pagedserve and llama-server up together, c=1 inter-token latency measured in turns
            (--itl-rounds), so both see the same moment of this drifting machine
+  quantized weights (issue 25): "pagedserve-q4" serves / runs the default model's Q4_1 GGUF kept
+           quantized (the default `pagedserve serve`), "llamacpp-q4" serves the same file,
+           "openvino-int8" is OpenVINO with int8 weights (`--weight-format int8`) at its defaults;
+           the float engines above load the GGUF's dequantized float32 copy
 
     python benchmarks/peers.py --engines pagedserve pagedserve-f16kv pagedserve-fp8kv llamacpp vllm openvino \
         openvino-f32kv \
@@ -28,6 +32,8 @@ temperature 0; SmolLM2-135M-Instruct float32), prints one table, writes JSON and
     python benchmarks/peers.py --engines pagedserve openvino-default --offline-pairs 4     # each one's defaults
     python benchmarks/peers.py --engines pagedserve openvino-default --offline-pairs 2 --contended  # a busy loop on CPU 0
     python benchmarks/peers.py --engines pagedserve-int8kv openvino-default --offline-pairs 4  # both 1-byte KV caches
+    python benchmarks/peers.py --engines pagedserve-q4 openvino-int8 --offline-pairs 4  # quantized weights
+    python benchmarks/peers.py --modes itl-pair --itl-pair pagedserve-q4 llamacpp-q4    # same Q4_1 file, c=1
 
 Results of every engine run are merged into results/peers.json, so engines can be (re)run one at
 a time; the table and plot show everything recorded, with the date of each run.
@@ -60,9 +66,18 @@ def sh(cmd: str, log: Path | None = None) -> None:
 
 
 def model_dir() -> Path:
+    """The default model as a float32 Hugging Face folder (its GGUF dequantized once)."""
     from pagedserve.model.loader import resolve_model
 
     return resolve_model(None)
+
+
+def model_spec(engine: str) -> str:
+    """What a pagedserve engine loads: the Q4_1 GGUF itself (kept quantized) for "-q4", else the
+    float32 folder."""
+    from pagedserve.model.loader import default_model_gguf
+
+    return str(default_model_gguf() if engine.endswith("-q4") else model_dir())
 
 
 # -- installs (each idempotent) -----------------------------------------------------------------
@@ -97,15 +112,16 @@ def install_llamacpp() -> tuple[Path, Path]:
     return server, gguf
 
 
-def install_openvino() -> tuple[Path, Path]:
-    venv, out = PEERS / "ov", PEERS / "smollm2-135m-ov"
+def install_openvino(weight_format: str = "fp32") -> tuple[Path, Path]:
+    venv = PEERS / "ov"
+    out = PEERS / ("smollm2-135m-ov" if weight_format == "fp32" else f"smollm2-135m-ov-{weight_format}")
     if not (venv / "bin/python").exists():
         PEERS.mkdir(parents=True, exist_ok=True)
         sh(f"python3 -m venv {venv} && {venv}/bin/pip install -q torch==2.13.0 'optimum-intel[openvino]' "
            f"openvino-genai && {venv}/bin/pip uninstall -y -q torchvision || true", PEERS / "ov-install.log")
     if not (out / "openvino_model.xml").exists():
         sh(f"{venv}/bin/optimum-cli export openvino --model {model_dir()} --task text-generation-with-past "
-           f"--weight-format fp32 {out}", PEERS / "ov-export.log")
+           f"--weight-format {weight_format} {out}", PEERS / "ov-export.log")
     return venv, out
 
 
@@ -189,7 +205,7 @@ def offline(engine: str) -> dict:
         reqs = synthetic_workload(seed=0)
         kv = {"pagedserve-f16kv": "float16", "pagedserve-fp8kv": "fp8_e5m2", "pagedserve-int8kv": "int8"}.get(engine, "auto")
         dtype = "float32" if engine in ("pagedserve-f32", "pagedserve-f16kv", "pagedserve-fp8kv") else "auto"
-        llm = LLM(str(model_dir()), max_model_len=2048, kv_cache_memory=2 << 30, kv_cache_dtype=kv, dtype=dtype)
+        llm = LLM(model_spec(engine), max_model_len=2048, kv_cache_memory=2 << 30, kv_cache_dtype=kv, dtype=dtype)
         params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
         t0 = time.perf_counter()
         outs = llm.generate([r.prompt_token_ids for r in reqs], params)
@@ -200,10 +216,11 @@ def offline(engine: str) -> dict:
         venv = install_vllm()
         return run_script(venv / "bin/python", VLLM_OFFLINE, [str(model_dir()), str(wl)], RESULTS / "peers_vllm_offline.log",
                           {"VLLM_CPU_KVCACHE_SPACE": "2", "LD_PRELOAD": str(venv / "lib/libiomp5.so")})
-    if engine in ("openvino", "openvino-f32kv", "openvino-default"):
-        venv, ov_dir = install_openvino()
+    if engine in ("openvino", "openvino-f32kv", "openvino-default", "openvino-int8"):
+        venv, ov_dir = install_openvino("int8" if engine == "openvino-int8" else "fp32")
         extra, log = {"openvino-f32kv": (["f32"], "peers_ov_f32kv_offline.log"),
-                      "openvino-default": (["default"], "peers_ov_default_offline.log")}.get(engine, ([], "peers_ov_offline.log"))
+                      "openvino-default": (["default"], "peers_ov_default_offline.log"),
+                      "openvino-int8": (["default"], "peers_ov_int8_offline.log")}.get(engine, ([], "peers_ov_offline.log"))
         return run_script(venv / "bin/python", OV_OFFLINE, [str(ov_dir), str(wl), *extra], RESULTS / log)
     raise ValueError(f"{engine} has no offline mode here")
 
@@ -260,17 +277,21 @@ def start_server(engine: str, port: int, extra: tuple[str, ...] = ()) -> subproc
     """A server for `engine` (`extra`: more pagedserve flags) on `port`, once it answers /health."""
     log = open(RESULTS / f"peers_{engine}_server.log", "w")
     env = dict(os.environ)
-    if engine == "pagedserve":
-        cmd = [sys.executable, "-m", "pagedserve.cli", "serve", "--served-model-name", "m", "--kv-cache-memory", "2GiB",
-               "--max-model-len", "2048", "--port", str(port), *extra]
+    if engine in ("pagedserve", "pagedserve-q4"):
+        cmd = [sys.executable, "-m", "pagedserve.cli", "serve", "--model", model_spec(engine), "--served-model-name", "m",
+               "--kv-cache-memory", "2GiB", "--max-model-len", "2048", "--port", str(port), *extra]
     elif engine == "vllm":
         venv = install_vllm()
         env.update(VLLM_CPU_KVCACHE_SPACE="2", LD_PRELOAD=str(venv / "lib/libiomp5.so"))
         cmd = [str(venv / "bin/python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir()),
                "--served-model-name", "m", "--dtype", "float32", "--max-model-len", "2048", "--host", "127.0.0.1",
                "--port", str(port), "--no-enable-prefix-caching"]
-    elif engine == "llamacpp":
+    elif engine in ("llamacpp", "llamacpp-q4"):
         server, gguf = install_llamacpp()
+        if engine == "llamacpp-q4":
+            from pagedserve.model.loader import default_model_gguf
+
+            gguf = default_model_gguf()
         cmd = [str(server), "-m", str(gguf), "-a", "m", "-c", str(64 * 800), "-np", "64", "-t", "2", "--host", "127.0.0.1",
                "--port", str(port)]
     else:
@@ -316,7 +337,7 @@ def online(engine: str, concurrency: int, itl_requests: int) -> dict:
     return {"ready_s": ready_s, f"c{concurrency}": load, "c8": mid, "c1": solo}
 
 
-def itl_pair(rounds: int, itl_requests: int) -> dict:
+def itl_pair(rounds: int, itl_requests: int, engines: tuple[str, str] = ("pagedserve", "llamacpp")) -> dict:
     """Inter-token latency at concurrency 1, pagedserve and llama-server up together and measured
     in turns: in the online mode each engine's c=1 level runs minutes after the other's, and this
     machine's speed drifts by 10-30% over minutes (one such run read 1.54x where turns read
@@ -325,7 +346,8 @@ def itl_pair(rounds: int, itl_requests: int) -> dict:
 
     from pagedserve.bench import cli as bench
 
-    ports = {"pagedserve": free_port(), "llamacpp": free_port()}
+    ours, peer = engines
+    ports = {ours: free_port(), peer: free_port()}
     procs = {}
     itl = {e: [] for e in ports}
     try:
@@ -338,8 +360,8 @@ def itl_pair(rounds: int, itl_requests: int) -> dict:
     finally:
         for proc in procs.values():
             stop_server(proc)
-    ratios = [a / b for a, b in zip(itl["pagedserve"], itl["llamacpp"])]
-    return {"date": time.strftime("%Y-%m-%d %H:%M"), "itl_p50_s": itl, "ratios": ratios,
+    ratios = [a / b for a, b in zip(itl[ours], itl[peer])]
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "engines": [ours, peer], "itl_p50_s": itl, "ratios": ratios,
             "median_ratio": statistics.median(ratios)}
 
 
@@ -347,7 +369,7 @@ def itl_pair(rounds: int, itl_requests: int) -> dict:
 
 def engine_results(results: dict) -> dict:
     """The per-engine entries of peers.json (it also holds the itl-pair turns and offline pairs)."""
-    return {e: r for e, r in results.items() if e != "itl_pair" and not e.startswith("offline_pairs")}
+    return {e: r for e, r in results.items() if not e.startswith(("itl_pair", "offline_pairs"))}
 
 
 def report(results: dict) -> None:
@@ -454,6 +476,8 @@ def main():
                     choices=["offline", "online", "itl-pair"])
     ap.add_argument("--itl-requests", type=int, default=8)
     ap.add_argument("--itl-rounds", type=int, default=3, help="turns of the itl-pair mode")
+    ap.add_argument("--itl-pair", nargs=2, default=["pagedserve", "llamacpp"], metavar=("OURS", "PEER"),
+                    help="the two servers of the itl-pair mode (pagedserve-q4 llamacpp-q4: the same Q4_1 GGUF)")
     ap.add_argument("--offline-pairs", type=int, default=0, metavar="N",
                     help="offline only: N rounds of the first engine (pagedserve) and the others back to back, "
                          "taking turns at going first; reports each round's ratio and the median")
@@ -469,14 +493,16 @@ def main():
     results = json.loads(out.read_text()) if out.exists() else {}
     if args.install_only:
         for e in args.engines:
-            {"vllm": install_vllm, "llamacpp": install_llamacpp, "openvino": install_openvino,
-             "openvino-f32kv": install_openvino, "openvino-default": install_openvino}.get(e, lambda: None)()
+            {"vllm": install_vllm, "llamacpp": install_llamacpp, "llamacpp-q4": install_llamacpp,
+             "openvino": install_openvino, "openvino-f32kv": install_openvino, "openvino-default": install_openvino,
+             "openvino-int8": lambda: install_openvino("int8")}.get(e, lambda: None)()
         return
     if args.offline_pairs:
         # one key per question: each engine's defaults, the same under contention, both with a
         # 1-byte KV cache (OpenVINO's default is u8), float32 pairs
         key = {("pagedserve", "openvino-default"): "offline_pairs_defaults",
-               ("pagedserve-int8kv", "openvino-default"): "offline_pairs_int8kv"}.get(tuple(args.engines[:2]), "offline_pairs")
+               ("pagedserve-int8kv", "openvino-default"): "offline_pairs_int8kv",
+               ("pagedserve-q4", "openvino-int8"): "offline_pairs_q4"}.get(tuple(args.engines[:2]), "offline_pairs")
         key = "offline_pairs_contended" if args.contended else key
         results[key] = offline_pairs(args.engines, args.offline_pairs, args.contended)
         out.write_text(json.dumps(results, indent=2))
@@ -488,15 +514,16 @@ def main():
         for mode in (m for m in args.modes if m != "itl-pair"):
             offline_only = e.startswith("openvino") or e in ("pagedserve-f16kv", "pagedserve-fp8kv", "pagedserve-int8kv",
                                                                "pagedserve-f32")
-            if mode == "offline" and e == "llamacpp" or mode == "online" and offline_only:
+            if mode == "offline" and e.startswith("llamacpp") or mode == "online" and offline_only:
                 continue
             print(f"== {e} {mode}", flush=True)
             r[mode] = offline(e) if mode == "offline" else online(e, 64, args.itl_requests)
             r["date"] = time.strftime("%Y-%m-%d %H:%M")
             out.write_text(json.dumps(results, indent=2))
     if "itl-pair" in args.modes:
-        print("== itl-pair: pagedserve and llama-server at c=1, in turns", flush=True)
-        results["itl_pair"] = itl_pair(args.itl_rounds, args.itl_requests)
+        print(f"== itl-pair: {' and '.join(args.itl_pair)} at c=1, in turns", flush=True)
+        key = "itl_pair" if args.itl_pair == ["pagedserve", "llamacpp"] else "itl_pair_" + "_".join(args.itl_pair)
+        results[key] = itl_pair(args.itl_rounds, args.itl_requests, tuple(args.itl_pair))
         out.write_text(json.dumps(results, indent=2))
     report(results)
     plot(results, out.with_suffix(".png"))

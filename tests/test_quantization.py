@@ -40,9 +40,11 @@ def test_a_flag_that_disagrees_with_the_checkpoint_is_an_error(tiny_dirs, defaul
     with pytest.raises(ValueError, match="--quantization awq was given, but the checkpoint is not quantized"):
         LLM(str(tiny_dirs["llama"]), quantization="awq", kv_cache_memory=16 << 20)
     with pytest.raises(ValueError, match="--quantization gptq was given, but the checkpoint is quantized with 'gguf'"):
-        LLM(str(default_model_dir), quantization="gptq", kv_cache_memory=16 << 20)
-    llm = LLM(str(default_model_dir), quantization="gguf", max_model_len=256, kv_cache_memory=16 << 20)
+        LLM(None, quantization="gptq", kv_cache_memory=16 << 20)
+    llm = LLM(None, quantization="gguf", max_model_len=256, kv_cache_memory=16 << 20)
     assert llm.engine.quantization == "gguf"
+    # The GGUF's converted folder holds its weights dequantized: a float checkpoint.
+    assert LLM(str(default_model_dir), max_model_len=256, kv_cache_memory=16 << 20).engine.quantization is None
     assert LLM(str(tiny_dirs["llama"]), kv_cache_memory=16 << 20).engine.quantization is None
 
 

@@ -27,7 +27,7 @@ from pagedserve.engine.scheduler import Scheduler
 from pagedserve.engine.structured_output import StructuredOutputManager
 from pagedserve.engine.thread_tuner import ThreadTuner
 from pagedserve.model.arch import ModelArch
-from pagedserve.model.loader import checkpoint_quantization, load_hf_config, load_weights, resolve_model
+from pagedserve.model.loader import checkpoint_quantization, load_checkpoint, load_hf_config, load_weights
 from pagedserve.model.tokenizer import load_tokenizer
 
 log = logging.getLogger("pagedserve.engine")
@@ -75,9 +75,9 @@ class LLMEngine:
             self.threads_why = why
             if n < torch.get_num_threads():
                 torch.set_num_threads(n)
-        self.model_path: Path = resolve_model(cfg.model)
+        self.model_path, gguf_file = load_checkpoint(cfg.model)
         hf_cfg = load_hf_config(self.model_path)
-        self.quantization = cfg.resolve_quantization(checkpoint_quantization(self.model_path, hf_cfg))
+        self.quantization = cfg.resolve_quantization(checkpoint_quantization(hf_cfg, gguf_file))
         self.arch = ModelArch.from_hf_config(hf_cfg)
         self.tokenizer = load_tokenizer(self.model_path, cfg.chat_template)
         self.max_model_len = cfg.max_model_len or self.arch.max_position_embeddings
@@ -87,7 +87,7 @@ class LLMEngine:
                 f"pagedserve does not implement: set --max-model-len <= {self.arch.sliding_window}"
             )
         self.eos_token_ids = frozenset(self._eos_ids(hf_cfg))
-        self.runner = ModelRunner(cfg, self.arch, load_weights(self.model_path), self.max_model_len)
+        self.runner = ModelRunner(cfg, self.arch, load_weights(self.model_path, gguf_file), self.max_model_len)
         self.kv = KVCacheManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.tuner: ThreadTuner | None = None  # 1 or N threads, measured (thread_tuner.py)
         if cfg.adaptive_threads and self.runner.kernels is not None and torch.get_num_threads() > 1:
@@ -110,12 +110,13 @@ class LLMEngine:
         self.startup_seconds = time.monotonic() - t0
         r = self.runner
         log.info(
-            "engine ready in %.1fs: model=%s arch=%s params=%.1fM dtype=%s device=%s attention=%s "
+            "engine ready in %.1fs: model=%s arch=%s params=%.1fM dtype=%s weights=%s (%.0f MiB) device=%s attention=%s "
             "kv_cache=%.0fMiB kv_cache_dtype=%s blocks=%d block_size=%d tokens=%d max_model_len=%d "
             "max_concurrency=%.1f (at max_model_len) max_num_batched_tokens=%d prefix_caching=%s "
             "threads=%d (%s%s)",
             self.startup_seconds, self.model_path, self.arch.architecture, self.arch.num_parameters() / 1e6,
-            str(r.dtype).removeprefix("torch."), device, r.model.layers[0].self_attn.backend.name,
+            str(r.dtype).removeprefix("torch."), r.weights_description(), r.weight_bytes / 2**20, device,
+            r.model.layers[0].self_attn.backend.name,
             r.kv_bytes / 2**20, str(r.kv_dtype).removeprefix("torch.") + ("+row-scales" if cfg.kv_cache_scaled else ""),
             r.num_blocks, cfg.block_size,
             r.num_blocks * cfg.block_size,

@@ -22,7 +22,7 @@ from pagedserve.engine.structured_output import StructuredOutputManager
 from pagedserve.model.arch import ModelArch
 from pagedserve.model import cpu_kernels
 from pagedserve.model.attention import AttentionMetadata, PrefillChunk, ScaledKV, get_attention_backend
-from pagedserve.model.llama import LlamaForCausalLM, build_for_checkpoint, use_cpu_kernels
+from pagedserve.model.llama import LlamaForCausalLM, build_for_checkpoint, dequantize_unpacked, use_cpu_kernels
 from pagedserve.model.sampler import Sampler, SamplerOutput, top_logprobs
 
 log = logging.getLogger("pagedserve.runner")
@@ -87,7 +87,15 @@ class ModelRunner:
         if kernels is not None:  # the C++ CPU kernels built: fused elementwise ops, packed-weight GEMM
             use_cpu_kernels(self.model, kernels, pack=cpu_kernels.packed_linear() is not None,
                             weight_dtype=torch.bfloat16 if self.bf16_gemm else torch.float32)
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        expanded = dequantize_unpacked(self.model, compute)
+        if expanded:
+            log.warning("%d quantized weights run dequantized to %s: %s", len(expanded), str(compute).removeprefix("torch."),
+                        "; ".join(expanded[:4]) + (" ..." if len(expanded) > 4 else ""))
+        if self.device.type != "cpu":
+            self.model.to(self.device)
+        self.quantized_weights = {id(m.quant): m.quant for m in model.modules() if getattr(m, "quant", None) is not None}
+        self.weight_bytes = (sum(p.numel() * p.element_size() for p in model.parameters())
+                             + sum(w.nbytes() for w in self.quantized_weights.values()))
         self.sampler = Sampler(arch.vocab_size, argmax=kernels.argmax_rows if kernels is not None else None)
 
         per_token = arch.kv_bytes_per_token(torch.empty((), dtype=self.kv_dtype).element_size(),
@@ -117,6 +125,14 @@ class ModelRunner:
             self.kv_bytes += self.kv_caches.scales.numel() * 4
         self._populating: threading.Thread | None = None
         self.max_concurrency = self.num_blocks / blocks_per_seq
+
+    def weights_description(self) -> str:
+        """What the weights are kept as, for the start-up log: "gguf Q4_1+gguf Q8_0 (quantized)" or
+        the float dtype."""
+        if not self.quantized_weights:
+            return str(self.dtype).removeprefix("torch.")
+        kinds = sorted({w.source for w in self.quantized_weights.values()})
+        return "+".join(kinds) + " (quantized)"
 
     def start_kv_populate(self) -> None:
         """Fault the CPU KV cache in on a background thread (cpu_memory.populate), so steps do not

