@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 import time
+from pathlib import Path
 
 from pagedserve.config import DEFAULT_TTFT_TARGET_MS, QUANTIZATION_METHODS, STRUCTURED_OUTPUTS_BACKENDS
 from pagedserve.server.tool_parsers import PARSERS as _TOOL_PARSERS
@@ -228,6 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_gw = sub.add_parser("gateway", help="one front door for many replicas and providers (see examples/gateway.yaml)")
     add_gateway_args(p_gw)
+    from pagedserve.model.quantization.quantize import METHODS
+
+    p_q = sub.add_parser("quantize", help="write a quantized checkpoint (compressed-tensors or AWQ) without a GPU",
+                         formatter_class=HelpFormatter)
+    p_q.add_argument("model", nargs="?", default=None, help="model folder, .gguf or hub id (default: the default model)")
+    p_q.add_argument("--method", required=True, choices=METHODS,
+                     help="int8: W8A16 per channel; int4-rtn: W4A16 round-to-nearest; awq: activation-aware int4")
+    p_q.add_argument("--out", required=True, type=Path, help="folder to write (replaced if it exists)")
+    p_q.add_argument("--group-size", type=int, default=128, help="input features per scale (int4-rtn, awq)")
+    p_q.add_argument("--calibration", type=Path, default=None,
+                     help="awq: a text file to calibrate on (default: a built-in English text)")
+    p_q.add_argument("--calibration-tokens", type=int, default=512, help="awq: tokens of it to use")
     return parser
 
 
@@ -250,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
             from pagedserve.gateway.cli import run_gateway
 
             return run_gateway(args)
+        if args.command == "quantize":
+            from pagedserve.model.quantization.quantize import quantize_model
+
+            quantize_model(args.model, args.method, args.out, args.group_size, args.calibration,
+                           args.calibration_tokens)
+            return 0
     except (ValueError, FileNotFoundError) as e:  # bad flags or model: say what to change, no traceback
         log.error("%s", e)
         return 2

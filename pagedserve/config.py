@@ -23,11 +23,11 @@ DTYPES = {
 KV_ONLY_DTYPES = {"fp8_e5m2": "float8_e5m2", "int8": "int8", "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn"}
 SCALED_KV_DTYPES = ("int8", "fp8", "fp8_e4m3")
 KV_SCALE_BYTES = 4  # one float32 per (token, kv head) row of a scaled cache, for K and again for V
-# --quantization (vLLM's names), detected from the checkpoint when not given. A GGUF loads with its
-# tensors dequantized to --dtype; checkpoints quantized by the other methods are refused at
-# startup, by name, until their weights load (issue 25).
+# --quantization (vLLM's names), detected from the checkpoint when not given (config.json's
+# quantization_config, or a GGUF). Integer weights stay quantized in memory on CPUs with the
+# kernels (model/quantization/); FP8 weights, and any weight elsewhere, are dequantized at load.
 QUANTIZATION_METHODS = ("awq", "gptq", "fp8", "compressed-tensors", "gguf")
-LOADABLE_QUANTIZATION = ("gguf",)
+LOADABLE_QUANTIZATION = QUANTIZATION_METHODS
 # --structured-outputs-backend (vLLM's names): auto = xgrammar, switching to guidance (llguidance)
 # for JSON schemas with keywords xgrammar would not enforce.
 STRUCTURED_OUTPUTS_BACKENDS = ("auto", "xgrammar", "guidance")
@@ -131,20 +131,16 @@ class EngineConfig:
     def resolve_quantization(self, detected: str | None) -> str | None:
         """The checkpoint's quantization method (`detected`: its config.json quantization_config,
         or "gguf") checked against --quantization, at startup: a flag naming another method is an
-        error, and so is a method whose weights pagedserve cannot load yet, by name."""
+        error, and so is a method pagedserve does not know, by name."""
         if self.quantization is not None and self.quantization != detected:
             raise ValueError(f"--quantization {self.quantization} was given, but the checkpoint is "
                              + (f"quantized with {detected!r}" if detected else "not quantized")
                              + ": leave the flag out (the method is read from the checkpoint)")
         if detected is None or detected in LOADABLE_QUANTIZATION:
             return detected
-        if detected not in QUANTIZATION_METHODS:
-            raise ValueError(f"the checkpoint is quantized with {detected!r} (config.json quantization_config."
-                             f"quant_method), a method pagedserve does not know (known: {list(QUANTIZATION_METHODS)}); "
-                             "serve the model's float16/bfloat16 original, or a GGUF of it")
-        raise ValueError(f"the checkpoint's weights are {detected}-quantized (config.json quantization_config): "
-                         f"pagedserve cannot load {detected} weights yet; serve the model's float16/bfloat16 "
-                         "original, or a GGUF of it (loaded dequantized)")
+        raise ValueError(f"the checkpoint is quantized with {detected!r} (config.json quantization_config."
+                         f"quant_method), a method pagedserve does not know (known: {list(QUANTIZATION_METHODS)}); "
+                         "serve the model's float16/bfloat16 original, or a GGUF of it")
 
     @property
     def kv_cache_scaled(self) -> bool:

@@ -71,10 +71,10 @@ def test_every_recommended_flag_is_one_the_server_takes(weights, kv):
     EngineConfig(dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len,
                  gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
                  quantization=args.quantization)
-    if weights in ("fp8", "int8", "awq", "gptq"):  # named as the server names the method, not emitted (yet)
+    if weights in ("fp8", "int8", "awq", "gptq"):  # spelled as the server (and vLLM) spell the method
         method = Plan.WEIGHT_QUANTIZATION[weights]
-        assert method in QUANTIZATION_METHODS and method not in LOADABLE_QUANTIZATION
-        assert "--quantization" not in p.flags and any(f"--quantization {method}" in w for w in p.not_servable)
+        assert method in QUANTIZATION_METHODS and method in LOADABLE_QUANTIZATION
+        assert p.flags["--quantization"] == method and not any("--quantization" in w for w in p.not_servable)
     if kv in ("int8", "fp8"):  # the scaled 1-byte caches, spelled as the server (and vLLM) spell them
         assert p.flags["--kv-cache-dtype"] == kv and not any("KV" in w for w in p.not_servable)
 

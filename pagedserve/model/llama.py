@@ -37,6 +37,8 @@ class Linear(nn.Linear):
         if self.packed is not None:
             if self.quant is not None:
                 qw, scales, offsets = self.quant.pack()
+                if self.quant.input_perm is not None:  # GPTQ act-order: x in the weight's column order
+                    x = x.index_select(-1, self.quant.input_perm)
                 return self.packed.quant_linear(x, qw, scales, offsets, self.bias, self.quant_bf16)
             return self.packed.packed_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
@@ -335,7 +337,8 @@ class LlamaForCausalLM(nn.Module):
         installed: packed bias-free Linears (the QKV bias aside), fused norms and rotary, the C++
         attention backend. Returns whether it now does."""
         def packed(lin: Linear, bias_ok: bool = False) -> bool:
-            return lin.packed is not None and (bias_ok or lin.bias is None)
+            return (lin.packed is not None and (bias_ok or lin.bias is None)
+                    and (lin.quant is None or lin.quant.input_perm is None))  # act-order: the Python loop
 
         none = torch.empty(0)
 

@@ -151,6 +151,19 @@ def load_weights(folder: Path, gguf_file: Path | None = None) -> dict[str, torch
         heads = cfg["num_attention_heads"]
         return read_gguf_weights(gguf_file, heads, cfg.get("num_key_value_heads") or heads,
                                  cfg.get("model_type", "llama"), keep_quantized=True)
+    weights = _read_tensors(folder)
+    qc = load_hf_config(folder).get("quantization_config")
+    method = checkpoint_quantization(load_hf_config(folder))
+    if method is not None and method != "gguf":
+        from pagedserve.model.quantization.checkpoints import convert
+
+        weights = convert(weights, qc, method)
+    return weights
+
+
+def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     files = sorted(folder.glob("*.safetensors"))
     if files:
         from safetensors.torch import load_file

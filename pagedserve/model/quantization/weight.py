@@ -30,6 +30,9 @@ class QuantizedWeight:
     bits: int
     group_size: int
     source: str = ""  # what it was loaded from, for logs: "gguf Q4_1", "awq", ...
+    # GPTQ act-order: the input features in stored order (columns of q follow x[:, input_perm]), so
+    # each group's rows are contiguous; the Linear permutes its input the same way.
+    input_perm: torch.Tensor | None = None
     _packed: tuple | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -55,24 +58,28 @@ class QuantizedWeight:
         return tuple(self.q.shape)
 
     def dequantize(self) -> torch.Tensor:
-        """float32 [N, K]: q * scale + offset, as the kernels compute it."""
+        """float32 [N, K]: q * scale + offset, as the kernels compute it (input features in their
+        true order)."""
         n, k = self.q.shape
         q = self.q.float().view(n, k // self.group_size, self.group_size)
         w = q * self.scales.unsqueeze(-1)
         if self.offsets is not None:
             w = w + self.offsets.unsqueeze(-1)
-        return w.view(n, k)
+        w = w.view(n, k)
+        if self.input_perm is not None:
+            w = torch.empty_like(w).index_copy_(1, self.input_perm, w)
+        return w
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids`, dequantized (an embedding lookup without the kernels)."""
         sub = QuantizedWeight(self.q[ids], self.scales[ids], None if self.offsets is None else self.offsets[ids],
-                              self.bits, self.group_size, self.source)
+                              self.bits, self.group_size, self.source, self.input_perm)
         return sub.dequantize()
 
     def permute_rows(self, perm: torch.Tensor) -> QuantizedWeight:
         return QuantizedWeight(self.q[perm].contiguous(), self.scales[perm].contiguous(),
                                None if self.offsets is None else self.offsets[perm].contiguous(),
-                               self.bits, self.group_size, self.source)
+                               self.bits, self.group_size, self.source, self.input_perm)
 
     def with_layout(self, bits: int, group_size: int) -> QuantizedWeight:
         """The same values in wider integers and/or smaller groups (exact: 4-bit q fit int8 as they
@@ -86,11 +93,15 @@ class QuantizedWeight:
         offsets = self.offsets
         if offsets is not None and rep > 1:
             offsets = offsets.repeat_interleave(rep, dim=1)
-        return QuantizedWeight(q, scales, offsets, bits, group_size, self.source)
+        return QuantizedWeight(q, scales, offsets, bits, group_size, self.source, self.input_perm)
 
     @staticmethod
     def cat(parts: list[QuantizedWeight]) -> QuantizedWeight:
         """Stack along the output dimension (q/k/v into one qkv projection), in one layout."""
+        perm = parts[0].input_perm
+        if any((p.input_perm is None) != (perm is None) or p.input_perm is not None and not torch.equal(p.input_perm, perm)
+               for p in parts):
+            raise ValueError("cannot fuse act-order weights whose input orders differ (GPTQ g_idx of q/k/v or gate/up)")
         bits = max(p.bits for p in parts)
         group = math.gcd(*(p.group_size for p in parts))
         parts = [p.with_layout(bits, group) for p in parts]
@@ -100,7 +111,7 @@ class QuantizedWeight:
             offsets = None
         sources = sorted({p.source for p in parts})
         return QuantizedWeight(torch.cat([p.q for p in parts]), torch.cat([p.scales for p in parts]), offsets,
-                               bits, group, "+".join(sources))
+                               bits, group, "+".join(sources), perm)
 
     def packable(self) -> str | None:
         """Why the kernels cannot take this weight (None: they can)."""

@@ -1,0 +1,230 @@
+"""Quantized weights side by side in one run (issue 25): accuracy, memory, speed.
+
+1. accuracy on the default model: perplexity on the fixed text (benchmarks/data/eval_text.txt),
+   teacher-forced top-1 agreement, and greedy-decoding agreement (8 prompts x 48 tokens: the decode
+   steps, where small batches take the integer kernel) against float32 weights, for: the Q4_1 GGUF
+   kept quantized (float32 and bf16 activations), `pagedserve quantize` int8 / int4-rtn / awq
+   (groups of 32: SmolLM2's 576 is no multiple of 128), and the GGUF with int8 / fp8 KV caches.
+   NOTE: the default model exists only as Q4_1, so "float32" is its Q4_1 weights dequantized; the
+   re-quantized variants quantize an already 4-bit model (a harder case than a float original);
+2. memory: resident weight bytes of each, against the GGUF file;
+3. speed: the projections of 30 SmolLM2 layers (distinct weights, streamed from memory) at batch
+   M = 1..256: float32 and bf16 packed GEMMs against 4-bit and 8-bit quantized ones, through the
+   integer VNNI kernel and through the dequantize-then-GEMM tiles; and offline c=1 ms/token.
+
+  python benchmarks/quant_weights.py            # all (~6 min on 2 cores)
+  python benchmarks/quant_weights.py --from-json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from bench_common import finish, machine, pyplot
+
+RESULTS = Path(__file__).parent / "results"
+OUT = RESULTS / "quant_weights.json"
+TEXT = Path(__file__).parent / "data" / "eval_text.txt"
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+           "List three colors:", "Water boils at", "The best way to learn a language is",
+           "import numpy as np\n", "Dear team, thank you for"]
+
+
+def _llm(model: str | None, **kw):
+    from pagedserve import LLM
+
+    return LLM(model, max_model_len=2048, kv_cache_memory=256 << 20, enable_prefix_caching=False, **kw)
+
+
+def accuracy(workdir: Path) -> dict:
+    from pagedserve import SamplingParams
+    from pagedserve.bench.accuracy import agreement_pct, prompt_stats
+    from pagedserve.model.loader import default_model_gguf, resolve_model
+    from pagedserve.model.quantization.quantize import quantize_model
+
+    float_dir = str(resolve_model(None))
+    made = {m: str(quantize_model(None, m, workdir / m, group_size=32)) for m in ("int8", "int4-rtn", "awq")}
+    variants = [  # label, model, engine kwargs
+        ("float32", float_dir, {"dtype": "float32"}),
+        ("GGUF Q4_1, float32 act.", None, {"dtype": "float32"}),
+        ("GGUF Q4_1, bf16 (default)", None, {"dtype": "auto"}),
+        ("int8 (W8A16)", made["int8"], {"dtype": "float32"}),
+        ("int4-rtn g32 (W4A16)", made["int4-rtn"], {"dtype": "float32"}),
+        ("AWQ g32", made["awq"], {"dtype": "float32"}),
+        ("GGUF Q4_1 + int8 KV", None, {"dtype": "float32", "kv_cache_dtype": "int8"}),
+        ("GGUF Q4_1 + fp8 KV", None, {"dtype": "float32", "kv_cache_dtype": "fp8"}),
+    ]
+    sp = SamplingParams(max_tokens=48, temperature=0)
+    res, base = {}, None
+    for label, model, kw in variants:
+        llm = _llm(model, **kw)
+        ids = llm.get_tokenizer()(TEXT.read_text()).input_ids
+        ppl, top = prompt_stats(llm, ids)
+        gen = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
+        base = base or {"ppl": ppl, "top": top, "gen": gen}
+        same = sum(a == b for g, h in zip(gen, base["gen"]) for a, b in zip(g, h))
+        r = llm.engine.runner
+        res[label] = {"perplexity": ppl, "ppl_delta_pct": 100 * (ppl / base["ppl"] - 1),
+                      "top1_agreement_pct": agreement_pct(base["top"], top),
+                      "greedy_agreement_pct": 100 * same / sum(len(h) for h in base["gen"]),
+                      "weights": r.weights_description(), "weight_bytes": r.weight_bytes}
+        print(f"  {label:>26}: ppl {ppl:.3f} ({res[label]['ppl_delta_pct']:+.2f}%), top-1 "
+              f"{res[label]['top1_agreement_pct']:.1f}%, greedy {res[label]['greedy_agreement_pct']:.1f}%, "
+              f"weights {r.weight_bytes / 2**20:.0f} MiB ({res[label]['weights']})", flush=True)
+        del llm
+        gc.collect()
+    res["_gguf_file_bytes"] = default_model_gguf().stat().st_size
+    return res
+
+
+def kernels(rounds: int = 3) -> dict:
+    import torch
+
+    from pagedserve.model import cpu_kernels
+    from pagedserve.model.quantization.weight import QuantizedWeight
+
+    m = cpu_kernels.load(required=True)
+    shapes = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
+    layers = 30
+    g = torch.Generator().manual_seed(0)
+
+    def qw(n, k, bits):
+        q = (torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g) if bits == 4
+             else torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g))
+        w = QuantizedWeight(q, torch.rand(n, k // 32, generator=g) * 0.01,
+                            torch.randn(n, k // 32, generator=g) * 0.01 if bits == 4 else None, bits, 32)
+        w.pack()
+        return w
+
+    w4 = {s: [qw(n, k, 4) for _ in range(layers)] for s, (n, k) in shapes.items()}
+    w8 = {s: [qw(n, k, 8) for _ in range(layers)] for s, (n, k) in shapes.items()}
+    dense = {s: [w.dequantize() for w in ws] for s, ws in w4.items()}
+    f32 = {s: [m.pack_linear_weight(w) for w in ws] for s, ws in dense.items()}
+    bf16 = ({s: [m.pack_linear_weight_bf16(w) for w in ws] for s, ws in dense.items()}
+            if m.packed_linear_bf16_supported() else None)
+    del dense
+    bf = m.packed_linear_bf16_supported()
+    kinds = {"float32": lambda x, s, i: m.packed_linear(x, f32[s][i]),
+             **({"bf16": lambda x, s, i: m.packed_linear(x, bf16[s][i])} if bf else {}),
+             "int4 integer": lambda x, s, i: m.quant_linear(x, *w4[s][i].pack(), None, bf),
+             "int4 dequant-GEMM": lambda x, s, i: m.quant_linear(x, *w4[s][i].pack(), None, bf),
+             "int8 integer": lambda x, s, i: m.quant_linear(x, *w8[s][i].pack(), None, bf),
+             "int8 dequant-GEMM": lambda x, s, i: m.quant_linear(x, *w8[s][i].pack(), None, bf)}
+    if not m.quant_linear_vnni_supported():
+        kinds = {k: v for k, v in kinds.items() if "integer" not in k}
+    res = {}
+    try:
+        for rows in (1, 2, 4, 8, 16, 64, 256):
+            xs = {s: torch.randn(rows, k) for s, (n, k) in shapes.items()}
+            res[rows] = {}
+            for kind, fn in kinds.items():
+                m.set_quant_vnni_max_rows(1 << 30 if "integer" in kind else 0)
+                best = float("inf")
+                for _ in range(rounds):
+                    t0 = time.perf_counter()
+                    for i in range(layers):
+                        for s in shapes:
+                            fn(xs[s], s, i)
+                    best = min(best, time.perf_counter() - t0)
+                res[rows][kind] = best * 1e3
+            print(f"  M={rows:>3}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in res[rows].items()), flush=True)
+    finally:
+        m.set_quant_vnni_max_rows(4)
+    return res
+
+
+def decode_latency(tokens: int = 128) -> dict:
+    from pagedserve import SamplingParams
+    from pagedserve.model.loader import resolve_model
+
+    res = {}
+    sp = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    for label, model, dtype in (("float32", str(resolve_model(None)), "float32"),
+                                ("bf16", str(resolve_model(None)), "bfloat16"),
+                                ("GGUF Q4_1 (default)", None, "auto")):
+        llm = _llm(model, dtype=dtype)
+        llm.generate([PROMPTS[0]], sp, use_tqdm=False)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            llm.generate([PROMPTS[0]], sp, use_tqdm=False)
+            best = min(best, (time.perf_counter() - t0) / tokens)
+        res[label] = best * 1e3
+        print(f"  offline c=1 {label}: {res[label]:.2f} ms/token", flush=True)
+        del llm
+        gc.collect()
+    return res
+
+
+def report(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    acc = results["accuracy"]
+    gguf = acc["_gguf_file_bytes"]
+    t = Table(title=f"quantized weights, SmolLM2-135M ({results['machine']}, {results['date']})")
+    for c in ("variant", "perplexity", "vs float32", "top-1 agree", "greedy agree", "weights MiB", "x GGUF file"):
+        t.add_column(c)
+    for label, r in acc.items():
+        if label.startswith("_"):
+            continue
+        t.add_row(label, f"{r['perplexity']:.3f}", f"{r['ppl_delta_pct']:+.2f}%", f"{r['top1_agreement_pct']:.1f}%",
+                  f"{r['greedy_agreement_pct']:.1f}%", f"{r['weight_bytes'] / 2**20:.0f}",
+                  f"{r['weight_bytes'] / gguf:.2f}")
+    Console().print(t)
+    k = Table(title="30 layers of projections, ms (lower is better)")
+    kinds = list(next(iter(results["kernels"].values())))
+    k.add_column("M")
+    for c in kinds:
+        k.add_column(c)
+    for rows, r in results["kernels"].items():
+        k.add_row(str(rows), *(f"{r[c]:.2f}" for c in kinds))
+    Console().print(k)
+    print("offline c=1 ms/token: " + ", ".join(f"{a} {b:.2f}" for a, b in results["decode_ms_per_token"].items()))
+
+
+def plot(results: dict):
+    plt = pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
+    acc = {k: v for k, v in results["accuracy"].items() if not k.startswith("_")}
+    a.barh(list(acc), [v["ppl_delta_pct"] for v in acc.values()], color="tab:blue")
+    a.set_xlabel("perplexity vs float32 weights (%)")
+    a.invert_yaxis()
+    a.set_title("accuracy (default model, fixed text)")
+    rows = [int(r) for r in results["kernels"]]
+    for kind in next(iter(results["kernels"].values())):
+        b.plot(rows, [results["kernels"][str(r)][kind] for r in rows], "o-", label=kind)
+    b.set_xscale("log", base=2)
+    b.set_yscale("log")
+    b.set_xlabel("batch rows M")
+    b.set_ylabel("ms for 30 layers of projections")
+    b.set_title("quantized vs float GEMMs")
+    b.legend(fontsize=8)
+    return fig
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--from-json", action="store_true")
+    args = ap.parse_args()
+    if args.from_json:
+        return finish(json.loads(OUT.read_text()), OUT, report, plot, save=False)
+    results = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    with tempfile.TemporaryDirectory() as tmp:
+        print("== accuracy and memory", flush=True)
+        results["accuracy"] = accuracy(Path(tmp))
+    print("== kernels", flush=True)
+    results["kernels"] = kernels()
+    print("== offline c=1 decode", flush=True)
+    results["decode_ms_per_token"] = decode_latency()
+    results = json.loads(json.dumps(results))  # int keys -> str, as read back
+    finish(results, OUT, report, plot)
+
+
+if __name__ == "__main__":
+    main()

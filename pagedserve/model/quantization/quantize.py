@@ -1,0 +1,187 @@
+"""`pagedserve quantize MODEL --method int8|int4-rtn|awq --out DIR`: quantized checkpoints without a
+GPU, in the layouts the loader reads back (and vLLM reads too).
+
+  int8      symmetric int8 per output channel, compressed-tensors int-quantized (W8A16)
+  int4-rtn  symmetric int4 in groups of --group-size (128), round to nearest, compressed-tensors
+            pack-quantized (W4A16)
+  awq       AWQ: per input channel scales s = mean|x|^alpha searched on a calibration text (alpha
+            on a grid of 20, the one whose quantized output is nearest the float one), folded into
+            the op before (the RMSNorm weight for q/k/v and gate/up, up_proj's rows for down_proj),
+            then asymmetric int4 with zero points in groups of --group-size; AutoAWQ's GEMM layout
+
+The decoder layers' projections are quantized; the embeddings and the output head stay float (as
+llm-compressor and AutoAWQ leave them). A GGUF source is dequantized first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from pagedserve.model.quantization import awq as awq_format
+from pagedserve.model.quantization import compressed_tensors
+from pagedserve.model.quantization.weight import QuantizedWeight
+
+log = logging.getLogger("pagedserve.quantize")
+
+METHODS = ("int8", "int4-rtn", "awq")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+AWQ_GRID = 20
+
+
+def symmetric(w: torch.Tensor, bits: int, group: int | None) -> QuantizedWeight:
+    """Round-to-nearest symmetric quantization of a float [N, K] (group None: one per row), in
+    compressed-tensors' convention: scale = max|w| / ((2^bits - 1) / 2), q in [-2^(bits-1), 2^(bits-1) - 1]."""
+    n, k = w.shape
+    g = group or k
+    if k % g:
+        raise ValueError(f"group size {g} does not divide the input dimension {k}")
+    wg = w.float().reshape(n, k // g, g)
+    half = (2**bits - 1) / 2
+    scale = (wg.abs().amax(-1) / half).clamp_min(1e-10)
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    q = torch.clamp(torch.round(wg / scale.unsqueeze(-1)), lo, hi).reshape(n, k)
+    if bits == 8:
+        return QuantizedWeight(q.to(torch.int8), scale, None, 8, g, "rtn int8")
+    return QuantizedWeight((q + 8).to(torch.uint8), scale, -8 * scale, 4, g, "rtn int4")
+
+
+def asymmetric4(w: torch.Tensor, group: int) -> tuple[QuantizedWeight, torch.Tensor]:
+    """AWQ's int4: q in 0..15 with an integer zero point per group, w ~ (q - z) * s. Returns the
+    weight and the zero points [N, G]."""
+    n, k = w.shape
+    wg = w.float().reshape(n, k // group, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / 15).clamp_min(1e-10)
+    zero = torch.clamp(torch.round(-lo / scale), 0, 15)
+    q = torch.clamp(torch.round(wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, 15).reshape(n, k)
+    # offsets as the loader computes them from the stored fp16 scales (exact round trip)
+    s16 = scale.half().float()
+    return QuantizedWeight(q.to(torch.uint8), s16, -zero * s16, 4, group, "awq"), zero
+
+
+def _calibration_inputs(model, tokenizer, text: str, max_tokens: int) -> dict[str, torch.Tensor]:
+    """The input activations [T, K] of every projection (forward hooks on the float model)."""
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
+    seen: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if name.split(".")[-1] in PROJECTIONS:
+            hooks.append(mod.register_forward_hook(
+                lambda m, inp, out, name=name: seen.__setitem__(name, inp[0].detach().reshape(-1, inp[0].shape[-1]))))
+    with torch.inference_mode():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def _awq_scales(ws: list[torch.Tensor], x: torch.Tensor, group: int) -> torch.Tensor:
+    """The per-input-channel scales of AWQ's search for weights `ws` (sharing input x [T, K])."""
+    x = x.float()
+    mean_abs = x.abs().mean(0).clamp_min(1e-8)
+    ref = [x @ w.float().T for w in ws]
+    best, best_err = torch.ones_like(mean_abs), float("inf")
+    for i in range(AWQ_GRID):
+        s = mean_abs.pow(i / AWQ_GRID)
+        s = s / (s.max() * s.min()).sqrt()
+        err = 0.0
+        for w, r in zip(ws, ref):
+            qw, _ = asymmetric4(w.float() * s, group)
+            err += ((x / s) @ qw.dequantize().T - r).pow(2).mean().item()
+        if err < best_err:
+            best, best_err = s, err
+    return best
+
+
+def quantize_model(model: str | None, method: str, out: Path, group_size: int = 128, calibration: Path | None = None,
+                   calibration_tokens: int = 512) -> Path:
+    """Write `model` quantized with `method` to the folder `out` (config, tokenizer, safetensors)."""
+    from safetensors.torch import save_file
+
+    from pagedserve.model.loader import load_checkpoint, load_hf_config, load_weights
+
+    if method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    folder, gguf = load_checkpoint(model)
+    cfg = load_hf_config(folder)
+    if cfg.get("quantization_config"):
+        raise ValueError(f"{folder} is already quantized ({cfg['quantization_config'].get('quant_method')}); "
+                         "quantize its float original")
+    weights = {k: (v.dequantize() if isinstance(v, QuantizedWeight) else v.float())
+               for k, v in load_weights(folder, gguf).items()}
+    if cfg.get("tie_word_embeddings") and "lm_head.weight" in weights:
+        weights.pop("lm_head.weight")
+    names = [n for n in weights if n.endswith(".weight") and n.split(".")[-2] in PROJECTIONS]
+    group = None if method == "int8" else group_size
+    for n in names:
+        k = weights[n].shape[1]
+        if group and k % group:
+            raise ValueError(f"--group-size {group} does not divide {n}'s input dimension {k}: pick a divisor")
+    tensors: dict[str, torch.Tensor] = {}
+    if method == "awq":
+        tensors = _awq(folder, weights, names, group_size, calibration, calibration_tokens)
+    else:
+        bits = 8 if method == "int8" else 4
+        for i, n in enumerate(names):
+            prefix = n.removesuffix(".weight")
+            for part, t in compressed_tensors.from_quantized(symmetric(weights.pop(n), bits, group)).items():
+                tensors[f"{prefix}.{part}"] = t
+            if (i + 1) % 28 == 0 or i + 1 == len(names):
+                log.info("quantized %d/%d projections", i + 1, len(names))
+        cfg["quantization_config"] = compressed_tensors.config(bits, group, ["lm_head"])
+    tensors.update({k: v.contiguous() for k, v in weights.items()})
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in folder.iterdir():  # tokenizer and generation files
+        if f.is_file() and f.suffix in (".json", ".txt", ".model", ".jinja") and f.name not in (
+                "config.json", "model.safetensors.index.json"):
+            shutil.copy(f, tmp / f.name)
+    if method == "awq":
+        cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True,
+                                      "version": "gemm"}
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    log.info("wrote %s (%s, %.1f MB)", out, method, (out / "model.safetensors").stat().st_size / 1e6)
+    return out
+
+
+def _awq(folder: Path, weights: dict, names: list[str], group: int, calibration: Path | None,
+         max_tokens: int) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = calibration.read_text() if calibration else (Path(__file__).parent / "calibration.txt").read_text()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    inputs = _calibration_inputs(model, AutoTokenizer.from_pretrained(str(folder)), text, max_tokens)
+    del model
+    layers = sorted({n.split(".mlp.")[0].split(".self_attn.")[0] for n in names}, key=lambda p: int(p.split(".")[-1]))
+    out: dict[str, torch.Tensor] = {}
+    for li, layer in enumerate(layers):
+        # scale groups: (projections sharing an input, the op the inverse scale folds into)
+        attn, mlp = f"{layer}.self_attn", f"{layer}.mlp"
+        for projs, fold in (((f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"), f"{layer}.input_layernorm.weight"),
+                            ((f"{mlp}.gate_proj", f"{mlp}.up_proj"), f"{layer}.post_attention_layernorm.weight"),
+                            ((f"{mlp}.down_proj",), f"{mlp}.up_proj.weight")):
+            x = inputs[projs[0]]
+            s = _awq_scales([weights[p + ".weight"] for p in projs], x, group)
+            for p in projs:
+                weights[p + ".weight"] = weights[p + ".weight"] * s
+            if fold.endswith("up_proj.weight"):
+                weights[fold] = weights[fold] / s.unsqueeze(1)  # up's output rows feed down's input channels
+            else:
+                weights[fold] = weights[fold] / s
+        for p in [f"{attn}.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+                 [f"{mlp}.{n}" for n in ("gate_proj", "up_proj", "down_proj")]:
+            qw, zero = asymmetric4(weights.pop(p + ".weight"), group)
+            for part, t in awq_format.from_quantized_parts(qw.q, qw.scales, zero).items():
+                out[f"{p}.{part}"] = t
+        log.info("AWQ: layer %d/%d", li + 1, len(layers))
+    return out
