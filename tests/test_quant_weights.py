@@ -117,6 +117,15 @@ def test_bad_quantized_weights_are_refused_with_what_to_change(kernels):
         kernels.quant_linear(torch.randn(2, 64), qw, scales, offs[:, :1].contiguous())
 
 
+def test_packing_lets_the_unpacked_copy_go_and_rebuilds_it_exactly():
+    for bits in (4, 8):
+        w = _random_weight(64, 96, bits, 32, bits == 4)
+        q, ref = w.q.clone(), w.dequantize()
+        w.pack()
+        assert w.q is None and w.shape == (64, 96)
+        assert torch.equal(w.dequantize(), ref) and torch.equal(w.q, q)
+
+
 def test_mixed_layouts_fuse_exactly():
     """q/k/v in different formats (a GGUF mixing Q4_1 and Q8_0 rows, groups of 32 and 64) fuse into
     one weight with the same values."""
@@ -209,6 +218,12 @@ def test_default_model_stays_quantized_in_memory(quantized_llm):
     assert kinds == {"gguf Q4_1", "gguf Q8_0"}, kinds
     assert runner.weight_bytes <= 1.3 * default_model_gguf().stat().st_size
     assert runner.model.lm_head.quant is runner.model.embed_tokens.quant  # tied: one copy
+    # resident: the packed tensors alone (the unpacked byte-a-value copy is let go once packed)
+    packed = sum(t.numel() * t.element_size() for w in runner.quantized_weights.values() for t in w.pack()
+                 if t is not None)
+    floats = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    assert all(w.q is None for w in runner.quantized_weights.values())
+    assert runner.weight_bytes == packed + floats
     assert runner.model.fused is not None or cpu_kernels.load() is None
 
 

@@ -89,7 +89,7 @@ class Embedding(nn.Embedding):
             return super().forward(ids)
         if self.kernels is not None:
             return self.kernels.quant_embedding(ids, *self.quant.pack())
-        return self.quant.rows(ids.to(self.quant.q.device)).to(ids.device)
+        return self.quant.rows(ids.cpu()).to(ids.device)
 
     def set_quantized(self, w: QuantizedWeight) -> None:
         if w.shape != (self.num_embeddings, self.embedding_dim):
@@ -152,6 +152,7 @@ def dequantize_unpacked(model: nn.Module, dtype: torch.dtype) -> list[str]:
             m.weight = nn.Parameter(m.quant.dequantize().to(dtype), requires_grad=False)
             m.quant = None
     return names
+
 
 class RMSNorm(nn.Module):
     fused = None  # C++ kernels module (use_cpu_kernels), else the PyTorch ops below

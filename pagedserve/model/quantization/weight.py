@@ -55,11 +55,32 @@ class QuantizedWeight:
 
     @property
     def shape(self) -> tuple[int, int]:
+        if self.q is None:
+            p, units, _ = self._packed[0].shape
+            return (p * PANEL, units * (8 if self.bits == 4 else 4))
         return tuple(self.q.shape)
+
+    def _unpacked(self) -> None:
+        """Rebuild q / scales / offsets from the packed form after pack() let them go."""
+        if self.q is not None:
+            return
+        qw, scales, offsets = self._packed
+        p, units, _ = qw.shape
+        if self.bits == 8:
+            q = qw.view(p, units, PANEL, 4).permute(0, 2, 1, 3).reshape(p * PANEL, units * 4)
+        else:
+            u = torch.stack([qw & 15, qw >> 4], -1).view(p, units, PANEL, 4, 2)
+            q = u.permute(0, 2, 1, 4, 3).reshape(p * PANEL, units * 8)
+
+        def unlay(t):
+            return None if t is None else t.transpose(1, 2).reshape(p * PANEL, -1)
+
+        self.q, self.scales, self.offsets = q.contiguous(), unlay(scales), unlay(offsets)
 
     def dequantize(self) -> torch.Tensor:
         """float32 [N, K]: q * scale + offset, as the kernels compute it (input features in their
         true order)."""
+        self._unpacked()
         n, k = self.q.shape
         q = self.q.float().view(n, k // self.group_size, self.group_size)
         w = q * self.scales.unsqueeze(-1)
@@ -72,11 +93,13 @@ class QuantizedWeight:
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids`, dequantized (an embedding lookup without the kernels)."""
+        self._unpacked()
         sub = QuantizedWeight(self.q[ids], self.scales[ids], None if self.offsets is None else self.offsets[ids],
                               self.bits, self.group_size, self.source, self.input_perm)
         return sub.dequantize()
 
     def permute_rows(self, perm: torch.Tensor) -> QuantizedWeight:
+        self._unpacked()
         return QuantizedWeight(self.q[perm].contiguous(), self.scales[perm].contiguous(),
                                None if self.offsets is None else self.offsets[perm].contiguous(),
                                self.bits, self.group_size, self.source, self.input_perm)
@@ -84,6 +107,7 @@ class QuantizedWeight:
     def with_layout(self, bits: int, group_size: int) -> QuantizedWeight:
         """The same values in wider integers and/or smaller groups (exact: 4-bit q fit int8 as they
         are; a group's scale repeats over its parts). What fusing q/k/v of mixed formats needs."""
+        self._unpacked()
         if bits < self.bits or self.group_size % group_size:
             raise ValueError(f"cannot re-lay {self.bits}-bit groups of {self.group_size} as {bits}-bit groups of "
                              f"{group_size}")
@@ -115,7 +139,7 @@ class QuantizedWeight:
 
     def packable(self) -> str | None:
         """Why the kernels cannot take this weight (None: they can)."""
-        n, k = self.q.shape
+        n, k = self.shape
         if n % PANEL:
             return f"{n} output features, not a multiple of {PANEL}"
         unit = 8 if self.bits == 4 else 4  # k per 64-byte unit of the packed layout
@@ -125,7 +149,8 @@ class QuantizedWeight:
 
     def pack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(qweight, scales, offsets) in the kernels' layout, computed once and shared by every
-        module that holds this weight (a tied embedding and output head keep one copy): 64-byte
+        module that holds this weight (a tied embedding and output head keep one copy); the
+        unpacked tensors are let go (rebuilt from these if ever asked for again): 64-byte
         units of 16 columns x 4 k (8-bit: int8 [N/16, K/4, 64]) or 16 columns x 8 k (4-bit, two
         values a byte: uint8 [N/16, K/8, 64]); scales and offsets float32 [N/16, K/G, 16]. See
         csrc/gemm_quant_cpu.cpp."""
@@ -145,10 +170,12 @@ class QuantizedWeight:
                 return None if t is None else t.view(p, PANEL, g).transpose(1, 2).contiguous()
 
             self._packed = (qw, lay(self.scales), lay(self.offsets))
+            self.q = self.scales = self.offsets = None  # one copy resident: q alone is a byte a value
         return self._packed
 
     def nbytes(self) -> int:
         """Bytes the packed form keeps resident."""
-        n, k = self.q.shape
-        per_group = 4 * (1 if self.offsets is None else 2)
+        n, k = self.shape
+        has_offsets = self.offsets is not None if self._packed is None else self._packed[2] is not None
+        per_group = 4 * (2 if has_offsets else 1)
         return n * k * self.bits // 8 + n * (k // self.group_size) * per_group
