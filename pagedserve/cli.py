@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from pagedserve.config import DEFAULT_TTFT_TARGET_MS, QUANTIZATION_METHODS, STRUCTURED_OUTPUTS_BACKENDS
+from pagedserve.config import (DEFAULT_TTFT_TARGET_MS, QUANTIZATION_METHODS, QUANTIZE_METHODS,
+                               STRUCTURED_OUTPUTS_BACKENDS)
 from pagedserve.server.tool_parsers import PARSERS as _TOOL_PARSERS
 
 T0 = time.monotonic()
@@ -229,12 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_gw = sub.add_parser("gateway", help="one front door for many replicas and providers (see examples/gateway.yaml)")
     add_gateway_args(p_gw)
-    from pagedserve.model.quantization.quantize import METHODS
-
     p_q = sub.add_parser("quantize", help="write a quantized checkpoint (compressed-tensors or AWQ) without a GPU",
                          formatter_class=HelpFormatter)
     p_q.add_argument("model", nargs="?", default=None, help="model folder, .gguf or hub id (default: the default model)")
-    p_q.add_argument("--method", required=True, choices=METHODS,
+    p_q.add_argument("--method", required=True, choices=QUANTIZE_METHODS,
                      help="int8: W8A16 per channel; int4-rtn: W4A16 round-to-nearest; awq: activation-aware int4")
     p_q.add_argument("--out", required=True, type=Path, help="folder to write (replaced if it exists)")
     p_q.add_argument("--group-size", type=int, default=128, help="input features per scale (int4-rtn, awq)")

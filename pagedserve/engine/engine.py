@@ -76,6 +76,7 @@ class LLMEngine:
             if n < torch.get_num_threads():
                 torch.set_num_threads(n)
         self.model_path, gguf_file = load_checkpoint(cfg.model)
+        self.weights_path = gguf_file or self.model_path  # what the weights load from (start-up log)
         hf_cfg = load_hf_config(self.model_path)
         self.quantization = cfg.resolve_quantization(checkpoint_quantization(hf_cfg, gguf_file))
         self.arch = ModelArch.from_hf_config(hf_cfg)
@@ -114,7 +115,7 @@ class LLMEngine:
             "kv_cache=%.0fMiB kv_cache_dtype=%s blocks=%d block_size=%d tokens=%d max_model_len=%d "
             "max_concurrency=%.1f (at max_model_len) max_num_batched_tokens=%d prefix_caching=%s "
             "threads=%d (%s%s)",
-            self.startup_seconds, self.model_path, self.arch.architecture, self.arch.num_parameters() / 1e6,
+            self.startup_seconds, self.weights_path, self.arch.architecture, self.arch.num_parameters() / 1e6,
             str(r.dtype).removeprefix("torch."), r.weights_description(), r.weight_bytes / 2**20, device,
             r.model.layers[0].self_attn.backend.name,
             r.kv_bytes / 2**20, str(r.kv_dtype).removeprefix("torch.") + ("+row-scales" if cfg.kv_cache_scaled else ""),

@@ -143,21 +143,19 @@ def load_checkpoint(model: str | os.PathLike | None) -> tuple[Path, Path | None]
 
 def load_weights(folder: Path, gguf_file: Path | None = None) -> dict[str, torch.Tensor | QuantizedWeight]:
     """The checkpoint's tensors by Hugging Face name: from `gguf_file` when given (quantized types
-    kept quantized), else the folder's safetensors / pytorch_model*.bin."""
-    import torch
-
+    kept quantized), else the folder's safetensors / pytorch_model*.bin, each quantized Linear's
+    parts read into one QuantizedWeight (quantization/checkpoints.py)."""
+    cfg = load_hf_config(folder)
     if gguf_file is not None:
-        cfg = load_hf_config(folder)
         heads = cfg["num_attention_heads"]
         return read_gguf_weights(gguf_file, heads, cfg.get("num_key_value_heads") or heads,
                                  cfg.get("model_type", "llama"), keep_quantized=True)
     weights = _read_tensors(folder)
-    qc = load_hf_config(folder).get("quantization_config")
-    method = checkpoint_quantization(load_hf_config(folder))
-    if method is not None and method != "gguf":
+    method = checkpoint_quantization(cfg)
+    if method is not None:
         from pagedserve.model.quantization.checkpoints import convert
 
-        weights = convert(weights, qc, method)
+        weights = convert(weights, cfg["quantization_config"], method)
     return weights
 
 

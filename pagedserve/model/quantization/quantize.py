@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
+from pagedserve.config import QUANTIZE_METHODS as METHODS
 from pagedserve.model.quantization import awq as awq_format
 from pagedserve.model.quantization import compressed_tensors
 from pagedserve.model.quantization.weight import QuantizedWeight
 
 log = logging.getLogger("pagedserve.quantize")
 
-METHODS = ("int8", "int4-rtn", "awq")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AWQ_GRID = 20
 
