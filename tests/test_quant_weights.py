@@ -110,11 +110,12 @@ def test_bad_quantized_weights_are_refused_with_what_to_change(kernels):
     assert "not a multiple of 8" in QuantizedWeight(torch.zeros(16, 64, dtype=torch.uint8), torch.ones(16, 16),
                                                     None, 4, 4).packable()
     w = _random_weight(32, 64, 4, 32, True)
-    qw, scales, offs = w.pack()
+    qw, scales = w.pack()
+    assert scales.shape == (2, 2, 32)  # per panel and group: 16 scales, then 16 offsets
     with pytest.raises(RuntimeError, match="x must be float32"):
-        kernels.quant_linear(torch.randn(2, 63), qw, scales, offs)
-    with pytest.raises(RuntimeError, match="offsets must be float32"):
-        kernels.quant_linear(torch.randn(2, 64), qw, scales, offs[:, :1].contiguous())
+        kernels.quant_linear(torch.randn(2, 63), qw, scales)
+    with pytest.raises(RuntimeError, match="scales must be float32"):
+        kernels.quant_linear(torch.randn(2, 64), qw, scales[..., :24].contiguous())
 
 
 def test_packing_lets_the_unpacked_copy_go_and_rebuilds_it_exactly():

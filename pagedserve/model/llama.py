@@ -36,10 +36,10 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             if self.quant is not None:
-                qw, scales, offsets = self.quant.pack()
+                qw, scales = self.quant.pack()
                 if self.quant.input_perm is not None:  # GPTQ act-order: x in the weight's column order
                     x = x.index_select(-1, self.quant.input_perm)
-                return self.packed.quant_linear(x, qw, scales, offsets, self.bias, self.quant_bf16)
+                return self.packed.quant_linear(x, qw, scales, self.bias, self.quant_bf16)
             return self.packed.packed_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
@@ -343,11 +343,10 @@ class LlamaForCausalLM(nn.Module):
 
         none = torch.empty(0)
 
-        def linear(lin: Linear) -> list[torch.Tensor]:  # llama_layers' three tensors per Linear
+        def linear(lin: Linear) -> list[torch.Tensor]:  # llama_layers' two tensors per Linear
             if lin.quant is not None:
-                qw, scales, offsets = lin.quant.pack()
-                return [qw, scales, none if offsets is None else offsets]
-            return [lin.weight.detach(), none, none]
+                return list(lin.quant.pack())
+            return [lin.weight.detach(), none]
 
         ok = self.rotary.fused is not None and self.norm.fused is not None and all(
             layer.self_attn.backend.name == "cpp" and layer.input_layernorm.fused is not None

@@ -20,8 +20,8 @@ void paged_attention_prefill(torch::Tensor out, torch::Tensor q, torch::Tensor k
 void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor blocks,
               torch::Tensor offsets, c10::optional<torch::Tensor> k_scales, c10::optional<torch::Tensor> v_scales);
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor wp, c10::optional<torch::Tensor> bias);
-torch::Tensor quant_linear(torch::Tensor x, torch::Tensor qw, torch::Tensor scales, c10::optional<torch::Tensor> offsets,
-                           c10::optional<torch::Tensor> bias, bool bf16);
+torch::Tensor quant_linear(torch::Tensor x, torch::Tensor qw, torch::Tensor scales, c10::optional<torch::Tensor> bias,
+                           bool bf16);
 void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor w, double eps);
 void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, double eps);
 void rotary_embedding(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin);
@@ -31,15 +31,15 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up);
 // kernel called from Python (free when no profiler is recording).
 #define PS_LABEL(name) RECORD_FUNCTION("pagedserve::" name, std::vector<c10::IValue>())
 
-// Per layer: input norm, qkv (3), qkv bias (empty: none), o (3), post-attention norm, gate/up (3), down (3).
-// Each Linear is three tensors: a packed float weight and two empty ones, or a quantized weight,
-// its scales and its offsets (empty: none) for quant_linear (gemm_quant_cpu.cpp).
-constexpr int64_t kPerLayer = 15;
+// Per layer: input norm, qkv (2), qkv bias (empty: none), o (2), post-attention norm, gate/up (2), down (2).
+// Each Linear is two tensors: a packed float weight and an empty one, or a quantized weight and its
+// scales (with offsets) for quant_linear (gemm_quant_cpu.cpp).
+constexpr int64_t kPerLayer = 11;
 
 static torch::Tensor linear(const torch::Tensor& x, const torch::Tensor* w, c10::optional<torch::Tensor> bias,
                             bool quant_bf16) {
   PS_LABEL("packed_linear");
-  if (w[1].numel()) return quant_linear(x, w[0], w[1], w[2], bias, quant_bf16);
+  if (w[1].numel()) return quant_linear(x, w[0], w[1], bias, quant_bf16);
   return packed_linear(x, w[0], bias);
 }
 
@@ -81,7 +81,7 @@ torch::Tensor llama_layers(torch::Tensor x, torch::Tensor positions, torch::Tens
       PS_LABEL("add_rms_norm");
       add_rms_norm(x, residual, w[0], eps);
     }
-    torch::Tensor qkv = linear(x, w + 1, w[4].numel() ? c10::optional<torch::Tensor>(w[4]) : c10::nullopt, quant_bf16);
+    torch::Tensor qkv = linear(x, w + 1, w[3].numel() ? c10::optional<torch::Tensor>(w[3]) : c10::nullopt, quant_bf16);
     auto q = qkv.narrow(1, 0, q_size).view({T, num_heads, D});
     auto k = qkv.narrow(1, q_size, kv_size).view({T, num_kv_heads, D});
     auto v = qkv.narrow(1, q_size + kv_size, kv_size).view({T, num_kv_heads, D});
@@ -116,18 +116,18 @@ torch::Tensor llama_layers(torch::Tensor x, torch::Tensor positions, torch::Tens
       o = o.index_select(0, *rows);
       residual = residual.index_select(0, *rows);
     }
-    x = linear(o, w + 5, c10::nullopt, quant_bf16);
+    x = linear(o, w + 4, c10::nullopt, quant_bf16);
     {
       PS_LABEL("add_rms_norm");
-      add_rms_norm(x, residual, w[8], eps);
+      add_rms_norm(x, residual, w[6], eps);
     }
-    torch::Tensor gate_up = linear(x, w + 9, c10::nullopt, quant_bf16), act;
+    torch::Tensor gate_up = linear(x, w + 7, c10::nullopt, quant_bf16), act;
     {
       PS_LABEL("silu_and_mul");
       act = silu_and_mul(gate_up);
     }
     gate_up.reset();  // its memory can serve the next allocation
-    x = linear(act, w + 12, c10::nullopt, quant_bf16);
+    x = linear(act, w + 9, c10::nullopt, quant_bf16);
   }
   PS_LABEL("add_rms_norm");
   add_rms_norm(x, residual, weights.back(), eps);

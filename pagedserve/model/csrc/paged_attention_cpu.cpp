@@ -497,9 +497,8 @@ torch::Tensor llama_layers(torch::Tensor x, torch::Tensor positions, torch::Tens
                            double scale, bool bf16_attention, c10::optional<torch::Tensor> kv_scales,
                            bool quant_bf16);
 torch::Tensor quant_linear(torch::Tensor x, torch::Tensor qw, torch::Tensor scales,  // gemm_quant_cpu.cpp
-                           c10::optional<torch::Tensor> offsets, c10::optional<torch::Tensor> bias, bool bf16);
-torch::Tensor quant_embedding(torch::Tensor ids, torch::Tensor qw, torch::Tensor scales,
-                              c10::optional<torch::Tensor> offsets);
+                           c10::optional<torch::Tensor> bias, bool bf16);
+torch::Tensor quant_embedding(torch::Tensor ids, torch::Tensor qw, torch::Tensor scales);
 bool quant_linear_vnni_supported();
 void set_quant_vnni_max_rows(int64_t n);
 void set_quant_activation_passes(int64_t n);
@@ -537,17 +536,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the x86-64-v4 build, on a CPU with AVX512_BF16");
   m.def("quant_linear", &quant_linear,
         "x @ W.T (+ bias) with W quantized: 4-bit uint8 [N/16, K/8, 64] or 8-bit int8 [N/16, K/4, 64], "
-        "float32 scales / offsets [N/16, K/G, 16] (model/quantization/weight.py packs them); small batches "
-        "in int8 x int4/int8 dot products (VNNI), larger ones dequantized into the float32 or (bf16) bf16 GEMM",
-        py::arg("x"), py::arg("qw"), py::arg("scales"), py::arg("offsets") = py::none(), py::arg("bias") = py::none(),
-        py::arg("bf16") = false, nogil());
+        "float32 scales [N/16, K/G, 16] or scales + offsets [N/16, K/G, 32] (model/quantization/weight.py packs "
+        "them); small batches in int8 x int4/int8 dot products (VNNI), larger ones dequantized into the float32 "
+        "or (bf16) bf16 GEMM",
+        py::arg("x"), py::arg("qw"), py::arg("scales"), py::arg("bias") = py::none(), py::arg("bf16") = false, nogil());
   m.def("quant_linear_vnni_supported", &quant_linear_vnni_supported, "the x86-64-v4 build on a CPU with AVX512_VNNI");
   m.def("set_quant_vnni_max_rows", &set_quant_vnni_max_rows,
         "batches of up to this many rows take quant_linear's integer (VNNI) kernel; 0: never");
   m.def("set_quant_activation_passes", &set_quant_activation_passes,
         "int8 passes per activation in quant_linear's integer kernel: 2 (~15 bits, default) or 1 (8 bits)");
   m.def("quant_embedding", &quant_embedding, "rows of a quantized matrix (layout of quant_linear) as float32",
-        py::arg("ids"), py::arg("qw"), py::arg("scales"), py::arg("offsets") = py::none(), nogil());
+        py::arg("ids"), py::arg("qw"), py::arg("scales"), nogil());
   m.def("rms_norm", &rms_norm, "out = w * x / rms(x)", nogil());
   m.def("add_rms_norm", &add_rms_norm, "in place: residual += x; x = w * residual / rms(residual)", nogil());
   m.def("rotary_embedding", &rotary_embedding, "in place rotate-half rotary embedding of q and k", nogil());

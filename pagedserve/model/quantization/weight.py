@@ -64,7 +64,8 @@ class QuantizedWeight:
         """Rebuild q / scales / offsets from the packed form after pack() let them go."""
         if self.q is not None:
             return
-        qw, scales, offsets = self._packed
+        qw, sb = self._packed
+        scales, offsets = (sb[..., :PANEL], sb[..., PANEL:]) if sb.shape[-1] == 2 * PANEL else (sb, None)
         p, units, _ = qw.shape
         if self.bits == 8:
             q = qw.view(p, units, PANEL, 4).permute(0, 2, 1, 3).reshape(p * PANEL, units * 4)
@@ -147,13 +148,14 @@ class QuantizedWeight:
             return f"group size {self.group_size} is not a multiple of {unit}"
         return None
 
-    def pack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(qweight, scales, offsets) in the kernels' layout, computed once and shared by every
         module that holds this weight (a tied embedding and output head keep one copy); the
         unpacked tensors are let go (rebuilt from these if ever asked for again): 64-byte
         units of 16 columns x 4 k (8-bit: int8 [N/16, K/4, 64]) or 16 columns x 8 k (4-bit, two
-        values a byte: uint8 [N/16, K/8, 64]); scales and offsets float32 [N/16, K/G, 16]. See
-        csrc/gemm_quant_cpu.cpp."""
+        values a byte: uint8 [N/16, K/8, 64]); scales float32 [N/16, K/G, 16], or with offsets
+        [N/16, K/G, 32] (a group's 16 scales, then its 16 offsets: one stream, read beside the
+        weights). See csrc/gemm_quant_cpu.cpp."""
         if self._packed is None:
             why = self.packable()
             if why:
@@ -167,15 +169,16 @@ class QuantizedWeight:
                 qw = (u[..., 0] | (u[..., 1] << 4)).reshape(p, k // 8, 64).contiguous()
 
             def lay(t):
-                return None if t is None else t.view(p, PANEL, g).transpose(1, 2).contiguous()
+                return t.view(p, PANEL, g).transpose(1, 2)
 
-            self._packed = (qw, lay(self.scales), lay(self.offsets))
+            sb = lay(self.scales) if self.offsets is None else torch.cat([lay(self.scales), lay(self.offsets)], -1)
+            self._packed = (qw, sb.contiguous())
             self.q = self.scales = self.offsets = None  # one copy resident: q alone is a byte a value
         return self._packed
 
     def nbytes(self) -> int:
         """Bytes the packed form keeps resident."""
         n, k = self.shape
-        has_offsets = self.offsets is not None if self._packed is None else self._packed[2] is not None
+        has_offsets = self.offsets is not None if self._packed is None else self._packed[1].shape[-1] == 2 * PANEL
         per_group = 4 * (2 if has_offsets else 1)
         return n * k * self.bits // 8 + n * (k // self.group_size) * per_group
