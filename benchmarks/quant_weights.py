@@ -82,7 +82,7 @@ def accuracy(workdir: Path) -> dict:
     return res
 
 
-def kernels(rounds: int = 3) -> dict:
+def kernels(rounds: int = 5) -> dict:
     import torch
 
     from pagedserve.model import cpu_kernels
