@@ -119,8 +119,11 @@ def use_cpu_kernels(model: nn.Module, kernels, pack: bool = True, weight_dtype: 
     """Install the C++ CPU kernels (cpu_kernels.load()) in `model`: fused RMSNorm, rotary and
     SiLU*up everywhere, with `pack` the packed-weight GEMM on every float32 Linear whose output
     size is a multiple of 16 (its weights packed in `weight_dtype`: float32, or bfloat16 for the
-    AVX512_BF16 GEMM), and, when that covers every layer of a LlamaForCausalLM on the C++
-    attention backend, its whole layer loop in one C++ call. Returns how many Linears were packed."""
+    AVX512_BF16 GEMM) and the quantized GEMM on every quantized Linear whose shape it takes
+    (multiplying in `weight_dtype`'s precision above its integer kernel's batch sizes), the
+    quantized embedding lookup, and, when that covers every layer of a LlamaForCausalLM on the C++
+    attention backend, its whole layer loop in one C++ call. Returns how many Linears were packed;
+    dequantize_unpacked() then turns the quantized weights left over into float ones."""
     n = 0
     for m in list(model.modules()):
         if isinstance(m, (RMSNorm, RotaryEmbedding, MLP)):
