@@ -45,11 +45,7 @@ class Linear(nn.Linear):
 
     def set_quantized(self, w: QuantizedWeight) -> None:
         """Keep `w` quantized in place of the float weight (whose never-written memory is freed)."""
-        if w.shape != (self.out_features, self.in_features):
-            raise ValueError(f"quantized weight {w.source} has shape {w.shape}, expected "
-                             f"{(self.out_features, self.in_features)}")
-        self.quant = w
-        self.weight = None
+        _take_quantized(self, w)
 
     def dequantize(self, dtype: torch.dtype) -> None:
         """Back to a float weight (devices and shapes the quantized kernels do not cover)."""
@@ -92,11 +88,15 @@ class Embedding(nn.Embedding):
         return self.quant.rows(ids.cpu()).to(ids.device)
 
     def set_quantized(self, w: QuantizedWeight) -> None:
-        if w.shape != (self.num_embeddings, self.embedding_dim):
-            raise ValueError(f"quantized embedding {w.source} has shape {w.shape}, expected "
-                             f"{(self.num_embeddings, self.embedding_dim)}")
-        self.quant = w
-        self.weight = None
+        _take_quantized(self, w)
+
+
+def _take_quantized(module: nn.Module, w: QuantizedWeight) -> None:
+    """`module` (a Linear or Embedding) keeps `w` quantized in place of its float weight."""
+    if w.shape != tuple(module.weight.shape):
+        raise ValueError(f"quantized weight {w.source} has shape {w.shape}, expected {tuple(module.weight.shape)}")
+    module.quant = w
+    module.weight = None
 
 
 @contextlib.contextmanager

@@ -91,6 +91,17 @@ static void round_rows(const float* x, int64_t ldx, int64_t K, uint16_t* out, in
     if (K & 1) dst[K] = 0;
   }
 }
+
+// x float32 [M, K] -> bf16 [M, 2 * K2] in k-pairs (K2 = ceil(K/2), zero-padded), what the bf16 tile
+// reads as A; shared by the packed bf16 GEMM and the quantized GEMM's bf16 path.
+static torch::Tensor round_input(const torch::Tensor& x, int64_t K2) {
+  const int64_t M = x.size(0), K = x.size(1), ldx = x.stride(0);
+  auto xb = torch::empty({M, 2 * K2}, x.options().dtype(torch::kBFloat16));
+  uint16_t* xbp = reinterpret_cast<uint16_t*>(xb.data_ptr<at::BFloat16>());
+  const float* xp = x.data_ptr<float>();
+  pagedserve::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) { round_rows(xp, ldx, K, xbp, K2, r0, r1); });
+  return xb;
+}
 }  // namespace bf16gemm
 #pragma GCC pop_options
 #endif
@@ -124,22 +135,18 @@ torch::Tensor pack_linear_weight_bf16(torch::Tensor w) {
 // y = x @ W^T (+ bias) for packed_linear (gemm_cpu.cpp), which has checked the shapes and the bias
 // and allocated y.
 void packed_linear_bf16(const torch::Tensor& x, const torch::Tensor& wp, const float* b, torch::Tensor& y) {
-  const int64_t M = x.size(0), K = x.size(1), K2 = wp.size(1), P = wp.size(0), N = P * 16;
+  const int64_t M = x.size(0), K2 = wp.size(1), P = wp.size(0), N = P * 16;
 #if defined(PAGEDSERVE_BF16_GEMM)
   TORCH_CHECK(packed_linear_bf16_supported(), "this CPU has no AVX512_BF16");
-  auto xb = torch::empty({M, 2 * K2}, x.options().dtype(torch::kBFloat16));
-  uint16_t* xbp = reinterpret_cast<uint16_t*>(xb.data_ptr<at::BFloat16>());
-  const float* xp = x.data_ptr<float>();
-  const int64_t ldx = x.stride(0);
-  pagedserve::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) { bf16gemm::round_rows(xp, ldx, K, xbp, K2, r0, r1); });
-  const uint32_t* A = reinterpret_cast<const uint32_t*>(xbp);
+  const auto xb = bf16gemm::round_input(x, K2);
+  const uint32_t* A = reinterpret_cast<const uint32_t*>(xb.data_ptr<at::BFloat16>());
   const uint16_t* wpp = reinterpret_cast<const uint16_t*>(wp.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
   pagedserve::parallel_for(0, (P + 1) / 2, 1, [&](int64_t q0, int64_t q1) {
     bf16gemm::panels(A, K2, wpp, b, yp, N, M, K2, 2 * q0, std::min(P, 2 * q1));
   });
 #else
-  (void)M, (void)K, (void)K2, (void)N, (void)b;
+  (void)M, (void)K2, (void)N, (void)b;
   TORCH_CHECK(false, "the bf16 packed GEMM needs the x86-64-v4 kernel build and a CPU with AVX512_BF16");
 #endif
 }

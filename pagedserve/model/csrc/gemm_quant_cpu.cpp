@@ -134,6 +134,7 @@ static void panels_f32(const QW& w, const float* A, int64_t lda, const float* bi
 }
 #endif
 
+#if defined(__AVX512F__)  // the integer kernel's input: built where it is (x86-64-v4)
 // x rows quantized per group for the integer kernel: int8 [M, K] in one or two passes, s_x and
 // sum(x) [M, K/G]. Pass two holds what pass one rounded off, at 254x the resolution:
 // x ~= s_x * (q1 + q2 / 254), ~15 bits a value, where one pass alone (8 bits, llama.cpp's Q8
@@ -169,6 +170,7 @@ static void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int
       out.sum[m * ng + g] = sum;
     }
 }
+#endif
 }  // namespace qgemm
 
 #if defined(__AVX512F__) && defined(__GNUC__)
@@ -384,10 +386,8 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor qw, torch::Tensor scal
 #if defined(PAGEDSERVE_BF16_GEMM)
     TORCH_CHECK(packed_linear_bf16_supported(), "this CPU has no AVX512_BF16");
     const int64_t K2 = K / 2;
-    auto xb = torch::empty({M, K}, x.options().dtype(torch::kBFloat16));
-    uint16_t* xbp = reinterpret_cast<uint16_t*>(xb.data_ptr<at::BFloat16>());
-    pagedserve::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) { bf16gemm::round_rows(xp, ldx, K, xbp, K2, r0, r1); });
-    const uint32_t* A = reinterpret_cast<const uint32_t*>(xbp);
+    const auto xb = bf16gemm::round_input(x, K2);
+    const uint32_t* A = reinterpret_cast<const uint32_t*>(xb.data_ptr<at::BFloat16>());
     pagedserve::parallel_for(0, (w.P + 1) / 2, 1, [&](int64_t q0, int64_t q1) {
       thread_local std::vector<uint16_t> scratch;
       scratch.resize(2 * std::min(K2, qgemm::KCP * 3 / 2) * 2 * qgemm::NR);
