@@ -684,14 +684,24 @@ def test_request_timeout_gives_504_and_an_audit_row(env):
 def test_kill_9_a_replica_under_load_loses_no_request(env):
     reps = env["replicas"]
     with ThreadPoolExecutor(1) as ex:
-        fut = ex.submit(_load, env["gw"].base, env["key"], 150)
-        time.sleep(1.0)
-        reps["r1"].proc.kill()  # SIGKILL, mid-load
+        fut = ex.submit(_load, env["gw"].base, env["key"], 300)
+        deadline = time.monotonic() + 60
+        while reps["r1"].metric("vllm:num_requests_running") < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        killed_mid_load = not fut.done()
+        reps["r1"].proc.kill()  # SIGKILL while it holds requests
         results = fut.result()
+    assert killed_mid_load, "the load ended before r1 was killed: the test proved nothing"
     failures = [r for r in results if not isinstance(r, int)]
-    assert failures == [] and sum(results) == 150 * 16
-    health = httpx.get(f"{env['gw'].url}/health").json()
-    assert health["pools"]["local"]["available"] == 2
+    assert failures == [] and sum(results) == 300 * 16
+    # The health checker ejects r1 within a few intervals (0.3 s each); the load may end first.
+    deadline, available = time.monotonic() + 20, None
+    while time.monotonic() < deadline:
+        available = httpx.get(f"{env['gw'].url}/health").json()["pools"]["local"]["available"]
+        if available == 2:
+            break
+        time.sleep(0.1)
+    assert available == 2
 
 
 def test_stream_cut_mid_way_is_continued_on_another_replica(env):
