@@ -1,7 +1,8 @@
 """Where offline time goes: `LLM.generate` on the first N workload requests under torch.profiler,
 every C++ kernel labelled (step_overhead.instrument_cpp_kernels), self time per operator.
 
-    python benchmarks/offline_profile.py [--num-requests 64] [--kv-cache-dtype auto|float16|bfloat16]
+    python benchmarks/offline_profile.py [--num-requests 64] [--kv-cache-dtype auto|float16|bfloat16] \
+        [--model default|float]    # default: the Q4_1 GGUF kept quantized; float: its float32 copy
 
 Prefix caching is off (the random prompts share nothing; a second run would hit the cache).
 Prints a table and writes results/offline_profile[_<kv dtype>].json.
@@ -31,8 +32,10 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--model", choices=("default", "float"), default="default")
     args = ap.parse_args()
-    llm = LLM(str(resolve_model(None)), max_model_len=2048, kv_cache_memory=2 << 30, enable_prefix_caching=False,
+    model = None if args.model == "default" else str(resolve_model(None))
+    llm = LLM(model, max_model_len=2048, kv_cache_memory=2 << 30, enable_prefix_caching=False,
               kv_cache_dtype=args.kv_cache_dtype)
     instrument_cpp_kernels(llm.engine.runner.model)
     reqs = synthetic_workload(seed=0)[: args.num_requests]
@@ -51,10 +54,11 @@ def main() -> None:
         table.add_row(name, f"{s:.2f}", f"{100 * s / wall:.1f}")
     table.add_row("(outside operators: Python, scheduling, profiler)", f"{wall - in_ops:.2f}", f"{100 * (wall - in_ops) / wall:.1f}")
     Console().print(table)
-    suffix = "" if args.kv_cache_dtype == "auto" else f"_{args.kv_cache_dtype}"
+    suffix = ("" if args.kv_cache_dtype == "auto" else f"_{args.kv_cache_dtype}") + (
+        "" if args.model == "default" else "_float")
     out = RESULTS / f"offline_profile{suffix}.json"
     out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "requests": len(reqs),
-                               "kv_cache_dtype": args.kv_cache_dtype, "output_tokens": tokens, "wall_s": wall,
+                               "kv_cache_dtype": args.kv_cache_dtype, "model": args.model, "output_tokens": tokens, "wall_s": wall,
                                "output_tok_s": tokens / wall, "self_seconds": dict(ops[:40])}, indent=1))
     print(f"wrote {out}")
 

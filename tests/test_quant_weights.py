@@ -127,6 +127,32 @@ def test_packing_lets_the_unpacked_copy_go_and_rebuilds_it_exactly():
         assert torch.equal(w.dequantize(), ref) and torch.equal(w.q, q)
 
 
+@pytest.mark.parametrize("bits,offsets", [(4, True), (4, False), (8, False), (8, True)])
+def test_scales_exact_in_float16_are_packed_as_float16_with_the_same_products(kernels, bits, offsets):
+    """pack() keeps scales (and offsets) float16 when every one is exactly a float16 value, and the
+    products are bit for bit those of the same values in float32 on every path; a scale float16
+    cannot hold keeps the whole weight float32."""
+    w = _random_weight(64, 576, bits, 32, offsets, seed=5)
+    w.scales = w.scales.half().float()
+    if offsets:
+        w.offsets = w.offsets.half().float()
+    as32 = QuantizedWeight(w.q.clone(), w.scales.clone(), None if w.offsets is None else w.offsets.clone(), bits, 32)
+    qw, sb = w.pack()
+    assert sb.dtype == torch.float16 and w.nbytes() == qw.numel() + sb.numel() * 2
+    qw32, sb32 = as32.pack()
+    as32._packed = (qw32, sb32.float())  # the same values, float32 in the layout
+    assert torch.equal(w.dequantize(), as32.dequantize())
+    for m in (1, 3, 9, 40):
+        x = torch.randn(m, 576, generator=torch.Generator().manual_seed(m))
+        for bf16 in (False, True) if kernels.packed_linear_bf16_supported() else (False,):
+            assert torch.equal(kernels.quant_linear(x, qw, sb, None, bf16), kernels.quant_linear(x, qw32, sb32.float(), None, bf16))
+    ids = torch.tensor([0, 63, 17])
+    assert torch.equal(kernels.quant_embedding(ids, qw, sb), kernels.quant_embedding(ids, qw32, sb32.float()))
+    odd = _random_weight(64, 576, bits, 32, offsets, seed=6)
+    odd.scales[3, 2] = 1e-3 + 1e-9  # not a float16 value
+    assert odd.pack()[1].dtype == torch.float32
+
+
 def test_mixed_layouts_fuse_exactly():
     """q/k/v in different formats (a GGUF mixing Q4_1 and Q8_0 rows, groups of 32 and 64) fuse into
     one weight with the same values."""
@@ -219,6 +245,8 @@ def test_default_model_stays_quantized_in_memory(quantized_llm):
     assert kinds == {"gguf Q4_1", "gguf Q8_0"}, kinds
     assert runner.weight_bytes <= 1.3 * default_model_gguf().stat().st_size
     assert runner.model.lm_head.quant is runner.model.embed_tokens.quant  # tied: one copy
+    # GGUF's d and m are float16 in the file: the packed scales stay float16 (fewer bytes a step)
+    assert {w.pack()[1].dtype for w in runner.quantized_weights.values()} == {torch.float16}
     # resident: the packed tensors alone (the unpacked byte-a-value copy is let go once packed)
     packed = sum(t.numel() * t.element_size() for w in runner.quantized_weights.values() for t in w.pack()
                  if t is not None)

@@ -21,7 +21,7 @@ from pagedserve.server import structured
 from pagedserve.server.context import ServingContext
 from pagedserve.server.errors import APIError
 from pagedserve.server.logprobs import chat_logprobs
-from pagedserve.server.streaming import collect, merged, observe_stream, sse, stream_events
+from pagedserve.server.streaming import TextChunk, collect, merged, observe_stream, sse, stream_events
 from pagedserve.server.tool_parsers import PARSERS, ParsedCall, ToolParser
 from pagedserve.server.tools import conversation, parse_required, resolve_tool_choice, tool_constraint
 
@@ -96,6 +96,15 @@ def router(ctx: ServingContext) -> APIRouter:
                         prompt_ids=list(prompt_ids) if ids else None)
             last_times: dict = {}
             completion_tokens = 0
+            plain: dict[int, TextChunk] = {}  # per choice: the event of a content-only chunk
+
+            def text_chunk(index: int, text: str) -> str:
+                if index not in plain:
+                    plain[index] = TextChunk(lambda t: P.ChatCompletionChunk(
+                        id=rid, created=created, model=model_name,
+                        choices=[P.ChatStreamChoice(index=index, delta=P.DeltaMessage(content=t))]))
+                return plain[index](text)
+
             async for _, o in merged(streams):
                 observe_stream(ctx, o, last_times, 0)
                 choices = []
@@ -103,6 +112,10 @@ def router(ctx: ServingContext) -> APIRouter:
                     completion_tokens += len(c.token_ids)
                     delta, finish = states[c.index].step(c)
                     if delta is None and not finish and not body.logprobs:
+                        continue
+                    if (len(o.outputs) == 1 and not finish and not body.logprobs and not ids and delta is not None
+                            and delta.content and not delta.tool_calls and delta.role is None):
+                        yield text_chunk(c.index, delta.content)
                         continue
                     choices.append(P.ChatStreamChoice(
                         index=c.index, delta=delta or P.DeltaMessage(content=""), logprobs=lp(c),

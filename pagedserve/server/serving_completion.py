@@ -12,7 +12,7 @@ from pagedserve.server import structured
 from pagedserve.server.context import ServingContext
 from pagedserve.server.errors import APIError
 from pagedserve.server.logprobs import completion_logprobs
-from pagedserve.server.streaming import collect, merged, observe_stream, sse, stream_events
+from pagedserve.server.streaming import TextChunk, collect, merged, observe_stream, sse, stream_events
 
 
 def router(ctx: ServingContext) -> APIRouter:
@@ -66,6 +66,14 @@ def router(ctx: ServingContext) -> APIRouter:
             echoed: set = set()
             started: set = set()  # choice indexes that had their first chunk (prompt_token_ids go there)
             offsets: dict = {}
+            plain: dict[int, TextChunk] = {}  # per choice: the event of a text-only chunk
+
+            def text_chunk(idx: int, text: str) -> str:
+                if idx not in plain:
+                    plain[idx] = TextChunk(lambda t: P.CompletionResponse(
+                        id=rid, created=created, model=model_name, choices=[P.CompletionChoice(index=idx, text=t)]))
+                return plain[idx](text)
+
             async for i, o in merged(streams):
                 observe_stream(ctx, o, last_times, i)
                 choices = []
@@ -75,6 +83,11 @@ def router(ctx: ServingContext) -> APIRouter:
                     if body.echo and idx not in echoed:
                         echoed.add(idx)
                         text = prompt_texts[i] + text
+                    if (len(o.outputs) == 1 and want_lp is None and not ids and c.finish_reason is None
+                            and c.stop_reason is None and idx in started):
+                        completion_tokens += len(c.token_ids)
+                        yield text_chunk(idx, text)
+                        continue
                     lp = None
                     if want_lp is not None:
                         lp = completion_logprobs(ctx.decode_tok, c, None, None, offsets.get(idx, 0))

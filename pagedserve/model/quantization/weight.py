@@ -65,6 +65,7 @@ class QuantizedWeight:
         if self.q is not None:
             return
         qw, sb = self._packed
+        sb = sb.float()
         scales, offsets = (sb[..., :PANEL], sb[..., PANEL:]) if sb.shape[-1] == 2 * PANEL else (sb, None)
         p, units, _ = qw.shape
         if self.bits == 8:
@@ -153,9 +154,10 @@ class QuantizedWeight:
         module that holds this weight (a tied embedding and output head keep one copy); the
         unpacked tensors are let go (rebuilt from these if ever asked for again): 64-byte
         units of 16 columns x 4 k (8-bit: int8 [N/16, K/4, 64]) or 16 columns x 8 k (4-bit, two
-        values a byte: uint8 [N/16, K/8, 64]); scales float32 [N/16, K/G, 16], or with offsets
+        values a byte: uint8 [N/16, K/8, 64]); scales [N/16, K/G, 16], or with offsets
         [N/16, K/G, 32] (a group's 16 scales, then its 16 offsets: one stream, read beside the
-        weights). See csrc/gemm_quant_cpu.cpp."""
+        weights), float16 when every value is one exactly (GGUF's: fewer bytes per decode step,
+        the same products), else float32. See csrc/gemm_quant_cpu.cpp."""
         if self._packed is None:
             why = self.packable()
             if why:
@@ -172,6 +174,9 @@ class QuantizedWeight:
                 return t.view(p, PANEL, g).transpose(1, 2)
 
             sb = lay(self.scales) if self.offsets is None else torch.cat([lay(self.scales), lay(self.offsets)], -1)
+            sb16 = sb.half()
+            if torch.equal(sb16.float(), sb):
+                sb = sb16
             self._packed = (qw, sb.contiguous())
             self.q = self.scales = self.offsets = None  # one copy resident: q alone is a byte a value
         return self._packed
@@ -179,6 +184,10 @@ class QuantizedWeight:
     def nbytes(self) -> int:
         """Bytes the packed form keeps resident."""
         n, k = self.shape
-        has_offsets = self.offsets is not None if self._packed is None else self._packed[1].shape[-1] == 2 * PANEL
-        per_group = 4 * (2 if has_offsets else 1)
+        if self._packed is None:  # before packing: as pack() will store them
+            halves = all(t is None or torch.equal(t.half().float(), t) for t in (self.scales, self.offsets))
+            per_group = (2 if halves else 4) * (1 if self.offsets is None else 2)
+        else:
+            sb = self._packed[1]
+            per_group = sb.element_size() * sb.shape[-1] // PANEL
         return n * k * self.bits // 8 + n * (k // self.group_size) * per_group
