@@ -54,6 +54,32 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def add_batch_args(p: argparse.ArgumentParser) -> None:
+    """The Files and Batches API (batch/manager.py)."""
+    from pagedserve.batch.manager import BatchLimits
+
+    d = BatchLimits()
+    p.add_argument("--batch-dir", default=None,
+                   help="turns on /v1/files and /v1/batches: uploaded files, outputs and batch state (SQLite) "
+                        "live here and survive restarts (a volume in Kubernetes)")
+    p.add_argument("--max-batch-file-bytes", type=parse_bytes, default=d.max_file_bytes,
+                   help="largest batch input file accepted (default 200MiB, OpenAI's)")
+    p.add_argument("--max-batch-lines", type=int, default=d.max_lines, help="most requests in one batch")
+    p.add_argument("--batch-priority", type=int, default=d.priority,
+                   help="engine priority of batch lines; interactive requests are 0 and lower runs first, so "
+                        "batches soak up what interactive traffic leaves")
+    p.add_argument("--batch-concurrency", type=int, default=d.concurrency, help="lines of one batch in flight at once")
+
+
+def batch_limits(args: argparse.Namespace):
+    from pagedserve.batch.manager import BatchLimits
+
+    if args.max_batch_lines < 1 or args.batch_concurrency < 1:
+        raise ValueError("--max-batch-lines and --batch-concurrency must be at least 1")
+    return BatchLimits(max_file_bytes=args.max_batch_file_bytes, max_lines=args.max_batch_lines,
+                       priority=args.batch_priority, concurrency=args.batch_concurrency)
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_tag", nargs="?", default=None, help="model: HF folder, .gguf file, or hub id (default: SmolLM2-135M-Instruct)")
     p.add_argument("--model", default=None, help="same as the positional MODEL")
@@ -93,6 +119,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-waiting-requests", type=int, default=1024, help="queue depth before answering 503 + Retry-After")
     p.add_argument("--max-request-body-bytes", type=parse_bytes, default=4 << 20, help="larger bodies get 413 (default 4MiB)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds one request may take before 504")
+    add_batch_args(p)
     p.add_argument("--engine-stall-timeout", type=float, default=10.0, help="seconds one engine step may take before /health says 503")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="on SIGTERM, seconds to finish in-flight requests")
     p.add_argument("--attention-backend", default=None, help="attention kernel: auto (default), cpp or torch")
@@ -114,7 +141,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, action="store_true", help="accepted for vllm compatibility; no effect")
 
 
-def serve(args: argparse.Namespace) -> int:
+def build_server_app(args: argparse.Namespace):
+    """The engine (built and stepped on its own thread) and the FastAPI app over it, from serve's
+    flags: (async engine, settings, app). `pagedserve run-batch` runs the same app in-process."""
     from pagedserve.config import EngineConfig
     from pagedserve.model.loader import locate_model
 
@@ -123,6 +152,7 @@ def serve(args: argparse.Namespace) -> int:
                          "put `pagedserve gateway` in front")
     model = args.model or args.model_tag
     locate_model(model)  # a bad path or flag is reported now, not after torch and the model load
+    limits = batch_limits(args)
     cfg = EngineConfig(
         model=model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
         device=args.device,
@@ -136,9 +166,7 @@ def serve(args: argparse.Namespace) -> int:
     )
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (one of: " + ", ".join(TOOL_CALL_PARSERS) + ")")
-    import uvicorn
-
-    from pagedserve.engine.async_engine import AsyncEngine, ShuttingDownError
+    from pagedserve.engine.async_engine import AsyncEngine
     from pagedserve.engine.engine import LLMEngine
     from pagedserve.server.app import ServerSettings, build_app
 
@@ -156,9 +184,20 @@ def serve(args: argparse.Namespace) -> int:
         served_model_names=names, api_key=args.api_key, max_waiting_requests=args.max_waiting_requests,
         max_request_body_bytes=args.max_request_body_bytes, request_timeout=args.request_timeout,
         root_model=str(engine.model_path), enable_auto_tool_choice=args.enable_auto_tool_choice,
-        tool_call_parser=args.tool_call_parser,
+        tool_call_parser=args.tool_call_parser, batch_dir=args.batch_dir, batch_limits=limits,
     )
-    app = build_app(async_engine, settings)
+    return async_engine, settings, build_app(async_engine, settings)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from pagedserve.engine.async_engine import ShuttingDownError
+
+    async_engine, settings, app = build_server_app(args)
+    engine = async_engine.engine
+    cfg = engine.cfg
+    names = settings.served_model_names
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout, access_log=False)
     server = uvicorn.Server(config)
@@ -174,6 +213,8 @@ def serve(args: argparse.Namespace) -> int:
 
         while not server.should_exit:
             await asyncio.sleep(0.1)
+        if app.state.batches is not None:  # batch lines stop where they are: the next start resumes them
+            await app.state.batches.stop()
         await asyncio.sleep(max(0.0, args.shutdown_timeout - 1.0))
         n = async_engine.fail_all(ShuttingDownError(
             f"the server is shutting down and this request did not finish within {args.shutdown_timeout:g}s "
@@ -230,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_gw = sub.add_parser("gateway", help="one front door for many replicas and providers (see examples/gateway.yaml)")
     add_gateway_args(p_gw)
+    from pagedserve.batch.run_batch import add_run_batch_args
+
+    p_rb = sub.add_parser("run-batch", help="run a JSONL file of requests (OpenAI batch format) through the engine "
+                                            "or a server, results to a JSONL file", formatter_class=HelpFormatter)
+    add_run_batch_args(p_rb)
     p_q = sub.add_parser("quantize", help="write a quantized checkpoint (compressed-tensors or AWQ) without a GPU",
                          formatter_class=HelpFormatter)
     p_q.add_argument("model", nargs="?", default=None, help="model folder, .gguf or hub id (default: the default model)")
@@ -262,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
             from pagedserve.gateway.cli import run_gateway
 
             return run_gateway(args)
+        if args.command == "run-batch":
+            from pagedserve.batch.run_batch import run_batch
+
+            return run_batch(args)
         if args.command == "quantize":
             from pagedserve.model.quantization.quantize import quantize_model
 

@@ -14,7 +14,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pagedserve import __version__
 from pagedserve.engine.async_engine import AsyncEngine, EngineDeadError, ShuttingDownError
-from pagedserve.server import serving_chat, serving_completion, serving_models
+from pagedserve.batch.executor import AppExecutor
+from pagedserve.batch.manager import BatchManager
+from pagedserve.batch.store import BatchStore
+from pagedserve.server import serving_batches, serving_chat, serving_completion, serving_files, serving_models
 from pagedserve.server.context import ServerSettings, ServingContext
 from pagedserve.server.errors import error_response, install_error_handlers
 from pagedserve.server.metrics import ServerMetrics
@@ -32,14 +35,26 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
         engine.start()
+        if ctx.batches is not None:
+            ctx.batches.start()  # resumes what a previous process left unfinished
         yield
+        if ctx.batches is not None:
+            await ctx.batches.stop()
         log.info("shutting down: engine loop stops")
         engine.shutdown()
 
     app = FastAPI(title="pagedserve", version=__version__, lifespan=lifespan)
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_body_bytes)
+    # An upload to /v1/files may be as large as a batch input file (plus its multipart framing).
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_body_bytes,
+                       paths={"/v1/files": settings.batch_limits.max_file_bytes + (64 << 10)})
     app.state.engine = engine
     app.state.metrics = metrics
+    if settings.batch_dir is not None:
+        # Batch lines go through this same app in-process: the same checks and responses as HTTP.
+        executor = AppExecutor(app, settings.batch_limits.priority, settings.api_key)
+        ctx.batches = BatchManager(BatchStore(settings.batch_dir), executor, settings.served_model_names,
+                                   settings.batch_limits, metrics)
+    app.state.batches = ctx.batches
 
     # -- errors ----------------------------------------------------------------------------
     install_error_handlers(app, log)
@@ -80,6 +95,6 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     async def prom():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    for module in (serving_models, serving_completion, serving_chat):
+    for module in (serving_models, serving_completion, serving_chat, serving_files, serving_batches):
         app.include_router(module.router(ctx))
     return app

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Depends, Request
 
+from pagedserve.batch.manager import BatchLimits, BatchManager
 from pagedserve.engine.async_engine import AsyncEngine
 from pagedserve.engine.sampling_params import OutputKind, SamplingParams
 from pagedserve.engine.structured_output import StructuredOutputsParams
@@ -29,6 +30,8 @@ class ServerSettings:
     root_model: str | None = None
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None  # a tool_parsers.PARSERS name
+    batch_dir: str | None = None  # the Files and Batches API's files and database; None: the API is off
+    batch_limits: BatchLimits = field(default_factory=BatchLimits)
     extra: dict = field(default_factory=dict)
 
 
@@ -41,6 +44,7 @@ class ServingContext:
         self.metrics = metrics
         self.model_name = settings.served_model_names[0]
         self.auth = [Depends(self.check_key)]
+        self.batches: BatchManager | None = None  # build_app sets it where settings.batch_dir is
 
     # -- checks ----------------------------------------------------------------------------
     async def check_key(self, request: Request) -> None:

@@ -6,9 +6,11 @@ increments plain integers; latency histograms are observed on the HTTP side as o
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+BATCH_LINES = "pagedserve:batch_lines"
+BATCH_LINES_FINISHED = "pagedserve:batch_lines_finished"  # a counter: exposed with _total
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0]
 ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0]
 E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
@@ -68,6 +70,12 @@ class ServerMetrics:
         self.itl = hist("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", ITL_BUCKETS)
         self.e2e = hist("vllm:e2e_request_latency_seconds", "Histogram of end to end request latency in seconds.", E2E_BUCKETS)
         self.queue = hist("vllm:request_queue_time_seconds", "Histogram of time spent waiting in the queue.", E2E_BUCKETS)
+        # The Batches API (batch/manager.py): each running batch's lines by state (its labels go when
+        # the batch ends), and every finished line by outcome.
+        self.batch_lines = Gauge(BATCH_LINES, "Lines of each running batch: queued, running, done.",
+                                 ["batch_id", "state"], registry=self.registry)
+        self.batch_lines_total = Counter(BATCH_LINES_FINISHED, "Batch lines finished, by outcome.", ["outcome"],
+                                         registry=self.registry)
 
     def observe_finished(self, metrics) -> None:
         m = metrics

@@ -22,15 +22,16 @@ class BodyLimitMiddleware:
     class _TooLarge(Exception):
         pass
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, paths: dict[str, int] | None = None):
+        self.app, self.limit, self.paths = app, limit, paths or {}  # paths: a larger limit for some routes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.paths.get(scope.get("path", ""), self.limit)
         for k, v in scope.get("headers", ()):
-            if k == b"content-length" and v.isdigit() and int(v) > self.limit:
-                return await self._reject(send)
+            if k == b"content-length" and v.isdigit() and int(v) > limit:
+                return await self._reject(send, limit)
         received = 0
         started = False
 
@@ -39,7 +40,7 @@ class BodyLimitMiddleware:
             msg = await receive()
             if msg["type"] == "http.request":
                 received += len(msg.get("body", b""))
-                if received > self.limit:
+                if received > limit:
                     raise self._TooLarge
             return msg
 
@@ -52,11 +53,11 @@ class BodyLimitMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except self._TooLarge:
             if not started:
-                await self._reject(send)
+                await self._reject(send, limit)
 
-    async def _reject(self, send):
-        body = json.dumps(error_body(413, f"request body is larger than the limit of {self.limit} bytes "
-                                          "(--max-request-body-bytes)")).encode()
+    async def _reject(self, send, limit: int):
+        flag = "--max-request-body-bytes" if limit == self.limit else "--max-batch-file-bytes"
+        body = json.dumps(error_body(413, f"request body is larger than the limit of {limit} bytes ({flag})")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

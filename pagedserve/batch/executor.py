@@ -1,0 +1,67 @@
+"""Where a batch line runs.
+
+`AppExecutor` sends it to the server's own FastAPI app in-process (httpx's ASGI transport: no
+socket, no second copy of the endpoint logic), so a batch line gets exactly the validation,
+defaults and response body of the same request sent over HTTP. `HTTPExecutor` sends it to a
+running server or gateway by URL (`pagedserve run-batch --url`).
+
+Both set the request's priority to the batch priority (the engine serves lower values first):
+interactive requests (priority 0) go ahead of batch lines in every step and are never preempted
+for them. A line's own priority is kept when it is lower still (later).
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+from pagedserve.batch.lines import BatchLine
+
+
+def with_priority(body: dict, priority: int) -> dict:
+    try:
+        own = int(body.get("priority", 0))
+    except (TypeError, ValueError):  # the endpoint reports the bad field
+        return body
+    return {**body, "priority": max(own, priority)}
+
+
+class _Executor:
+    def __init__(self, client: httpx.AsyncClient, priority: int, api_key: str | None):
+        self.client = client
+        self.priority = priority
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    async def run(self, line: BatchLine) -> tuple[int, object, str | None]:
+        """(status code, response body, request id) of one line."""
+        r = await self.client.post(self.path(line.url), json=with_priority(line.body, self.priority),
+                                   headers=self.headers)
+        try:
+            body = r.json()
+        except json.JSONDecodeError:
+            body = {"error": {"message": r.text[:2000], "type": "invalid_response"}}
+        rid = body.get("id") if isinstance(body, dict) and isinstance(body.get("id"), str) else None
+        return r.status_code, body, rid
+
+    def path(self, url: str) -> str:
+        return url
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class AppExecutor(_Executor):
+    def __init__(self, app, priority: int = 0, api_key: str | None = None):
+        super().__init__(httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://batch.local",
+                                           timeout=None), priority, api_key)
+
+
+class HTTPExecutor(_Executor):
+    """`base_url`: the server's root or its /v1 URL."""
+
+    def __init__(self, base_url: str, priority: int = 0, api_key: str | None = None, timeout: float = 3600.0):
+        root = base_url.rstrip("/").removesuffix("/v1")
+        super().__init__(httpx.AsyncClient(base_url=root, timeout=timeout,
+                                           limits=httpx.Limits(max_connections=None, max_keepalive_connections=64)),
+                         priority, api_key)
