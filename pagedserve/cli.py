@@ -68,7 +68,7 @@ def add_batch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-priority", type=int, default=d.priority,
                    help="engine priority of batch lines; interactive requests are 0 and lower runs first, so "
                         "batches soak up what interactive traffic leaves")
-    p.add_argument("--batch-concurrency", type=int, default=d.concurrency, help="lines of one batch in flight at once")
+    p.add_argument("--batch-concurrency", type=int, default=d.concurrency, help="batch lines in flight at once, all batches together")
 
 
 def batch_limits(args: argparse.Namespace):

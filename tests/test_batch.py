@@ -217,6 +217,22 @@ def test_cancel_stops_new_lines_and_keeps_finished_ones(server):
                                                    completion_window="24h").id).id)
 
 
+def test_lines_the_full_queue_turns_away_are_retried_not_failed(tiny_dirs, tmp_path):
+    """--max-waiting-requests 1 with 8 lines in flight: most get 503 'overloaded' at first; they are
+    retried with backoff and every line completes."""
+    s = ServerProcess([str(tiny_dirs["llama"]), "--served-model-name", "tiny", "--kv-cache-memory", "16MiB",
+                       "--max-model-len", "256", "--batch-dir", str(tmp_path / "b"), "--batch-concurrency", "8",
+                       "--max-waiting-requests", "1", "--max-num-seqs", "2"], tmp_path / "log")
+    try:
+        c = _client(s)
+        f = c.files.create(file=("q.jsonl", io.BytesIO(_jsonl([_line(f"q{i}", i) for i in range(16)]))),
+                           purpose="batch")
+        b = _wait(c, c.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h").id)
+        assert b.status == "completed" and (b.request_counts.completed, b.request_counts.failed) == (16, 0)
+    finally:
+        assert s.stop() == 0
+
+
 def test_batch_api_off_without_batch_dir_says_which_flag(tiny_dirs, tmp_path):
     s = ServerProcess([str(tiny_dirs["llama"]), "--kv-cache-memory", "16MiB", "--max-model-len", "256"],
                       tmp_path / "log")

@@ -12,11 +12,15 @@ for them. A line's own priority is kept when it is lower still (later).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import httpx
 
 from pagedserve.batch.lines import BatchLine
+
+RETRY_S = 300.0  # how long a line is retried while the server answers 429 / 503
 
 
 def with_priority(body: dict, priority: int) -> dict:
@@ -34,9 +38,18 @@ class _Executor:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     async def run(self, line: BatchLine) -> tuple[int, object, str | None]:
-        """(status code, response body, request id) of one line."""
-        r = await self.client.post(self.path(line.url), json=with_priority(line.body, self.priority),
-                                   headers=self.headers)
+        """(status code, response body, request id) of one line. A 429 or 503 (the server's queue is
+        full: --max-waiting-requests) is retried with backoff for up to RETRY_S: a busy moment of
+        interactive traffic must not fail batch lines that would run a second later."""
+        deadline = time.monotonic() + RETRY_S
+        delay = 0.05
+        while True:
+            r = await self.client.post(self.path(line.url), json=with_priority(line.body, self.priority),
+                                       headers=self.headers)
+            if r.status_code not in (429, 503) or time.monotonic() + delay > deadline:
+                break
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 2.0)
         try:
             body = r.json()
         except json.JSONDecodeError:

@@ -39,7 +39,7 @@ class BatchLimits:
     max_file_bytes: int = 200 << 20  # OpenAI's limit for a batch input file
     max_lines: int = 50_000
     priority: int = 10  # engine priority of batch lines (interactive requests: 0, served first)
-    concurrency: int = 32  # lines in flight per batch
+    concurrency: int = 32  # lines in flight, all batches together
 
 
 def file_object(row: dict) -> dict:
@@ -58,6 +58,9 @@ class BatchManager:
         self._tasks: dict[str, asyncio.Task] = {}
         self._stops: dict[str, asyncio.Event] = {}
         self._cancel: set[str] = set()
+        # All batches together keep at most `concurrency` lines in flight: ten batches must not take
+        # ten times the engine's share.
+        self._slots = asyncio.Semaphore(self.limits.concurrency)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -209,8 +212,8 @@ class BatchManager:
                                   error_file_id=error_file, total=0)
             log.info("batch %s: failed validation (%d bad lines)", batch_id, len(errors))
             return
-        if row["status"] == "validating":
-            self.store.set_status(batch_id, "in_progress", total=len(todo))
+        status = self.store.get_batch(batch_id, any_owner=True)["status"]  # now: a cancel may have come meanwhile
+        self.store.set_status(batch_id, "in_progress" if status == "validating" else status, total=len(todo))
         stop = self._stops[batch_id]
         if batch_id in self._cancel:
             stop.set()
@@ -225,14 +228,15 @@ class BatchManager:
                 gauge.labels(batch_id, state).set(n)
 
         async def execute(line):
-            if gauge is not None:
-                gauge.labels(batch_id, "queued").dec()
-                gauge.labels(batch_id, "running").inc()
-            try:
-                return await self.executor.run(line)
-            finally:
+            async with self._slots:
                 if gauge is not None:
-                    gauge.labels(batch_id, "running").dec()
+                    gauge.labels(batch_id, "queued").dec()
+                    gauge.labels(batch_id, "running").inc()
+                try:
+                    return await self.executor.run(line)
+                finally:
+                    if gauge is not None:
+                        gauge.labels(batch_id, "running").dec()
 
         def record(line, ok, result):
             self.store.add_result(batch_id, line.index, ok, result)

@@ -1,0 +1,205 @@
+"""Batches (issue 26): `pagedserve run-batch` against `LLM.generate`, and a batch that survives
+kill -9 of its server.
+
+    python benchmarks/batch.py throughput [--pairs 2]   # the default workload, same-run pairs
+    python benchmarks/batch.py crash [--lines 300]      # kill -9 at 30%, 60%, 90%, restart each time
+
+throughput: the 128-request default workload (token-id prompts, ignore_eos, greedy) through
+`run-batch` (the server's app in-process, completions endpoint) and through `LLM.generate`, each a
+fresh process with the same engine flags, in alternating order; out tokens/s with the model load
+excluded (run-batch logs it so). Target: run-batch >= 0.95x LLM.generate.
+
+crash: a real `pagedserve serve --batch-dir` on the default model runs a batch of --lines lines;
+at 30%, 60% and 90% of them done the server is killed with SIGKILL and started again on the same
+directory. Checked at the end: every custom_id in the output exactly once, and each line that had
+a committed result before a kill still has that same result (not redone).
+
+Writes results/batch.json and results/batch.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+
+from bench_common import finish, machine, pyplot  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+OUT = RESULTS / "batch.json"
+ENGINE_FLAGS = ["--max-model-len", "2048", "--kv-cache-memory", "2GiB"]
+
+GENERATE = """
+import json, sys, time
+from pagedserve import LLM, SamplingParams
+rows = [json.loads(x) for x in open(sys.argv[1])]
+llm = LLM(None, max_model_len=2048, kv_cache_memory=2 << 30)
+params = [SamplingParams(temperature=0, max_tokens=r["body"]["max_tokens"], ignore_eos=True) for r in rows]
+t0 = time.perf_counter()
+outs = llm.generate([r["body"]["prompt"] for r in rows], params, use_tqdm=False)
+wall = time.perf_counter() - t0
+print(json.dumps({"tokens": sum(len(o.outputs[0].token_ids) for o in outs), "wall_s": wall}))
+"""
+
+
+def workload_file(path: Path) -> int:
+    from pagedserve.bench.workload import synthetic_workload
+
+    reqs = synthetic_workload(seed=0)
+    with open(path, "w") as f:
+        for i, r in enumerate(reqs):
+            f.write(json.dumps({"custom_id": f"w{i}", "method": "POST", "url": "/v1/completions",
+                                "body": {"model": "m", "prompt": list(r.prompt_token_ids), "max_tokens": r.max_tokens,
+                                         "temperature": 0, "ignore_eos": True}}) + "\n")
+    return len(reqs)
+
+
+def run_generate(src: Path) -> float:
+    p = subprocess.run([sys.executable, "-c", GENERATE, str(src)], capture_output=True, text=True, timeout=1800)
+    if p.returncode:
+        raise RuntimeError(p.stderr[-3000:])
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    return r["tokens"] / r["wall_s"]
+
+
+def run_batch(src: Path, out: Path) -> float:
+    p = subprocess.run([sys.executable, "-m", "pagedserve.cli", "run-batch", "-i", str(src), "-o", str(out),
+                        "--served-model-name", "m", "--no-progress", *ENGINE_FLAGS],
+                       capture_output=True, text=True, timeout=1800)
+    if p.returncode:
+        raise RuntimeError(p.stderr[-3000:])
+    m = re.search(r"\(([\d.]+) out tok/s, model load excluded\)", p.stderr)
+    return float(m.group(1))
+
+
+def throughput(pairs: int) -> dict:
+    rounds = []
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "in.jsonl"
+        n = workload_file(src)
+        for i in range(pairs):
+            order = ["run-batch", "generate"] if i % 2 == 0 else ["generate", "run-batch"]
+            r = {"first": order[0]}
+            for which in order:
+                r[which] = run_batch(src, Path(d) / "out.jsonl") if which == "run-batch" else run_generate(src)
+                print(f"round {i + 1}/{pairs} {which}: {r[which]:.1f} out tok/s", flush=True)
+            r["ratio"] = r["run-batch"] / r["generate"]
+            rounds.append(r)
+    ratios = sorted(r["ratio"] for r in rounds)
+    return {"requests": n, "rounds": rounds, "median_ratio": ratios[len(ratios) // 2] if len(ratios) % 2 else
+            (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2}
+
+
+def crash(lines: int) -> dict:
+    import openai
+    from server_utils import ServerProcess
+
+    rows = [{"custom_id": f"doc-{i}", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": "m", "messages": [{"role": "user", "content": f"Summarize document {i} in one line."}],
+                      "max_tokens": 24 + i % 24, "temperature": 0, "ignore_eos": True}} for i in range(lines)]
+    kills = []
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        args = ["--served-model-name", "m", *ENGINE_FLAGS, "--batch-dir", str(d / "batches")]
+        s = ServerProcess(args, d / "s1.log")
+        c = openai.OpenAI(base_url=s.base, api_key="none", max_retries=0)
+        f = c.files.create(file=("docs.jsonl", io.BytesIO("".join(json.dumps(r) + "\n" for r in rows).encode())),
+                           purpose="batch")
+        bid = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h").id
+        t0 = time.monotonic()
+        kept: dict[int, str] = {}
+        for k, frac in enumerate((0.3, 0.6, 0.9), start=2):
+            while c.batches.retrieve(bid).request_counts.completed < frac * lines:
+                time.sleep(0.05)
+            s.proc.send_signal(signal.SIGKILL)
+            s.proc.wait()
+            s.log.close()
+            with sqlite3.connect(d / "batches" / "batches.db") as db:
+                done = dict(db.execute("SELECT line, result FROM batch_lines WHERE batch_id = ?", (bid,)).fetchall())
+            kills.append({"at": frac, "committed": len(done), "earlier_unchanged": all(kept[i] == done[i] for i in kept),
+                          "t_s": time.monotonic() - t0})
+            print(f"kill -9 at {frac:.0%}: {len(done)} lines committed", flush=True)
+            kept = done
+            s = ServerProcess(args, d / f"s{k}.log")
+            c = openai.OpenAI(base_url=s.base, api_key="none", max_retries=0)
+        while (b := c.batches.retrieve(bid)).status not in ("completed", "failed", "cancelled", "expired"):
+            time.sleep(0.2)
+        out = c.files.content(b.output_file_id).text.splitlines() if b.output_file_id else []
+        s.stop()
+    ids = [json.loads(x)["custom_id"] for x in out]
+    return {"lines": lines, "status": b.status, "kills": kills, "output_lines": len(out),
+            "each_custom_id_once": sorted(ids) == sorted(r["custom_id"] for r in rows),
+            "kept_results_unchanged": all(json.loads(out[i]) == json.loads(kept[i]) for i in kept),
+            "wall_s": time.monotonic() - t0}
+
+
+def report(res: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    print(f"{res.get('machine')} — {res.get('date')}")
+    t = res.get("throughput")
+    if t:
+        tab = Table(title=f"run-batch vs LLM.generate, {t['requests']} requests (out tok/s)")
+        for col in ("round", "first", "run-batch", "LLM.generate", "ratio"):
+            tab.add_column(col, justify="right")
+        for i, r in enumerate(t["rounds"], 1):
+            tab.add_row(str(i), r["first"], f"{r['run-batch']:.1f}", f"{r['generate']:.1f}", f"{r['ratio']:.3f}")
+        Console().print(tab)
+        print(f"median ratio {t['median_ratio']:.3f} (target >= 0.95)")
+    c = res.get("crash")
+    if c:
+        for k in c["kills"]:
+            print(f"kill -9 at {k['at']:.0%}: {k['committed']} committed, earlier results unchanged: "
+                  f"{k['earlier_unchanged']}")
+        print(f"crash test: {c['status']}, {c['output_lines']}/{c['lines']} output lines, each custom_id once: "
+              f"{c['each_custom_id_once']}, results kept across kills: {c['kept_results_unchanged']}")
+
+
+def plot(res: dict):
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    t = res.get("throughput")
+    if t:
+        x = range(1, len(t["rounds"]) + 1)
+        axes[0].plot(x, [r["run-batch"] for r in t["rounds"]], "o-", label="run-batch")
+        axes[0].plot(x, [r["generate"] for r in t["rounds"]], "s-", label="LLM.generate")
+        axes[0].set(xlabel="round", ylabel="out tok/s", title=f"median ratio {t['median_ratio']:.3f}", xticks=list(x))
+        axes[0].legend()
+    c = res.get("crash")
+    if c:
+        axes[1].bar([f"{k['at']:.0%}" for k in c["kills"]], [k["committed"] for k in c["kills"]])
+        axes[1].axhline(c["lines"], color="k", ls="--", label=f"{c['lines']} lines")
+        axes[1].set(xlabel="kill -9 at", ylabel="lines committed",
+                    title=f"{c['output_lines']} output lines, each once: {c['each_custom_id_once']}")
+        axes[1].legend()
+    fig.suptitle(f"batches — {res.get('machine')}", fontsize=9)
+    return fig
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=("throughput", "crash", "report"))
+    ap.add_argument("--pairs", type=int, default=2)
+    ap.add_argument("--lines", type=int, default=300)
+    args = ap.parse_args()
+    res = json.loads(OUT.read_text()) if OUT.exists() else {}
+    if args.mode != "report":
+        res.update(machine=machine(), date=time.strftime("%Y-%m-%d %H:%M"))
+        res[args.mode] = throughput(args.pairs) if args.mode == "throughput" else crash(args.lines)
+    finish(res, OUT, report, plot, save=args.mode != "report")
+
+
+if __name__ == "__main__":
+    main()
