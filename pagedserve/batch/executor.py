@@ -31,25 +31,46 @@ def with_priority(body: dict, priority: int) -> dict:
     return {**body, "priority": max(own, priority)}
 
 
+async def retrying(call) -> tuple[int, object, str | None]:
+    """`call()` -> (status, body, request id), again with backoff while it answers 429 or 503 (a
+    full queue, a rate limit, no replica up), for up to RETRY_S: a busy moment of interactive
+    traffic or a replica's restart must not fail batch lines that would run a second later."""
+    deadline = time.monotonic() + RETRY_S
+    delay = 0.05
+    while True:
+        out = await call()
+        if out[0] not in (429, 503) or time.monotonic() + delay > deadline:
+            return out
+        await asyncio.sleep(delay)
+        delay = min(2 * delay, 2.0)
+
+
+class CallExecutor:
+    """A line run by `fn(owner, batch_id, line)` (the gateway's own request path), with retries."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    async def run(self, line: BatchLine, owner: str | None = None, batch_id: str | None = None):
+        return await retrying(lambda: self.fn(owner, batch_id, line))
+
+    async def close(self) -> None:
+        pass
+
+
 class _Executor:
     def __init__(self, client: httpx.AsyncClient, priority: int, api_key: str | None):
         self.client = client
         self.priority = priority
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
-    async def run(self, line: BatchLine) -> tuple[int, object, str | None]:
-        """(status code, response body, request id) of one line. A 429 or 503 (the server's queue is
-        full: --max-waiting-requests) is retried with backoff for up to RETRY_S: a busy moment of
-        interactive traffic must not fail batch lines that would run a second later."""
-        deadline = time.monotonic() + RETRY_S
-        delay = 0.05
-        while True:
-            r = await self.client.post(self.path(line.url), json=with_priority(line.body, self.priority),
-                                       headers=self.headers)
-            if r.status_code not in (429, 503) or time.monotonic() + delay > deadline:
-                break
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, 2.0)
+    async def run(self, line: BatchLine, owner: str | None = None, batch_id: str | None = None):
+        """(status code, response body, request id) of one line (owner and batch_id: the gateway's)."""
+        return await retrying(lambda: self._post(line))
+
+    async def _post(self, line: BatchLine) -> tuple[int, object, str | None]:
+        r = await self.client.post(self.path(line.url), json=with_priority(line.body, self.priority),
+                                   headers=self.headers)
         try:
             body = r.json()
         except json.JSONDecodeError:

@@ -51,7 +51,7 @@ class BatchManager:
     def __init__(self, store: BatchStore, executor, models: list[str], limits: BatchLimits | None = None,
                  metrics=None):
         self.store = store
-        self.executor = executor  # has `async run(line)` (executor.py)
+        self.executor = executor  # has `async run(line, owner, batch_id)` (executor.py)
         self.models = models
         self.limits = limits or BatchLimits()
         self.metrics = metrics  # ServerMetrics or None
@@ -233,7 +233,7 @@ class BatchManager:
                     gauge.labels(batch_id, "queued").dec()
                     gauge.labels(batch_id, "running").inc()
                 try:
-                    return await self.executor.run(line)
+                    return await self.executor.run(line, row["owner"], batch_id)
                 finally:
                     if gauge is not None:
                         gauge.labels(batch_id, "running").dec()

@@ -23,6 +23,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.routing import Route
 
 from pagedserve import __version__
+from pagedserve.batch.executor import CallExecutor
+from pagedserve.batch.manager import BatchLimits, BatchManager
+from pagedserve.batch.store import BatchStore
 from pagedserve.gateway.audit import AuditWriter
 from pagedserve.gateway.backends import Backend, Pool, make_backend
 from pagedserve.gateway.config import GatewayConfig, ModelRouteConfig
@@ -33,6 +36,8 @@ from pagedserve.gateway.policies import RequestInfo, WeightedSplit, make_policy
 from pagedserve.gateway.proxy import Forwarder, Trace
 from pagedserve.gateway.store import open_db, utcnow
 from pagedserve.server.middleware import BodyLimitMiddleware, bearer_token
+from pagedserve.server.serving_batches import batches_router
+from pagedserve.server.serving_files import files_router
 from pagedserve.server.errors import APIError, install_error_handlers, quote
 
 log = logging.getLogger("pagedserve.gateway")
@@ -139,6 +144,11 @@ class Gateway:
         self.limiter = RateLimiter()
         # A reservation outlives the longest request (then lapses, should this gateway die).
         self.budget = BudgetLedger(self.db, hold_s=cfg.server.request_timeout_s + 60)
+        self.batches: BatchManager | None = None
+        if cfg.batches.dir is not None:
+            b = cfg.batches
+            self.batches = BatchManager(BatchStore(b.dir), CallExecutor(self.run_line), list(self.routes),
+                                        BatchLimits(b.max_file_bytes, b.max_lines, b.priority or 0, b.concurrency))
         self.client: aiohttp.ClientSession | None = None
         self.audit: AuditWriter | None = None
         self.forwarder: Forwarder | None = None
@@ -285,13 +295,15 @@ class Gateway:
                                 "budget or wait for next month", code="budget_exceeded") from None
 
     def finish(self, key: KeyInfo, model: str, endpoint: str, decision: Decision | None, trace: Trace, stream: bool,
-               ts, prompt: str | None) -> None:
-        """Book one finished request: cost, spend, token window, metrics, audit row (never blocks)."""
+               ts, prompt: str | None, batch_id: str | None = None) -> None:
+        """Book one finished request: cost, spend, token window, metrics, audit row (never blocks).
+        A batch line (`batch_id`) costs the pool's batch_prices where it has them."""
         pool = self.pools.get(trace.pool) if trace.pool else None
         u = trace.usage
         cost = 0.0
         if pool is not None:
-            pr = pool.cfg.prices
+            pr = pool.cfg.batch_prices if batch_id is not None and pool.cfg.batch_prices is not None else \
+                pool.cfg.prices
             cost = (u.prompt_tokens * pr.input_per_million + u.completion_tokens * pr.output_per_million) / 1e6
         latency = time.monotonic() - trace.t0
         if key.id is not None:
@@ -318,7 +330,8 @@ class Gateway:
                    route=decision.route if decision else None, pool=trace.pool, backend=trace.backend,
                    attempts=trace.attempts, fallback=trace.fallback, stream=stream, prompt_tokens=u.prompt_tokens,
                    completion_tokens=u.completion_tokens, cost=cost, ttft_s=trace.ttft_s, latency_s=latency,
-                   status=trace.status, error=trace.error, prompt=prompt if self.cfg.database.log_prompts else None)
+                   status=trace.status, error=trace.error, prompt=prompt if self.cfg.database.log_prompts else None,
+                   batch_id=batch_id)
         self.audit.submit(row, self.forwarder.background)
 
     async def _settle(self, r, cost: float) -> None:
@@ -365,19 +378,64 @@ class Gateway:
                                 prompt)
             raise
 
+    async def run_line(self, owner: str | None, batch_id: str, line) -> tuple[int, object, str | None]:
+        """One batch line as the key that created the batch: the same admission, budget, routing,
+        failover and audit (a row per line, with its batch id) as a request over HTTP; refusals
+        (a revoked key, a spent budget, an unknown model) are the line's error response."""
+        trace, ts = Trace(), utcnow()
+        trace.deadline = trace.t0 + self.cfg.server.request_timeout_s
+        endpoint = line.url.removeprefix("/v1/")
+        body = dict(line.body)
+        if self.cfg.batches.priority is not None:
+            body["priority"] = max(self.cfg.batches.priority, body.get("priority", 0)
+                                   if isinstance(body.get("priority"), int) else 0)
+        key = ANONYMOUS if owner is None else self.keys.by_id(owner)
+        model, decision, prompt = body.get("model"), None, None
+        try:
+            if key is None or key.revoked:
+                raise APIError(401, f"API key {owner} that created this batch has been revoked or deleted",
+                               code="invalid_api_key")
+            if not isinstance(model, str) or not model:
+                raise APIError(400, "'model' is required (a string; see GET /v1/models)", "model", "invalid_request")
+            self.admit(key, model)
+            whole, question = request_texts(endpoint, body)
+            prompt = whole
+            decision = await self.routes[model].decide(question)
+            await self.reserve(key, endpoint, body, decision.pool, trace)
+            resp = await self.forwarder.forward(
+                endpoint, body, model, decision.pool, RequestInfo(session=None, prompt=whole), trace,
+                lambda tr: self.finish(key, model, endpoint, decision, tr, False, ts, prompt, batch_id))
+            try:
+                out = json.loads(resp.body)
+            except ValueError:
+                out = {"error": {"message": resp.body[:2000].decode("utf-8", "replace"), "type": "invalid_response"}}
+            rid = out.get("id") if isinstance(out, dict) and isinstance(out.get("id"), str) else None
+            return resp.status_code, out, rid
+        except APIError as e:
+            if trace.status == 0 and key is not None:
+                trace.status, trace.error = e.status, e.message
+                self.finish(key, model if isinstance(model, str) else "", endpoint, decision, trace, False, ts,
+                            prompt, batch_id)
+            return e.status, e.body(), None
+
 
 def build_gateway_app(gw: Gateway) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
         await gw.start()
+        if gw.batches is not None:
+            gw.batches.start()  # resumes batches a previous process left unfinished
         yield
+        if gw.batches is not None:
+            await gw.batches.stop()  # lines stop where they are; the next start resumes them
         log.info("gateway shutting down: writing the audit log")
         await gw.stop()
 
     # The API docs describe every route and are served behind the admin key (below), not openly.
     app = FastAPI(title="pagedserve gateway", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
-    app.add_middleware(BodyLimitMiddleware, limit=gw.cfg.server.max_request_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=gw.cfg.server.max_request_body_bytes,
+                       paths={"/v1/files": gw.cfg.batches.max_file_bytes + (64 << 10)})
     app.state.gateway = gw
 
     install_error_handlers(app, log)
@@ -392,6 +450,18 @@ def build_gateway_app(gw: Gateway) -> FastAPI:
 
     app.router.routes[:0] = [Route("/v1/completions", completions, methods=["POST"]),
                              Route("/v1/chat/completions", chat, methods=["POST"])]
+
+    def batch_manager() -> BatchManager:
+        if gw.batches is None:
+            raise APIError(404, "the Files and Batches API is off: set batches.dir in the gateway config",
+                           code="batch_api_off")
+        return gw.batches
+
+    def owner(request: Request) -> str | None:  # each key sees only its own files and batches
+        return gw.authenticate(request).id
+
+    app.include_router(files_router(batch_manager, owner))
+    app.include_router(batches_router(batch_manager, owner))
 
     @app.get("/v1/models")
     async def models(request: Request):

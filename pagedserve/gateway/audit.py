@@ -35,7 +35,7 @@ _STRINGS = {c.name: (c.type.length or TEXT_LIMIT) for c in audit_log.columns if 
 _INTS = {c.name for c in audit_log.columns if isinstance(c.type, Integer) and c.name != "id"}
 # Columns a reduced row keeps: what the request cost and how it ended, never client-supplied text.
 _REDUCED = ("ts", "key_id", "endpoint", "attempts", "fallback", "stream", "prompt_tokens", "completion_tokens",
-            "cost", "ttft_s", "latency_s", "status")
+            "cost", "ttft_s", "latency_s", "status", "batch_id")
 
 
 def clean_text(s: str, limit: int) -> tuple[str, bool]:

@@ -12,7 +12,7 @@ import sys
 
 log = logging.getLogger("pagedserve.gateway")
 
-GROUPS = ("department", "model", "backend", "pool", "route", "key_id", "status")
+GROUPS = ("department", "model", "backend", "pool", "route", "key_id", "status", "batch_id")
 
 
 def add_gateway_args(p: argparse.ArgumentParser) -> None:
@@ -101,17 +101,21 @@ def report_rows(db, by: str, since: dt.datetime | None, cost_per_hour: dict[str,
     from pagedserve.gateway.store import audit_log as t, utcnow
 
     q = select(getattr(t.c, by), t.c.status, t.c.prompt_tokens, t.c.completion_tokens, t.c.cost, t.c.latency_s,
-               t.c.pool, t.c.ts)
+               t.c.pool, t.c.ts, t.c.batch_id)
     if since is not None:
         q = q.where(t.c.ts >= since)
     groups: dict = {}
     pool_tokens: dict[str, int] = {}
     first = None
     with db.connect() as conn:
-        for g, status, pt, ct, cost, lat, pool, ts in conn.execute(q):
+        for g, status, pt, ct, cost, lat, pool, ts, batch in conn.execute(q):
             a = groups.setdefault("" if g is None else str(g), dict(requests=0, errors=0, prompt_tokens=0,
-                                                                   completion_tokens=0, cost=0.0, lat=[], pools={}))
+                                                                   completion_tokens=0, cost=0.0, batch_requests=0,
+                                                                   batch_cost=0.0, lat=[], pools={}))
             a["requests"] += 1
+            if batch is not None:  # batch lines: counted in the totals too, and shown apart
+                a["batch_requests"] += 1
+                a["batch_cost"] += cost
             a["errors"] += status >= 400
             a["prompt_tokens"] += pt
             a["completion_tokens"] += ct
@@ -146,8 +150,8 @@ def run_report(args) -> int:
         cph = {p.name: p.cost_per_hour for p in load_config(args.sub_config, check_env=False).pools if p.cost_per_hour}
     rows = report_rows(open_db(_db_url(args)), args.by, since, cph)
     table = Table(title=f"gateway audit by {args.by}" + (f" since {since:%Y-%m-%d %H:%M} UTC" if since else ""))
-    cols = [args.by, "requests", "errors", "prompt_tokens", "completion_tokens", "cost", "p50_latency_s",
-            "p99_latency_s"] + (["hosting_cost"] if cph else [])
+    cols = [args.by, "requests", "errors", "prompt_tokens", "completion_tokens", "cost", "batch_requests",
+            "batch_cost", "p50_latency_s", "p99_latency_s"] + (["hosting_cost"] if cph else [])
     for c in cols:
         table.add_column(c, justify="left" if c == args.by else "right")
     for r in rows:

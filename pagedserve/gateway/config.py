@@ -79,6 +79,7 @@ class PoolConfig(_Strict):
     max_outstanding: int | None = Field(None, ge=1, description="in-flight requests per backend that count as saturated")
     fallback: str | None = Field(None, description="pool that takes traffic when this one is down or saturated")
     prices: Prices = Field(default_factory=Prices)
+    batch_prices: Prices | None = Field(None, description="what a batch line costs here (default: prices)")
     cost_per_hour: float | None = Field(None, ge=0, description="self-hosted: what the replica set costs per hour")
     session_header: str = "x-session-id"
     affinity_max_entries: int = Field(100_000, ge=1)
@@ -172,8 +173,21 @@ class ServerConfig(_Strict):
                                  "it shows every department's requests, tokens and spend)")
 
 
+class BatchesConfig(_Strict):
+    """The gateway's Files and Batches API (off without `dir`): each key sees only its own files and
+    batches; lines go through the same routing, failover, budget and audit as single requests."""
+    dir: str | None = Field(None, description="files, outputs and batch state (SQLite) persist here")
+    max_file_bytes: int = Field(200 << 20, ge=1)
+    max_lines: int = Field(50_000, ge=1)
+    concurrency: int = Field(64, ge=1, description="batch lines in flight, all batches together")
+    priority: int | None = Field(10, description="sent as each line's priority (pagedserve and vLLM replicas "
+                                 "serve lower values first; interactive requests send none, i.e. 0); null to "
+                                 "send none, for backends that refuse the field")
+
+
 class GatewayConfig(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
+    batches: BatchesConfig = Field(default_factory=BatchesConfig)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)

@@ -99,6 +99,10 @@ class KeyCache:
     def lookup(self, secret: str) -> KeyInfo | None:
         return self.by_hash.get(hash_key(secret))
 
+    def by_id(self, key_id: str) -> KeyInfo | None:
+        """A key by its public id (a batch's lines run as the key that created the batch)."""
+        return next((k for k in self.by_hash.values() if k.id == key_id), None)
+
 
 class RateLimiter:
     """Sliding 60-second windows of requests and tokens per key."""

@@ -51,6 +51,7 @@ audit_log = Table(
     Column("error", Text, nullable=True),
     Column("prompt", Text, nullable=True),                # only with database.log_prompts
     Column("truncated", Boolean, nullable=True),          # a value was cut or escaped to fit (audit.storable)
+    Column("batch_id", String(40), nullable=True, index=True),  # a batch line: its batch (priced at batch_prices)
 )
 
 

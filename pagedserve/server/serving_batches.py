@@ -1,14 +1,19 @@
-"""/v1/batches: create, list, retrieve and cancel batches of requests (OpenAI's Batch API). The lines
-run in this server's engine at --batch-priority, behind interactive requests (batch/manager.py)."""
+"""/v1/batches: create, list, retrieve and cancel batches of requests (OpenAI's Batch API). On a
+server the lines run in its engine at --batch-priority, behind interactive requests; the gateway
+mounts the same routes and runs each line through its own routing (batch/manager.py)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict
 
 from pagedserve.batch.manager import BatchError
-from pagedserve.server.context import ServingContext
-from pagedserve.server.serving_files import api_error, manager
+from pagedserve.server.serving_files import GetManager, Owner, api_error, server_manager
+
+if TYPE_CHECKING:  # the gateway mounts these routes without the engine (and torch) imported
+    from pagedserve.server.context import ServingContext
 
 
 class CreateBatchRequest(BaseModel):
@@ -19,33 +24,37 @@ class CreateBatchRequest(BaseModel):
     metadata: dict | None = None
 
 
-def router(ctx: ServingContext) -> APIRouter:
-    r = APIRouter(dependencies=ctx.auth)
+def batches_router(manager: GetManager, owner: Owner, dependencies: list | None = None) -> APIRouter:
+    r = APIRouter(dependencies=dependencies or [])
 
     @r.post("/v1/batches")
-    async def create(body: CreateBatchRequest):
+    async def create(request: Request, body: CreateBatchRequest):
         try:
-            return manager(ctx).create_batch(None, body.input_file_id, body.endpoint, body.completion_window,
-                                             body.metadata)
+            return manager().create_batch(owner(request), body.input_file_id, body.endpoint, body.completion_window,
+                                          body.metadata)
         except BatchError as e:
             raise api_error(e)
 
     @r.get("/v1/batches")
-    async def list_batches(limit: int = Query(20, ge=1, le=100), after: str | None = None):
-        return manager(ctx).list_batches(None, limit, after)
+    async def list_batches(request: Request, limit: int = Query(20, ge=1, le=100), after: str | None = None):
+        return manager().list_batches(owner(request), limit, after)
 
     @r.get("/v1/batches/{batch_id}")
-    async def get(batch_id: str):
+    async def get(request: Request, batch_id: str):
         try:
-            return manager(ctx).get_batch(None, batch_id)
+            return manager().get_batch(owner(request), batch_id)
         except BatchError as e:
             raise api_error(e)
 
     @r.post("/v1/batches/{batch_id}/cancel")
-    async def cancel(batch_id: str):
+    async def cancel(request: Request, batch_id: str):
         try:
-            return manager(ctx).cancel_batch(None, batch_id)
+            return manager().cancel_batch(owner(request), batch_id)
         except BatchError as e:
             raise api_error(e)
 
     return r
+
+
+def router(ctx: ServingContext) -> APIRouter:
+    return batches_router(server_manager(ctx), lambda _: None, ctx.auth)

@@ -1,70 +1,85 @@
 """/v1/files: upload a batch input file, list, read, download, delete (OpenAI's shapes). On when the
-server has a --batch-dir (where files and batch state persist)."""
+server has a --batch-dir (where files and batch state persist). The gateway mounts the same routes
+with each virtual key as the owner: a key sees only its own files."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from typing import TYPE_CHECKING
+
+from collections.abc import Callable
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 
 from pagedserve.batch.manager import BatchError, BatchManager, file_object
-from pagedserve.server.context import ServingContext
 from pagedserve.server.errors import APIError
+
+if TYPE_CHECKING:  # the gateway mounts these routes without the engine (and torch) imported
+    from pagedserve.server.context import ServingContext
 
 OFF = "the Files and Batches API is off: start the server with --batch-dir DIR (where files and batch state persist)"
 
-
-def manager(ctx: ServingContext) -> BatchManager:
-    if ctx.batches is None:
-        raise APIError(404, OFF, code="batch_api_off")
-    return ctx.batches
+Owner = Callable[[Request], "str | None"]  # whose files a request sees (None: a plain server's one tenant)
+GetManager = Callable[[], BatchManager]
 
 
 def api_error(e: BatchError) -> APIError:
     return APIError(e.status, e.message, e.param, e.code)
 
 
-def router(ctx: ServingContext) -> APIRouter:
-    r = APIRouter(dependencies=ctx.auth)
+def files_router(manager: GetManager, owner: Owner, dependencies: list | None = None) -> APIRouter:
+    r = APIRouter(dependencies=dependencies or [])
 
     @r.post("/v1/files")
-    async def upload(file: UploadFile = File(...), purpose: str = Form(...)):
-        m = manager(ctx)
-        limit = m.limits.max_file_bytes
-        data = await file.read(limit + 1)
+    async def upload(request: Request, file: UploadFile = File(...), purpose: str = Form(...)):
+        m = manager()
+        data = await file.read(m.limits.max_file_bytes + 1)
         try:
-            return m.create_file(None, file.filename or "", purpose, data)
+            return m.create_file(owner(request), file.filename or "", purpose, data)
         except BatchError as e:
             raise api_error(e)
 
     @r.get("/v1/files")
-    async def list_files(purpose: str | None = None, limit: int = Query(10000, ge=1, le=10000),
+    async def list_files(request: Request, purpose: str | None = None, limit: int = Query(10000, ge=1, le=10000),
                          after: str | None = None):
-        rows = manager(ctx).store.list_files(None, purpose, limit + 1, after)
+        rows = manager().store.list_files(owner(request), purpose, limit + 1, after)
         data = [file_object(x) for x in rows[:limit]]
         return {"object": "list", "data": data, "has_more": len(rows) > limit,
                 "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
 
     @r.get("/v1/files/{file_id}")
-    async def get_file(file_id: str):
+    async def get_file(request: Request, file_id: str):
         try:
-            return file_object(manager(ctx).get_file(None, file_id))
+            return file_object(manager().get_file(owner(request), file_id))
         except BatchError as e:
             raise api_error(e)
 
     @r.get("/v1/files/{file_id}/content")
-    async def content(file_id: str):
-        m = manager(ctx)
+    async def content(request: Request, file_id: str):
+        m = manager()
         try:
-            row = m.get_file(None, file_id)
+            row = m.get_file(owner(request), file_id)
         except BatchError as e:
             raise api_error(e)
         return FileResponse(m.store.path(file_id), media_type="application/jsonl", filename=row["filename"])
 
     @r.delete("/v1/files/{file_id}")
-    async def delete(file_id: str):
+    async def delete(request: Request, file_id: str):
         try:
-            return manager(ctx).delete_file(None, file_id)
+            return manager().delete_file(owner(request), file_id)
         except BatchError as e:
             raise api_error(e)
 
     return r
+
+
+def server_manager(ctx: ServingContext) -> GetManager:
+    def get() -> BatchManager:
+        if ctx.batches is None:
+            raise APIError(404, OFF, code="batch_api_off")
+        return ctx.batches
+    return get
+
+
+def router(ctx: ServingContext) -> APIRouter:
+    return files_router(server_manager(ctx), lambda _: None, ctx.auth)
