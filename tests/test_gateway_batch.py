@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import openai
 import pytest
 import yaml
@@ -93,6 +94,12 @@ def test_keys_see_only_their_own_files_and_batches(setup):
     assert f.id in [x.id for x in a.files.list().data] and batch.id in [x.id for x in a.batches.list().data]
     with pytest.raises(openai.AuthenticationError):
         _client(setup, "psk-not-a-key").files.list()
+    # the key is checked before the upload is read
+    r = httpx.post(f"{setup['gw'].base}/files", files={"file": ("x.jsonl", _jsonl(2, "x"))}, data={"purpose": "batch"})
+    assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+    r = httpx.post(f"{setup['gw'].base}/files", headers={"Authorization": f"Bearer {setup['a']}"},
+                   data={"purpose": "batch"})
+    assert r.status_code == 400 and "'file'" in r.json()["error"]["message"]
     assert _wait(a, batch.id).status == "completed"
 
 

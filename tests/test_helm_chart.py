@@ -50,8 +50,9 @@ SCENARIOS = {
     "two-models-gpu-pvc-hpa-keda-gateway": {"models": TWO_MODELS, "gateway": {
         "enabled": True, "adminKeySecret": "gw-admin", "providerKeysSecret": "provider-keys",
         "ingress": {"enabled": True, "className": "nginx", "host": "llm.example.com", "tlsSecret": "llm-tls"},
+        "dataClaimName": "gateway-data",
         "config": {"backends": [{"name": "openai", "url": "https://api.openai.com/v1", "api_key_env": "OPENAI_API_KEY",
-                                 "health_check": False}]}},
+                                 "health_check": False}], "batches": {"dir": "/data/batches"}}},
                                             "serviceMonitor": {"enabled": True}, "dashboard": {"enabled": True}},
     "hub-download": {"models": [HUB], "image": {"tag": "cuda"}},
     "kserve-serverless-canary-gateway": {"kserve": {"enabled": True, "canaryTrafficPercent": 10},
@@ -149,6 +150,11 @@ def test_rendered_gateway_config_loads_with_the_gateways_loader(tmp_path):
     assert build_parser().parse_args(c["args"]).config == "/etc/pagedserve/gateway.yaml"
     assert c["envFrom"] == [{"secretRef": {"name": "provider-keys"}}]  # OPENAI_API_KEY for the config's backend
     assert cfg.backends[0].api_key_env == "OPENAI_API_KEY"
+    # batches on, their files and state on the claim mounted at /data
+    assert cfg.batches.dir == "/data/batches"
+    vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert vols["data"]["persistentVolumeClaim"] == {"claimName": "gateway-data"}
+    assert {"name": "data", "mountPath": "/data"} in c["volumeMounts"]
     ing = next(d for d in docs if d["kind"] == "Ingress")
     assert ing["spec"]["tls"][0] == {"hosts": ["llm.example.com"], "secretName": "llm-tls"}
     assert ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == "rel-gateway"

@@ -196,18 +196,20 @@ class BatchManager:
 
     async def _drive(self, batch_id: str) -> None:
         row = self.store.get_batch(batch_id, any_owner=True)
-        data = self.store.path(row["input_file_id"]).read_bytes() if self.store.path(row["input_file_id"]).exists() \
-            else None
-        if data is None:
+        path = self.store.path(row["input_file_id"])
+        if not path.exists():
             self.store.set_status(batch_id, "failed", errors=json.dumps([{
                 "code": "missing_file", "message": f"the input file {row['input_file_id']} was deleted",
                 "param": "input_file_id", "line": None}]))
             return
-        todo, errors = L.parse(data, endpoint=row["endpoint"], models=self.models, max_lines=self.limits.max_lines)
+        # Reading and checking up to --max-batch-file-bytes of JSON takes seconds: off the event loop,
+        # which keeps serving interactive requests meanwhile (so does writing the outputs, below).
+        todo, errors = await asyncio.to_thread(lambda: L.parse(path.read_bytes(), endpoint=row["endpoint"],
+                                                               models=self.models, max_lines=self.limits.max_lines))
         if errors:
-            error_file = self._write_file(row["owner"], f"{batch_id}_errors.jsonl",
-                                          (json.dumps({**L.error_line(e.custom_id, e.code, e.message), "line": e.line})
-                                           for e in errors))
+            error_file = await asyncio.to_thread(
+                self._write_file, row["owner"], f"{batch_id}_errors.jsonl",
+                (json.dumps({**L.error_line(e.custom_id, e.code, e.message), "line": e.line}) for e in errors))
             self.store.set_status(batch_id, "failed", errors=json.dumps([e.as_dict() for e in errors]),
                                   error_file_id=error_file, total=0)
             log.info("batch %s: failed validation (%d bad lines)", batch_id, len(errors))
@@ -256,8 +258,10 @@ class BatchManager:
         final = "completed" if finished else ("cancelled" if batch_id in self._cancel else "expired")
         if final == "completed":
             self.store.set_status(batch_id, "finalizing")
-        out = self._write_file(row["owner"], f"{batch_id}_output.jsonl", self.store.results(batch_id, True))
-        err = self._write_file(row["owner"], f"{batch_id}_errors.jsonl", self.store.results(batch_id, False))
+        out = await asyncio.to_thread(self._write_file, row["owner"], f"{batch_id}_output.jsonl",
+                                      self.store.results(batch_id, True))
+        err = await asyncio.to_thread(self._write_file, row["owner"], f"{batch_id}_errors.jsonl",
+                                      self.store.results(batch_id, False))
         self.store.set_status(batch_id, final, output_file_id=out, error_file_id=err)
         self._cancel.discard(batch_id)
         log.info("batch %s: %s", batch_id, final)

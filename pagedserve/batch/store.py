@@ -62,7 +62,9 @@ class BatchStore:
         self.root = Path(root)
         self.file_dir = self.root / "files"
         self.file_dir.mkdir(parents=True, exist_ok=True)
-        self.db = create_engine(f"sqlite:///{self.root / 'batches.db'}")
+        # Used from the event loop and from worker threads (parsing, output files).
+        self.db = create_engine(f"sqlite:///{self.root / 'batches.db'}",
+                                connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(self.db, "connect")
         def _pragmas(conn, _):

@@ -37,7 +37,7 @@ from pagedserve.gateway.proxy import Forwarder, Trace
 from pagedserve.gateway.store import open_db, utcnow
 from pagedserve.server.middleware import BodyLimitMiddleware, bearer_token
 from pagedserve.server.serving_batches import batches_router
-from pagedserve.server.serving_files import files_router
+from pagedserve.server.serving_files import files_router, upload_form
 from pagedserve.server.errors import APIError, install_error_handlers, quote
 
 log = logging.getLogger("pagedserve.gateway")
@@ -460,6 +460,11 @@ def build_gateway_app(gw: Gateway) -> FastAPI:
     def owner(request: Request) -> str | None:  # each key sees only its own files and batches
         return gw.authenticate(request).id
 
+    async def upload(request: Request):  # the key first, then the body (files_router's route reads it first)
+        key = gw.authenticate(request)
+        return JSONResponse(await upload_form(request, batch_manager(), key.id))
+
+    app.router.routes.insert(0, Route("/v1/files", upload, methods=["POST"]))
     app.include_router(files_router(batch_manager, owner))
     app.include_router(batches_router(batch_manager, owner))
 

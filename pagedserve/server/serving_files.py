@@ -27,6 +27,22 @@ def api_error(e: BatchError) -> APIError:
     return APIError(e.status, e.message, e.param, e.code)
 
 
+async def upload_form(request: Request, m: BatchManager, owner: str | None) -> dict:
+    """POST /v1/files read by hand, for a caller that authenticates before any of the body is read
+    (the gateway: a keyless client must not make it spool a file)."""
+    form = await request.form(max_files=1, max_fields=4)
+    file, purpose = form.get("file"), form.get("purpose")
+    if not hasattr(file, "read") or not isinstance(purpose, str):
+        raise APIError(400, "send multipart/form-data with a 'file' and a 'purpose' field", "file")
+    data = await file.read(m.limits.max_file_bytes + 1)
+    try:
+        return m.create_file(owner, file.filename or "", purpose, data)
+    except BatchError as e:
+        raise api_error(e)
+    finally:
+        await form.close()
+
+
 def files_router(manager: GetManager, owner: Owner, dependencies: list | None = None) -> APIRouter:
     r = APIRouter(dependencies=dependencies or [])
 
