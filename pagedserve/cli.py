@@ -190,11 +190,11 @@ def build_server_app(args: argparse.Namespace):
 
 
 def serve(args: argparse.Namespace) -> int:
+    async_engine, settings, app = build_server_app(args)  # checks the model and flags before heavy imports
     import uvicorn
 
     from pagedserve.engine.async_engine import ShuttingDownError
 
-    async_engine, settings, app = build_server_app(args)
     engine = async_engine.engine
     cfg = engine.cfg
     names = settings.served_model_names
