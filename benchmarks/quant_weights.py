@@ -14,6 +14,14 @@
 
   python benchmarks/quant_weights.py            # all (~6 min on 2 cores)
   python benchmarks/quant_weights.py --from-json
+  python benchmarks/quant_weights.py --kquants   # a llama.cpp Q4_K_M file: kept quantized vs its float copy
+
+--kquants: llama.cpp's own quantizer (libllama's llama_model_quantize, from the build
+benchmarks/peers.py makes) turns the F32 GGUF of the default model into Q4_K_M; SmolLM2's rows of
+576 are no multiple of 256, so llama.cpp falls back to Q5_0 / Q8_0 for those and uses Q4_K / Q6_K
+for the 1536-wide down projections (as it does for any such model). pagedserve loads the file kept
+quantized and as its dequantized float32 copy: perplexity, greedy agreement, resident bytes, and
+which GGUF types stayed quantized. Merged into results/quant_weights.json under "kquants".
 """
 
 from __future__ import annotations
@@ -186,6 +194,15 @@ def report(results: dict) -> None:
         k.add_row(str(rows), *(f"{r[c]:.2f}" for c in kinds))
     Console().print(k)
     print("offline c=1 ms/token: " + ", ".join(f"{a} {b:.2f}" for a, b in results["decode_ms_per_token"].items()))
+    kq = results.get("kquants")
+    if kq:
+        print(f"{kq['file']} ({kq['file_bytes'] / 2**20:.1f} MiB; tensors {kq['tensor_types']}), {kq['date']}:")
+        for label in ("float32 copy", "kept quantized"):
+            r = kq[label]
+            print(f"  {label:>15}: ppl {r['perplexity']:.3f} ({r['ppl_delta_pct']:+.2f}%), top-1 "
+                  f"{r['top1_agreement_pct']:.1f}%, greedy {r['greedy_agreement_pct']:.1f}%, weights "
+                  f"{r['weight_bytes'] / 2**20:.0f} MiB = {r['weight_bytes'] / kq['file_bytes']:.2f}x the file "
+                  f"({r['weights']})")
 
 
 def plot(results: dict):
@@ -208,12 +225,78 @@ def plot(results: dict):
     return fig
 
 
+def kquant_file() -> Path:
+    """The default model as Q4_K_M, made by llama.cpp's quantizer through llama-cpp-python's ctypes
+    declarations (libllama.so comes with peers.py's llama-server build; no binary of its own)."""
+    import ctypes
+    import os
+    import sys
+    import types
+
+    from peers import PEERS, install_llamacpp
+
+    server, f32 = install_llamacpp()
+    out = PEERS / "smollm2-135m-q4_k_m.gguf"
+    if out.exists():
+        return out
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(server.parent)
+    sys.path.insert(0, str(PEERS / "llama_cpp_python-0.3.36"))
+    stub = sys.modules.setdefault("diskcache", types.ModuleType("diskcache"))  # imported by the package, unused
+    stub.Cache = getattr(stub, "Cache", object)
+    import llama_cpp.llama_cpp as L
+
+    p = L.llama_model_quantize_default_params()
+    p.ftype, p.nthread = L.LLAMA_FTYPE_MOSTLY_Q4_K_M, 2
+    if L.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(p)) != 0:
+        raise RuntimeError("llama_model_quantize failed")
+    return out
+
+
+def kquants() -> dict:
+    from gguf import GGUFReader
+
+    from pagedserve import SamplingParams
+    from pagedserve.bench.accuracy import agreement_pct, prompt_stats
+    from pagedserve.model.loader import resolve_model
+
+    path = kquant_file()
+    types = {}
+    for t in GGUFReader(path).tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    res = {"file": path.name, "file_bytes": path.stat().st_size, "tensor_types": types}
+    sp = SamplingParams(max_tokens=48, temperature=0)
+    base = None
+    for label, model in (("float32 copy", str(resolve_model(str(path)))), ("kept quantized", str(path))):
+        llm = _llm(model, dtype="float32")
+        ids = llm.get_tokenizer()(TEXT.read_text()).input_ids
+        ppl, top = prompt_stats(llm, ids)
+        gen = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
+        base = base or {"ppl": ppl, "top": top, "gen": gen}
+        same = sum(a == b for g, h in zip(gen, base["gen"]) for a, b in zip(g, h))
+        r = llm.engine.runner
+        res[label] = {"perplexity": ppl, "ppl_delta_pct": 100 * (ppl / base["ppl"] - 1),
+                      "top1_agreement_pct": agreement_pct(base["top"], top),
+                      "greedy_agreement_pct": 100 * same / sum(len(h) for h in base["gen"]),
+                      "weights": r.weights_description(), "weight_bytes": r.weight_bytes}
+        print(f"  {label:>15}: ppl {ppl:.3f} ({res[label]['ppl_delta_pct']:+.2f}%), greedy "
+              f"{res[label]['greedy_agreement_pct']:.1f}%, weights {r.weight_bytes / 2**20:.0f} MiB "
+              f"({res[label]['weights']})", flush=True)
+        del llm
+        gc.collect()
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--from-json", action="store_true")
+    ap.add_argument("--kquants", action="store_true")
     args = ap.parse_args()
     if args.from_json:
         return finish(json.loads(OUT.read_text()), OUT, report, plot, save=False)
+    if args.kquants:
+        results = json.loads(OUT.read_text())
+        results["kquants"] = {"date": time.strftime("%Y-%m-%d %H:%M"), **kquants()}
+        return finish(results, OUT, report, plot)
     results = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
     with tempfile.TemporaryDirectory() as tmp:
         print("== accuracy and memory", flush=True)

@@ -35,6 +35,7 @@ def kernels(request):
 @pytest.mark.parametrize("bits,n,k,group,offsets", [
     (4, 64, 96, 32, True), (4, 1152, 576, 32, True), (4, 48, 1536, 128, False), (4, 32, 576, 576, True),
     (8, 64, 96, 32, False), (8, 80, 1536, 64, True), (8, 16, 4096, 32, False), (8, 32, 576, 576, False),
+    (8, 48, 512, 16, False),  # GGUF Q6_K's groups of 16
 ])
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 13, 40])
 def test_quant_linear_matches_the_dequantized_reference(kernels, bits, n, k, group, offsets, m):
@@ -170,10 +171,28 @@ def test_gguf_blocks_unpack_to_exactly_what_gguf_py_dequantizes(kind):
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize, quantize
 
-    x = np.random.default_rng(0).standard_normal((48, 256)).astype(np.float32) * 0.1
-    raw = quantize(x, GGMLQuantizationType[kind])
+    t = GGMLQuantizationType[kind]
+    rng = np.random.default_rng(0)
+    if kind.endswith("_K"):  # gguf-py has no K-quant quantizer: random blocks, every bit pattern
+        from gguf import GGML_QUANT_SIZES
+
+        block, size = GGML_QUANT_SIZES[t]
+        raw = rng.integers(0, 256, (48 * 512 // block, size), dtype=np.uint8)
+        halves = (rng.random((raw.shape[0], 2)) * 0.05 + 1e-4).astype(np.float16).view(np.uint8)
+        if kind == "Q6_K":
+            raw[:, size - 2:] = halves[:, :2]  # d, at the end
+        else:
+            raw[:, :4] = halves  # d, dmin
+        raw = raw.reshape(48, -1)
+        w = gguf_quant.unpack(kind, raw, 48, 512)
+        bits, group = {"Q4_K": (4, 32), "Q5_K": (8, 32), "Q6_K": (8, 16)}[kind]
+        assert (w.bits, w.group_size, w.offsets is not None) == (bits, group, kind != "Q6_K")
+        assert np.array_equal(w.dequantize().numpy(), dequantize(raw, t).reshape(48, 512))
+        return
+    x = rng.standard_normal((48, 256)).astype(np.float32) * 0.1
+    raw = quantize(x, t)
     w = gguf_quant.unpack(kind, raw, 48, 256)
-    assert np.array_equal(w.dequantize().numpy(), dequantize(raw, GGMLQuantizationType[kind]).reshape(48, 256))
+    assert np.array_equal(w.dequantize().numpy(), dequantize(raw, t).reshape(48, 256))
 
 
 def _write_gguf(path, tensors: dict):
@@ -184,7 +203,7 @@ def _write_gguf(path, tensors: dict):
     w = GGUFWriter(str(path), "llama")
     for name, (kind, x) in tensors.items():
         t = GGMLQuantizationType[kind]
-        if kind in ("Q8_1", "Q4_K"):  # no quantizer in gguf-py: raw blocks of the right size
+        if kind in ("Q8_1", "Q3_K"):  # no quantizer in gguf-py: raw blocks of the right size
             from gguf import GGML_QUANT_SIZES
 
             block, size = GGML_QUANT_SIZES[t]
@@ -206,7 +225,7 @@ def test_gguf_loader_keeps_block_types_quantized_and_says_what_it_expands(tmp_pa
     x = {n: rng.standard_normal((64, 256)).astype(np.float32) for n in ("q", "k", "o", "g")}
     path = tmp_path / "m.gguf"
     _write_gguf(path, {"blk.0.attn_q.weight": ("Q4_1", x["q"]), "blk.0.attn_k.weight": ("Q8_0", x["k"]),
-                       "blk.0.attn_output.weight": ("Q4_K", x["o"]), "blk.0.ffn_gate.weight": ("F32", x["g"])})
+                       "blk.0.attn_output.weight": ("Q3_K", x["o"]), "blk.0.ffn_gate.weight": ("F32", x["g"])})
     with caplog.at_level(logging.WARNING, logger="pagedserve.loader"):
         quant = read_gguf_weights(path, num_heads=4, num_kv_heads=4, arch="llama", keep_quantized=True)
     plain = read_gguf_weights(path, num_heads=4, num_kv_heads=4, arch="llama")
@@ -216,8 +235,8 @@ def test_gguf_loader_keeps_block_types_quantized_and_says_what_it_expands(tmp_pa
     # rope un-permutation applies to quantized rows as to float ones
     assert torch.equal(q.dequantize(), plain["model.layers.0.self_attn.q_proj.weight"])
     assert torch.equal(k.dequantize(), plain["model.layers.0.self_attn.k_proj.weight"])
-    assert torch.is_tensor(quant["model.layers.0.self_attn.o_proj.weight"])  # Q4_K: dequantized, said
-    assert "1 Q4_K tensors dequantized to float at load" in caplog.text
+    assert torch.is_tensor(quant["model.layers.0.self_attn.o_proj.weight"])  # Q3_K: dequantized, said
+    assert "1 Q3_K tensors dequantized to float at load" in caplog.text
     assert torch.equal(quant["model.layers.0.mlp.gate_proj.weight"], torch.from_numpy(x["g"]))
 
     bad = tmp_path / "bad.gguf"

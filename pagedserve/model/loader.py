@@ -218,8 +218,8 @@ def _unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
 def read_gguf_weights(path: Path, num_heads: int, num_kv_heads: int, arch: str,
                       keep_quantized: bool = False) -> dict[str, torch.Tensor | QuantizedWeight]:
     """A GGUF's tensors by Hugging Face name: float32, or with `keep_quantized` the block types in
-    quantization/gguf.py KEPT_QUANTIZED as QuantizedWeight (exact). Other quantized types (K-quants,
-    IQ*) are dequantized to float32, and the log says which."""
+    quantization/gguf.py KEPT_QUANTIZED as QuantizedWeight (exact). Other quantized types (Q2_K,
+    Q3_K, IQ*) are dequantized to float32, and the log says which."""
     import torch
     from gguf import GGUFReader
     from gguf.quants import dequantize
@@ -250,7 +250,7 @@ def read_gguf_weights(path: Path, num_heads: int, num_kv_heads: int, arch: str,
         except NotImplementedError:
             raise ValueError(f"{path.name}: tensor {t.name} is {kind}, a GGUF type pagedserve cannot load (kept "
                              f"quantized: {', '.join(gguf_quant.KEPT_QUANTIZED)}; dequantized at load: the other types "
-                             "gguf-py reads, such as F16, BF16, Q4_K, Q5_K, Q6_K); re-quantize the model to one of "
+                             "gguf-py reads, such as F16, BF16, Q2_K, Q3_K, IQ4_NL); re-quantize the model to one of "
                              "those") from None
         w = torch.from_numpy(arr.reshape(shape).astype("float32"))  # a writable copy
         if rope:
