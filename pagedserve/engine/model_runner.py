@@ -131,7 +131,7 @@ class ModelRunner:
         the float dtype."""
         if not self.quantized_weights:
             return str(self.dtype).removeprefix("torch.")
-        kinds = sorted({w.source for w in self.quantized_weights.values()})
+        kinds = sorted({part for w in self.quantized_weights.values() for part in w.source.split("+")})  # fused: "a+b"
         return "+".join(kinds) + " (quantized)"
 
     def start_kv_populate(self) -> None:
