@@ -31,9 +31,38 @@ def test_llama3_8b_memory_by_hand():
     assert m.kv_bytes_per_token("fp8") == m.kv_bytes_per_token("int8") == 67584
     p = plan(weight_dtype="fp16", kv_dtype="fp8")
     assert p.memory["kv_bytes_per_token"] == 67584 and p.memory["kv_bytes_per_block"] == 67584 * 16
-    # KV budget on one H100: 80 GB x 0.9 - 16.06 GB weights - 4 GB reserve = 51.94 GB
-    assert p.memory["kv_budget_bytes"] == pytest.approx(72e9 - 16.06e9 - 4e9, rel=1e-3)
+    # KV budget on one H100, whose "80 GB" the device reports as 81,559 MiB = 85.52e9 bytes:
+    # 85.52 x 0.9 - 16.06 GB weights - 5% reserve (4.28) = 56.63 GB
+    dev = 81559 * 2**20
+    assert p.memory["device_memory_bytes"] == dev
+    assert p.memory["kv_budget_bytes"] == pytest.approx(dev * 0.9 - 16.06e9 - dev * 0.05, rel=1e-3)
     assert p.memory["max_seqs_at_max_model_len"] == int(p.memory["kv_budget_bytes"] // (67584 * 8192))
+
+
+def test_device_memory_as_devices_report_it():
+    """A 70B model in bf16 fits two H100s by the memory nvidia-smi reports (81,559 MiB each), with
+    room for KV; by the datasheet's decimal 80 GB it would not (the plan said 4). Where the catalog
+    has no reported figure the datasheet's GB stays (the smaller, safe side), and the notes say
+    which was used."""
+    import dataclasses
+
+    h100 = get_hardware("H100-SXM")
+    assert h100.memory_mib == 81559 and "nvidia-smi" in h100.memory_source
+    p = Plan(PlanInputs(model=load_model_spec("llama-3-70b"), hw=h100, workload=Workload(), weight_dtype="bf16"))
+    assert p.memory["min_tp"] == 2 and p.memory["device_memory_bytes"] == 81559 * 2**20
+    tokens = p.memory["kv_budget_bytes"] / p.memory["kv_bytes_per_token"] if p.memory["tp"] == 2 else 0
+    assert tokens > 8000
+    datasheet = dataclasses.replace(h100, memory_mib=None)
+    q = Plan(PlanInputs(model=load_model_spec("llama-3-70b"), hw=datasheet, workload=Workload(), weight_dtype="bf16"))
+    assert q.memory["min_tp"] > 2 and q.memory["device_memory_bytes"] == 80e9
+    assert any("81,559 MiB as the device reports it" in t for s, t in p.explain if s == "memory")
+    assert any("datasheet's 80 GB" in t for s, t in q.explain if s == "memory")
+    # every catalog GPU: the reported figure, where present, is at least the datasheet's
+    from pagedserve.planner.specs import load_catalog
+
+    for hw in load_catalog().values():
+        assert hw.memory_mib is None or (hw.memory_bytes >= hw.memory_gb * 1e9 and hw.memory_source)
+    assert custom_hardware("memory_mib=23028,bandwidth_gbs=600,bf16_tflops=125").memory_bytes == 23028 * 2**20
 
 
 def test_awq_int4_8b_is_about_5_gb():

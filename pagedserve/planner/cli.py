@@ -17,7 +17,7 @@ from pagedserve.planner.specs import (HERE, custom_hardware, get_hardware, load_
 def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="config.json, model folder, .gguf, hub id, or a known name (e.g. llama-3-8b)")
     p.add_argument("--gpu", default="H100-SXM", help="hardware from the catalog: " + ", ".join(load_catalog()))
-    p.add_argument("--hw-custom", default=None, help="custom figures: memory_gb=..,bandwidth_gbs=..,bf16_tflops=..[,usd_per_hour=..]")
+    p.add_argument("--hw-custom", default=None, help="custom figures: memory_gb=.. (or memory_mib=.., as nvidia-smi reports it),bandwidth_gbs=..,bf16_tflops=..[,usd_per_hour=..]")
     p.add_argument("--measure", action="store_true", help="measure this machine's matmul rate and bandwidth and plan for it")
     p.add_argument("--dtype", default="bf16", help="weights: fp32, bf16, fp16, fp8, int8, awq, gptq")
     p.add_argument("--kv-cache-dtype", default=None, help="KV cache: same as weights (default), fp8, int8, bf16, fp32")

@@ -127,9 +127,12 @@ class Plan:
                              f"= {m.layer_params / 1e9:.2f}B x {WEIGHT_BITS[inp.weight_dtype] / 8:g} + "
                              f"{(m.embedding_params + m.hidden) / 1e9:.2f}B x {4 if inp.weight_dtype == 'fp32' else 2} "
                              f"= {wbytes / GB:.2f} GB")
+        dev = hw.memory_bytes  # as the device reports it (hardware.yaml memory_mib), else the datasheet's GB
+        self._note("memory", f"device memory = {dev / GB:.2f} GB (" + (
+            f"{hw.memory_mib:,.0f} MiB as the device reports it: {hw.memory_source}" if hw.memory_mib else
+            f"the datasheet's {hw.memory_gb:g} GB; the device reports somewhat more") + ")")
         self._note("memory", f"KV per token = 2 x layers x kv_heads x head_dim x bytes = 2 x {m.layers} x "
                              f"{m.kv_heads} x {m.head_dim} x {KV_BYTES[self.kv_dtype]} = {kv_tok / 1024:.1f} KiB")
-        dev = hw.memory_gb * GB
 
         def budget(tp: int) -> float:
             usable = dev * inp.gpu_memory_utilization
@@ -144,8 +147,8 @@ class Plan:
         fits = kv_budget >= seq
         avg_len = inp.workload.input_tokens + inp.workload.output_tokens
         self._note("memory", f"KV budget = TP x (memory x utilization - weights/TP - {RUNTIME_RESERVE_FRACTION:.0%} "
-                             f"reserve) = {tp} x ({hw.memory_gb:g} x {inp.gpu_memory_utilization:g} - "
-                             f"{wbytes / GB / tp:.2f} - {hw.memory_gb * RUNTIME_RESERVE_FRACTION:.2f}) GB "
+                             f"reserve) = {tp} x ({dev / GB:.2f} x {inp.gpu_memory_utilization:g} - "
+                             f"{wbytes / GB / tp:.2f} - {dev / GB * RUNTIME_RESERVE_FRACTION:.2f}) GB "
                              f"= {kv_budget / GB:.2f} GB")
         max_seqs_full = max(0, int(kv_budget // seq))
         max_seqs_avg = max(0, int(kv_budget // (kv_tok * avg_len)))

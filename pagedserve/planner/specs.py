@@ -146,12 +146,22 @@ class HardwareSpec:
     usd_per_hour: float
     interconnect_gbs: float | None = None  # GPU-to-GPU, both directions together (NVLink, PCIe); None: unknown
     source: str = ""
+    # What the device itself reports (nvidia-smi's total, in MiB), with where that figure was seen:
+    # more than the datasheet's decimal GB (an "80 GB" H100 reports 81,559 MiB = 85.5e9 bytes).
+    memory_mib: float | None = None
+    memory_source: str = ""
     # Fractions of the datasheet peaks a tuned engine reaches (measured hardware: 1.0).
     compute_efficiency: float = 0.6
     bandwidth_efficiency: float = 0.8
     step_overhead_s: float = 0.003  # scheduling, sampling, launches per decode step
     allreduce_latency_s: float = 10e-6  # per all-reduce, on top of its bytes (NCCL's small-message latency)
     measured: dict = field(default_factory=dict)
+
+    @property
+    def memory_bytes(self) -> float:
+        """Device memory in bytes: as the device reports it where the catalog has that figure, else
+        the datasheet's decimal GB (the smaller, safe side)."""
+        return self.memory_mib * 2**20 if self.memory_mib else self.memory_gb * 1e9
 
     def allreduce_s(self, nbytes: float, tp: int) -> float:
         """One ring all-reduce of nbytes over tp GPUs: each GPU sends and receives 2 (tp - 1) / tp x
@@ -193,8 +203,8 @@ def get_hardware(name: str, catalog: dict[str, HardwareSpec] | None = None) -> H
     return hw
 
 
-CUSTOM_HW_KEYS = ("memory_gb", "bandwidth_gbs", "bf16_tflops", "fp32_tflops", "fp8_tflops", "int8_tops", "usd_per_hour",
-                  "interconnect_gbs")
+CUSTOM_HW_KEYS = ("memory_gb", "memory_mib", "bandwidth_gbs", "bf16_tflops", "fp32_tflops", "fp8_tflops", "int8_tops",
+                  "usd_per_hour", "interconnect_gbs")
 
 
 def custom_hardware(spec: str) -> HardwareSpec:
@@ -209,14 +219,18 @@ def custom_hardware(spec: str) -> HardwareSpec:
             fields_[k] = float(v)
         except ValueError:
             raise ValueError(f"--hw-custom {k} must be a number, got {v[:40]!r}") from None
-    need = ("memory_gb", "bandwidth_gbs", "bf16_tflops")
-    missing = [k for k in need if k not in fields_]
+    need = ("bandwidth_gbs", "bf16_tflops")
+    missing = [k for k in need if k not in fields_] + (
+        [] if "memory_gb" in fields_ or "memory_mib" in fields_ else ["memory_gb (or memory_mib)"])
     if missing:
         raise ValueError(f"--hw-custom needs {missing}")
     for k, v in fields_.items():
         if not (math.isfinite(v) and (v > 0 or k == "usd_per_hour" and v == 0)):
             raise ValueError(f"--hw-custom {k} must be a finite number > 0, got {v}")
-    return HardwareSpec(name="custom", memory_gb=fields_["memory_gb"], bandwidth_gbs=fields_["bandwidth_gbs"],
+    mib = fields_.get("memory_mib")
+    return HardwareSpec(name="custom", memory_gb=fields_.get("memory_gb", (mib or 0) * 2**20 / 1e9),
+                        memory_mib=mib, memory_source="user figures" if mib else "",
+                        bandwidth_gbs=fields_["bandwidth_gbs"],
                         fp32_tflops=fields_.get("fp32_tflops", fields_["bf16_tflops"] / 8),
                         bf16_tflops=fields_["bf16_tflops"], fp8_tflops=fields_.get("fp8_tflops"),
                         int8_tops=fields_.get("int8_tops"), usd_per_hour=fields_.get("usd_per_hour", 0.0),
@@ -424,12 +438,14 @@ def measure_this_machine(model: "ModelSpec | None" = None, budget_bytes: int = 1
     # Dispatch cost of one small op: a decode step issues ~45 per layer regardless of batch.
     tiny = torch.randn(64, device=dev)
     op_s = _best_time(lambda: tiny.add(1.0), 2000, cuda)
-    mem = (torch.cuda.get_device_properties(0).total_memory if cuda else psutil.virtual_memory().total) / 1e9
+    mem_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else psutil.virtual_memory().total
+    mem = mem_bytes / 1e9
     name = torch.cuda.get_device_name(0) if cuda else f"this machine (CPU, {torch.get_num_threads()} threads)"
     tf = mm / 1e12
     return HardwareSpec(
         name=name, memory_gb=mem, bandwidth_gbs=bw / 1e9, fp32_tflops=tf if not cuda else tf / 16,
         bf16_tflops=tf, fp8_tflops=None, int8_tops=None, usd_per_hour=0.0, source="measured by pagedserve plan --measure",
+        memory_mib=mem_bytes / 2**20, memory_source="reported by the device (torch)" if cuda else "this machine's RAM",
         compute_efficiency=1.0, bandwidth_efficiency=1.0, step_overhead_s=0.0,
         measured={"matmul_tflops": tf, "weight_stream_gbs": bw / 1e9, "matmul_n": n, "linear_curve": curve,
                   "op_dispatch_s": op_s, "layer_elementwise_curve": other,
