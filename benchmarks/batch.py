@@ -3,6 +3,7 @@ kill -9 of its server.
 
     python benchmarks/batch.py throughput [--pairs 2]   # the default workload, same-run pairs
     python benchmarks/batch.py crash [--lines 300]      # kill -9 at 30%, 60%, 90%, restart each time
+    python benchmarks/batch.py mixed [--lines 2000]     # chat at c=8 alone, a batch alone, then both
 
 throughput: the 128-request default workload (token-id prompts, ignore_eos, greedy) through
 `run-batch` (the server's app in-process, completions endpoint) and through `LLM.generate`, each a
@@ -14,14 +15,23 @@ at 30%, 60% and 90% of them done the server is killed with SIGKILL and started a
 directory. Checked at the end: every custom_id in the output exactly once, and each line that had
 a committed result before a kill still has that same result (not redone).
 
+mixed: one server on the default model with --batch-dir; chat at concurrency 8 (`pagedserve bench`,
+--chat-requests requests, prompts 32-512 and outputs 32-256 tokens) alone after a warm-up round;
+then a --lines-line batch (short chat lines, 64 tokens each) alone for --window seconds (its out
+tokens/s from vllm:generation_tokens); then the same chat load beside the still-running batch.
+Targets: chat TTFT p99 <= 1.5x and ITL p50 <= 1.3x of chat alone, and the batch's out tokens/s
+beside chat >= 70% of (its rate alone - chat's rate alone). The batch is cancelled at the end.
+
 Writes results/batch.json and results/batch.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
+import os
 import re
 import signal
 import sqlite3
@@ -144,6 +154,69 @@ def crash(lines: int) -> dict:
             "wall_s": time.monotonic() - t0}
 
 
+def _gen_tokens(url: str) -> float:
+    import httpx
+
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("vllm:generation_tokens_total{") or line.startswith("vllm:generation_tokens_total "):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError("vllm:generation_tokens_total")
+
+
+def mixed(chat_requests: int, lines: int, window_s: float, extra: list[str]) -> dict:
+    """Chat at concurrency 8 alone, then a batch alone, then both: chat TTFT p99 / ITL p50 against
+    chat alone, and the batch's out tok/s beside chat against what is left of its own rate."""
+    import argparse as ap_
+
+    import openai
+    from server_utils import ServerProcess
+
+    from pagedserve.bench import cli as bench
+
+    def chat(port_url: str) -> dict:
+        a = ap_.Namespace(base_url=f"{port_url}/v1", model="m", api_key=None, concurrency=[8], request_rate=None,
+                          num_requests=chat_requests, prompt_len=[32, 512], output_len=[32, 256], seed=7,
+                          timeout=600.0, label="chat", out=os.devnull)
+        return asyncio.run(bench.bench(a))[0]
+
+    rows = [{"custom_id": f"doc-{i}", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": "m", "messages": [{"role": "user", "content": f"Summarize document {i} in one line."}],
+                      "max_tokens": 64, "temperature": 0, "ignore_eos": True}} for i in range(lines)]
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        s = ServerProcess(["--served-model-name", "m", *ENGINE_FLAGS, "--batch-dir", str(d / "b"), *extra], d / "s.log")
+        try:
+            c = openai.OpenAI(base_url=s.base, api_key="none", max_retries=0)
+            chat(s.url)  # warm-up: first requests compile and fault in what they touch
+            alone = chat(s.url)
+            print(f"chat alone: TTFT p99 {alone['ttft_p99'] * 1e3:.0f} ms, ITL p50 {alone['itl_p50'] * 1e3:.1f} ms, "
+                  f"{alone['output_tok_s']:.1f} out tok/s", flush=True)
+            f = c.files.create(file=("docs.jsonl", io.BytesIO("".join(json.dumps(r) + "\n" for r in rows).encode())),
+                               purpose="batch")
+            b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+            time.sleep(5)  # the batch ramps up
+            g0, t0 = _gen_tokens(s.url), time.monotonic()
+            time.sleep(window_s)
+            batch_alone = (_gen_tokens(s.url) - g0) / (time.monotonic() - t0)
+            print(f"batch alone: {batch_alone:.1f} out tok/s", flush=True)
+            g0, t0 = _gen_tokens(s.url), time.monotonic()
+            both = chat(s.url)
+            total = (_gen_tokens(s.url) - g0) / (time.monotonic() - t0)
+            batch_beside = total - both["output_tokens"] / (time.monotonic() - t0)
+            print(f"chat beside the batch: TTFT p99 {both['ttft_p99'] * 1e3:.0f} ms, ITL p50 "
+                  f"{both['itl_p50'] * 1e3:.1f} ms; batch {batch_beside:.1f} out tok/s", flush=True)
+            done = c.batches.cancel(b.id).request_counts
+        finally:
+            s.stop()
+    left = batch_alone - alone["output_tok_s"]
+    return {"chat_requests": chat_requests, "lines": lines, "flags": extra,
+            "chat_alone": {k: alone[k] for k in ("ttft_p99", "itl_p50", "output_tok_s")},
+            "chat_beside_batch": {k: both[k] for k in ("ttft_p99", "itl_p50", "output_tok_s")},
+            "batch_alone_tok_s": batch_alone, "batch_beside_chat_tok_s": batch_beside,
+            "ttft_p99_ratio": both["ttft_p99"] / alone["ttft_p99"], "itl_p50_ratio": both["itl_p50"] / alone["itl_p50"],
+            "batch_share_of_left": batch_beside / left if left > 0 else None, "lines_done_at_cancel": done.completed}
+
+
 def report(res: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -158,6 +231,15 @@ def report(res: dict) -> None:
             tab.add_row(str(i), r["first"], f"{r['run-batch']:.1f}", f"{r['generate']:.1f}", f"{r['ratio']:.3f}")
         Console().print(tab)
         print(f"median ratio {t['median_ratio']:.3f} (target >= 0.95)")
+    m = res.get("mixed")
+    if m:
+        print(f"mixed load ({m['chat_requests']} chat requests at c=8 beside a {m['lines']}-line batch, flags "
+              f"{m['flags'] or 'default'}): chat TTFT p99 {m['ttft_p99_ratio']:.2f}x (target <= 1.5), ITL p50 "
+              f"{m['itl_p50_ratio']:.2f}x (target <= 1.3) of chat alone; batch {m['batch_beside_chat_tok_s']:.1f} "
+              f"out tok/s beside chat, alone {m['batch_alone_tok_s']:.1f}, chat alone "
+              f"{m['chat_alone']['output_tok_s']:.1f}: "
+              + (f"{m['batch_share_of_left']:.0%} of what is left (target >= 70%)" if m["batch_share_of_left"]
+                 is not None else "nothing left"))
     c = res.get("crash")
     if c:
         for k in c["kills"]:
@@ -190,14 +272,22 @@ def plot(res: dict):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("throughput", "crash", "report"))
+    ap.add_argument("mode", choices=("throughput", "crash", "mixed", "report"))
     ap.add_argument("--pairs", type=int, default=2)
-    ap.add_argument("--lines", type=int, default=300)
+    ap.add_argument("--lines", type=int, default=None, help="crash: 300; mixed: 2000")
+    ap.add_argument("--chat-requests", type=int, default=32, help="mixed: chat requests per phase")
+    ap.add_argument("--window", type=float, default=20.0, help="mixed: seconds the batch runs alone")
+    ap.add_argument("--server-flag", action="append", default=[], help="mixed: extra serve flags (e.g. --batch-share=1)")
     args = ap.parse_args()
     res = json.loads(OUT.read_text()) if OUT.exists() else {}
     if args.mode != "report":
         res.update(machine=machine(), date=time.strftime("%Y-%m-%d %H:%M"))
-        res[args.mode] = throughput(args.pairs) if args.mode == "throughput" else crash(args.lines)
+        if args.mode == "throughput":
+            res["throughput"] = throughput(args.pairs)
+        elif args.mode == "crash":
+            res["crash"] = crash(args.lines or 300)
+        else:
+            res["mixed"] = mixed(args.chat_requests, args.lines or 2000, args.window, args.server_flag)
     finish(res, OUT, report, plot, save=args.mode != "report")
 
 

@@ -69,6 +69,15 @@ def add_batch_args(p: argparse.ArgumentParser) -> None:
                    help="engine priority of batch lines; interactive requests are 0 and lower runs first, so "
                         "batches soak up what interactive traffic leaves")
     p.add_argument("--batch-concurrency", type=int, default=d.concurrency, help="batch lines in flight at once, all batches together")
+    from pagedserve.config import EngineConfig
+
+    e = EngineConfig()
+    p.add_argument("--batch-share", type=float, default=e.background_share,
+                   help="while interactive requests run, batch requests (priority >= --batch-priority) are admitted "
+                        "up to this many sequences per interactive one (at least 1): on a CPU each extra sequence "
+                        "lengthens every step")
+    p.add_argument("--batch-prefill-tokens", type=int, default=e.background_prefill_tokens,
+                   help="while interactive requests run, batch prompts get at most this many tokens of a step")
 
 
 def batch_limits(args: argparse.Namespace):
@@ -163,6 +172,8 @@ def build_server_app(args: argparse.Namespace):
         seed=args.seed, chat_template=args.chat_template, attention_backend=args.attention_backend,
         num_threads=args.num_threads, structured_outputs_backend=args.structured_outputs_backend,
         ttft_target_ms=args.ttft_target_ms, adaptive_threads=args.adaptive_threads,
+        background_priority=args.batch_priority, background_share=args.batch_share,
+        background_prefill_tokens=args.batch_prefill_tokens,
     )
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (one of: " + ", ".join(TOOL_CALL_PARSERS) + ")")

@@ -34,6 +34,9 @@ QUANTIZE_METHODS = ("int8", "int4-rtn", "awq")
 # for JSON schemas with keywords xgrammar would not enforce.
 STRUCTURED_OUTPUTS_BACKENDS = ("auto", "xgrammar", "guidance")
 DEFAULT_TTFT_TARGET_MS = 1000.0  # --ttft-target-ms (benchmarks/ttft_target.py)
+# Requests at this priority or above are background work (batch lines; engine/background.py):
+# the batch manager sends its lines at it (--batch-priority), interactive requests come at 0.
+BACKGROUND_PRIORITY = 10
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -67,6 +70,20 @@ class EngineConfig:
     # A prompt waiting this long goes ahead of decodes (scheduler.py); None: never. 1000 ms measured best at 64
     # chat streams: TTFT p50 -26% and p99 -13% at the same ITL and throughput; lower only raised ITL p99.
     ttft_target_ms: float | None = DEFAULT_TTFT_TARGET_MS
+    # Background requests (priority >= background_priority: batch lines) beside foreground ones
+    # (engine/background.py): at most background_share sequences per foreground one, and
+    # background_prefill_tokens of prompt a step. background_priority None: priorities only order.
+    background_priority: int | None = BACKGROUND_PRIORITY
+    background_share: float = 0.5
+    background_prefill_tokens: int = 64
+
+    def background_policy(self):
+        from pagedserve.engine.background import BackgroundPolicy
+
+        if self.background_priority is None:
+            return None
+        return BackgroundPolicy(self.background_priority, self.background_share,
+                                prefill_tokens=self.background_prefill_tokens)
 
     def __post_init__(self) -> None:
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
@@ -85,6 +102,7 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.ttft_target_ms is not None and self.ttft_target_ms < 0:
             raise ValueError(f"ttft_target_ms must be >= 0 (or None: off), got {self.ttft_target_ms}")
+        self.background_policy()  # its checks, now
         if self.dtype != "auto" and self.dtype not in DTYPES:  # bad names fail here, before the model loads
             raise ValueError(f"dtype must be one of {sorted(DTYPES) + ['auto']}, got {self.dtype!r}")
         self._check_kv_cache_dtype()

@@ -211,3 +211,51 @@ def test_ttft_target_never_stalls_a_full_cache():
                     s.finish(r, RequestStatus.FINISHED_LENGTH)
         clock.t += 0.125
     assert not s.has_work()
+
+
+def test_background_requests_take_a_bounded_share_beside_foreground_ones():
+    """engine/background.py: with foreground (priority < 10) requests running, background ones
+    (batch lines) are admitted up to share x foreground sequences and their prompts get a few
+    tokens a step; with no foreground request they take the whole engine."""
+    from pagedserve.engine.background import BackgroundPolicy
+
+    kv = KVCacheManager(num_blocks=400, block_size=4)
+    s = Scheduler(kv, max_num_seqs=64, max_num_batched_tokens=1000,
+                  background=BackgroundPolicy(priority=10, share=0.5, prefill_tokens=16))
+    fg = [req(f"fg{i}", range(100 + 8 * i, 108 + 8 * i), max_tokens=50) for i in range(4)]
+    bg = [req(f"bg{i}", range(500 + 40 * i, 540 + 40 * i), max_tokens=50, priority=10) for i in range(10)]
+    for r in bg + fg:
+        s.add(r)
+    out = s.schedule()
+    got = out.num_scheduled_tokens
+    assert all(got[r.request_id] == 8 for r in fg)  # foreground first, whole prompts
+    admitted = [r for r in bg if r.request_id in got]
+    assert len(admitted) == 1 and got[admitted[0].request_id] == 16  # seats 0.5 x 4 = 2, but 16 prefill tokens a step
+    s.update_after_step(out)
+    for _ in range(6):  # prompts of 40 tokens go in 16-token chunks; at most 2 background sequences
+        out = s.schedule()
+        assert sum(n for rid, n in out.num_scheduled_tokens.items() if rid.startswith("bg") and n > 1) <= 16
+        assert sum(1 for r in s.running if r.priority >= 10) <= 2
+        s.update_after_step(out)
+        for r in out.requests:
+            if r.num_computed_tokens == r.num_tokens:
+                r.append_token(7)
+    assert sum(1 for r in s.running if r.priority >= 10) == 2
+    for r in fg:  # the foreground goes: the background takes everything
+        s.finish(r, RequestStatus.FINISHED_STOPPED)
+    out = s.schedule()
+    assert sum(1 for r in s.running if r.priority >= 10) == 10
+    assert sum(out.num_scheduled_tokens.values()) > 16
+    s.update_after_step(out)
+    for r in out.requests:  # each sampled a token: one to compute next step
+        if r.num_computed_tokens == r.num_tokens:
+            r.append_token(7)
+    # A chat arrives while the batch has the engine: only the oldest `share` background sequences
+    # keep stepping (the others pause, their blocks kept); the chat's prompt goes whole.
+    chat = req("chat", range(900, 930), max_tokens=5)
+    s.add(chat)
+    held = kv.num_free_blocks
+    out = s.schedule()
+    bg_now = [rid for rid in out.num_scheduled_tokens if rid.startswith("bg")]
+    assert out.num_scheduled_tokens["chat"] == 30 and bg_now == ["bg0"]  # seq_limit(1) = max(1, 0.5)
+    assert sum(1 for r in s.running if r.priority >= 10) == 10 and kv.num_free_blocks <= held  # paused, not freed

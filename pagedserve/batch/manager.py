@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from pagedserve.batch import lines as L
+from pagedserve.config import BACKGROUND_PRIORITY
 from pagedserve.batch.runner import run_lines
 from pagedserve.batch.store import BatchStore
 
@@ -38,7 +39,7 @@ class BatchError(Exception):
 class BatchLimits:
     max_file_bytes: int = 200 << 20  # OpenAI's limit for a batch input file
     max_lines: int = 50_000
-    priority: int = 10  # engine priority of batch lines (interactive requests: 0, served first)
+    priority: int = BACKGROUND_PRIORITY  # engine priority of batch lines (interactive requests: 0, served first)
     concurrency: int = 32  # lines in flight, all batches together
 
 

@@ -98,7 +98,8 @@ class LLMEngine:
         default_budget = 2048 if device.type == "cuda" else 512
         self.max_num_batched_tokens = cfg.max_num_batched_tokens or default_budget
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, self.max_num_batched_tokens,
-                                   None if cfg.ttft_target_ms is None else cfg.ttft_target_ms / 1000)
+                                   None if cfg.ttft_target_ms is None else cfg.ttft_target_ms / 1000,
+                                   background=cfg.background_policy())
         self.structured = StructuredOutputManager(
             self.tokenizer, self.arch.vocab_size, self.eos_token_ids, cfg.structured_outputs_backend)
         self.parents: dict[str, _Parent] = {}

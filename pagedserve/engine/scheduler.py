@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pagedserve.engine.background import BackgroundPolicy
 from pagedserve.engine.kv_cache import KVCacheManager
 from pagedserve.engine.request import Request, RequestStatus
 
@@ -42,8 +43,12 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 ttft_target_s: float | None = None, clock: Callable[[], float] = time.monotonic):
+                 ttft_target_s: float | None = None, clock: Callable[[], float] = time.monotonic,
+                 background: BackgroundPolicy | None = None):
         self.kv = kv
+        self.background = background  # None: priorities only order requests (background.py)
+        self._bg_seats: int | None = None  # this step: background sequences that may still be admitted
+        self._bg_prefill: int | None = None  # this step: background prompt tokens left
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.ttft_target_s = ttft_target_s  # None: running requests always go first
@@ -63,6 +68,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        self._limit_background()
         late = self._overdue_prompt()
         if late is not None:
             self.num_prompt_first_steps += 1
@@ -77,6 +83,28 @@ class Scheduler:
             budget = self._run(list(self.running), out, budget, preempt=True)
             self._admit(out, budget)
         return out
+
+    def _limit_background(self) -> None:
+        """This step's room for background requests (background.py): unlimited without foreground."""
+        self._bg_seats = self._bg_prefill = None
+        bg = self.background
+        if bg is None:
+            return
+        fg_running = sum(1 for r in self.running if not bg.is_background(r.priority))
+        fg_waiting = bool(self.waiting) and not bg.is_background(self.waiting[0][1].priority)  # heap: best first
+        if fg_running == 0 and not fg_waiting:
+            return
+        self._bg_seats = bg.seq_limit(max(fg_running, 1))
+        self._bg_prefill = bg.prefill_tokens
+
+    def _background_tokens(self, req: Request, n: int) -> int:
+        """`n` capped by what background prompts (or a preempted request's recompute: more than one
+        token to compute) may still take this step."""
+        if self._bg_prefill is None or n <= 1 or not self.background.is_background(req.priority):
+            return n
+        n = min(n, self._bg_prefill)
+        self._bg_prefill -= n
+        return n
 
     def _overdue_prompt(self) -> Request | None:
         """A prompt (no token yet) that has waited the TTFT target and can go ahead now: running
@@ -101,7 +129,12 @@ class Scheduler:
                 break
             if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            background = self._bg_seats is not None and self.background.is_background(req.priority)
+            if background and self._bg_seats == 0:
+                continue  # past the background share: paused this step, its KV kept (oldest lines go on)
+            n = self._background_tokens(req, min(req.num_tokens - req.num_computed_tokens, budget))
+            if n == 0:  # a background prompt past this step's share: it goes on next step
+                continue
             while not self.kv.allocate_slots(req, n):
                 if not preempt:
                     n = 0
@@ -114,6 +147,8 @@ class Scheduler:
             if n:
                 self._add_to_output(out, req, n)
                 budget -= n
+                if background:
+                    self._bg_seats -= 1
         return budget
 
     def _admit(self, out: SchedulerOutput, budget: int) -> int:
@@ -130,10 +165,18 @@ class Scheduler:
                 heapq.heappop(self.waiting)
                 out.grammar_failed.append(req)
                 continue
+            background = self._bg_seats is not None and self.background.is_background(req.priority)
+            if background and (self._bg_seats == 0 or self._bg_prefill == 0):
+                break  # the queue is by priority: everything after is background too
             cached, num_cached = self.kv.get_computed_blocks(req)
             n = min(req.num_tokens - req.num_computed_tokens - num_cached, budget)
+            if background:
+                n = min(n, self._bg_prefill)
             if not self.kv.allocate_slots(req, n, cached):
                 break
+            if background:
+                self._bg_seats -= 1
+                self._bg_prefill -= n
             heapq.heappop(self.waiting)
             req.num_computed_tokens += num_cached
             if req.metrics.first_scheduled_time is None:
