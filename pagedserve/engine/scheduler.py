@@ -14,6 +14,9 @@ prompts are admitted, and the other decodes take what budget is left, without pr
 (a decode that finds no free block just waits a step) — unless the prompts could not be given
 anything (no free blocks), when the step is an ordinary one. Decodes pause for a step or two; the
 prompts of a burst reach their first token at prefill speed instead of behind every decode.
+
+Background requests (priority >= the background policy's, batch lines) beside foreground ones
+step only up to the policy's share, their prompts a few tokens a step (background.py).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class Scheduler:
                  background: BackgroundPolicy | None = None):
         self.kv = kv
         self.background = background  # None: priorities only order requests (background.py)
-        self._bg_seats: int | None = None  # this step: background sequences that may still be admitted
+        self._bg_seats: int | None = None  # this step: background sequences that may still step (run or admitted)
         self._bg_prefill: int | None = None  # this step: background prompt tokens left
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
