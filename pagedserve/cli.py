@@ -73,9 +73,9 @@ def add_batch_args(p: argparse.ArgumentParser) -> None:
 
     e = EngineConfig()
     p.add_argument("--batch-share", type=float, default=e.background_share,
-                   help="while interactive requests run, batch requests (priority >= --batch-priority) are admitted "
-                        "up to this many sequences per interactive one (at least 1): on a CPU each extra sequence "
-                        "lengthens every step")
+                   help="while interactive requests run, batch requests (priority >= --batch-priority) step only up "
+                        "to this many sequences per interactive one (at least 1; the others pause): on a CPU each "
+                        "extra sequence lengthens every step")
     p.add_argument("--batch-prefill-tokens", type=int, default=e.background_prefill_tokens,
                    help="while interactive requests run, batch prompts get at most this many tokens of a step")
 
