@@ -114,6 +114,12 @@ def test_discovery_from_dns_and_file(tmp_path):
     a.outstanding = 3
     assert apply_discovery(pool, ["http://a:1/v1"]) and pool.backends == [a] and a.outstanding == 3
     assert not apply_discovery(pool, ["http://a:1/v1"])
+    # A file caught mid-rewrite (truncated, not yet written) is an error: the pool keeps its set.
+    f.write_text("")
+    with pytest.raises(ValueError, match="empty .* keeping the last set"):
+        asyncio.run(discover_urls(DiscoveryConfig(file=str(f))))
+    f.write_text("# no backends now\n")
+    assert asyncio.run(discover_urls(DiscoveryConfig(file=str(f)))) == []
 
 
 def test_parse_load_and_since():

@@ -100,9 +100,16 @@ class Pool:
 # -- discovery ---------------------------------------------------------------------------------
 
 async def discover_urls(d: DiscoveryConfig) -> list[str]:
-    """Current backend URLs from a list file (one URL per line, # comments) or a DNS name."""
+    """Current backend URLs from a list file (one URL per line, # comments) or a DNS name. A file
+    of zero bytes is one being rewritten in place (truncated, not yet written): an error, so the
+    pool keeps its last set rather than dropping every backend for an interval (a rolling update's
+    test caught exactly that); a file of only comments means no backends."""
     if d.file is not None:
         text = await asyncio.to_thread(Path(d.file).read_text)
+        if not text:
+            raise ValueError("the file is empty (being rewritten?): keeping the last set. Replace it atomically "
+                             "(write another file, then rename it over this one); a comment line alone means "
+                             "no backends")
         return [ln.strip().rstrip("/") for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     infos = await asyncio.get_running_loop().getaddrinfo(d.dns, d.port, family=socket.AF_INET, type=socket.SOCK_STREAM)
     ips = sorted({info[4][0] for info in infos})
