@@ -50,8 +50,6 @@ def _llm(model: str | None, **kw):
 
 
 def accuracy(workdir: Path) -> dict:
-    from pagedserve import SamplingParams
-    from pagedserve.bench.accuracy import agreement_pct, prompt_stats
     from pagedserve.model.loader import default_model_gguf, resolve_model
     from pagedserve.model.quantization.quantize import quantize_model
 
@@ -67,6 +65,17 @@ def accuracy(workdir: Path) -> dict:
         ("GGUF Q4_1 + int8 KV", None, {"dtype": "float32", "kv_cache_dtype": "int8"}),
         ("GGUF Q4_1 + fp8 KV", None, {"dtype": "float32", "kv_cache_dtype": "fp8"}),
     ]
+    res = compare(variants)
+    res["_gguf_file_bytes"] = default_model_gguf().stat().st_size
+    return res
+
+
+def compare(variants: list[tuple[str, str | None, dict]]) -> dict:
+    """Each (label, model, engine kwargs) against the first: perplexity on the fixed text, top-1
+    and greedy agreement, resident weights."""
+    from pagedserve import SamplingParams
+    from pagedserve.bench.accuracy import agreement_pct, prompt_stats
+
     sp = SamplingParams(max_tokens=48, temperature=0)
     res, base = {}, None
     for label, model, kw in variants:
@@ -86,7 +95,6 @@ def accuracy(workdir: Path) -> dict:
               f"weights {r.weight_bytes / 2**20:.0f} MiB ({res[label]['weights']})", flush=True)
         del llm
         gc.collect()
-    res["_gguf_file_bytes"] = default_model_gguf().stat().st_size
     return res
 
 
@@ -255,8 +263,6 @@ def kquant_file() -> Path:
 def kquants() -> dict:
     from gguf import GGUFReader
 
-    from pagedserve import SamplingParams
-    from pagedserve.bench.accuracy import agreement_pct, prompt_stats
     from pagedserve.model.loader import resolve_model
 
     path = kquant_file()
@@ -264,25 +270,8 @@ def kquants() -> dict:
     for t in GGUFReader(path).tensors:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
     res = {"file": path.name, "file_bytes": path.stat().st_size, "tensor_types": types}
-    sp = SamplingParams(max_tokens=48, temperature=0)
-    base = None
-    for label, model in (("float32 copy", str(resolve_model(str(path)))), ("kept quantized", str(path))):
-        llm = _llm(model, dtype="float32")
-        ids = llm.get_tokenizer()(TEXT.read_text()).input_ids
-        ppl, top = prompt_stats(llm, ids)
-        gen = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
-        base = base or {"ppl": ppl, "top": top, "gen": gen}
-        same = sum(a == b for g, h in zip(gen, base["gen"]) for a, b in zip(g, h))
-        r = llm.engine.runner
-        res[label] = {"perplexity": ppl, "ppl_delta_pct": 100 * (ppl / base["ppl"] - 1),
-                      "top1_agreement_pct": agreement_pct(base["top"], top),
-                      "greedy_agreement_pct": 100 * same / sum(len(h) for h in base["gen"]),
-                      "weights": r.weights_description(), "weight_bytes": r.weight_bytes}
-        print(f"  {label:>15}: ppl {ppl:.3f} ({res[label]['ppl_delta_pct']:+.2f}%), greedy "
-              f"{res[label]['greedy_agreement_pct']:.1f}%, weights {r.weight_bytes / 2**20:.0f} MiB "
-              f"({res[label]['weights']})", flush=True)
-        del llm
-        gc.collect()
+    res.update(compare([("float32 copy", str(resolve_model(str(path))), {"dtype": "float32"}),
+                        ("kept quantized", str(path), {"dtype": "float32"})]))
     return res
 
 

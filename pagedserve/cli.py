@@ -56,7 +56,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def add_batch_args(p: argparse.ArgumentParser) -> None:
     """The Files and Batches API (batch/manager.py)."""
-    from pagedserve.batch.manager import BatchLimits
+    from pagedserve.batch.limits import BatchLimits
 
     d = BatchLimits()
     p.add_argument("--batch-dir", default=None,
@@ -81,7 +81,7 @@ def add_batch_args(p: argparse.ArgumentParser) -> None:
 
 
 def batch_limits(args: argparse.Namespace):
-    from pagedserve.batch.manager import BatchLimits
+    from pagedserve.batch.limits import BatchLimits
 
     if args.max_batch_lines < 1 or args.batch_concurrency < 1:
         raise ValueError("--max-batch-lines and --batch-concurrency must be at least 1")

@@ -7,5 +7,6 @@
 - `store`: files on disk, batch state and every finished line in SQLite (SQLAlchemy), so a batch
   killed mid-way resumes without redoing or losing a line.
 - `manager`: the Files and Batches API's state machine behind the server's endpoints.
+- `limits`: its limits (light: the CLI builds its flags from them).
 - `run_batch`: `pagedserve run-batch -i IN.jsonl -o OUT.jsonl`.
 """

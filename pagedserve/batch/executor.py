@@ -69,7 +69,7 @@ class _Executor:
         return await retrying(lambda: self._post(line))
 
     async def _post(self, line: BatchLine) -> tuple[int, object, str | None]:
-        r = await self.client.post(self.path(line.url), json=with_priority(line.body, self.priority),
+        r = await self.client.post(line.url, json=with_priority(line.body, self.priority),
                                    headers=self.headers)
         try:
             body = r.json()
@@ -77,9 +77,6 @@ class _Executor:
             body = {"error": {"message": r.text[:2000], "type": "invalid_response"}}
         rid = body.get("id") if isinstance(body, dict) and isinstance(body.get("id"), str) else None
         return r.status_code, body, rid
-
-    def path(self, url: str) -> str:
-        return url
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -13,12 +13,12 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
 
 from pagedserve.batch import lines as L
-from pagedserve.config import BACKGROUND_PRIORITY
+from pagedserve.batch.limits import BatchLimits
 from pagedserve.batch.runner import run_lines
 from pagedserve.batch.store import BatchStore
+from pagedserve.server.errors import APIError
 
 log = logging.getLogger("pagedserve.batch")
 
@@ -27,20 +27,9 @@ FILE_PURPOSES = ("batch",)  # what clients upload; outputs are "batch_output"
 MAX_METADATA = 16  # pairs, as OpenAI: keys up to 64 characters, values up to 512
 
 
-class BatchError(Exception):
-    """A request the API refuses: HTTP status, message, the field to change."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
-@dataclass
-class BatchLimits:
-    max_file_bytes: int = 200 << 20  # OpenAI's limit for a batch input file
-    max_lines: int = 50_000
-    priority: int = BACKGROUND_PRIORITY  # engine priority of batch lines (interactive requests: 0, served first)
-    concurrency: int = 32  # lines in flight, all batches together
+class BatchError(APIError):
+    """A request the Files and Batches API refuses: HTTP status, message, the field to change (an
+    APIError: the server's and the gateway's error handlers answer it OpenAI-style)."""
 
 
 def file_object(row: dict) -> dict:

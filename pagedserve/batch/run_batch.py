@@ -131,10 +131,8 @@ def run_batch(args: argparse.Namespace) -> int:
                    json.dumps(L.error_line(item.custom_id, item.code, item.message)))
     write_output(args.output_file, "".join(x + "\n" for x in out))
     failed = sum(1 for r in results.values() if not L.is_success(r)) + len(bad)
-    tokens = sum(((r.get("response") or {}).get("body") or {}).get("usage", {}).get("completion_tokens", 0)
-                 for r in results.values() if isinstance(((r.get("response") or {}).get("body")), dict))
     log.info("run-batch: %d lines, %d failed, %d output tokens in %.1fs (%.1f out tok/s, model load excluded) -> %s",
-             len(order), failed, tokens, wall, tokens / max(wall, 1e-9), args.output_file)
+             len(order), failed, progress.tokens, wall, progress.tokens / max(wall, 1e-9), args.output_file)
     return 0
 
 

@@ -24,7 +24,8 @@ from starlette.routing import Route
 
 from pagedserve import __version__
 from pagedserve.batch.executor import CallExecutor
-from pagedserve.batch.manager import BatchLimits, BatchManager
+from pagedserve.batch.limits import BatchLimits
+from pagedserve.batch.manager import BatchManager
 from pagedserve.batch.store import BatchStore
 from pagedserve.gateway.audit import AuditWriter
 from pagedserve.gateway.backends import Backend, Pool, make_backend
@@ -37,7 +38,7 @@ from pagedserve.gateway.proxy import Forwarder, Trace
 from pagedserve.gateway.store import open_db, utcnow
 from pagedserve.server.middleware import BodyLimitMiddleware, bearer_token
 from pagedserve.server.serving_batches import batches_router
-from pagedserve.server.serving_files import files_router, upload_form
+from pagedserve.server.serving_files import files_router
 from pagedserve.server.errors import APIError, install_error_handlers, quote
 
 log = logging.getLogger("pagedserve.gateway")
@@ -342,10 +343,7 @@ class Gateway:
                       str(e).splitlines()[0][:200], self.budget.hold_s)
 
     async def handle(self, request: Request, endpoint: str) -> Response:
-        trace, ts = Trace(), utcnow()
-        trace.deadline = trace.t0 + self.cfg.server.request_timeout_s
         key: KeyInfo | None = None
-        model, decision, stream, prompt = None, None, False, None
         try:
             key = self.authenticate(request)  # before the body is read: a keyless client costs nothing
             raw = await request.body()
@@ -355,69 +353,71 @@ class Gateway:
                 raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
             if not isinstance(body, dict):
                 raise APIError(400, "request body must be a JSON object", code="invalid_request")
-            model = body.get("model")
+        except APIError as e:
+            self._refused(e, key, "", endpoint, None, Trace(), False, utcnow(), None)
+            raise
+        return await self.serve(key, endpoint, body, request.headers.get)
+
+    async def serve(self, key: KeyInfo, endpoint: str, body: dict, header=lambda name: None,
+                    batch_id: str | None = None) -> Response:
+        """One request of `key`, over HTTP (handle) or a batch line (run_line): model access, rate
+        limit and budget, then the pool and the forwarder; a refusal books its audit row and raises."""
+        trace, ts = Trace(), utcnow()
+        trace.deadline = trace.t0 + self.cfg.server.request_timeout_s
+        model, decision, prompt = body.get("model"), None, None
+        stream = bool(body.get("stream"))
+        try:
             if not isinstance(model, str) or not model:
                 raise APIError(400, "'model' is required (a string; see GET /v1/models)", "model", "invalid_request")
-            stream = bool(body.get("stream"))
             self.admit(key, model)
             whole, question = request_texts(endpoint, body)
             prompt = whole
             decision = await self.routes[model].decide(question)
             await self.reserve(key, endpoint, body, decision.pool, trace)
-            info = RequestInfo(session=request.headers.get(self.pools[decision.pool].cfg.session_header), prompt=whole)
+            info = RequestInfo(session=header(self.pools[decision.pool].cfg.session_header), prompt=whole)
             return await self.forwarder.forward(
                 endpoint, body, model, decision.pool, info, trace,
-                lambda tr: self.finish(key, model, endpoint, decision, tr, stream, ts, prompt))
+                lambda tr: self.finish(key, model, endpoint, decision, tr, stream, ts, prompt, batch_id))
         except APIError as e:
-            if trace.status == 0:  # refused before forwarding
-                reason = e.code if isinstance(e.code, str) else str(e.status)
-                self.metrics.rejected.labels(reason).inc()
-                if key is not None:  # one audit row; unauthenticated requests only count (anyone could send them)
-                    trace.status, trace.error = e.status, e.message
-                    self.finish(key, model if isinstance(model, str) else "", endpoint, decision, trace, stream, ts,
-                                prompt)
+            self._refused(e, key, model, endpoint, decision, trace, stream, ts, prompt, batch_id)
             raise
 
+    def _refused(self, e: APIError, key: KeyInfo | None, model, endpoint: str, decision: Decision | None,
+                 trace: Trace, stream: bool, ts, prompt: str | None, batch_id: str | None = None) -> None:
+        if trace.status != 0:  # failed after forwarding: finish() booked it
+            return
+        reason = e.code if isinstance(e.code, str) else str(e.status)
+        self.metrics.rejected.labels(reason).inc()
+        if key is not None:  # one audit row; unauthenticated requests only count (anyone could send them)
+            trace.status, trace.error = e.status, e.message
+            self.finish(key, model if isinstance(model, str) else "", endpoint, decision, trace, stream, ts, prompt,
+                        batch_id)
+
     async def run_line(self, owner: str | None, batch_id: str, line) -> tuple[int, object, str | None]:
-        """One batch line as the key that created the batch: the same admission, budget, routing,
-        failover and audit (a row per line, with its batch id) as a request over HTTP; refusals
-        (a revoked key, a spent budget, an unknown model) are the line's error response."""
-        trace, ts = Trace(), utcnow()
-        trace.deadline = trace.t0 + self.cfg.server.request_timeout_s
+        """One batch line as the key that created the batch (serve: the same admission, budget,
+        routing, failover and audit row, with its batch id); a refusal (a revoked key, a spent
+        budget, an unknown model) is the line's error response."""
         endpoint = line.url.removeprefix("/v1/")
         body = dict(line.body)
         if self.cfg.batches.priority is not None:
-            body["priority"] = max(self.cfg.batches.priority, body.get("priority", 0)
-                                   if isinstance(body.get("priority"), int) else 0)
+            own = body.get("priority") if isinstance(body.get("priority"), int) else 0
+            body["priority"] = max(self.cfg.batches.priority, own)
         key = ANONYMOUS if owner is None else self.keys.by_id(owner)
-        model, decision, prompt = body.get("model"), None, None
         try:
             if key is None or key.revoked:
-                raise APIError(401, f"API key {owner} that created this batch has been revoked or deleted",
-                               code="invalid_api_key")
-            if not isinstance(model, str) or not model:
-                raise APIError(400, "'model' is required (a string; see GET /v1/models)", "model", "invalid_request")
-            self.admit(key, model)
-            whole, question = request_texts(endpoint, body)
-            prompt = whole
-            decision = await self.routes[model].decide(question)
-            await self.reserve(key, endpoint, body, decision.pool, trace)
-            resp = await self.forwarder.forward(
-                endpoint, body, model, decision.pool, RequestInfo(session=None, prompt=whole), trace,
-                lambda tr: self.finish(key, model, endpoint, decision, tr, False, ts, prompt, batch_id))
-            try:
-                out = json.loads(resp.body)
-            except ValueError:
-                out = {"error": {"message": resp.body[:2000].decode("utf-8", "replace"), "type": "invalid_response"}}
-            rid = out.get("id") if isinstance(out, dict) and isinstance(out.get("id"), str) else None
-            return resp.status_code, out, rid
+                e = APIError(401, f"API key {owner} that created this batch has been revoked or deleted",
+                             code="invalid_api_key")
+                self._refused(e, key, body.get("model"), endpoint, None, Trace(), False, utcnow(), None, batch_id)
+                raise e
+            resp = await self.serve(key, endpoint, body, batch_id=batch_id)
         except APIError as e:
-            if trace.status == 0 and key is not None:
-                trace.status, trace.error = e.status, e.message
-                self.finish(key, model if isinstance(model, str) else "", endpoint, decision, trace, False, ts,
-                            prompt, batch_id)
             return e.status, e.body(), None
-
+        try:
+            out = json.loads(resp.body)
+        except ValueError:
+            out = {"error": {"message": resp.body[:2000].decode("utf-8", "replace"), "type": "invalid_response"}}
+        rid = out.get("id") if isinstance(out, dict) and isinstance(out.get("id"), str) else None
+        return resp.status_code, out, rid
 
 def build_gateway_app(gw: Gateway) -> FastAPI:
     @asynccontextmanager
@@ -460,11 +460,6 @@ def build_gateway_app(gw: Gateway) -> FastAPI:
     def owner(request: Request) -> str | None:  # each key sees only its own files and batches
         return gw.authenticate(request).id
 
-    async def upload(request: Request):  # the key first, then the body (files_router's route reads it first)
-        key = gw.authenticate(request)
-        return JSONResponse(await upload_form(request, batch_manager(), key.id))
-
-    app.router.routes.insert(0, Route("/v1/files", upload, methods=["POST"]))
     app.include_router(files_router(batch_manager, owner))
     app.include_router(batches_router(batch_manager, owner))
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 from fastapi import Depends, Request
 
-from pagedserve.batch.manager import BatchLimits, BatchManager
+from pagedserve.batch.limits import BatchLimits
+from pagedserve.batch.manager import BatchManager
 from pagedserve.engine.async_engine import AsyncEngine
 from pagedserve.engine.sampling_params import OutputKind, SamplingParams
 from pagedserve.engine.structured_output import StructuredOutputsParams

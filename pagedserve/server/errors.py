@@ -10,7 +10,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 _TYPES = {
     400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 408: "TimeoutError",
-    413: "RequestTooLargeError", 422: "BadRequestError", 429: "RateLimitError",
+    409: "ConflictError", 413: "RequestTooLargeError", 422: "BadRequestError", 429: "RateLimitError",
     500: "InternalServerError", 503: "ServiceUnavailableError", 504: "TimeoutError",
 }
 

@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict
 
-from pagedserve.batch.manager import BatchError
-from pagedserve.server.serving_files import GetManager, Owner, api_error, server_manager
+from pagedserve.server.serving_files import GetManager, Owner, server_manager
 
 if TYPE_CHECKING:  # the gateway mounts these routes without the engine (and torch) imported
     from pagedserve.server.context import ServingContext
@@ -29,11 +28,8 @@ def batches_router(manager: GetManager, owner: Owner, dependencies: list | None 
 
     @r.post("/v1/batches")
     async def create(request: Request, body: CreateBatchRequest):
-        try:
-            return manager().create_batch(owner(request), body.input_file_id, body.endpoint, body.completion_window,
-                                          body.metadata)
-        except BatchError as e:
-            raise api_error(e)
+        return manager().create_batch(owner(request), body.input_file_id, body.endpoint, body.completion_window,
+                                      body.metadata)
 
     @r.get("/v1/batches")
     async def list_batches(request: Request, limit: int = Query(20, ge=1, le=100), after: str | None = None):
@@ -41,17 +37,11 @@ def batches_router(manager: GetManager, owner: Owner, dependencies: list | None 
 
     @r.get("/v1/batches/{batch_id}")
     async def get(request: Request, batch_id: str):
-        try:
-            return manager().get_batch(owner(request), batch_id)
-        except BatchError as e:
-            raise api_error(e)
+        return manager().get_batch(owner(request), batch_id)
 
     @r.post("/v1/batches/{batch_id}/cancel")
     async def cancel(request: Request, batch_id: str):
-        try:
-            return manager().cancel_batch(owner(request), batch_id)
-        except BatchError as e:
-            raise api_error(e)
+        return manager().cancel_batch(owner(request), batch_id)
 
     return r
 

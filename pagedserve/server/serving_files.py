@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 
 from collections.abc import Callable
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 
-from pagedserve.batch.manager import BatchError, BatchManager, file_object
+from pagedserve.batch.manager import BatchManager, file_object
 from pagedserve.server.errors import APIError
 
 if TYPE_CHECKING:  # the gateway mounts these routes without the engine (and torch) imported
@@ -23,22 +23,15 @@ Owner = Callable[[Request], "str | None"]  # whose files a request sees (None: a
 GetManager = Callable[[], BatchManager]
 
 
-def api_error(e: BatchError) -> APIError:
-    return APIError(e.status, e.message, e.param, e.code)
-
-
 async def upload_form(request: Request, m: BatchManager, owner: str | None) -> dict:
-    """POST /v1/files read by hand, for a caller that authenticates before any of the body is read
-    (the gateway: a keyless client must not make it spool a file)."""
+    """POST /v1/files (multipart: file, purpose), read by hand once the caller is known: a keyless
+    client must not make the gateway spool a file."""
     form = await request.form(max_files=1, max_fields=4)
     file, purpose = form.get("file"), form.get("purpose")
     if not hasattr(file, "read") or not isinstance(purpose, str):
         raise APIError(400, "send multipart/form-data with a 'file' and a 'purpose' field", "file")
-    data = await file.read(m.limits.max_file_bytes + 1)
     try:
-        return m.create_file(owner, file.filename or "", purpose, data)
-    except BatchError as e:
-        raise api_error(e)
+        return m.create_file(owner, file.filename or "", purpose, await file.read(m.limits.max_file_bytes + 1))
     finally:
         await form.close()
 
@@ -47,13 +40,9 @@ def files_router(manager: GetManager, owner: Owner, dependencies: list | None = 
     r = APIRouter(dependencies=dependencies or [])
 
     @r.post("/v1/files")
-    async def upload(request: Request, file: UploadFile = File(...), purpose: str = Form(...)):
-        m = manager()
-        data = await file.read(m.limits.max_file_bytes + 1)
-        try:
-            return m.create_file(owner(request), file.filename or "", purpose, data)
-        except BatchError as e:
-            raise api_error(e)
+    async def upload(request: Request):
+        who = owner(request)  # first: the gateway authenticates here, before any of the body is read
+        return await upload_form(request, manager(), who)
 
     @r.get("/v1/files")
     async def list_files(request: Request, purpose: str | None = None, limit: int = Query(10000, ge=1, le=10000),
@@ -65,26 +54,17 @@ def files_router(manager: GetManager, owner: Owner, dependencies: list | None = 
 
     @r.get("/v1/files/{file_id}")
     async def get_file(request: Request, file_id: str):
-        try:
-            return file_object(manager().get_file(owner(request), file_id))
-        except BatchError as e:
-            raise api_error(e)
+        return file_object(manager().get_file(owner(request), file_id))
 
     @r.get("/v1/files/{file_id}/content")
     async def content(request: Request, file_id: str):
         m = manager()
-        try:
-            row = m.get_file(owner(request), file_id)
-        except BatchError as e:
-            raise api_error(e)
+        row = m.get_file(owner(request), file_id)
         return FileResponse(m.store.path(file_id), media_type="application/jsonl", filename=row["filename"])
 
     @r.delete("/v1/files/{file_id}")
     async def delete(request: Request, file_id: str):
-        try:
-            return manager().delete_file(owner(request), file_id)
-        except BatchError as e:
-            raise api_error(e)
+        return manager().delete_file(owner(request), file_id)
 
     return r
 
