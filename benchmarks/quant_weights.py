@@ -3,7 +3,7 @@
 1. accuracy on the default model: perplexity on the fixed text (benchmarks/data/eval_text.txt),
    teacher-forced top-1 agreement, and greedy-decoding agreement (8 prompts x 48 tokens: the decode
    steps, where small batches take the integer kernel) against float32 weights, for: the Q4_1 GGUF
-   kept quantized (float32 and bf16 activations), `pagedserve quantize` int8 / int4-rtn / awq
+   kept quantized (float32 and bf16 activations), `pagedserve quantize` int8 / int4-rtn / gptq / awq
    (groups of 32: SmolLM2's 576 is no multiple of 128), and the GGUF with int8 / fp8 KV caches.
    NOTE: the default model exists only as Q4_1, so "float32" is its Q4_1 weights dequantized; the
    re-quantized variants quantize an already 4-bit model (a harder case than a float original);
@@ -14,6 +14,7 @@
 
   python benchmarks/quant_weights.py            # all (~6 min on 2 cores)
   python benchmarks/quant_weights.py --from-json
+  python benchmarks/quant_weights.py --accuracy-only   # the accuracy/memory table (~3 min)
   python benchmarks/quant_weights.py --kquants   # a llama.cpp Q4_K_M file: kept quantized vs its float copy
 
 --kquants: llama.cpp's own quantizer (libllama's llama_model_quantize, from the build
@@ -54,13 +55,14 @@ def accuracy(workdir: Path) -> dict:
     from pagedserve.model.quantization.quantize import quantize_model
 
     float_dir = str(resolve_model(None))
-    made = {m: str(quantize_model(None, m, workdir / m, group_size=32)) for m in ("int8", "int4-rtn", "awq")}
+    made = {m: str(quantize_model(None, m, workdir / m, group_size=32)) for m in ("int8", "int4-rtn", "gptq", "awq")}
     variants = [  # label, model, engine kwargs
         ("float32", float_dir, {"dtype": "float32"}),
         ("GGUF Q4_1, float32 act.", None, {"dtype": "float32"}),
         ("GGUF Q4_1, bf16 (default)", None, {"dtype": "auto"}),
         ("int8 (W8A16)", made["int8"], {"dtype": "float32"}),
         ("int4-rtn g32 (W4A16)", made["int4-rtn"], {"dtype": "float32"}),
+        ("GPTQ g32", made["gptq"], {"dtype": "float32"}),
         ("AWQ g32", made["awq"], {"dtype": "float32"}),
         ("GGUF Q4_1 + int8 KV", None, {"dtype": "float32", "kv_cache_dtype": "int8"}),
         ("GGUF Q4_1 + fp8 KV", None, {"dtype": "float32", "kv_cache_dtype": "fp8"}),
@@ -279,12 +281,19 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--from-json", action="store_true")
     ap.add_argument("--kquants", action="store_true")
+    ap.add_argument("--accuracy-only", action="store_true", help="re-measure the accuracy table only (merged into the JSON)")
     args = ap.parse_args()
     if args.from_json:
         return finish(json.loads(OUT.read_text()), OUT, report, plot, save=False)
     if args.kquants:
         results = json.loads(OUT.read_text())
         results["kquants"] = {"date": time.strftime("%Y-%m-%d %H:%M"), **kquants()}
+        return finish(results, OUT, report, plot)
+    if args.accuracy_only:
+        results = json.loads(OUT.read_text())
+        results.update(machine=machine(), date=time.strftime("%Y-%m-%d %H:%M"))
+        with tempfile.TemporaryDirectory() as tmp:
+            results["accuracy"] = accuracy(Path(tmp))
         return finish(results, OUT, report, plot)
     results = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
     with tempfile.TemporaryDirectory() as tmp:

@@ -287,16 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     p_rb = sub.add_parser("run-batch", help="run a JSONL file of requests (OpenAI batch format) through the engine "
                                             "or a server, results to a JSONL file", formatter_class=HelpFormatter)
     add_run_batch_args(p_rb)
-    p_q = sub.add_parser("quantize", help="write a quantized checkpoint (compressed-tensors or AWQ) without a GPU",
+    p_q = sub.add_parser("quantize", help="write a quantized checkpoint (compressed-tensors, GPTQ or AWQ) without a GPU",
                          formatter_class=HelpFormatter)
     p_q.add_argument("model", nargs="?", default=None, help="model folder, .gguf or hub id (default: the default model)")
     p_q.add_argument("--method", required=True, choices=QUANTIZE_METHODS,
-                     help="int8: W8A16 per channel; int4-rtn: W4A16 round-to-nearest; awq: activation-aware int4")
+                     help="int8: W8A16 per channel; int4-rtn: W4A16 round-to-nearest; gptq: int4 with GPTQ's "
+                          "error-compensating rounding; awq: activation-aware int4")
     p_q.add_argument("--out", required=True, type=Path, help="folder to write (replaced if it exists)")
-    p_q.add_argument("--group-size", type=int, default=128, help="input features per scale (int4-rtn, awq)")
+    p_q.add_argument("--group-size", type=int, default=128, help="input features per scale (int4-rtn, gptq, awq)")
     p_q.add_argument("--calibration", type=Path, default=None,
-                     help="awq: a text file to calibrate on (default: a built-in English text)")
-    p_q.add_argument("--calibration-tokens", type=int, default=512, help="awq: tokens of it to use")
+                     help="gptq, awq: a text file to calibrate on (default: a built-in English text)")
+    p_q.add_argument("--calibration-tokens", type=int, default=512, help="gptq, awq: tokens of it to use")
     return parser
 
 

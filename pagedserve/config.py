@@ -29,7 +29,7 @@ KV_SCALE_BYTES = 4  # one float32 per (token, kv head) row of a scaled cache, fo
 QUANTIZATION_METHODS = ("awq", "gptq", "fp8", "compressed-tensors", "gguf")
 LOADABLE_QUANTIZATION = QUANTIZATION_METHODS
 # `pagedserve quantize --method` (model/quantization/quantize.py): what it writes.
-QUANTIZE_METHODS = ("int8", "int4-rtn", "awq")
+QUANTIZE_METHODS = ("int8", "int4-rtn", "gptq", "awq")
 # --structured-outputs-backend (vLLM's names): auto = xgrammar, switching to guidance (llguidance)
 # for JSON schemas with keywords xgrammar would not enforce.
 STRUCTURED_OUTPUTS_BACKENDS = ("auto", "xgrammar", "guidance")

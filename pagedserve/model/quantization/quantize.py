@@ -4,6 +4,9 @@ GPU, in the layouts the loader reads back (and vLLM reads too).
   int8      symmetric int8 per output channel, compressed-tensors int-quantized (W8A16)
   int4-rtn  symmetric int4 in groups of --group-size (128), round to nearest, compressed-tensors
             pack-quantized (W4A16)
+  gptq      GPTQ: asymmetric int4 in groups of --group-size, each input column rounded in turn with
+            its error spread over the columns not yet rounded (the inverse Hessian of the
+            calibration text's activations); GPTQ's v1 layout (AutoGPTQ, vLLM), no act-order
   awq       AWQ: per input channel scales s = mean|x|^alpha searched on a calibration text (alpha
             on a grid of 20, the one whose quantized output is nearest the float one), folded into
             the op before (the RMSNorm weight for q/k/v and gate/up, up_proj's rows for down_proj),
@@ -25,6 +28,7 @@ import torch
 from pagedserve.config import QUANTIZE_METHODS as METHODS
 from pagedserve.model.quantization import awq as awq_format
 from pagedserve.model.quantization import compressed_tensors
+from pagedserve.model.quantization.packing import pack_int32
 from pagedserve.model.quantization.weight import QuantizedWeight
 
 log = logging.getLogger("pagedserve.quantize")
@@ -62,6 +66,50 @@ def asymmetric4(w: torch.Tensor, group: int) -> tuple[QuantizedWeight, torch.Ten
     # offsets as the loader computes them from the stored fp16 scales (exact round trip)
     s16 = scale.half().float()
     return QuantizedWeight(q.to(torch.uint8), s16, -zero * s16, 4, group, "awq"), zero
+
+
+def gptq4(w: torch.Tensor, x: torch.Tensor, group: int, damp: float = 0.01, block: int = 128,
+          min_zero: int = 0) -> tuple[QuantizedWeight, torch.Tensor]:
+    """GPTQ's rounding (Frantar et al. 2022) into the same asymmetric int4 groups as asymmetric4:
+    the input columns are quantized in order and each one's rounding error is spread over the
+    columns not yet quantized, weighted by the inverse Hessian H = X^T X of the calibration inputs
+    x [T, K], so the layer's *output* on those inputs stays close even where a group's values sit
+    badly on the integer grid. A group's scale and zero are set from its columns as they stand when
+    the first is reached (after earlier groups' corrections). min_zero 1 keeps zero points that
+    GPTQ's v1 layout (zero - 1 in 4 bits) can hold. Returns (weight, zero points [N, G])."""
+    n, k = w.shape
+    w = w.float().clone()
+    x = x.float()
+    h = x.T @ x
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h.diagonal().add_(damp * h.diagonal().mean())
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.empty(n, k, dtype=torch.uint8)
+    scales = torch.empty(n, k // group)
+    zeros = torch.empty(n, k // group)
+    block = max(group, block // group * group)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1), hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            if (i1 + i) % group == 0:
+                g = (i1 + i) // group
+                cols = w1[:, i:i + group]
+                lo, hi = cols.amin(-1), cols.amax(-1)
+                s = ((hi - lo) / 15).clamp_min(1e-10).half().float()  # stored as fp16: round with what loads
+                z = torch.clamp(torch.round(-lo / s), min_zero, 15)
+                scales[:, g], zeros[:, g] = s, z
+            s, z = scales[:, (i1 + i) // group], zeros[:, (i1 + i) // group]
+            col = w1[:, i]
+            qi = torch.clamp(torch.round(col / s) + z, 0, 15)
+            q[:, i1 + i] = qi.to(torch.uint8)
+            e = (col - (qi - z) * s) / hinv1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return QuantizedWeight(q, scales, -zeros * scales, 4, group, "gptq"), zeros
 
 
 def _calibration_inputs(model, tokenizer, text: str, max_tokens: int) -> dict[str, torch.Tensor]:
@@ -125,6 +173,8 @@ def quantize_model(model: str | None, method: str, out: Path, group_size: int = 
     tensors: dict[str, torch.Tensor] = {}
     if method == "awq":
         tensors = _awq(folder, weights, names, group_size, calibration, calibration_tokens)
+    elif method == "gptq":
+        tensors = _gptq(folder, weights, names, group_size, calibration, calibration_tokens)
     else:
         bits = 8 if method == "int8" else 4
         for i, n in enumerate(names):
@@ -143,6 +193,9 @@ def quantize_model(model: str | None, method: str, out: Path, group_size: int = 
         if f.is_file() and f.suffix in (".json", ".txt", ".model", ".jinja") and f.name not in (
                 "config.json", "model.safetensors.index.json"):
             shutil.copy(f, tmp / f.name)
+    if method == "gptq":
+        cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": False,
+                                      "sym": False, "checkpoint_format": "gptq"}
     if method == "awq":
         cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True,
                                       "version": "gemm"}
@@ -154,14 +207,35 @@ def quantize_model(model: str | None, method: str, out: Path, group_size: int = 
     return out
 
 
-def _awq(folder: Path, weights: dict, names: list[str], group: int, calibration: Path | None,
-         max_tokens: int) -> dict[str, torch.Tensor]:
+def _calibration(folder: Path, calibration: Path | None, max_tokens: int) -> dict[str, torch.Tensor]:
+    """Every projection's input activations on the calibration text, from the float model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     text = calibration.read_text() if calibration else (Path(__file__).parent / "calibration.txt").read_text()
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    inputs = _calibration_inputs(model, AutoTokenizer.from_pretrained(str(folder)), text, max_tokens)
-    del model
+    return _calibration_inputs(model, AutoTokenizer.from_pretrained(str(folder)), text, max_tokens)
+
+
+def _gptq(folder: Path, weights: dict, names: list[str], group: int, calibration: Path | None,
+          max_tokens: int) -> dict[str, torch.Tensor]:
+    inputs = _calibration(folder, calibration, max_tokens)
+    out: dict[str, torch.Tensor] = {}
+    for i, n in enumerate(names):
+        prefix = n.removesuffix(".weight")
+        qw, zero = gptq4(weights.pop(n), inputs[prefix], group, min_zero=1)
+        k = qw.q.shape[1]
+        out[f"{prefix}.qweight"] = pack_int32(qw.q, 4).T.contiguous()  # [K/8, N]: packed along K
+        out[f"{prefix}.qzeros"] = pack_int32((zero.T - 1).to(torch.int64).contiguous(), 4)  # [G, N/8]: v1's zero - 1
+        out[f"{prefix}.scales"] = qw.scales.T.contiguous().to(torch.float16)
+        out[f"{prefix}.g_idx"] = (torch.arange(k) // group).to(torch.int32)
+        if (i + 1) % 28 == 0 or i + 1 == len(names):
+            log.info("GPTQ: %d/%d projections", i + 1, len(names))
+    return out
+
+
+def _awq(folder: Path, weights: dict, names: list[str], group: int, calibration: Path | None,
+         max_tokens: int) -> dict[str, torch.Tensor]:
+    inputs = _calibration(folder, calibration, max_tokens)
     layers = sorted({n.split(".mlp.")[0].split(".self_attn.")[0] for n in names}, key=lambda p: int(p.split(".")[-1]))
     out: dict[str, torch.Tensor] = {}
     for li, layer in enumerate(layers):
