@@ -131,7 +131,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     add_batch_args(p)
     p.add_argument("--engine-stall-timeout", type=float, default=10.0, help="seconds one engine step may take before /health says 503")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="on SIGTERM, seconds to finish in-flight requests")
-    p.add_argument("--attention-backend", default=None, help="attention kernel: auto (default), cpp or torch")
+    p.add_argument("--attention-backend", default=None, help="attention kernel: auto (default: cpp on CPU, triton on CUDA), cpp, triton or torch")
     p.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
     p.add_argument("--adaptive-threads", action=argparse.BooleanOptionalAction, default=True,
                    help="CPU: measure one thread against all of them while serving and keep the faster "

@@ -6,7 +6,9 @@ Checks, on tiny random Llama and Qwen2 models built with transformers:
      and logits stay close (bf16 differs in low bits, so the bar is looser);
   3. the engine's features on CUDA: batched greedy == solo greedy, preemption under a tiny KV
      budget gives the same tokens, the prefix cache hits, no blocks leak;
-  4. the KV budget is sized from --gpu-memory-utilization (a fraction of device memory).
+  4. the KV budget is sized from --gpu-memory-utilization (a fraction of device memory);
+  5. with Triton installed (the default backend on CUDA then): the Triton attention kernels give
+     the PyTorch backend's greedy tokens, for 16-bit, int8 and fp8 caches.
 Prints a line per check and exits non-zero on any failure.
 
     python scripts/check_cuda.py MODEL_DIR [MODEL_DIR ...]
@@ -24,6 +26,7 @@ def main(dirs: list[str]) -> int:
     from transformers import AutoModelForCausalLM
 
     from pagedserve import LLM, SamplingParams
+    from pagedserve.model.attention import triton_available
 
     assert torch.cuda.is_available(), "no CUDA device"
     print("device:", torch.cuda.get_device_name(0), "torch", torch.__version__)
@@ -40,7 +43,8 @@ def main(dirs: list[str]) -> int:
             t0 = time.time()
             llm = LLM(d, device="cuda", dtype=dtype, kv_cache_memory=64 << 20, block_size=16, max_model_len=512)
             eng = llm.engine
-            check(f"{d}:{dtype} backend on cuda", eng.runner.model.layers[0].self_attn.backend.name == "torch"
+            want = "triton" if triton_available() else "torch"
+            check(f"{d}:{dtype} backend on cuda is {want}", eng.runner.model.layers[0].self_attn.backend.name == want
                   and eng.runner.kv_caches.is_cuda, f"({time.time() - t0:.1f}s load)")
             hf = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, dtype)).cuda().eval()
             params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -88,6 +92,15 @@ def main(dirs: list[str]) -> int:
         check(f"{d} prefix cache hits on cuda", ample.engine.kv.prefix_hits - hits >= 48)
         del small, ample
         torch.cuda.empty_cache()
+        if triton_available():  # the Triton kernels against the PyTorch backend, both on the GPU
+            for kv in ("auto", "int8", "fp8"):
+                outs = {}
+                for backend in ("torch", "triton"):
+                    m = LLM(d, device="cuda", dtype="float32", attention_backend=backend, kv_cache_dtype=kv,
+                            kv_cache_memory=64 << 20, max_model_len=512, max_num_batched_tokens=64)
+                    outs[backend] = [o.outputs[0].token_ids for o in m.generate(prompts, params, use_tqdm=False)]
+                    del m
+                check(f"{d} triton == torch attention on cuda (kv {kv})", outs["torch"] == outs["triton"])
     util = LLM(dirs[0], device="cuda", gpu_memory_utilization=0.3, max_model_len=512)
     total = torch.cuda.get_device_properties(0).total_memory
     kv = util.engine.runner.kv_bytes

@@ -3,6 +3,10 @@ import os
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No GPU: the Triton kernels (the GPU path's) run in Triton's interpreter, which has to be chosen
+# before anything imports Triton (tests/test_triton_attention.py).
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

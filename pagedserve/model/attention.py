@@ -247,14 +247,25 @@ def _scales(cache):
 CPP_KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e5m2, torch.int8, torch.float8_e4m3fn)
 
 
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
 def get_attention_backend(device: torch.device, dtype: torch.dtype, name: str | None = None,
                           kv_dtype: torch.dtype | None = None) -> AttentionBackend:
-    """Pick the attention backend: by name ("torch", "cpp"), or "auto"/None: the C++ kernel for
-    CPU float32 models (KV cache float32, float16 or bfloat16) when it builds here, else the
-    pure-PyTorch one (any device and dtype). A CUDA kernel would plug in here the same way."""
+    """Pick the attention backend: by name ("torch", "cpp", "triton"), or "auto"/None: on CPU the
+    C++ kernel for float32 models when it builds here, on CUDA the Triton kernels when Triton is
+    installed, else the pure-PyTorch one (any device and dtype). "triton" on a machine without a
+    GPU runs the kernels in Triton's interpreter: correct, and slow (the tests use it)."""
     name = name or "auto"
     kv_dtype = kv_dtype or dtype
     fits_cpp = device.type == "cpu" and dtype == torch.float32 and kv_dtype in CPP_KV_DTYPES
+    fits_triton = dtype in TRITON_DTYPES and kv_dtype in CPP_KV_DTYPES and device.type in ("cuda", "cpu")
     if name == "torch":
         return TorchPagedAttention()
     if name == "cpp":
@@ -262,11 +273,25 @@ def get_attention_backend(device: torch.device, dtype: torch.dtype, name: str | 
             raise ValueError("the 'cpp' attention backend runs on CPU with a float32 model (KV cache float32, "
                              "float16 or bfloat16); use 'torch' or 'auto'")
         return CppCpuPagedAttention()
+    if name == "triton":
+        if not fits_triton:
+            raise ValueError(f"the 'triton' attention backend runs float32/float16/bfloat16 models on CUDA (or CPU "
+                             f"through Triton's interpreter), not {dtype} on {device.type}; use 'torch' or 'auto'")
+        if not triton_available():
+            raise ValueError("the 'triton' attention backend needs Triton: pip install triton (CUDA builds of torch "
+                             "bring it)")
+        from pagedserve.model.triton_attention import TritonPagedAttention
+
+        return TritonPagedAttention()
     if name != "auto":
-        raise ValueError(f"unknown attention backend {name!r}; choose auto, cpp or torch")
+        raise ValueError(f"unknown attention backend {name!r}; choose auto, cpp, triton or torch")
     if fits_cpp:
         from pagedserve.model import cpu_kernels
 
         if cpu_kernels.load() is not None:
             return CppCpuPagedAttention()
+    if device.type == "cuda" and fits_triton and triton_available():
+        from pagedserve.model.triton_attention import TritonPagedAttention
+
+        return TritonPagedAttention()
     return TorchPagedAttention()
