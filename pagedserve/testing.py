@@ -16,9 +16,12 @@ TINY_COMMON = dict(
 
 
 def make_tiny_model(path: Path, kind: str = "llama", seed: int = 0) -> Path:
-    """Write a tiny model folder of `kind` in llama | llama3 | qwen2 | mistral."""
+    """Write a tiny model folder of `kind` in llama | llama3 | qwen2 | mistral, or a Mixture of
+    Experts: mixtral (top-2 of 4), qwen2_moe (top-2 of 8 beside a shared expert; layer 1 dense, as
+    mlp_only_layers allows), olmoe (top-4 of 16, q/k norms)."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig, OlmoeConfig,
+                              Qwen2Config, Qwen2MoeConfig)
 
     from pagedserve.model.loader import default_model_gguf, gguf_to_hf_folder
 
@@ -40,6 +43,17 @@ def make_tiny_model(path: Path, kind: str = "llama", seed: int = 0) -> Path:
         cfg = Qwen2Config(**common, tie_word_embeddings=False, rope_theta=1000000.0)
     elif kind == "mistral":
         cfg = MistralConfig(**common, tie_word_embeddings=False, sliding_window=None)
+    elif kind == "mixtral":
+        cfg = MixtralConfig(**common, tie_word_embeddings=False, num_local_experts=4, num_experts_per_tok=2,
+                            sliding_window=None)
+    elif kind == "qwen2_moe":
+        cfg = Qwen2MoeConfig(**common, tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2,
+                             moe_intermediate_size=32, shared_expert_intermediate_size=96, mlp_only_layers=[1],
+                             norm_topk_prob=False)
+    elif kind == "olmoe":
+        cfg = OlmoeConfig(**common, tie_word_embeddings=False, num_experts=16, num_experts_per_tok=4,
+                          norm_topk_prob=False)
+        cfg.intermediate_size = 32  # OLMoE's experts are intermediate_size wide
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}")
     torch.manual_seed(seed)

@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) over a flattened, paged batch.
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2; with moe.py's experts Mixtral,
+Qwen2-MoE and OLMoE) over a flattened, paged batch.
 
 Inputs are all the step's tokens concatenated (no padding) with their positions; attention
 reads and writes K/V through the paged cache (see attention.py). Q/K/V and gate/up projections
@@ -244,11 +245,19 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.q_size, arch.hidden_size, bias=False)
         self.scale = self.head_dim**-0.5
         self.backend = backend
+        # OLMoE: RMSNorm over all of q and of k before RoPE, and an optional clamp of q, k, v
+        self.q_norm = RMSNorm(self.q_size, arch.rms_norm_eps) if arch.qk_norm else None
+        self.k_norm = RMSNorm(self.kv_size, arch.rms_norm_eps) if arch.qk_norm else None
+        self.clip_qkv = arch.clip_qkv
 
     def forward(self, x, positions, rotary: RotaryEmbedding, kv_cache, meta: AttentionMetadata, rows=None):
         """Every token's K and V go to the cache; the output is only for `rows` when given."""
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q.contiguous()), self.k_norm(k.contiguous())
+        if self.clip_qkv is not None:
+            q, k, v = (y.clamp(-self.clip_qkv, self.clip_qkv) for y in (q, k, v))
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
@@ -260,11 +269,11 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     fused = None  # C++ kernels module: silu(gate) * up in one pass
 
-    def __init__(self, arch: ModelArch):
+    def __init__(self, arch: ModelArch, intermediate: int | None = None):
         super().__init__()
-        self.intermediate = arch.intermediate_size
-        self.gate_up_proj = Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
-        self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+        self.intermediate = intermediate or arch.intermediate_size  # experts have their own
+        self.gate_up_proj = Linear(arch.hidden_size, 2 * self.intermediate, bias=False)
+        self.down_proj = Linear(self.intermediate, arch.hidden_size, bias=False)
 
     def forward(self, x):
         gate_up = self.gate_up_proj(x)
@@ -275,12 +284,17 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, backend: AttentionBackend):
+    def __init__(self, arch: ModelArch, backend: AttentionBackend, index: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.self_attn = Attention(arch, backend)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.mlp = MLP(arch)
+        if index in arch.moe_layers:
+            from pagedserve.model.moe import SparseMoE
+
+            self.mlp = SparseMoE(arch)
+        else:
+            self.mlp = MLP(arch)
 
     def forward(self, x, residual, positions, rotary, kv_cache, meta, rows=None):
         """Takes and returns the residual stream separately from the block's output, so each
@@ -304,7 +318,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.arch = arch
         self.embed_tokens = Embedding(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(arch, backend) for _ in range(arch.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(arch, backend, i) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.lm_head = Linear(arch.hidden_size, arch.vocab_size, bias=False)
         self.tie_weights()
@@ -352,7 +366,8 @@ class LlamaForCausalLM(nn.Module):
             return [lin.weight.detach(), none]
 
         ok = self.rotary.fused is not None and self.norm.fused is not None and all(
-            layer.self_attn.backend.name == "cpp" and layer.input_layernorm.fused is not None
+            isinstance(layer.mlp, MLP) and layer.self_attn.q_norm is None and layer.self_attn.clip_qkv is None
+            and layer.self_attn.backend.name == "cpp" and layer.input_layernorm.fused is not None
             and layer.post_attention_layernorm.fused is not None and packed(layer.self_attn.qkv_proj, True)
             and packed(layer.self_attn.o_proj) and packed(layer.mlp.gate_up_proj) and packed(layer.mlp.down_proj)
             for layer in self.layers)
@@ -402,7 +417,7 @@ class LlamaForCausalLM(nn.Module):
         for hf_name, tensor in weights.items():
             if "rotary_emb.inv_freq" in hf_name:
                 continue
-            name = hf_name.removeprefix("model.")
+            name = _mixtral_names(hf_name.removeprefix("model."))
             if name == "lm_head.weight" and self.arch.tie_word_embeddings:
                 continue
             parts = name.split(".")
@@ -412,7 +427,7 @@ class LlamaForCausalLM(nn.Module):
                 param = params.get(name)
                 if param is None:
                     raise ValueError(f"unexpected weight {hf_name!r}")
-                sizes = self._shard_sizes(target)
+                sizes = self._shard_sizes(name)
                 if isinstance(tensor, QuantizedWeight):
                     if tensor.shape[0] != sizes[shard]:
                         raise ValueError(f"weight {hf_name!r} has {tensor.shape[0]} rows, expected {sizes[shard]}")
@@ -438,7 +453,7 @@ class LlamaForCausalLM(nn.Module):
         for name in params:
             target = name.split(".")[-2] if "." in name else ""
             if target in ("qkv_proj", "gate_up_proj"):
-                expected.update(f"{name}#{i}" for i in range(len(self._shard_sizes(target))))
+                expected.update(f"{name}#{i}" for i in range(len(self._shard_sizes(name))))
             elif not (name == "lm_head.weight" and self.arch.tie_word_embeddings):
                 expected.add(name)
         missing = sorted(expected - filled)
@@ -446,7 +461,7 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:3]}")
         for name, shards in quantized.items():
             module = modules[name.removesuffix(".weight")]
-            sizes = self._shard_sizes(name.split(".")[-2])
+            sizes = self._shard_sizes(name)
             if len(shards) == len(sizes):  # all quantized: one fused quantized weight
                 module.set_quantized(QuantizedWeight.cat([shards[i] for i in range(len(sizes))]))
             else:  # some shards float: the quantized ones join them dequantized
@@ -456,8 +471,21 @@ class LlamaForCausalLM(nn.Module):
         if self.arch.tie_word_embeddings and self.embed_tokens.quant is not None:
             self.lm_head.set_quantized(self.embed_tokens.quant)
 
-    def _shard_sizes(self, target: str) -> list[int]:
+    def _shard_sizes(self, name: str) -> list[int]:
+        """The row blocks fused into the parameter `name` (q/k/v, or gate/up of its own MLP)."""
         a = self.arch
-        if target == "qkv_proj":
+        if name.split(".")[-2] == "qkv_proj":
             return [a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.head_dim]
-        return [a.intermediate_size, a.intermediate_size]
+        half = self.get_submodule(name.rsplit(".", 1)[0]).out_features // 2
+        return [half, half]
+
+
+def _mixtral_names(name: str) -> str:
+    """Mixtral's checkpoint names in the Qwen2-MoE / OLMoE spelling the modules use:
+    block_sparse_moe -> mlp, experts.E.w1 / w3 / w2 -> gate_proj / up_proj / down_proj."""
+    if ".block_sparse_moe." not in name:
+        return name
+    name = name.replace(".block_sparse_moe.", ".mlp.")
+    for old, new in ((".w1.", ".gate_proj."), (".w3.", ".up_proj."), (".w2.", ".down_proj.")):
+        name = name.replace(old, new)
+    return name

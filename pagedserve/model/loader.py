@@ -281,6 +281,10 @@ def gguf_to_hf_folder(gguf_path: Path) -> Path:
     gguf_arch = cfg.get("model_type", "llama")
     if gguf_arch not in _GGUF_ARCHS:
         raise ValueError(f"unsupported GGUF architecture {gguf_arch!r}; supported: {sorted(_GGUF_ARCHS)}")
+    if cfg.get("num_local_experts") or cfg.get("num_experts"):
+        raise ValueError(f"{gguf_path.name} is a Mixture-of-Experts GGUF (fused expert tensors), which pagedserve does "
+                         "not load yet: serve the model's safetensors checkpoint (Mixtral, Qwen2-MoE and OLMoE load "
+                         "from their Hugging Face folders)")
     cfg["architectures"] = [_GGUF_ARCHS[gguf_arch]]
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
     weights = read_gguf_weights(

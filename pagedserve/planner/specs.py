@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from pagedserve.config import KV_SCALE_BYTES, SCALED_KV_DTYPES
+from pagedserve.model.arch import moe_fields
 
 HERE = Path(__file__).parent
 
@@ -39,7 +40,7 @@ class ModelSpec:
     experts: int = 0  # 0: dense
     experts_per_token: int = 0
     expert_intermediate: int = 0
-    shared_experts: int = 0
+    shared_intermediate: int = 0  # an always-on shared expert's width (Qwen2-MoE; DeepSeek: n_shared x width)
 
     @classmethod
     def from_config(cls, cfg: dict, name: str = "model") -> "ModelSpec":
@@ -52,16 +53,15 @@ class ModelSpec:
                              "config.json (num_hidden_layers, hidden_size, num_attention_heads, "
                              "intermediate_size, vocab_size)")
         heads = cfg["num_attention_heads"]
-        experts = cfg.get("num_local_experts") or cfg.get("n_routed_experts") or cfg.get("num_experts") or 0
+        moe = moe_fields(cfg)  # the engine's own reading of the expert counts
         return cls(
             name=name, layers=cfg["num_hidden_layers"], hidden=cfg["hidden_size"], heads=heads,
             kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             intermediate=cfg.get("intermediate_size") or cfg["moe_intermediate_size"], vocab=cfg["vocab_size"],
-            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)), experts=experts,
-            experts_per_token=cfg.get("num_experts_per_tok", 0) if experts else 0,
-            expert_intermediate=(cfg.get("moe_intermediate_size") or cfg.get("intermediate_size")) if experts else 0,
-            shared_experts=cfg.get("n_shared_experts", 0) or 0,
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)), experts=moe.num_experts,
+            experts_per_token=moe.num_experts_per_tok, expert_intermediate=moe.expert_intermediate_size,
+            shared_intermediate=moe.shared_expert_intermediate_size,
         )
 
     # -- parameter counts ------------------------------------------------------------------
@@ -75,7 +75,8 @@ class ModelSpec:
             return 3 * self.hidden * self.intermediate
         per_expert = 3 * self.hidden * self.expert_intermediate
         n = self.experts_per_token if active else self.experts
-        return (n + self.shared_experts) * per_expert + self.hidden * self.experts  # + router
+        shared = 3 * self.hidden * self.shared_intermediate + (self.hidden if self.shared_intermediate else 0)
+        return n * per_expert + shared + self.hidden * self.experts  # + router (+ the shared expert's gate)
 
     @property
     def embedding_params(self) -> int:

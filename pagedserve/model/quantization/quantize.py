@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from pagedserve.config import QUANTIZE_METHODS as METHODS
+from pagedserve.model.arch import moe_fields
 from pagedserve.model.quantization import awq as awq_format
 from pagedserve.model.quantization import compressed_tensors
 from pagedserve.model.quantization.packing import pack_int32
@@ -33,7 +34,8 @@ from pagedserve.model.quantization.weight import QuantizedWeight
 
 log = logging.getLogger("pagedserve.quantize")
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+               "w1", "w2", "w3")  # Mixtral's experts' gate, down, up
 AWQ_GRID = 20
 
 
@@ -160,6 +162,10 @@ def quantize_model(model: str | None, method: str, out: Path, group_size: int = 
     if cfg.get("quantization_config"):
         raise ValueError(f"{folder} is already quantized ({cfg['quantization_config'].get('quant_method')}); "
                          "quantize its float original")
+    if method in ("awq", "gptq") and moe_fields(cfg).num_experts:
+        raise ValueError(f"--method {method} does not handle Mixture-of-Experts models yet (it calibrates on each "
+                         "projection's inputs, and an expert's are the tokens routed to it); use --method int8 or "
+                         "int4-rtn")
     weights = {k: (v.dequantize() if isinstance(v, QuantizedWeight) else v.float())
                for k, v in load_weights(folder, gguf).items()}
     if cfg.get("tie_word_embeddings") and "lm_head.weight" in weights:

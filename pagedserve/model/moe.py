@@ -1,0 +1,59 @@
+"""Mixture-of-Experts MLP (Mixtral, Qwen2-MoE, OLMoE): a router picks each token's top-k experts.
+
+  router     probs = softmax(x @ gate.T) in float32; the top k, renormalized to sum to 1 where the
+             model does (Mixtral always, the others by norm_topk_prob)
+  experts    the step's (token, expert) pairs sorted by expert, so each expert with work runs ONE
+             matmul pair over all its tokens (a loop over the experts that have tokens, never over
+             tokens); each expert is the dense MLP (gate_up, SiLU*up, down), so on CPU it takes the
+             packed and quantized GEMMs like any other
+  combine    results weighted by their probabilities, summed back per token (index_add)
+  shared     Qwen2-MoE: an always-on expert, scaled by sigmoid(x @ shared_expert_gate.T), added
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pagedserve.model.arch import ModelArch
+from pagedserve.model.llama import MLP, Linear
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, arch: ModelArch):
+        super().__init__()
+        m = arch.moe
+        self.num_experts, self.top_k, self.norm_topk_prob = m.num_experts, m.num_experts_per_tok, m.norm_topk_prob
+        self.gate = Linear(arch.hidden_size, m.num_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(arch, m.expert_intermediate_size) for _ in range(m.num_experts))
+        self.shared_expert = self.shared_expert_gate = None
+        if m.shared_expert_intermediate_size:
+            self.shared_expert = MLP(arch, m.shared_expert_intermediate_size)
+            self.shared_expert_gate = Linear(arch.hidden_size, 1, bias=False)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [T, k] in x's dtype, expert ids [T, k])."""
+        probs = torch.softmax(self.gate(x).float(), dim=-1)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.route(x)
+        flat = ids.flatten()  # [T * k]: pair p is token p // k
+        order = torch.argsort(flat, stable=True)
+        tokens = order // self.top_k
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        xs = x.index_select(0, tokens)  # the pairs' inputs, grouped by expert
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                ys[start:start + n] = self.experts[e](xs[start:start + n])
+                start += n
+        ys.mul_(weights.flatten().index_select(0, order).unsqueeze(1))
+        out = torch.zeros_like(x).index_add_(0, tokens, ys)
+        if self.shared_expert is not None:
+            out += torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
