@@ -76,6 +76,8 @@ class EngineConfig:
     background_priority: int | None = BACKGROUND_PRIORITY
     background_share: float = 0.5
     background_prefill_tokens: int = 64
+    # Tensor parallelism (distributed/): ranks started by this process (mp), gloo on CPU, NCCL on CUDA.
+    tensor_parallel_size: int = 1
 
     def background_policy(self):
         from pagedserve.engine.background import BackgroundPolicy
@@ -103,6 +105,8 @@ class EngineConfig:
         if self.ttft_target_ms is not None and self.ttft_target_ms < 0:
             raise ValueError(f"ttft_target_ms must be >= 0 (or None: off), got {self.ttft_target_ms}")
         self.background_policy()  # its checks, now
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.dtype != "auto" and self.dtype not in DTYPES:  # bad names fail here, before the model loads
             raise ValueError(f"dtype must be one of {sorted(DTYPES) + ['auto']}, got {self.dtype!r}")
         self._check_kv_cache_dtype()

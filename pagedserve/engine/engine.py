@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from pagedserve.engine.sampling_params import OutputKind, SamplingParams
 from pagedserve.engine.scheduler import Scheduler
 from pagedserve.engine.structured_output import StructuredOutputManager
 from pagedserve.engine.thread_tuner import ThreadTuner
+from pagedserve.distributed.shard import check_tensor_parallel
 from pagedserve.model.arch import ModelArch
 from pagedserve.model.loader import checkpoint_quantization, load_checkpoint, load_hf_config, load_weights
 from pagedserve.model.tokenizer import load_tokenizer
@@ -67,8 +69,16 @@ class LLMEngine:
         t0 = time.monotonic()
         self.cfg = cfg
         self.threads_why = "--num-threads"
+        tp_size = cfg.tensor_parallel_size
+        if tp_size > 1:
+            self._check_ranks(cfg)
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
+        elif tp_size > 1 and cfg.resolve_device().type == "cpu":
+            from pagedserve.distributed.workers import threads_per_rank
+
+            torch.set_num_threads(threads_per_rank(tp_size))  # every rank its share of the cores
+            self.threads_why = f"cores / --tensor-parallel-size {tp_size}"
         elif cfg.resolve_device().type == "cpu":
             # A pod's CPU limit, not the node's cores (cpu_threads.py); only ever fewer threads.
             n, why = container_threads()
@@ -88,10 +98,11 @@ class LLMEngine:
                 f"pagedserve does not implement: set --max-model-len <= {self.arch.sliding_window}"
             )
         self.eos_token_ids = frozenset(self._eos_ids(hf_cfg))
+        check_tensor_parallel(self.arch, tp_size)  # before any weight loads
         self.runner = ModelRunner(cfg, self.arch, load_weights(self.model_path, gguf_file), self.max_model_len)
         self.kv = KVCacheManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.tuner: ThreadTuner | None = None  # 1 or N threads, measured (thread_tuner.py)
-        if cfg.adaptive_threads and self.runner.kernels is not None and torch.get_num_threads() > 1:
+        if cfg.adaptive_threads and self.runner.kernels is not None and torch.get_num_threads() > 1 and tp_size == 1:
             self.runner.kernels.set_planned_threads(torch.get_num_threads())
             self.tuner = ThreadTuner(torch.get_num_threads(), torch.set_num_threads)
         device = self.runner.device
@@ -115,7 +126,7 @@ class LLMEngine:
             "engine ready in %.1fs: model=%s arch=%s params=%.1fM dtype=%s weights=%s (%.0f MiB) device=%s attention=%s "
             "kv_cache=%.0fMiB kv_cache_dtype=%s blocks=%d block_size=%d tokens=%d max_model_len=%d "
             "max_concurrency=%.1f (at max_model_len) max_num_batched_tokens=%d prefix_caching=%s "
-            "threads=%d (%s%s)",
+            "threads=%d (%s%s) tensor_parallel=%d",
             self.startup_seconds, self.weights_path, self.arch.architecture, self.arch.num_parameters() / 1e6,
             str(r.dtype).removeprefix("torch."), r.weights_description(), r.weight_bytes / 2**20, device,
             r.model.layers[0].self_attn.backend.name,
@@ -124,7 +135,25 @@ class LLMEngine:
             r.num_blocks * cfg.block_size,
             self.max_model_len, r.max_concurrency, self.max_num_batched_tokens, cfg.enable_prefix_caching,
             torch.get_num_threads(), self.threads_why, "; 1 when a probe finds the CPU shared" if self.tuner else "",
+            tp_size,
         )
+
+    @staticmethod
+    def _check_ranks(cfg: EngineConfig) -> None:
+        """More ranks than devices (CUDA) or cores (CPU) would only queue behind each other."""
+        size, device = cfg.tensor_parallel_size, cfg.resolve_device()
+        if device.type == "cuda" and size > torch.cuda.device_count():
+            raise ValueError(f"--tensor-parallel-size {size} needs {size} GPUs; this machine has "
+                             f"{torch.cuda.device_count()}")
+        if device.type == "cpu":
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            if size > cores:
+                raise ValueError(f"--tensor-parallel-size {size} is more ranks than this process's {cores} CPU cores; "
+                                 f"use at most {cores}")
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do with one rank)."""
+        self.runner.close()
 
     def _eos_ids(self, hf_cfg: dict) -> set[int]:
         ids = set(self.arch.eos_token_ids)

@@ -14,6 +14,8 @@ import psutil
 import torch
 
 from pagedserve.config import CPU_DEFAULT_KV_CACHE_BYTES, KV_SCALE_BYTES, RUNTIME_RESERVE_FRACTION, EngineConfig
+from pagedserve.distributed.parallel import init_tensor_parallel, tp
+from pagedserve.distributed.shard import check_tensor_parallel, local_arch, shard_weights
 from pagedserve.engine.cpu_memory import keep_freed_memory, lazily_zeroed_cpu_tensor, populate
 from pagedserve.engine.kv_cache import KVCacheManager
 from pagedserve.engine.request import Request
@@ -57,10 +59,27 @@ def kv_cache_bytes(cfg: EngineConfig, device: torch.device, weight_bytes: int) -
 
 
 class ModelRunner:
-    def __init__(self, cfg: EngineConfig, arch: ModelArch, weights: dict[str, torch.Tensor], max_model_len: int):
+    def __init__(self, cfg: EngineConfig, arch: ModelArch, weights: dict[str, torch.Tensor], max_model_len: int,
+                 rank: int = 0, master: tuple[str, int] | None = None):
         self.cfg = cfg
         self.arch = arch
         self.device = cfg.resolve_device()
+        # Tensor parallelism (distributed/): rank 0 (this engine) starts the other ranks, every
+        # rank keeps its shard of the weights and of the KV cache.
+        self.rank, self.tp_size, self.workers = rank, cfg.tensor_parallel_size, None
+        if self.tp_size > 1:
+            check_tensor_parallel(arch, self.tp_size)
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", rank)
+                torch.cuda.set_device(self.device)
+            if rank == 0:
+                from pagedserve.distributed.workers import WorkerGroup, free_port
+
+                master = ("127.0.0.1", free_port())
+                self.workers = WorkerGroup(cfg, self.tp_size, *master)
+            init_tensor_parallel(rank, self.tp_size, *master, "nccl" if self.device.type == "cuda" else "gloo")
+            weights = shard_weights(weights, arch, rank, self.tp_size)
+        self.model_arch = local_arch(arch, self.tp_size)  # the shape this rank builds
         self.dtype = cfg.resolve_dtype(self.device)
         self.kv_dtype = cfg.resolve_kv_cache_dtype(self.dtype)
         # bfloat16 on a CPU with AVX512_BF16: the GEMMs run in bf16 (weights packed once, float32
@@ -78,7 +97,7 @@ class ModelRunner:
         if self.bf16_gemm and self.kv_dtype == torch.bfloat16 and backend.name == "cpp":
             backend.bf16_math = True
         with build_for_checkpoint(self.device, compute):
-            model = LlamaForCausalLM(arch, backend, max_model_len)
+            model = LlamaForCausalLM(self.model_arch, backend, max_model_len, arch.vocab_size)
         model.load_weights(weights)
         model.rotary = model.rotary.to(self.device)  # tables are built on the CPU, in float32
         self.model = model.eval()
@@ -98,10 +117,10 @@ class ModelRunner:
                              + sum(w.nbytes() for w in self.quantized_weights.values()))
         self.sampler = Sampler(arch.vocab_size, argmax=kernels.argmax_rows if kernels is not None else None)
 
-        per_token = arch.kv_bytes_per_token(torch.empty((), dtype=self.kv_dtype).element_size(),
-                                            KV_SCALE_BYTES if cfg.kv_cache_scaled else 0)
+        per_token = self.model_arch.kv_bytes_per_token(torch.empty((), dtype=self.kv_dtype).element_size(),
+                                                       KV_SCALE_BYTES if cfg.kv_cache_scaled else 0)
         budget = kv_cache_bytes(cfg, self.device, self.weight_bytes)
-        self.num_blocks = budget // (per_token * self.block_size)
+        self.num_blocks = tp().min_int(budget // (per_token * self.block_size))  # every rank the same count
         blocks_per_seq = -(-max_model_len // self.block_size)
         if self.num_blocks < blocks_per_seq:
             raise ValueError(
@@ -109,7 +128,7 @@ class ModelRunner:
                 f"({budget / 2**20:.0f} MiB), fewer than one sequence of max_model_len={max_model_len}: "
                 "lower --max-model-len, or raise --kv-cache-memory / --gpu-memory-utilization"
             )
-        shape = (arch.num_layers, 2, self.num_blocks, arch.num_kv_heads, self.block_size, arch.head_dim)
+        shape = (arch.num_layers, 2, self.num_blocks, self.model_arch.num_kv_heads, self.block_size, arch.head_dim)
         # Zeroed: padded attention reads must see finite numbers (0 * NaN would poison outputs).
         def zeros(shape, dtype):
             if self.device.type == "cpu":
@@ -216,13 +235,13 @@ class ModelRunner:
         # Past the last layer's attention only the sampled tokens are needed, unless prompt
         # logprobs want every token's hidden state.
         sample_rows = torch.tensor(sample_idx, dtype=torch.long, device=dev)
-        hidden = self.model(input_ids, pos_t, self.kv_caches, meta, None if plp_spans else sample_rows)
+        hidden = self._forward(input_ids, pos_t, meta, None if plp_spans else sample_rows)
 
         result = StepResult({}, {}, {})
         if plp_spans:
             result.prompt_logprobs = self._prompt_logprobs(hidden, plp_spans)
         if sample_reqs:
-            logits = self.model.compute_logits(hidden[sample_rows] if plp_spans else hidden)
+            logits = self._logits(hidden[sample_rows] if plp_spans else hidden)
             mask = None
             if structured is not None and any(r.grammar is not None for r in sample_reqs):
                 mask = structured.bitmask([r.grammar for r in sample_reqs])
@@ -233,12 +252,45 @@ class ModelRunner:
                     result.logprobs[r.request_id] = lp
         return result
 
+    # -- tensor parallelism: rank 0 tells the other ranks what to run, then runs it itself ------
+    def _forward(self, input_ids, positions, meta, rows):
+        if self.workers is not None:
+            self.workers.send(("forward", input_ids, positions, meta, rows))
+        return self.model(input_ids, positions, self.kv_caches, meta, rows)
+
+    def _logits(self, hidden):
+        if self.workers is not None:
+            self.workers.send(("logits", hidden))
+        return self.model.compute_logits(hidden)
+
+    def follow(self) -> None:
+        """A worker rank's life: run what rank 0 broadcasts until it says stop (or goes away)."""
+        from pagedserve.distributed.workers import receive
+
+        while True:
+            cmd = receive(self.device)
+            if cmd[0] == "forward":
+                _, input_ids, positions, meta, rows = cmd
+                self.model(input_ids, positions, self.kv_caches, meta, rows)
+            elif cmd[0] == "logits":
+                self.model.compute_logits(cmd[1])
+            elif cmd[0] == "stop":
+                return
+
+    def tp_health(self) -> str | None:
+        """Why the tensor-parallel group is broken (a worker exited), or None."""
+        return self.workers.dead() if self.workers is not None else None
+
+    def close(self) -> None:
+        if self.workers is not None:
+            self.workers.stop()
+
     def _prompt_logprobs(self, hidden, spans) -> dict[str, list]:
         """Logprob of each prompt token given the tokens before it (the first has none)."""
         res: dict[str, list] = {}
         for r, row, rows, first_pos in spans:
             k = r.sampling_params.prompt_logprobs
-            lps = torch.log_softmax(self.model.compute_logits(hidden[row : row + rows]), dim=-1)
+            lps = torch.log_softmax(self._logits(hidden[row : row + rows]), dim=-1)
             entries = []
             for j in range(rows):
                 nxt = first_pos + j + 1  # the prompt token this row predicts

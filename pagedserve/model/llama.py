@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.distributed.parallel import tp
 from pagedserve.model.arch import ModelArch
 from pagedserve.model.attention import AttentionBackend, AttentionMetadata, ScaledKV
 from pagedserve.model.quantization.weight import QuantizedWeight
@@ -304,19 +305,21 @@ class DecoderLayer(nn.Module):
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, positions, rotary, kv_cache, meta, rows)
+        # tensor parallel: each rank's o_proj and down_proj give partial sums (parallel.py)
+        x = tp().all_reduce(self.self_attn(x, positions, rotary, kv_cache, meta, rows))
         if rows is not None:
             residual = residual[rows]
         x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        return tp().all_reduce(self.mlp(x)), residual
 
 
 class LlamaForCausalLM(nn.Module):
     fused = None  # C++ kernels module running every layer in one call (fuse_layers)
 
-    def __init__(self, arch: ModelArch, backend: AttentionBackend, max_positions: int):
+    def __init__(self, arch: ModelArch, backend: AttentionBackend, max_positions: int, full_vocab: int | None = None):
         super().__init__()
-        self.arch = arch
+        self.arch = arch  # under tensor parallelism: this rank's shape (distributed/shard.py local_arch)
+        self.full_vocab = full_vocab or arch.vocab_size
         self.embed_tokens = Embedding(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(arch, backend, i) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
@@ -341,13 +344,23 @@ class LlamaForCausalLM(nn.Module):
         """With `rows` (the tokens to sample from), the last layer computes its attention output
         projection and MLP for those tokens only: a prompt chunk's other tokens only needed their
         K and V, which every layer has written by then."""
-        x, residual = self.embed_tokens(input_ids), None
+        x, residual = self._embed(input_ids), None
         if self.fused is not None:
             return self._fused_layers(x, positions, kv_caches, meta, rows)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, positions, self.rotary, kv_caches[i], meta, rows if i == last else None)
         return self.norm(x, residual)[0]
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        t = tp()
+        if t.size == 1:
+            return self.embed_tokens(ids)
+        n = self.arch.vocab_size  # this rank's rows: [rank * n, rank * n + n)
+        local = ids - t.rank * n
+        inside = (local >= 0) & (local < n)
+        x = self.embed_tokens(torch.where(inside, local, torch.zeros_like(local)))
+        return t.all_reduce(x * inside.unsqueeze(1).to(x.dtype))
 
     def fuse_layers(self, kernels) -> bool:
         """Run the layer loop above in one C++ call (csrc/llama_layers_cpu.cpp: the same kernels in
@@ -365,7 +378,7 @@ class LlamaForCausalLM(nn.Module):
                 return list(lin.quant.pack())
             return [lin.weight.detach(), none]
 
-        ok = self.rotary.fused is not None and self.norm.fused is not None and all(
+        ok = tp().size == 1 and self.rotary.fused is not None and self.norm.fused is not None and all(
             isinstance(layer.mlp, MLP) and layer.self_attn.q_norm is None and layer.self_attn.clip_qkv is None
             and layer.self_attn.backend.name == "cpp" and layer.input_layernorm.fused is not None
             and layer.post_attention_layernorm.fused is not None and packed(layer.self_attn.qkv_proj, True)
@@ -399,7 +412,10 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        if tp().size > 1:  # each rank's vocabulary shard, side by side; padding rows cut off
+            logits = tp().gather_last_dim(logits)[:, :self.full_vocab]
+        return logits
 
     # -- weights ---------------------------------------------------------------------------
     @torch.inference_mode()

@@ -1,0 +1,107 @@
+"""One rank's share of a checkpoint (Megatron's split; see parallel.py):
+
+  q/k/v projections (and biases)   rows by attention head; KV heads split when the rank count
+                                   divides them, else each rank keeps the one its query heads read
+  o_proj                           columns by query head (a row-parallel matmul: partial sums)
+  gate/up (dense, experts, shared) rows by intermediate channel
+  down (dense, experts, shared)    columns by intermediate channel
+  embed_tokens / lm_head           rows by vocabulary (padded so every rank has as many)
+  norms, the MoE router, Qwen2-MoE's shared-expert gate   whole on every rank
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from pagedserve.model.arch import ModelArch
+
+log = logging.getLogger("pagedserve.distributed")
+
+_ROWS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "w1", "w3")  # split by output rows
+_COLS = ("o_proj", "down_proj", "w2")  # split by input columns
+
+
+def check_tensor_parallel(arch: ModelArch, size: int) -> None:
+    """Refuse, at start, a rank count the model's shape cannot be cut into."""
+    if size == 1:
+        return
+    h, kv = arch.num_heads, arch.num_kv_heads
+    problems = []
+    if h % size:
+        problems.append(f"its {h} attention heads")
+    if kv % size and size % kv:
+        problems.append(f"its {kv} KV heads (neither divides the other)")
+    if arch.intermediate_size % size and len(arch.moe_layers) < arch.num_layers:  # a dense MLP to split
+        problems.append(f"its MLP width {arch.intermediate_size}")
+    for name, width in (("expert width", arch.moe.expert_intermediate_size),
+                        ("shared expert width", arch.moe.shared_expert_intermediate_size)):
+        if width and width % size:
+            problems.append(f"its {name} {width}")
+    if problems:
+        raise ValueError(f"--tensor-parallel-size {size} does not divide {', '.join(problems)}: pick a size that "
+                         f"divides them (this model: {h} heads, {kv} KV heads)")
+    if arch.qk_norm:
+        raise ValueError(f"{arch.architecture} normalizes q and k over all heads, which tensor parallelism does "
+                         "not split yet: use --tensor-parallel-size 1")
+
+
+def local_arch(arch: ModelArch, size: int) -> ModelArch:
+    """The shape one rank builds: its heads, widths and vocabulary shard."""
+    if size == 1:
+        return arch
+    m = arch.moe
+    return dataclasses.replace(
+        arch, num_heads=arch.num_heads // size, num_kv_heads=max(1, arch.num_kv_heads // size),
+        # (an all-MoE model's unused dense width may not divide: check_tensor_parallel)
+        intermediate_size=arch.intermediate_size // size if arch.intermediate_size % size == 0 else
+        arch.intermediate_size, vocab_size=-(-arch.vocab_size // size),
+        moe=dataclasses.replace(m, expert_intermediate_size=m.expert_intermediate_size // size,
+                                shared_expert_intermediate_size=m.shared_expert_intermediate_size // size))
+
+
+def _kv_rows(arch: ModelArch, rank: int, size: int) -> tuple[int, int]:
+    """(first, count) rows of k/v projections this rank keeps."""
+    kv, d = arch.num_kv_heads, arch.head_dim
+    if kv % size == 0:
+        per = kv // size
+        return rank * per * d, per * d
+    return (rank * kv // size) * d, d  # replicated: the KV head of this rank's query heads
+
+
+def shard_weights(weights: dict, arch: ModelArch, rank: int, size: int) -> dict[str, torch.Tensor]:
+    """Cut each tensor (Hugging Face names) to this rank's part. Quantized weights are dequantized
+    first (their groups run along the split input dimension), with a log line."""
+    if size == 1:
+        return weights
+    from pagedserve.model.quantization.weight import QuantizedWeight
+
+    out, dequantized = {}, 0
+    vocab_rows = -(-arch.vocab_size // size)
+    for name, w in weights.items():
+        if isinstance(w, QuantizedWeight):
+            w, dequantized = w.dequantize(), dequantized + 1
+        parts = name.split(".")
+        module = parts[-2] if len(parts) >= 2 else ""
+        if module in ("embed_tokens", "lm_head"):
+            rows = w[rank * vocab_rows:(rank + 1) * vocab_rows]
+            if rows.shape[0] < vocab_rows:  # the last shard: zero rows past the vocabulary
+                rows = torch.cat([rows, rows.new_zeros(vocab_rows - rows.shape[0], *rows.shape[1:])])
+            out[name] = rows.contiguous()
+        elif module in ("k_proj", "v_proj"):
+            first, n = _kv_rows(arch, rank, size)
+            out[name] = w[first:first + n].contiguous()
+        elif module in _ROWS:
+            per = w.shape[0] // size
+            out[name] = w[rank * per:(rank + 1) * per].contiguous()
+        elif module in _COLS:
+            per = w.shape[1] // size
+            out[name] = w[:, rank * per:(rank + 1) * per].contiguous()
+        else:
+            out[name] = w
+    if dequantized:
+        log.warning("tensor parallelism: %d quantized weights dequantized to float to be split", dequantized)
+    return out
+
