@@ -145,7 +145,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="how tool calls are read from the model's text with tool_choice auto (vLLM's names); "
                         "hermes matches the built-in tool prompt used for templates without tool support")
     # vllm serve flags accepted for compatibility.
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="only 1 is supported (one device per replica)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over this many ranks (processes started here: one GPU each on CUDA, "
+                        "the cores shared out on CPU); heads, KV heads and MLP widths must divide by it")
+    p.add_argument("--distributed-executor-backend", default="mp", choices=["mp"],
+                   help="how tensor-parallel ranks run: mp, local processes (gloo on CPU, NCCL on CUDA)")
     for flag in ("--trust-remote-code", "--enforce-eager", "--disable-log-requests", "--disable-log-stats"):
         p.add_argument(flag, action="store_true", help="accepted for vllm compatibility; no effect")
 
@@ -156,9 +160,8 @@ def build_server_app(args: argparse.Namespace):
     from pagedserve.config import EngineConfig
     from pagedserve.model.loader import locate_model
 
-    if args.tensor_parallel_size != 1:
-        raise ValueError("--tensor-parallel-size > 1 is not supported; run one replica per device and "
-                         "put `pagedserve gateway` in front")
+    if args.tensor_parallel_size < 1:
+        raise ValueError(f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")
     model = args.model or args.model_tag
     locate_model(model)  # a bad path or flag is reported now, not after torch and the model load
     limits = batch_limits(args)
@@ -173,7 +176,7 @@ def build_server_app(args: argparse.Namespace):
         num_threads=args.num_threads, structured_outputs_backend=args.structured_outputs_backend,
         ttft_target_ms=args.ttft_target_ms, adaptive_threads=args.adaptive_threads,
         background_priority=args.batch_priority, background_share=args.batch_share,
-        background_prefill_tokens=args.batch_prefill_tokens,
+        background_prefill_tokens=args.batch_prefill_tokens, tensor_parallel_size=args.tensor_parallel_size,
     )
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (one of: " + ", ".join(TOOL_CALL_PARSERS) + ")")
@@ -251,12 +254,37 @@ def serve(args: argparse.Namespace) -> int:
                 engine.tokenizer.preload()
             engine.structured.preload()  # the grammar backend's tokenizer tables, off the request path
             r.start_kv_populate()  # now, not while loading: it would slow the start
+            if r.workers is not None:
+                asyncio.get_running_loop().create_task(exit_when_a_rank_dies())
+
+    failed = []
+
+    async def exit_when_a_rank_dies():
+        """A tensor-parallel rank that exits leaves the model unusable: /health answers 503 (the
+        engine's error), then the server exits non-zero, so a supervisor restarts the replica
+        instead of leaving it up and broken."""
+        import asyncio
+
+        while not server.should_exit:
+            await asyncio.sleep(0.5)
+            why = engine.runner.tp_health()
+            if why or async_engine.error is not None:
+                log.error("stopping: %s", why or async_engine.error)
+                failed.append(why or str(async_engine.error))
+                await asyncio.sleep(2.0)  # health checks see the 503 first
+                server.should_exit = True
+                return
 
     server.startup = startup
     # uvicorn re-raises SIGTERM after its graceful shutdown; a no-op handler makes that re-raise
     # harmless, so a drained server exits 0 (Kubernetes rolling updates read it as clean).
     signal.signal(signal.SIGTERM, lambda *_: None)
-    server.run()
+    try:
+        server.run()
+    finally:
+        engine.close()  # tensor-parallel workers told to stop and waited for
+    if failed:
+        return 1
     log.info("stopped cleanly")
     return 0
 

@@ -82,8 +82,10 @@ def test_70b_bf16_does_not_fit_one_80gb_gpu():
     assert not p1.memory["fits"] and p1.memory["weight_bytes"] > 140e9
     p = plan("llama-3-70b", "H100-SXM")
     assert p.memory["min_tp"] >= 2 and p.memory["fits"] and p.memory["tp"] == p.memory["min_tp"]
-    # The server runs one device per replica: the plan says so instead of recommending a flag it refuses.
-    assert "--tensor-parallel-size" not in p.flags and "tensor parallel" in p.not_servable[0]
+    # The server takes the degree as vLLM spells it (and parses it: test below).
+    assert p.flags["--tensor-parallel-size"] == p.memory["tp"] and not p.not_servable
+    # quantized weights would be dequantized to be split: said, not hidden
+    assert any("tensor parallelism" in w for w in plan("llama-3-70b", "H100-SXM", weight_dtype="awq", tp=2).not_servable)
 
 
 @pytest.mark.parametrize("weights", ["fp32", "bf16", "fp16", "fp8", "int8", "awq", "gptq"])
@@ -99,7 +101,8 @@ def test_every_recommended_flag_is_one_the_server_takes(weights, kv):
     args = build_parser().parse_args(["serve", *argv])
     EngineConfig(dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len,
                  gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
-                 quantization=args.quantization)
+                 quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size)
+    assert args.tensor_parallel_size == p.memory["tp"]
     if weights in ("fp8", "int8", "awq", "gptq"):  # spelled as the server (and vLLM) spell the method
         method = Plan.WEIGHT_QUANTIZATION[weights]
         assert method in QUANTIZATION_METHODS and method in LOADABLE_QUANTIZATION

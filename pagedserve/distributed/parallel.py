@@ -67,3 +67,14 @@ def init_tensor_parallel(rank: int, size: int, master_addr: str, master_port: in
                                 world_size=size, timeout=datetime.timedelta(seconds=timeout_s))
     _STATE = TensorParallel(rank, size)
     return _STATE
+
+
+def shutdown_tensor_parallel() -> None:
+    """Leave the group (after the workers stopped): a later engine in this process starts afresh.
+    One tensor-parallel engine per process at a time: the group is this process's."""
+    import torch.distributed as dist
+
+    global _STATE
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _STATE = TensorParallel()

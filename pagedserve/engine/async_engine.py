@@ -164,6 +164,9 @@ class AsyncEngine:
             while not self._stop.is_set():
                 self._drain_commands()
                 if not eng.has_unfinished_requests():
+                    broken = eng.runner.tp_health()  # a tensor-parallel rank gone while idle
+                    if broken:
+                        raise RuntimeError(broken)
                     self.heartbeat = time.monotonic()
                     self._wake.wait(0.5)
                     self._wake.clear()

@@ -282,8 +282,11 @@ class ModelRunner:
         return self.workers.dead() if self.workers is not None else None
 
     def close(self) -> None:
-        if self.workers is not None:
+        if self.workers is not None and not self.workers.stopped:
+            from pagedserve.distributed.parallel import shutdown_tensor_parallel
+
             self.workers.stop()
+            shutdown_tensor_parallel()
 
     def _prompt_logprobs(self, hidden, spans) -> dict[str, list]:
         """Logprob of each prompt token given the tokens before it (the first has none)."""

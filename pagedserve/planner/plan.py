@@ -396,8 +396,10 @@ class Plan:
         f = {"--max-model-len": inp.max_model_len, "--gpu-memory-utilization": inp.gpu_memory_utilization,
              "--max-num-seqs": max(1, self.capacity.get("batch") or 1)}
         if self.memory["tp"] > 1:
-            self.not_servable.append(f"{self.memory['tp']} GPUs per replica (tensor parallel): pagedserve serves one "
-                                     "device per replica so far")
+            f["--tensor-parallel-size"] = self.memory["tp"]
+            if inp.weight_dtype not in DTYPES:
+                self.not_servable.append(f"{inp.weight_dtype} weights split over {self.memory['tp']} GPUs: pagedserve "
+                                         "dequantizes quantized weights under tensor parallelism so far")
         if inp.weight_dtype in DTYPES:
             if inp.weight_dtype != "fp32":
                 f["--dtype"] = DTYPES[inp.weight_dtype]

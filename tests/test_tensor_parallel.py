@@ -1,0 +1,139 @@
+"""Tensor parallelism (issue 28) on this CPU with gloo: two ranks, two processes, against one rank
+on the same model in float32 — dense Llama with KV heads split, MQA with the KV head replicated,
+Mixtral and Qwen2-MoE with every expert split; then `pagedserve serve --tensor-parallel-size 2`
+(stream, abort, clean shutdown with no rank left behind, a killed rank -> 503 and a non-zero
+exit), and the shapes it refuses at start."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+
+import httpx
+import psutil
+import pytest
+import torch
+
+from pagedserve import LLM, SamplingParams
+
+PROMPTS = [list(range(100, 100 + n)) for n in (5, 37, 70)] + [[7, 8, 9, 10] * 9]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_dirs):
+    from pagedserve.testing import make_tiny_model
+
+    root = tmp_path_factory.mktemp("tp")
+    out = {"llama3": tiny_dirs["llama3"], "mixtral": make_tiny_model(root / "mixtral", "mixtral"),
+           "qwen2_moe": make_tiny_model(root / "qwen2_moe", "qwen2_moe")}
+    mqa = root / "mqa"  # one KV head: both ranks keep it (replicated), each its own query heads
+    shutil.copytree(tiny_dirs["llama"], mqa)
+    cfg = json.loads((mqa / "config.json").read_text())
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(str(mqa / "model.safetensors"))
+    d = cfg["hidden_size"] // cfg["num_attention_heads"]
+    for n in list(w):
+        if n.endswith(("k_proj.weight", "v_proj.weight")):
+            w[n] = w[n][:d].contiguous()
+    save_file(w, str(mqa / "model.safetensors"))
+    cfg["num_key_value_heads"] = 1
+    (mqa / "config.json").write_text(json.dumps(cfg))
+    out["mqa"] = mqa
+    return out
+
+
+def _run(model, tp: int):
+    llm = LLM(str(model), dtype="float32", max_model_len=256, kv_cache_memory=16 << 20, tensor_parallel_size=tp,
+              max_num_batched_tokens=48)
+    try:
+        sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, prompt_logprobs=0)
+        outs = llm.generate(PROMPTS, sp, use_tqdm=False)
+        return [(o.outputs[0].token_ids, torch.tensor([next(iter(e.values())).logprob for e in o.prompt_logprobs[1:]]))
+                for o in outs], llm.engine.runner
+    finally:
+        llm.engine.close()
+
+
+@pytest.mark.parametrize("kind", ["llama3", "mqa", "mixtral", "qwen2_moe"])
+def test_two_ranks_equal_one(models, kind):
+    """Batched steps with chunked prefill beside decodes: every prompt log-probability within 1e-4
+    and the same greedy tokens with the model split over two processes."""
+    one, _ = _run(models[kind], 1)
+    two, runner = _run(models[kind], 2)
+    assert runner.model_arch.num_heads * 2 == runner.arch.num_heads  # really split
+    assert runner.workers is not None and runner.workers.dead() is not None  # closed: the worker has exited
+    for (t1, l1), (t2, l2) in zip(one, two):
+        assert t1 == t2
+        assert (l1 - l2).abs().max().item() < 1e-4
+
+
+def test_shapes_that_do_not_split_are_refused_at_start(models, tiny_dirs, tmp_path):
+    d = tmp_path / "one-head"
+    shutil.copytree(tiny_dirs["llama"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(num_attention_heads=1, num_key_value_heads=1)
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="does not divide its 1 attention heads"):
+        LLM(str(d), dtype="float32", max_model_len=64, kv_cache_memory=8 << 20, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="more ranks than this process's"):
+        LLM(str(models["llama3"]), dtype="float32", max_model_len=64, kv_cache_memory=8 << 20,
+            tensor_parallel_size=64)
+
+
+def _workers(server) -> list[psutil.Process]:
+    return [c for c in psutil.Process(server.proc.pid).children(recursive=True)
+            if "pagedserve.distributed.workers" in " ".join(c.cmdline())]
+
+
+def test_serving_with_two_ranks(models, tmp_path):
+    """Through the OpenAI server: a streamed chat completion, a stream the client drops (aborted,
+    the next request still served), then SIGTERM: exit 0 and no rank process left."""
+    import openai
+    from server_utils import ServerProcess
+
+    s = ServerProcess([str(models["llama3"]), "--served-model-name", "m", "--tensor-parallel-size", "2", "--dtype",
+                       "float32", "--kv-cache-memory", "16MiB", "--max-model-len", "256"], tmp_path / "s.log")
+    try:
+        workers = _workers(s)
+        assert len(workers) == 1
+        c = openai.OpenAI(base_url=s.base, api_key="x", max_retries=0)
+        chunks = list(c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=12, temperature=0, stream=True))
+        assert sum(len(ch.choices[0].delta.content or "") for ch in chunks if ch.choices) > 0
+        with c.chat.completions.create(model="m", messages=[{"role": "user", "content": "count"}], max_tokens=200,
+                                       stream=True, extra_body={"ignore_eos": True}) as stream:
+            next(iter(stream))  # one chunk, then the client goes away
+        r = c.completions.create(model="m", prompt="hello", max_tokens=5, temperature=0)
+        assert r.choices[0].text is not None and r.usage.completion_tokens == 5
+        assert "tensor_parallel=2" in (tmp_path / "s.log").read_text()
+    finally:
+        code = s.stop()
+    assert code == 0
+    psutil.wait_procs(workers, timeout=10)
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+
+def test_a_killed_rank_takes_the_server_down(models, tmp_path):
+    from server_utils import ServerProcess
+
+    s = ServerProcess([str(models["llama3"]), "--tensor-parallel-size", "2", "--dtype", "float32",
+                       "--kv-cache-memory", "16MiB", "--max-model-len", "256"], tmp_path / "s.log")
+    try:
+        (worker,) = _workers(s)
+        worker.send_signal(signal.SIGKILL)
+        saw_503 = False
+        deadline = time.monotonic() + 30
+        while s.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                saw_503 |= httpx.get(f"{s.url}/health", timeout=2).status_code == 503
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        assert saw_503, "health never answered 503 after a rank died"
+        assert s.proc.wait(30) != 0  # exits on its own, non-zero: a supervisor restarts it
+        assert "tensor-parallel worker rank 1 exited" in (tmp_path / "s.log").read_text()
+    finally:
+        s.stop()
