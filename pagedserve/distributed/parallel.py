@@ -10,9 +10,13 @@ head's logits are gathered. With one rank (the default) every call here is free.
 from __future__ import annotations
 
 import datetime
+import time
 from dataclasses import dataclass
 
 import torch
+
+# Seconds this process has spent in the model's collectives (benchmarks/tensor_parallel.py reads it).
+COMM_SECONDS = [0.0]
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,9 @@ class TensorParallel:
         if self.size > 1:
             import torch.distributed as dist
 
+            t0 = time.perf_counter()
             dist.all_reduce(x)
+            COMM_SECONDS[0] += time.perf_counter() - t0
         return x
 
     def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
