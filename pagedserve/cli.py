@@ -150,6 +150,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "the cores shared out on CPU); heads, KV heads and MLP widths must divide by it")
     p.add_argument("--distributed-executor-backend", default="mp", choices=["mp"],
                    help="how tensor-parallel ranks run: mp, local processes (gloo on CPU, NCCL on CUDA)")
+    # Several machines, spelled as torchrun spells them: every node runs `pagedserve serve` with the
+    # same model and flags; node 0 serves the API, the others only run their ranks.
+    p.add_argument("--nnodes", type=int, default=1, help="machines the tensor-parallel ranks span (default 1)")
+    p.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0 = the one serving the API")
+    p.add_argument("--master-addr", default=None, help="node 0's address, reachable from every node (nnodes > 1)")
+    p.add_argument("--master-port", type=int, default=None, help="a free port on node 0 for the rendezvous")
     for flag in ("--trust-remote-code", "--enforce-eager", "--disable-log-requests", "--disable-log-stats"):
         p.add_argument(flag, action="store_true", help="accepted for vllm compatibility; no effect")
 
@@ -177,7 +183,10 @@ def build_server_app(args: argparse.Namespace):
         ttft_target_ms=args.ttft_target_ms, adaptive_threads=args.adaptive_threads,
         background_priority=args.batch_priority, background_share=args.batch_share,
         background_prefill_tokens=args.batch_prefill_tokens, tensor_parallel_size=args.tensor_parallel_size,
+        nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
     )
+    if cfg.node_rank > 0:  # this node only runs ranks: no engine, no API (serve() sees args.node_rank)
+        return None, None, cfg
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (one of: " + ", ".join(TOOL_CALL_PARSERS) + ")")
     from pagedserve.engine.async_engine import AsyncEngine
@@ -205,6 +214,10 @@ def build_server_app(args: argparse.Namespace):
 
 def serve(args: argparse.Namespace) -> int:
     async_engine, settings, app = build_server_app(args)  # checks the model and flags before heavy imports
+    if async_engine is None:  # --node-rank > 0: this machine's tensor-parallel ranks, no API server
+        from pagedserve.distributed.workers import run_node
+
+        return run_node(app)
     import uvicorn
 
     from pagedserve.engine.async_engine import ShuttingDownError

@@ -76,8 +76,17 @@ class EngineConfig:
     background_priority: int | None = BACKGROUND_PRIORITY
     background_share: float = 0.5
     background_prefill_tokens: int = 64
-    # Tensor parallelism (distributed/): ranks started by this process (mp), gloo on CPU, NCCL on CUDA.
+    # Tensor parallelism (distributed/): ranks started by this process (mp), gloo on CPU, NCCL on CUDA;
+    # over several machines, torchrun's rendezvous (--nnodes, --node-rank, --master-addr/--master-port).
     tensor_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tensor_parallel_size // self.nnodes
 
     def background_policy(self):
         from pagedserve.engine.background import BackgroundPolicy
@@ -107,6 +116,14 @@ class EngineConfig:
         self.background_policy()  # its checks, now
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.nnodes < 1 or self.tensor_parallel_size % self.nnodes:
+            raise ValueError(f"--nnodes {self.nnodes} must divide --tensor-parallel-size {self.tensor_parallel_size} "
+                             "(the same number of ranks on every node)")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node-rank must be in [0, {self.nnodes}), got {self.node_rank}")
+        if self.nnodes > 1 and (not self.master_addr or not self.master_port):
+            raise ValueError("--nnodes > 1 needs --master-addr and --master-port: node 0's address, reachable "
+                             "from every node")
         if self.dtype != "auto" and self.dtype not in DTYPES:  # bad names fail here, before the model loads
             raise ValueError(f"dtype must be one of {sorted(DTYPES) + ['auto']}, got {self.dtype!r}")
         self._check_kv_cache_dtype()

@@ -137,3 +137,37 @@ def test_a_killed_rank_takes_the_server_down(models, tmp_path):
         assert "tensor-parallel worker rank 1 exited" in (tmp_path / "s.log").read_text()
     finally:
         s.stop()
+
+
+def test_two_nodes_rehearsed_on_loopback(models, tmp_path):
+    """torchrun's spelling over two "machines" on this one: node 1 runs only its rank and waits
+    for node 0 (which serves the API) at --master-addr:--master-port; the answers equal a single
+    rank's; stopping node 0 stops node 1's rank, which exits 0."""
+    import subprocess
+    import sys
+
+    import openai
+    from server_utils import ServerProcess, free_port
+
+    port = free_port()
+    common = [str(models["llama3"]), "--served-model-name", "m", "--dtype", "float32", "--kv-cache-memory", "16MiB",
+              "--max-model-len", "256", "--tensor-parallel-size", "2", "--nnodes", "2", "--master-addr", "127.0.0.1",
+              "--master-port", str(port)]
+    with open(tmp_path / "node1.log", "w") as log1:
+        node1 = subprocess.Popen([sys.executable, "-m", "pagedserve.cli", "serve", *common, "--node-rank", "1"],
+                                 stdout=log1, stderr=subprocess.STDOUT)
+        try:
+            s = ServerProcess([*common, "--node-rank", "0"], tmp_path / "node0.log")
+            try:
+                c = openai.OpenAI(base_url=s.base, api_key="x", max_retries=0)
+                two = c.completions.create(model="m", prompt=list(range(100, 130)), max_tokens=8, temperature=0)
+            finally:
+                assert s.stop() == 0
+            assert node1.wait(30) == 0
+        finally:
+            if node1.poll() is None:
+                node1.kill()
+    llm = LLM(str(models["llama3"]), dtype="float32", max_model_len=256, kv_cache_memory=16 << 20)
+    (one,) = llm.generate([list(range(100, 130))], SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
+    assert two.choices[0].text == one.outputs[0].text
+    assert "node 1 of 2: ranks 1-1" in (tmp_path / "node1.log").read_text()

@@ -140,6 +140,9 @@ def _run_local(args: argparse.Namespace, todo: list[L.BatchLine], progress: _Pro
     from pagedserve.batch.executor import AppExecutor
     from pagedserve.cli import build_server_app
 
+    if getattr(args, "node_rank", 0):
+        raise ValueError("run-batch runs on node 0 (--node-rank 0); the other nodes run `pagedserve serve "
+                         "--node-rank K` for their ranks")
     async_engine, settings, app = build_server_app(args)
     settings.max_waiting_requests = max(settings.max_waiting_requests, args.concurrency)
     # As LLM does: the KV cache faulted in before the clock starts (first touches of 2 GiB of pages

@@ -28,10 +28,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def threads_per_rank(size: int) -> int:
-    """CPU: the cores this process may use, shared evenly by the ranks (one core each on two)."""
+def threads_per_rank(ranks_here: int) -> int:
+    """CPU: the cores this process may use, shared evenly by this node's ranks (one each on two)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // size)
+    return max(1, cores // ranks_here)
 
 
 class WorkerDied(RuntimeError):
@@ -54,9 +54,10 @@ class WorkerGroup:
     (`python -m pagedserve.distributed.workers`, the engine config on stdin), so nothing of the
     engine's threads or of the caller's __main__ is copied or re-run."""
 
-    def __init__(self, cfg, size: int, master_addr: str, master_port: int):
+    def __init__(self, cfg, size: int, master_addr: str, master_port: int, ranks: range | None = None):
         self.procs = []
-        for rank in range(1, size):
+        self.ranks = ranks if ranks is not None else range(1, cfg.ranks_per_node)  # this node's, but rank 0
+        for rank in self.ranks:
             p = subprocess.Popen([sys.executable, "-m", "pagedserve.distributed.workers"], stdin=subprocess.PIPE,
                                  preexec_fn=_die_with_parent if sys.platform == "linux" else None)
             p.stdin.write(pickle.dumps((cfg, rank, size, master_addr, master_port)))
@@ -67,7 +68,7 @@ class WorkerGroup:
 
     def dead(self) -> str | None:
         """Why the group cannot step (a worker exited), or None."""
-        for rank, p in enumerate(self.procs, start=1):
+        for rank, p in zip(self.ranks, self.procs):
             if p.poll() is not None:
                 return f"tensor-parallel worker rank {rank} exited (code {p.returncode})"
         return None
@@ -87,7 +88,10 @@ class WorkerGroup:
         self.stopped = True
         try:
             if self.dead() is None:
+                import torch.distributed as dist
+
                 self.send(("stop",))
+                dist.barrier()  # every rank, remote nodes' too, has it: the group can be left cleanly
         except Exception:  # a worker already gone: the others are terminated below
             pass
         for p in self.procs:
@@ -134,12 +138,39 @@ def worker_main(cfg, rank: int, size: int, master_addr: str, master_port: int) -
 
     device = cfg.resolve_device()
     if device.type == "cpu":
-        torch.set_num_threads(cfg.num_threads or threads_per_rank(size))
+        torch.set_num_threads(cfg.num_threads or threads_per_rank(cfg.ranks_per_node))
     model_path, gguf_file = load_checkpoint(cfg.model)
     arch = ModelArch.from_hf_config(load_hf_config(model_path))
     runner = ModelRunner(cfg, arch, load_weights(model_path, gguf_file), cfg.max_model_len or
                          arch.max_position_embeddings, rank=rank, master=(master_addr, master_port))
     runner.follow()
+    from pagedserve.distributed.parallel import shutdown_tensor_parallel
+
+    shutdown_tensor_parallel()
+
+
+def run_node(cfg) -> int:
+    """A node other than node 0 (`pagedserve serve ... --node-rank K`): its ranks only, no API
+    server; returns when they exit (0 when node 0 stopped them, else the first failure's code)."""
+    import time
+
+    per = cfg.ranks_per_node
+    first = cfg.node_rank * per
+    group = WorkerGroup(cfg, cfg.tensor_parallel_size, cfg.master_addr, cfg.master_port, range(first, first + per))
+    log.info("node %d of %d: ranks %d-%d joining %s:%d", cfg.node_rank, cfg.nnodes, first, first + per - 1,
+             cfg.master_addr, cfg.master_port)
+    try:
+        while True:
+            codes = [p.poll() for p in group.procs]
+            if any(c not in (None, 0) for c in codes):
+                group.stop()
+                return next(c for c in codes if c not in (None, 0))
+            if all(c == 0 for c in codes):
+                return 0
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        group.stop()
+        return 0
 
 
 if __name__ == "__main__":

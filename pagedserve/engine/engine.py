@@ -77,8 +77,8 @@ class LLMEngine:
         elif tp_size > 1 and cfg.resolve_device().type == "cpu":
             from pagedserve.distributed.workers import threads_per_rank
 
-            torch.set_num_threads(threads_per_rank(tp_size))  # every rank its share of the cores
-            self.threads_why = f"cores / --tensor-parallel-size {tp_size}"
+            torch.set_num_threads(threads_per_rank(cfg.ranks_per_node))  # every rank its share of the cores
+            self.threads_why = f"cores / {cfg.ranks_per_node} ranks on this node"
         elif cfg.resolve_device().type == "cpu":
             # A pod's CPU limit, not the node's cores (cpu_threads.py); only ever fewer threads.
             n, why = container_threads()
@@ -141,15 +141,15 @@ class LLMEngine:
     @staticmethod
     def _check_ranks(cfg: EngineConfig) -> None:
         """More ranks than devices (CUDA) or cores (CPU) would only queue behind each other."""
-        size, device = cfg.tensor_parallel_size, cfg.resolve_device()
+        size, device = cfg.ranks_per_node, cfg.resolve_device()  # the ranks this machine runs
         if device.type == "cuda" and size > torch.cuda.device_count():
-            raise ValueError(f"--tensor-parallel-size {size} needs {size} GPUs; this machine has "
+            raise ValueError(f"{size} tensor-parallel ranks on this node need {size} GPUs; this machine has "
                              f"{torch.cuda.device_count()}")
         if device.type == "cpu":
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             if size > cores:
-                raise ValueError(f"--tensor-parallel-size {size} is more ranks than this process's {cores} CPU cores; "
-                                 f"use at most {cores}")
+                raise ValueError(f"--tensor-parallel-size {cfg.tensor_parallel_size} puts {size} ranks on this node: "
+                                 f"more ranks than this process's {cores} CPU cores; use at most {cores}")
 
     def close(self) -> None:
         """Stop the tensor-parallel workers (nothing to do with one rank)."""

@@ -69,13 +69,13 @@ class ModelRunner:
         self.rank, self.tp_size, self.workers = rank, cfg.tensor_parallel_size, None
         if self.tp_size > 1:
             check_tensor_parallel(arch, self.tp_size)
-            if self.device.type == "cuda":
-                self.device = torch.device("cuda", rank)
+            if self.device.type == "cuda":  # this node's GPU for this rank
+                self.device = torch.device("cuda", rank % cfg.ranks_per_node)
                 torch.cuda.set_device(self.device)
             if rank == 0:
                 from pagedserve.distributed.workers import WorkerGroup, free_port
 
-                master = ("127.0.0.1", free_port())
+                master = (cfg.master_addr, cfg.master_port) if cfg.nnodes > 1 else ("127.0.0.1", free_port())
                 self.workers = WorkerGroup(cfg, self.tp_size, *master)
             init_tensor_parallel(rank, self.tp_size, *master, "nccl" if self.device.type == "cuda" else "gloo")
             weights = shard_weights(weights, arch, rank, self.tp_size)
@@ -275,6 +275,9 @@ class ModelRunner:
             elif cmd[0] == "logits":
                 self.model.compute_logits(cmd[1])
             elif cmd[0] == "stop":
+                import torch.distributed as dist
+
+                dist.barrier()  # rank 0 waits here for every rank before the group is left
                 return
 
     def tp_health(self) -> str | None:
