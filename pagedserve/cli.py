@@ -148,6 +148,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over this many ranks (processes started here: one GPU each on CUDA, "
                         "the cores shared out on CPU); heads, KV heads and MLP widths must divide by it")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="MoE models under tensor parallelism: each rank holds whole experts instead of a slice of "
+                        "every expert")
     p.add_argument("--distributed-executor-backend", default="mp", choices=["mp"],
                    help="how tensor-parallel ranks run: mp, local processes (gloo on CPU, NCCL on CUDA)")
     # Several machines, spelled as torchrun spells them: every node runs `pagedserve serve` with the
@@ -183,7 +186,7 @@ def build_server_app(args: argparse.Namespace):
         ttft_target_ms=args.ttft_target_ms, adaptive_threads=args.adaptive_threads,
         background_priority=args.batch_priority, background_share=args.batch_share,
         background_prefill_tokens=args.batch_prefill_tokens, tensor_parallel_size=args.tensor_parallel_size,
-        nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
+        enable_expert_parallel=args.enable_expert_parallel, nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
     )
     if cfg.node_rank > 0:  # this node only runs ranks: no engine, no API (serve() sees args.node_rank)
         return None, None, cfg

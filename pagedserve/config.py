@@ -79,6 +79,7 @@ class EngineConfig:
     # Tensor parallelism (distributed/): ranks started by this process (mp), gloo on CPU, NCCL on CUDA;
     # over several machines, torchrun's rendezvous (--nnodes, --node-rank, --master-addr/--master-port).
     tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False  # MoE under tensor parallelism: whole experts per rank, not split ones
     nnodes: int = 1
     node_rank: int = 0
     master_addr: str | None = None

@@ -45,9 +45,9 @@ def models(tmp_path_factory, tiny_dirs):
     return out
 
 
-def _run(model, tp: int):
+def _run(model, tp: int, **kw):
     llm = LLM(str(model), dtype="float32", max_model_len=256, kv_cache_memory=16 << 20, tensor_parallel_size=tp,
-              max_num_batched_tokens=48)
+              max_num_batched_tokens=48, **kw)
     try:
         sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, prompt_logprobs=0)
         outs = llm.generate(PROMPTS, sp, use_tqdm=False)
@@ -70,6 +70,20 @@ def test_two_ranks_equal_one(models, kind):
         assert (l1 - l2).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_expert_parallel_equals_one_rank(models, kind):
+    """--enable-expert-parallel: each rank holds whole experts (even ids on rank 0, odd on rank 1)
+    and computes only the pairs routed to them; same tokens, log-probabilities within 1e-4."""
+    one, _ = _run(models[kind], 1)
+    two, runner = _run(models[kind], 2, enable_expert_parallel=True)
+    moe = runner.model.layers[0].mlp
+    assert sorted(moe.experts) == [str(e) for e in range(0, moe.num_experts, 2)]  # rank 0's, whole
+    assert moe.experts["0"].intermediate == runner.arch.moe.expert_intermediate_size
+    for (t1, l1), (t2, l2) in zip(one, two):
+        assert t1 == t2
+        assert (l1 - l2).abs().max().item() < 1e-4
+
+
 def test_shapes_that_do_not_split_are_refused_at_start(models, tiny_dirs, tmp_path):
     d = tmp_path / "one-head"
     shutil.copytree(tiny_dirs["llama"], d)
@@ -78,6 +92,9 @@ def test_shapes_that_do_not_split_are_refused_at_start(models, tiny_dirs, tmp_pa
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="does not divide its 1 attention heads"):
         LLM(str(d), dtype="float32", max_model_len=64, kv_cache_memory=8 << 20, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="for Mixture-of-Experts models"):
+        LLM(str(models["llama3"]), dtype="float32", max_model_len=64, kv_cache_memory=8 << 20,
+            tensor_parallel_size=2, enable_expert_parallel=True)
     with pytest.raises(ValueError, match="more ranks than this process's"):
         LLM(str(models["llama3"]), dtype="float32", max_model_len=64, kv_cache_memory=8 << 20,
             tensor_parallel_size=64)

@@ -7,6 +7,7 @@
   down (dense, experts, shared)    columns by intermediate channel
   embed_tokens / lm_head           rows by vocabulary (padded so every rank has as many)
   norms, the MoE router, Qwen2-MoE's shared-expert gate   whole on every rank
+With --enable-expert-parallel the experts are not cut: each rank keeps whole experts.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ _ROWS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "w1", "w3")  # sp
 _COLS = ("o_proj", "down_proj", "w2")  # split by input columns
 
 
-def check_tensor_parallel(arch: ModelArch, size: int) -> None:
+def check_tensor_parallel(arch: ModelArch, size: int, expert_parallel: bool = False) -> None:
     """Refuse, at start, a rank count the model's shape cannot be cut into."""
+    if expert_parallel and not arch.moe.num_experts:
+        raise ValueError("--enable-expert-parallel is for Mixture-of-Experts models; this one is dense")
     if size == 1:
         return
     h, kv = arch.num_heads, arch.num_kv_heads
@@ -36,7 +39,7 @@ def check_tensor_parallel(arch: ModelArch, size: int) -> None:
         problems.append(f"its {kv} KV heads (neither divides the other)")
     if arch.intermediate_size % size and len(arch.moe_layers) < arch.num_layers:  # a dense MLP to split
         problems.append(f"its MLP width {arch.intermediate_size}")
-    for name, width in (("expert width", arch.moe.expert_intermediate_size),
+    for name, width in (("expert width", 0 if expert_parallel else arch.moe.expert_intermediate_size),
                         ("shared expert width", arch.moe.shared_expert_intermediate_size)):
         if width and width % size:
             problems.append(f"its {name} {width}")
@@ -48,11 +51,15 @@ def check_tensor_parallel(arch: ModelArch, size: int) -> None:
                          "not split yet: use --tensor-parallel-size 1")
 
 
-def local_arch(arch: ModelArch, size: int) -> ModelArch:
-    """The shape one rank builds: its heads, widths and vocabulary shard."""
+def local_arch(arch: ModelArch, size: int, rank: int = 0, expert_parallel: bool = False) -> ModelArch:
+    """The shape one rank builds: its heads, widths and vocabulary shard (and, expert parallel,
+    which whole experts it holds)."""
     if size == 1:
         return arch
     m = arch.moe
+    if expert_parallel and m.num_experts:
+        return dataclasses.replace(local_arch(arch, size), moe=dataclasses.replace(
+            local_arch(arch, size).moe, expert_intermediate_size=m.expert_intermediate_size), expert_ranks=(rank, size))
     return dataclasses.replace(
         arch, num_heads=arch.num_heads // size, num_kv_heads=max(1, arch.num_kv_heads // size),
         # (an all-MoE model's unused dense width may not divide: check_tensor_parallel)
@@ -71,9 +78,11 @@ def _kv_rows(arch: ModelArch, rank: int, size: int) -> tuple[int, int]:
     return (rank * kv // size) * d, d  # replicated: the KV head of this rank's query heads
 
 
-def shard_weights(weights: dict, arch: ModelArch, rank: int, size: int) -> dict[str, torch.Tensor]:
+def shard_weights(weights: dict, arch: ModelArch, rank: int, size: int,
+                  expert_parallel: bool = False) -> dict[str, torch.Tensor]:
     """Cut each tensor (Hugging Face names) to this rank's part. Quantized weights are dequantized
-    first (their groups run along the split input dimension), with a log line."""
+    first (their groups run along the split input dimension), with a log line. Expert parallel:
+    experts are not cut; a rank keeps the whole experts e % size == rank and drops the others."""
     if size == 1:
         return weights
     from pagedserve.model.quantization.weight import QuantizedWeight
@@ -85,6 +94,11 @@ def shard_weights(weights: dict, arch: ModelArch, rank: int, size: int) -> dict[
             w, dequantized = w.dequantize(), dequantized + 1
         parts = name.split(".")
         module = parts[-2] if len(parts) >= 2 else ""
+        if expert_parallel and ".experts." in name:
+            expert = int(parts[parts.index("experts") + 1])
+            if expert % size == rank:
+                out[name] = w
+            continue
         if module in ("embed_tokens", "lm_head"):
             rows = w[rank * vocab_rows:(rank + 1) * vocab_rows]
             if rows.shape[0] < vocab_rows:  # the last shard: zero rows past the vocabulary

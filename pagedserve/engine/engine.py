@@ -98,7 +98,7 @@ class LLMEngine:
                 f"pagedserve does not implement: set --max-model-len <= {self.arch.sliding_window}"
             )
         self.eos_token_ids = frozenset(self._eos_ids(hf_cfg))
-        check_tensor_parallel(self.arch, tp_size)  # before any weight loads
+        check_tensor_parallel(self.arch, tp_size, cfg.enable_expert_parallel)  # before any weight loads
         self.runner = ModelRunner(cfg, self.arch, load_weights(self.model_path, gguf_file), self.max_model_len)
         self.kv = KVCacheManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.tuner: ThreadTuner | None = None  # 1 or N threads, measured (thread_tuner.py)

@@ -68,7 +68,7 @@ class ModelRunner:
         # rank keeps its shard of the weights and of the KV cache.
         self.rank, self.tp_size, self.workers = rank, cfg.tensor_parallel_size, None
         if self.tp_size > 1:
-            check_tensor_parallel(arch, self.tp_size)
+            check_tensor_parallel(arch, self.tp_size, cfg.enable_expert_parallel)
             if self.device.type == "cuda":  # this node's GPU for this rank
                 self.device = torch.device("cuda", rank % cfg.ranks_per_node)
                 torch.cuda.set_device(self.device)
@@ -78,8 +78,8 @@ class ModelRunner:
                 master = (cfg.master_addr, cfg.master_port) if cfg.nnodes > 1 else ("127.0.0.1", free_port())
                 self.workers = WorkerGroup(cfg, self.tp_size, *master)
             init_tensor_parallel(rank, self.tp_size, *master, "nccl" if self.device.type == "cuda" else "gloo")
-            weights = shard_weights(weights, arch, rank, self.tp_size)
-        self.model_arch = local_arch(arch, self.tp_size)  # the shape this rank builds
+            weights = shard_weights(weights, arch, rank, self.tp_size, cfg.enable_expert_parallel)
+        self.model_arch = local_arch(arch, self.tp_size, rank, cfg.enable_expert_parallel)  # what this rank builds
         self.dtype = cfg.resolve_dtype(self.device)
         self.kv_dtype = cfg.resolve_kv_cache_dtype(self.dtype)
         # bfloat16 on a CPU with AVX512_BF16: the GEMMs run in bf16 (weights packed once, float32

@@ -69,6 +69,12 @@ class ModelArch:
     moe_layers: tuple[int, ...] = ()  # the layers whose MLP is the experts (the rest dense)
     qk_norm: bool = False  # OLMoE: RMSNorm over the whole q and k projections before RoPE
     clip_qkv: float | None = None  # OLMoE: q, k, v clamped to +-clip_qkv
+    # --enable-expert-parallel: this rank holds whole experts e with e % expert_ranks[1] == expert_ranks[0]
+    expert_ranks: tuple[int, int] = (0, 1)
+
+    def owns_expert(self, e: int) -> bool:
+        rank, size = self.expert_ranks
+        return e % size == rank
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArch":

@@ -8,6 +8,9 @@
              packed and quantized GEMMs like any other
   combine    results weighted by their probabilities, summed back per token (index_add)
   shared     Qwen2-MoE: an always-on expert, scaled by sigmoid(x @ shared_expert_gate.T), added
+Under tensor parallelism every expert's width is split over the ranks (distributed/shard.py), or
+with --enable-expert-parallel each rank holds whole experts (e % ranks == rank) and computes only
+the pairs routed to them; either way the layer's all-reduce sums the ranks' parts.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ class SparseMoE(nn.Module):
         m = arch.moe
         self.num_experts, self.top_k, self.norm_topk_prob = m.num_experts, m.num_experts_per_tok, m.norm_topk_prob
         self.gate = Linear(arch.hidden_size, m.num_experts, bias=False)
-        self.experts = nn.ModuleList(MLP(arch, m.expert_intermediate_size) for _ in range(m.num_experts))
+        # by global expert id; under expert parallelism only this rank's (arch.owns_expert)
+        self.experts = nn.ModuleDict({str(e): MLP(arch, m.expert_intermediate_size) for e in range(m.num_experts)
+                                      if arch.owns_expert(e)})
         self.shared_expert = self.shared_expert_gate = None
         if m.shared_expert_intermediate_size:
             self.shared_expert = MLP(arch, m.shared_expert_intermediate_size)
@@ -50,7 +55,10 @@ class SparseMoE(nn.Module):
         start = 0
         for e, n in enumerate(counts):
             if n:
-                ys[start:start + n] = self.experts[e](xs[start:start + n])
+                if str(e) in self.experts:
+                    ys[start:start + n] = self.experts[str(e)](xs[start:start + n])
+                else:  # another rank's expert (expert parallel): its share comes in the all-reduce
+                    ys[start:start + n] = 0
                 start += n
         ys.mul_(weights.flatten().index_select(0, order).unsqueeze(1))
         out = torch.zeros_like(x).index_add_(0, tokens, ys)
