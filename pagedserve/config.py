@@ -46,6 +46,11 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, {**DTYPES, **KV_ONLY_DTYPES}[name])
 
 
+# Prompt tokens + decodes one engine step may carry (--max-num-batched-tokens) when not given; the
+# planner models prefill with the same budget.
+DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 2048, "cpu": 512}
+
+
 @dataclass
 class EngineConfig:
     model: str | None = None  # None: the default model (SmolLM2-135M-Instruct)

@@ -405,3 +405,27 @@ def test_tensor_parallel_all_reduces_cost_time_and_more_over_pcie():
     s = nv.step_time(256)
     assert s["t_step"] == pytest.approx(max(s["t_compute"], s["t_memory"]) + s["t_comm"] + nv.inp.hw.step_overhead_s)
     assert any("all-reduces per layer" in f for _, f in nv.explain)
+
+
+def test_prefill_is_batched_as_the_engine_schedules_it():
+    """Under load, prompts share steps of --max-num-batched-tokens: a short prompt's share of engine
+    time is its tokens' part of a full step (the weight read amortized), not a step of its own;
+    alone (TTFT) it is still its own steps, in chunks of the budget. Short prompts on a
+    memory-bound GPU gain the most; the budget reaches the server's flags when not the default."""
+    from pagedserve.planner.plan import Workload
+
+    short = plan("llama-3-8b", "L4", workload=Workload(input_tokens=40, output_tokens=200, itl_target_s=0.2))
+    share, alone = short.capacity["prefill_share_s"], short.capacity["ttft_s"]
+    assert share < alone / 5  # 40 tokens alone read all the weights; batched, 40/2048 of a step's read
+    step = short._prefill_step(2048)
+    assert share == pytest.approx(40 / 2048 * step + short._attention_prefill(40))
+    assert alone == pytest.approx(short._prefill_step(40) + short._attention_prefill(40))
+    long = plan("llama-3-8b", "L4", workload=Workload(input_tokens=5000, output_tokens=200, itl_target_s=0.2))
+    assert long.capacity["ttft_s"] == pytest.approx(2 * long._prefill_step(2048) + long._prefill_step(904)
+                                                    + long._attention_prefill(5000))
+    small_budget = plan("llama-3-8b", "L4", max_num_batched_tokens=256,
+                        workload=Workload(input_tokens=40, itl_target_s=0.2))
+    assert small_budget.flags["--max-num-batched-tokens"] == 256 and "--max-num-batched-tokens" not in short.flags
+    assert small_budget.capacity["prefill_share_s"] > share  # a smaller step amortizes the weights over fewer tokens
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        plan(max_num_batched_tokens=0)

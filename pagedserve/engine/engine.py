@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pagedserve.config import EngineConfig
+from pagedserve.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig
 from pagedserve.engine.cpu_threads import container_threads
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.kv_cache import KVCacheManager
@@ -106,8 +106,8 @@ class LLMEngine:
             self.runner.kernels.set_planned_threads(torch.get_num_threads())
             self.tuner = ThreadTuner(torch.get_num_threads(), torch.set_num_threads)
         device = self.runner.device
-        default_budget = 2048 if device.type == "cuda" else 512
-        self.max_num_batched_tokens = cfg.max_num_batched_tokens or default_budget
+        self.max_num_batched_tokens = (cfg.max_num_batched_tokens
+                                       or DEFAULT_MAX_NUM_BATCHED_TOKENS["cuda" if device.type == "cuda" else "cpu"])
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, self.max_num_batched_tokens,
                                    None if cfg.ttft_target_ms is None else cfg.ttft_target_ms / 1000,
                                    background=cfg.background_policy())

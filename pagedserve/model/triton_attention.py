@@ -139,6 +139,17 @@ def _dot(a, b, F32: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
+def _attend(q, k, v, see, m_i, l_i, acc, scale, F32: tl.constexpr, DT: tl.constexpr):
+    """One online-softmax step over a tile of keys: q [R, D] against k, v [N, D] where `see`
+    [R, N] allows, folded into the running max m_i, sum l_i and accumulator acc [R, D]."""
+    qk = tl.where(see, _dot(q, tl.trans(k), F32, DT) * scale, -1.0e30)
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    p = tl.where(see, tl.exp(qk - m_new[:, None]), 0.0)
+    alpha = tl.exp(m_i - m_new)
+    return m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + _dot(p, v, F32, DT)
+
+
+@triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, part_o_ptr, part_ml_ptr,
                    scale, blocks_per_split,
                    sq_t, sq_h, st_s, sc_b, sc_h, sc_o, ss_b, ss_h, spo_s, spo_h, spo_p, spm_s, spm_h, spm_p,
@@ -167,14 +178,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, pa
         live = pos < ctx
         k = _load_kv(k_ptr, ks_ptr, blk, kh, rows, d, live, dm, sc_b, sc_h, sc_o, ss_b, ss_h, SCALED)
         v = _load_kv(v_ptr, vs_ptr, blk, kh, rows, d, live, dm, sc_b, sc_h, sc_o, ss_b, ss_h, SCALED)
-        qk = _dot(q, tl.trans(k), F32, DT) * scale  # [G, BS]
-        qk = tl.where(live[None, :], qk, -1.0e30)
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        p = tl.where(live[None, :], tl.exp(qk - m_new[:, None]), 0.0)
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p, v, F32, DT)
-        m_i = m_new
+        m_i, l_i, acc = _attend(q, k, v, gm[:, None] & live[None, :], m_i, l_i, acc, scale, F32, DT)
     tl.store(part_o_ptr + s * spo_s + heads[:, None] * spo_h + sp * spo_p + d[None, :], acc,
              mask=gm[:, None] & dm[None, :])
     tl.store(part_ml_ptr + s * spm_s + heads * spm_h + sp * spm_p, m_i, mask=gm)
@@ -241,13 +245,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, out_ptr
         k = _load_kv(kc_ptr, ks_ptr, blk, kh, rows, d, live, dm, sc_b, sc_h, sc_o, ss_b, ss_h, SCALED)
         v = _load_kv(vc_ptr, vs_ptr, blk, kh, rows, d, live, dm, sc_b, sc_h, sc_o, ss_b, ss_h, SCALED)
         see = live[None, :] & (pos[None, :] <= qpos[:, None])
-        qk = tl.where(see, _dot(q, tl.trans(k), F32, DT) * scale, -1.0e30)
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        p = tl.where(see, tl.exp(qk - m_new[:, None]), 0.0)
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p, v, F32, DT)
-        m_i = m_new
+        m_i, l_i, acc = _attend(q, k, v, see, m_i, l_i, acc, scale, F32, DT)
     # 2. unscaled caches: the chunk's own K/V as computed, causally
     if not SCALED:
         j = tl.arange(0, BLOCK_N)
@@ -259,13 +257,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, out_ptr
             k = tl.load(k_ptr + tok * sk_t + kh * sk_h + d[None, :], mask=lm, other=0.0).to(tl.float32)
             v = tl.load(v_ptr + tok * sv_t + kh * sv_h + d[None, :], mask=lm, other=0.0).to(tl.float32)
             see = live[None, :] & (jj[None, :] <= r[:, None])
-            qk = tl.where(see, _dot(q, tl.trans(k), F32, DT) * scale, -1.0e30)
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            p = tl.where(see, tl.exp(qk - m_new[:, None]), 0.0)
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + _dot(p, v, F32, DT)
-            m_i = m_new
+            m_i, l_i, acc = _attend(q, k, v, see, m_i, l_i, acc, scale, F32, DT)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (start + r)[:, None] * so_t + h * so_h + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=rm[:, None] & dm[None, :])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from pagedserve.config import DEFAULT_MAX_NUM_BATCHED_TOKENS
 from pagedserve.planner.plan import Plan, PlanInputs, Workload
 from pagedserve.planner.specs import (HERE, custom_hardware, get_hardware, load_catalog, load_model_spec,
                                       measure_this_machine)
@@ -25,6 +26,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of each GPU's memory for weights + KV cache, as the server's flag")
     p.add_argument("--tensor-parallel-size", "--tp", type=int, default=None, help="default: the smallest that fits")
+    p.add_argument("--max-num-batched-tokens", type=int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS["cuda"],
+                   help="the engine's step token budget: prompts are prefilled together in steps of this many tokens")
     p.add_argument("--workload", choices=["chat", "batch"], default="chat", help="chat: latency-bound; batch: throughput-bound")
     p.add_argument("--daily-users", type=float, default=1000, help="people using it on a typical day")
     p.add_argument("--requests-per-user", type=float, default=10, help="requests each of them sends per day")
@@ -64,7 +67,8 @@ def build_plan(args) -> Plan:
     inp = PlanInputs(model=model, hw=hw, weight_dtype=args.dtype, kv_dtype=args.kv_cache_dtype,
                      max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
                      tp=args.tensor_parallel_size, workload=w, gpu_hourly_price=args.gpu_hourly_price,
-                     api_prices=prices, ops_fte=args.ops_fte, fte_annual_usd=args.fte_annual_usd)
+                     api_prices=prices, ops_fte=args.ops_fte, fte_annual_usd=args.fte_annual_usd,
+                     max_num_batched_tokens=args.max_num_batched_tokens)
     return Plan(inp)
 
 

@@ -10,7 +10,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pagedserve.config import DTYPES, LOADABLE_QUANTIZATION, RUNTIME_RESERVE_FRACTION, SCALED_KV_DTYPES
+from pagedserve.config import (DEFAULT_MAX_NUM_BATCHED_TOKENS, DTYPES, LOADABLE_QUANTIZATION, RUNTIME_RESERVE_FRACTION,
+                               SCALED_KV_DTYPES)
 from pagedserve.planner.specs import KV_BYTES, WEIGHT_BITS, HardwareSpec, ModelSpec
 
 GB = 1e9
@@ -74,6 +75,9 @@ class PlanInputs:
     ops_fte: float = 0.0
     fte_annual_usd: float = 200_000
     max_num_seqs_cap: int = 512
+    # the engine's step budget on a GPU (--max-num-batched-tokens): prompts are prefilled in
+    # steps of this many tokens, several prompts sharing a step's weight read
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS["cuda"]
 
     def validate(self) -> None:
         if self.weight_dtype not in WEIGHT_BITS:
@@ -84,6 +88,8 @@ class PlanInputs:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.tp is not None and self.tp not in TP_DEGREES:
             raise ValueError(f"tensor-parallel degree must be one of {TP_DEGREES}, got {self.tp}")
         if self.workload.input_tokens + self.workload.output_tokens > self.max_model_len:
@@ -217,12 +223,33 @@ class Plan:
         touched = m.experts * (1 - (1 - m.experts_per_token / m.experts) ** batch)
         return total - (m.experts - touched) * per_expert
 
-    def _prefill_time(self, tokens: int) -> float:
+    def _prefill_step(self, tokens: int) -> float:
+        """One step carrying `tokens` prompt tokens: max(GEMM FLOPs / peak, weights read / bandwidth)
+        plus tensor parallel's all-reduces (attention's quadratic part: _attention_prefill)."""
         m, hw = self.inp.model, self.inp.hw
-        flops = 2 * m.active_params * tokens + 2 * m.layers * m.heads * m.head_dim * tokens**2
         peak = hw.peak_flops(self.inp.weight_dtype) * hw.compute_efficiency * self.memory["tp"]
-        return (max(flops / peak, self._weights_read(tokens) / (hw.bandwidth_gbs * GB * hw.bandwidth_efficiency * self.memory["tp"]))
+        return (max(2 * m.active_params * tokens / peak,
+                    self._weights_read(tokens) / (hw.bandwidth_gbs * GB * hw.bandwidth_efficiency * self.memory["tp"]))
                 + self._tp_comm_s(tokens))
+
+    def _attention_prefill(self, tokens: int) -> float:
+        m, hw = self.inp.model, self.inp.hw
+        peak = hw.peak_flops(self.inp.weight_dtype) * hw.compute_efficiency * self.memory["tp"]
+        return 2 * m.layers * m.heads * m.head_dim * tokens**2 / peak
+
+    def _prefill_time(self, tokens: int) -> float:
+        """A prompt's prefill alone (its TTFT without queueing): chunks of the step budget, each its
+        own step."""
+        budget = self.inp.max_num_batched_tokens
+        full, rest = divmod(tokens, budget)
+        return full * self._prefill_step(budget) + (self._prefill_step(rest) if rest else 0) + self._attention_prefill(tokens)
+
+    def _prefill_share(self, tokens: int) -> float:
+        """A prompt's share of engine time under load, as the engine schedules prefill: prompts fill
+        steps of max_num_batched_tokens together, so one step's weight read serves budget / tokens
+        prompts; the GEMM FLOPs and each prompt's own attention are not shared."""
+        budget = self.inp.max_num_batched_tokens
+        return tokens / budget * self._prefill_step(budget) + self._attention_prefill(tokens)
 
     def _roofline(self, m: ModelSpec, hw: HardwareSpec) -> dict:
         inp = self.inp
@@ -255,8 +282,9 @@ class Plan:
                                    f"{self._tp_comm_s(1) * 1e3:.2f} ms per step at batch 1, "
                                    f"{self._tp_comm_s(256) * 1e3:.2f} ms at 256")
         ttft = self._prefill_time(inp.workload.input_tokens)
-        self._note("roofline", f"prefill of {inp.workload.input_tokens} tokens = max(2 P n + attention, weights) / rate "
-                               f"= {ttft * 1000:.1f} ms (TTFT without queueing)")
+        self._note("roofline", f"prefill of {inp.workload.input_tokens} tokens alone = per step of at most "
+                               f"{inp.max_num_batched_tokens} tokens max(2 P n / peak, weights / bw) + attention "
+                               f"2 L H d n^2 / peak = {ttft * 1000:.1f} ms (TTFT without queueing)")
         return {"ops_per_byte": hw.peak_flops(inp.weight_dtype) / (hw.bandwidth_gbs * GB), "achievable_ridge": ridge,
                 "compute_bound_from_batch": crossover, "curve": curve, "prefill_s": ttft}
 
@@ -282,7 +310,8 @@ class Plan:
                     "reason": f"even batch 1 takes {st['t_step'] * 1000:.1f} ms per token, over the "
                               f"{w.itl_target_s * 1000:.0f} ms inter-token target"}
         st = self.step_time(batch)
-        t_prefill = self._prefill_time(w.input_tokens)
+        t_prefill = self._prefill_share(w.input_tokens)  # engine time per request, prompts batched
+        ttft = self._prefill_time(w.input_tokens)
         # Each second, prefill takes r x t_prefill, decode steps the rest: r O = (1 - r t_prefill) B / t_step.
         dec_rate = batch / st["t_step"]
         req_rate = dec_rate / (w.output_tokens + t_prefill * dec_rate)
@@ -292,16 +321,19 @@ class Plan:
         self._note("capacity", f"batch = largest B with step time <= ITL target {w.itl_target_s * 1000:.0f} ms "
                                f"(and <= KV capacity {kv_cap}): {batch}, step {st['t_step'] * 1000:.1f} ms"
                    if w.kind == "chat" else f"batch = KV capacity at the workload's length = {batch}")
+        self._note("capacity", f"t_prefill = a prompt's share of engine time with prompts batched in steps of "
+                               f"{inp.max_num_batched_tokens} tokens = tokens / budget x step(budget) + its attention = "
+                               f"{t_prefill * 1000:.2f} ms (alone: {ttft * 1000:.2f} ms)")
         self._note("capacity", f"requests/s per replica = (B/t_step) / (output + t_prefill x B/t_step) = "
                                f"{dec_rate:.0f} / ({w.output_tokens} + {t_prefill:.3f} x {dec_rate:.0f}) = {req_rate:.2f}")
         self._note("capacity", f"peak requests/s = users x requests/user / 86400 x peak factor = {w.daily_users:g} x "
                                f"{w.requests_per_user:g} / 86400 x {w.peak_factor:g} = {peak_rps:.2f}; "
                                f"replicas = ceil({peak_rps:.2f} / {req_rate:.2f}) = {replicas}")
         return {"batch": batch, "feasible": feasible, "step_s": st["t_step"], "itl_s": st["t_step"],
-                "ttft_s": t_prefill, "output_tok_s_per_replica": req_rate * w.output_tokens,
+                "ttft_s": ttft, "prefill_share_s": t_prefill, "output_tok_s_per_replica": req_rate * w.output_tokens,
                 "requests_per_s_per_replica": req_rate, "avg_rps": avg_rps, "peak_rps": peak_rps,
                 "replicas": replicas, "gpus": replicas * self.memory["tp"],
-                "reason": None if feasible else f"prefill alone takes {t_prefill:.2f}s, over the TTFT target"}
+                "reason": None if feasible else f"prefill alone takes {ttft:.2f}s, over the TTFT target"}
 
     # -- cost ------------------------------------------------------------------------------
     def _monthly_self_host(self, daily_users: float) -> float:
@@ -395,6 +427,8 @@ class Plan:
         self.not_servable: list[str] = []
         f = {"--max-model-len": inp.max_model_len, "--gpu-memory-utilization": inp.gpu_memory_utilization,
              "--max-num-seqs": max(1, self.capacity.get("batch") or 1)}
+        if inp.max_num_batched_tokens != DEFAULT_MAX_NUM_BATCHED_TOKENS["cuda"]:
+            f["--max-num-batched-tokens"] = inp.max_num_batched_tokens
         if self.memory["tp"] > 1:
             f["--tensor-parallel-size"] = self.memory["tp"]
             if inp.weight_dtype not in DTYPES:
