@@ -79,7 +79,7 @@ class WorkerGroup:
         why = self.dead()
         if why:
             raise WorkerDied(why)
-        dist.broadcast_object_list([to_device(cmd, "cpu")], src=0)
+        dist.broadcast_object_list([to_device(cmd, "cpu", copy=True)], src=0)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Tell the workers to stop and wait for them (terminate any that do not)."""
@@ -102,19 +102,20 @@ class WorkerGroup:
                 p.wait(5)
 
 
-def to_device(obj, device):
+def to_device(obj, device, copy: bool = False):
     """obj with every tensor in it (tuples, lists, dataclasses such as AttentionMetadata) on device:
-    rank 0 sends CPU tensors, each rank moves them to its own device."""
+    rank 0 sends CPU tensors (copy: compact ones; a view would pickle its whole buffer), each rank
+    moves them to its own device."""
     import dataclasses
 
     import torch
 
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return obj.to(device).clone() if copy else obj.to(device)
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(x, device) for x in obj)
+        return type(obj)(to_device(x, device, copy) for x in obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: to_device(getattr(obj, f.name), device)
+        return dataclasses.replace(obj, **{f.name: to_device(getattr(obj, f.name), device, copy)
                                            for f in dataclasses.fields(obj)})
     return obj
 

@@ -184,7 +184,7 @@ class ModelRunner:
         tokens: list[int] = []
         positions: list[np.ndarray] = []
         slots: list[np.ndarray] = []
-        chunks: list[PrefillChunk] = []
+        chunk_specs: list[tuple[int, int, int]] = []  # (first row, tokens, context after) per prefill chunk
         sample_idx: list[int] = []
         sample_reqs: list[Request] = []
         plp_spans: list[tuple[Request, int, int, int]] = []  # req, first row, rows, first position
@@ -198,7 +198,7 @@ class ModelRunner:
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
             if n > 1:
-                chunks.append(PrefillChunk(t, n, c + n, torch.from_numpy(table).to(self.device)))
+                chunk_specs.append((t, n, c + n))
             if r.sampling_params.prompt_logprobs is not None and c < r.num_prompt_tokens:
                 plp_spans.append((r, t, min(n, r.num_prompt_tokens - c), c))
             if c + n == r.num_tokens:
@@ -206,10 +206,11 @@ class ModelRunner:
                 sample_reqs.append(r)
             t += n
 
-        dev = self.device
         nd = len(decodes)
-        dec_tables = dec_lens = None
-        max_ctx = 0
+        slot = np.concatenate(slots)
+        parts = {"ids": np.asarray(tokens, dtype=np.int64), "pos": np.concatenate(positions), "blocks": slot // bs,
+                 "offsets": slot % bs, "rows": np.asarray(sample_idx, dtype=np.int64)}
+        max_ctx = width = 0
         if nd:
             width = max(len(tb) for tb in tables[:nd])
             padded = np.zeros((nd, width), dtype=np.int64)
@@ -217,24 +218,24 @@ class ModelRunner:
                 padded[i, : len(tb)] = tb
             lens = np.array([r.num_computed_tokens + 1 for r in decodes], dtype=np.int64)
             max_ctx = int(lens.max())
-            dec_tables = torch.from_numpy(padded).to(dev)
-            dec_lens = torch.from_numpy(lens).to(dev)
-        slot = np.concatenate(slots)
+            parts.update(dec_tables=padded.ravel(), dec_lens=lens)
+        for i in range(len(chunk_specs)):
+            parts[f"chunk{i}"] = tables[nd + i]
+        on_dev = self._to_device(parts)  # one host -> device copy for the whole step
         meta = AttentionMetadata(
-            slot_blocks=torch.from_numpy(slot // bs).to(dev),
-            slot_offsets=torch.from_numpy(slot % bs).to(dev),
+            slot_blocks=on_dev["blocks"],
+            slot_offsets=on_dev["offsets"],
             num_decodes=nd,
-            decode_block_tables=dec_tables,
-            decode_context_lens=dec_lens,
+            decode_block_tables=on_dev["dec_tables"].view(nd, width) if nd else None,
+            decode_context_lens=on_dev["dec_lens"] if nd else None,
             decode_max_context=max_ctx,
-            prefills=chunks,
+            prefills=[PrefillChunk(start, n, ctx, on_dev[f"chunk{i}"]) for i, (start, n, ctx) in enumerate(chunk_specs)],
             block_size=bs,
         )
-        input_ids = torch.tensor(tokens, dtype=torch.long, device=dev)
-        pos_t = torch.from_numpy(np.concatenate(positions)).to(dev)
+        input_ids, pos_t = on_dev["ids"], on_dev["pos"]
         # Past the last layer's attention only the sampled tokens are needed, unless prompt
         # logprobs want every token's hidden state.
-        sample_rows = torch.tensor(sample_idx, dtype=torch.long, device=dev)
+        sample_rows = on_dev["rows"]
         hidden = self._forward(input_ids, pos_t, meta, None if plp_spans else sample_rows)
 
         result = StepResult({}, {}, {})
@@ -251,6 +252,15 @@ class ModelRunner:
                 if lp is not None:
                     result.logprobs[r.request_id] = lp
         return result
+
+    def _to_device(self, parts: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """The step's int64 inputs as views of one tensor on the device: one copy (from pinned
+        memory, asynchronous) instead of one per input, where the device is not the CPU."""
+        sizes = [a.size for a in parts.values()]
+        buf = torch.from_numpy(np.concatenate(list(parts.values())) if parts else np.zeros(0, np.int64))
+        if self.device.type != "cpu":
+            buf = buf.pin_memory().to(self.device, non_blocking=True)
+        return dict(zip(parts, buf.split(sizes)))
 
     # -- tensor parallelism: rank 0 tells the other ranks what to run, then runs it itself ------
     def _forward(self, input_ids, positions, meta, rows):
