@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pagedserve.engine.request import Request
@@ -68,36 +69,48 @@ class Sampler:
         return SamplerOutput(token_list, lp_out)
 
     def _apply_bias_and_min_tokens(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """logit_bias added and min_tokens' banned tokens set to -inf, for every row at once: the
+        requests only contribute index lists (one host-to-device copy each, not one per request)."""
+        bias_rows, bias_ids, bias_vals, ban_rows, ban_ids = [], [], [], [], []
         for i, r in enumerate(reqs):
             p = r.sampling_params
             if p.logit_bias:
-                ids = torch.tensor(list(p.logit_bias.keys()), dtype=torch.long, device=logits.device)
-                vals = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
-                logits[i].index_add_(0, ids, vals)
+                bias_rows += [i] * len(p.logit_bias)
+                bias_ids += list(p.logit_bias.keys())
+                bias_vals += list(p.logit_bias.values())
             if r.num_output_tokens < p.min_tokens:
                 banned = list(p.stop_token_ids or []) + list(r.eos_token_ids)
-                if banned:
-                    logits[i, banned] = -float("inf")
+                ban_rows += [i] * len(banned)
+                ban_ids += banned
+        dev = logits.device
+        if bias_rows:
+            logits.index_put_((torch.tensor(bias_rows, device=dev), torch.tensor(bias_ids, device=dev)),
+                              torch.tensor(bias_vals, dtype=logits.dtype, device=dev), accumulate=True)
+        if ban_rows:
+            logits[torch.tensor(ban_rows, device=dev), torch.tensor(ban_ids, device=dev)] = -float("inf")
         return logits
 
     def _apply_penalties(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        V = logits.shape[1]
-        for i, r in enumerate(reqs):
-            p = r.sampling_params
-            if not p.needs_penalties:
-                continue
-            row = logits[i]
-            if p.repetition_penalty != 1.0:
-                seen = torch.zeros(V, dtype=torch.bool, device=logits.device)
-                seen[torch.tensor(r.all_token_ids, device=logits.device)] = True
-                pen = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
-                row = torch.where(seen, pen, row)
-            if r.output_token_ids and (p.presence_penalty or p.frequency_penalty):
-                counts = torch.bincount(
-                    torch.tensor(r.output_token_ids, device=logits.device), minlength=V
-                ).to(row.dtype)
-                row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(row.dtype)
-            logits[i] = row
+        """Repetition (over prompt and output), frequency and presence (over output) penalties for
+        every row that has one, as whole-tensor ops on those rows."""
+        rows = [i for i, r in enumerate(reqs) if r.sampling_params.needs_penalties]
+        dev, V, n = logits.device, logits.shape[1], len(rows)
+        ps = [reqs[i].sampling_params for i in rows]
+        seen_rows = np.repeat(np.arange(n), [len(reqs[i].all_token_ids) for i in rows])
+        seen_ids = np.fromiter((t for i in rows for t in reqs[i].all_token_ids), dtype=np.int64, count=len(seen_rows))
+        out_rows = np.repeat(np.arange(n), [len(reqs[i].output_token_ids) for i in rows])
+        out_ids = np.fromiter((t for i in rows for t in reqs[i].output_token_ids), dtype=np.int64, count=len(out_rows))
+        sub = logits[rows]
+        rep = torch.tensor([p.repetition_penalty for p in ps], dtype=sub.dtype, device=dev)[:, None]
+        seen = torch.zeros(n, V, dtype=torch.bool, device=dev)
+        seen[torch.from_numpy(seen_rows).to(dev), torch.from_numpy(seen_ids).to(dev)] = True
+        sub = torch.where(seen & (rep != 1.0), torch.where(sub > 0, sub / rep, sub * rep), sub)
+        counts = torch.zeros(n, V, dtype=sub.dtype, device=dev)
+        counts.index_put_((torch.from_numpy(out_rows).to(dev), torch.from_numpy(out_ids).to(dev)),
+                          torch.ones(len(out_rows), dtype=sub.dtype, device=dev), accumulate=True)
+        freq = torch.tensor([p.frequency_penalty for p in ps], dtype=sub.dtype, device=dev)[:, None]
+        pres = torch.tensor([p.presence_penalty for p in ps], dtype=sub.dtype, device=dev)[:, None]
+        logits[rows] = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
         return logits
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request], greedy: list[bool]) -> torch.Tensor:
