@@ -69,3 +69,16 @@ def test_batched_edits_equal_the_per_row_definition():
         if any(r.sampling_params.needs_penalties for r in reqs):
             got = s._apply_penalties(got, reqs)
         assert torch.equal(got, want)
+
+
+def test_batched_top_logprobs_equal_row_by_row():
+    from pagedserve.model.sampler import batch_top_logprobs, top_logprobs
+
+    g = torch.Generator().manual_seed(1)
+    lp = torch.log_softmax(torch.randn(9, V, generator=g), dim=-1)
+    lp[2, :250] = -float("inf")  # a grammar's mask: fewer alternatives than k
+    chosen, ks = [int(x) for x in torch.randint(0, V, (9,), generator=g)], [0, 1, 5, 20, 3, 0, 7, 2, 20]
+    chosen[2] = 260
+    for got, c, k, row in zip(batch_top_logprobs(lp, chosen, ks), chosen, ks, lp):
+        want = top_logprobs(row, c, k)
+        assert got[1:] == want[1:] and abs(got[0] - want[0]) == 0

@@ -64,8 +64,9 @@ class Sampler:
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         if want:
             logprobs = torch.log_softmax(raw[want], dim=-1)
-            for j, i in enumerate(want):
-                lp_out[i] = top_logprobs(logprobs[j], token_list[i], params[i].logprobs)
+            rows = batch_top_logprobs(logprobs, [token_list[i] for i in want], [params[i].logprobs for i in want])
+            for i, row in zip(want, rows):
+                lp_out[i] = row
         return SamplerOutput(token_list, lp_out)
 
     def _apply_bias_and_min_tokens(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
@@ -154,6 +155,24 @@ def _top_k_top_p(probs: torch.Tensor, params) -> torch.Tensor:
     mask[:, 0] = False
     sorted_p = sorted_p.masked_fill(mask, 0.0)
     return torch.zeros_like(probs).scatter_(1, idx, sorted_p)
+
+
+def batch_top_logprobs(logprobs: torch.Tensor, chosen: list[int], ks: list[int]) -> list[tuple]:
+    """top_logprobs for every row at once ([R, V] log-probabilities): one gather, one rank count,
+    one top-k at the largest k, and one transfer to the host, instead of a few per row."""
+    dev = logprobs.device
+    chosen_t = torch.tensor(chosen, device=dev)
+    chosen_lp = logprobs.gather(1, chosen_t[:, None])  # [R, 1]
+    ranks = ((logprobs > chosen_lp).sum(dim=-1) + 1).tolist()
+    kmax = max(ks)
+    vals, ids = logprobs.topk(kmax, dim=-1) if kmax else (logprobs[:, :0], logprobs[:, :0].long())
+    chosen_lp, vals, ids = chosen_lp[:, 0].tolist(), vals.tolist(), ids.tolist()
+    out = []
+    for r, k in enumerate(ks):
+        # Tokens a grammar forbids have -inf: they are not alternatives (and not valid JSON).
+        keep = [(i, v) for i, v in zip(ids[r][:k], vals[r][:k]) if v != float("-inf")]
+        out.append((chosen_lp[r], ranks[r], [i for i, _ in keep], [v for _, v in keep]))
+    return out
 
 
 def top_logprobs(row_logprobs: torch.Tensor, chosen: int, k: int) -> tuple[float, int, list[int], list[float]]:
