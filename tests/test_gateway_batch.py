@@ -108,8 +108,20 @@ def test_lines_spread_over_replicas_survive_a_kill_and_are_audited_at_the_batch_
     n = 40
     f = a.files.create(file=("docs.jsonl", io.BytesIO(_jsonl(n, "d", max_tokens=24))), purpose="batch")
     batch = a.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    def served_by_r2() -> bool:  # a line's audit row names r2 (the spread is asserted below)
+        db = open_db(setup["db"])
+        try:
+            with db.connect() as c:
+                return any("r2" in (r.backend or "") for r in c.execute(
+                    select(audit_log.c.backend).where(audit_log.c.batch_id == batch.id)).all())
+        finally:
+            db.dispose()
+
+    # Kill r2 only once it has served a line (the CI once killed it before it had one; the pool's
+    # choice of the first lines is the policy's, not this test's point) and 8 lines are done.
     deadline = time.monotonic() + 60
-    while a.batches.retrieve(batch.id).request_counts.completed < 8 and time.monotonic() < deadline:
+    while (a.batches.retrieve(batch.id).request_counts.completed < 8 or not served_by_r2()) \
+            and time.monotonic() < deadline:
         time.sleep(0.05)
     setup["reps"]["r2"].proc.send_signal(signal.SIGKILL)  # mid-batch: its lines in flight fail over to r1
     b = _wait(a, batch.id)
