@@ -186,7 +186,8 @@ def build_server_app(args: argparse.Namespace):
         ttft_target_ms=args.ttft_target_ms, adaptive_threads=args.adaptive_threads,
         background_priority=args.batch_priority, background_share=args.batch_share,
         background_prefill_tokens=args.batch_prefill_tokens, tensor_parallel_size=args.tensor_parallel_size,
-        enable_expert_parallel=args.enable_expert_parallel, nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
+        enable_expert_parallel=args.enable_expert_parallel, nnodes=args.nnodes, node_rank=args.node_rank,
+        master_addr=args.master_addr, master_port=args.master_port,
     )
     if cfg.node_rank > 0:  # this node only runs ranks: no engine, no API (serve() sees args.node_rank)
         return None, None, cfg
@@ -283,10 +284,9 @@ def serve(args: argparse.Namespace) -> int:
 
         while not server.should_exit:
             await asyncio.sleep(0.5)
-            why = engine.runner.tp_health()
-            if why or async_engine.error is not None:
-                log.error("stopping: %s", why or async_engine.error)
-                failed.append(why or str(async_engine.error))
+            if async_engine.error is not None:  # the engine loop saw the rank gone (async_engine.py)
+                log.error("stopping: %s", async_engine.error)
+                failed.append(str(async_engine.error))
                 await asyncio.sleep(2.0)  # health checks see the 503 first
                 server.should_exit = True
                 return

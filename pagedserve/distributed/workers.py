@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import pickle
 import signal
 import socket
@@ -29,9 +28,11 @@ def free_port() -> int:
 
 
 def threads_per_rank(ranks_here: int) -> int:
-    """CPU: the cores this process may use, shared evenly by this node's ranks (one each on two)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // ranks_here)
+    """CPU: the cores this process may use (a pod's CPU limit included), shared evenly by this
+    node's ranks (one each on two)."""
+    from pagedserve.engine.cpu_threads import container_threads
+
+    return max(1, container_threads()[0] // ranks_here)
 
 
 class WorkerDied(RuntimeError):

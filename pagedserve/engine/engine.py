@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,7 +145,7 @@ class LLMEngine:
             raise ValueError(f"{size} tensor-parallel ranks on this node need {size} GPUs; this machine has "
                              f"{torch.cuda.device_count()}")
         if device.type == "cpu":
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            cores, _ = container_threads()
             if size > cores:
                 raise ValueError(f"--tensor-parallel-size {cfg.tensor_parallel_size} puts {size} ranks on this node: "
                                  f"more ranks than this process's {cores} CPU cores; use at most {cores}")

@@ -15,7 +15,7 @@ import torch
 
 from pagedserve.config import CPU_DEFAULT_KV_CACHE_BYTES, KV_SCALE_BYTES, RUNTIME_RESERVE_FRACTION, EngineConfig
 from pagedserve.distributed.parallel import init_tensor_parallel, tp
-from pagedserve.distributed.shard import check_tensor_parallel, local_arch, shard_weights
+from pagedserve.distributed.shard import local_arch, shard_weights
 from pagedserve.engine.cpu_memory import keep_freed_memory, lazily_zeroed_cpu_tensor, populate
 from pagedserve.engine.kv_cache import KVCacheManager
 from pagedserve.engine.request import Request
@@ -67,8 +67,7 @@ class ModelRunner:
         # Tensor parallelism (distributed/): rank 0 (this engine) starts the other ranks, every
         # rank keeps its shard of the weights and of the KV cache.
         self.rank, self.tp_size, self.workers = rank, cfg.tensor_parallel_size, None
-        if self.tp_size > 1:
-            check_tensor_parallel(arch, self.tp_size, cfg.enable_expert_parallel)
+        if self.tp_size > 1:  # the shapes were checked by the engine before any weight loaded
             if self.device.type == "cuda":  # this node's GPU for this rank
                 self.device = torch.device("cuda", rank % cfg.ranks_per_node)
                 torch.cuda.set_device(self.device)

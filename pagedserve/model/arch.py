@@ -46,6 +46,16 @@ def moe_fields(cfg: dict[str, Any]) -> MoEFields:
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
+def _qkv_bias(arch: str, cfg: dict[str, Any]) -> bool:
+    """Qwen2 always has q/k/v biases, Qwen2-MoE as qkv_bias says (default on); Llama-family
+    configs call it attention_bias."""
+    if arch == "Qwen2ForCausalLM":
+        return True
+    if arch == "Qwen2MoeForCausalLM":
+        return bool(cfg.get("qkv_bias", True))
+    return bool(cfg.get("attention_bias", False))
+
+
 @dataclass
 class ModelArch:
     architecture: str
@@ -143,9 +153,7 @@ class ModelArch:
             rope_scaling=scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            # Qwen2 always has q/k/v bias, Qwen2-MoE by qkv_bias; Llama exposes it as attention_bias.
-            attention_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("qkv_bias", True)) and arch == "Qwen2MoeForCausalLM"
-            or bool(cfg.get("attention_bias", False)),
+            attention_bias=_qkv_bias(arch, cfg),
             sliding_window=sliding,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,

@@ -97,15 +97,15 @@ class Sampler:
         rows = [i for i, r in enumerate(reqs) if r.sampling_params.needs_penalties]
         dev, V, n = logits.device, logits.shape[1], len(rows)
         ps = [reqs[i].sampling_params for i in rows]
-        seen_rows = np.repeat(np.arange(n), [len(reqs[i].all_token_ids) for i in rows])
-        seen_ids = np.fromiter((t for i in rows for t in reqs[i].all_token_ids), dtype=np.int64, count=len(seen_rows))
-        out_rows = np.repeat(np.arange(n), [len(reqs[i].output_token_ids) for i in rows])
-        out_ids = np.fromiter((t for i in rows for t in reqs[i].output_token_ids), dtype=np.int64, count=len(out_rows))
+        seen = [np.asarray(reqs[i].all_token_ids, dtype=np.int64) for i in rows]
+        outs = [np.asarray(reqs[i].output_token_ids, dtype=np.int64) for i in rows]
+        seen_rows, seen_ids = np.repeat(np.arange(n), [len(a) for a in seen]), np.concatenate(seen)
+        out_rows, out_ids = np.repeat(np.arange(n), [len(a) for a in outs]), np.concatenate(outs)
         sub = logits[rows]
         rep = torch.tensor([p.repetition_penalty for p in ps], dtype=sub.dtype, device=dev)[:, None]
-        seen = torch.zeros(n, V, dtype=torch.bool, device=dev)
-        seen[torch.from_numpy(seen_rows).to(dev), torch.from_numpy(seen_ids).to(dev)] = True
-        sub = torch.where(seen & (rep != 1.0), torch.where(sub > 0, sub / rep, sub * rep), sub)
+        mask = torch.zeros(n, V, dtype=torch.bool, device=dev)
+        mask[torch.from_numpy(seen_rows).to(dev), torch.from_numpy(seen_ids).to(dev)] = True
+        sub = torch.where(mask & (rep != 1.0), torch.where(sub > 0, sub / rep, sub * rep), sub)
         counts = torch.zeros(n, V, dtype=sub.dtype, device=dev)
         counts.index_put_((torch.from_numpy(out_rows).to(dev), torch.from_numpy(out_ids).to(dev)),
                           torch.ones(len(out_rows), dtype=sub.dtype, device=dev), accumulate=True)
