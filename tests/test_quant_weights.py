@@ -89,6 +89,59 @@ def test_the_integer_kernel_takes_small_batches_and_one_pass_is_coarser(kernels)
         kernels.set_quant_activation_passes(3)
 
 
+def _one_pass_reference(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
+    """x @ dequantize(W).T with x as the one-pass int8 kernel sees it, in float64: each group of G
+    values rounded to s * q (s = max|x| / 127, q = round-half-even(x * 127 / max|x|), as float32
+    computes it), and the offsets' term b * sum(x) from the unrounded x (the kernel sums x exactly)."""
+    m, k = x.shape
+    g = x.view(m, k // w.group_size, w.group_size)
+    amax = g.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros(()))
+    q = torch.round(g * inv).clamp(-127, 127)
+    xh = (q.double() * (amax.double() / 127).float().double()).view(m, k)
+    deq = w.dequantize().double()
+    y = xh @ deq.T
+    if w.offsets is not None:  # + sum over groups of (sum(x) - sum(x_hat)) * b
+        y += (g.double().sum(-1) - xh.view(m, k // w.group_size, w.group_size).sum(-1)) @ w.offsets.double().T
+    return y
+
+
+@pytest.mark.parametrize("bits,n,k,group,offsets", [
+    (4, 1152, 576, 32, True), (4, 48, 1536, 128, False), (8, 80, 1536, 64, True), (8, 48, 512, 16, False),
+    (4, 64, 96, 8, True),  # a group under 16 values: the scalar quantizer
+])
+@pytest.mark.parametrize("m", [5, 13, 40])
+def test_int8_activations_compute_the_one_pass_rounded_product(kernels, bits, n, k, group, offsets, m):
+    """--activation-dtype int8 (quant_linear's int8_rows): batches of at least int8_rows rows take the
+    integer kernel's wide tile with one int8 pass per activation — exactly x rounded per group to
+    8 bits, times the weights, to float rounding; coarser than the float path, and the same bits as
+    the small-batch kernel's one-pass rows. Smaller batches are untouched. A build or CPU without
+    AVX512_VNNI ignores int8_rows (the engine refuses the flag there at start: tested below)."""
+    w = _random_weight(n, k, bits, group, offsets, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(2))
+    x[0, :group] *= 40  # one loud group: its neighbours keep their own scale
+    bias = torch.randn(n)
+    if not kernels.quant_linear_vnni_supported():
+        assert torch.equal(kernels.quant_linear(x, *w.pack(), bias, False, m), kernels.quant_linear(x, *w.pack(), bias))
+        return
+    exact = x.double() @ w.dequantize().double().T + bias.double()
+    scale = exact.abs().max().item()
+    y = kernels.quant_linear(x, *w.pack(), bias, True, m)
+    ref = _one_pass_reference(x, w) + bias.double()
+    assert (y.double() - ref).abs().max().item() <= 2e-5 * scale
+    err_int8 = (y.double() - exact).abs().max().item()
+    err_float = (kernels.quant_linear(x, *w.pack(), bias, False, 0).double() - exact).abs().max().item()
+    assert err_float < err_int8 < 2e-2 * scale
+    assert torch.equal(kernels.quant_linear(x, *w.pack(), bias, False, m + 1),
+                       kernels.quant_linear(x, *w.pack(), bias, False, 0))  # under int8_rows: the float path
+    try:
+        kernels.set_quant_activation_passes(1)
+        rows = torch.cat([kernels.quant_linear(x[i:i + 1], *w.pack(), bias) for i in range(m)])
+    finally:
+        kernels.set_quant_activation_passes(2)
+    assert torch.equal(kernels.quant_linear(x, *w.pack(), bias, False, m), rows)
+
+
 def test_quant_embedding_reads_exact_rows_and_refuses_bad_ids(kernels):
     for bits in (4, 8):
         w = _random_weight(96, 64, bits, 32, bits == 4)
@@ -301,3 +354,46 @@ def test_without_the_kernels_quantized_weights_run_dequantized(caplog):
     assert not llm.engine.runner.quantized_weights
     (o,) = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
     assert "Paris" in o.outputs[0].text
+
+
+def test_int8_activations_serve_the_default_model_close_to_its_float_activations(quantized_llm):
+    """--activation-dtype int8 on the default model's Q4_1 weights: the prompt (one batch of ~300
+    rows: the wide int8 tile) scores within a few percent of float activations' perplexity, with
+    most top-1 tokens the same; the start-up log says it. Where the CPU or build has no
+    AVX512_VNNI, the flag is refused at start instead, by name."""
+    from pathlib import Path
+
+    from pagedserve import LLM, SamplingParams
+
+    ks = cpu_kernels.load()
+    if ks is None or not ks.quant_linear_vnni_supported():
+        with pytest.raises(ValueError, match="AVX512_VNNI"):
+            LLM(None, max_model_len=1024, kv_cache_memory=64 << 20, dtype="float32", activation_dtype="int8")
+        return
+    int8 = LLM(None, max_model_len=1024, kv_cache_memory=64 << 20, dtype="float32", activation_dtype="int8")
+    assert int8.engine.runner.int8_activation_rows > 0
+    assert "int8 activations" in int8.engine.runner.weights_description()
+    text = (Path(__file__).parents[1] / "benchmarks/data/eval_text.txt").read_text()
+    ids = int8.get_tokenizer()(text).input_ids[:300]
+    sp = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1)
+    runs = [llm.generate([ids], sp, use_tqdm=False)[0].prompt_logprobs[1:] for llm in (quantized_llm, int8)]
+    lp = [np.array([pos[t].logprob for pos, t in zip(run, ids[1:])]) for run in runs]
+    top1 = [[max(pos, key=lambda t: pos[t].logprob) for pos in run] for run in runs]
+    ppl = [float(np.exp(-x.mean())) for x in lp]
+    assert 0 < np.abs(lp[0] - lp[1]).mean() < 0.3, ppl  # int8 really ran (measured 0.13 a token), and stayed close
+    assert ppl[1] <= 1.05 * ppl[0], ppl
+    assert np.mean([a == b for a, b in zip(*top1)]) >= 0.85
+
+
+def test_int8_activations_are_refused_where_they_cannot_apply(tiny_dirs):
+    """A model with float weights, or a name that is not one: a clear error at start."""
+    from pagedserve import LLM
+    from pagedserve.config import EngineConfig
+
+    with pytest.raises(ValueError, match="activation_dtype must be one of"):
+        EngineConfig(activation_dtype="fp4")
+    ks = cpu_kernels.load()
+    match = "has none" if ks is not None and ks.quant_linear_vnni_supported() else "AVX512_VNNI"
+    with pytest.raises(ValueError, match=match):
+        LLM(str(tiny_dirs["llama"]), max_model_len=128, kv_cache_memory=8 << 20, dtype="float32",
+            activation_dtype="int8")

@@ -13,7 +13,8 @@ import numpy as np
 import psutil
 import torch
 
-from pagedserve.config import CPU_DEFAULT_KV_CACHE_BYTES, KV_SCALE_BYTES, RUNTIME_RESERVE_FRACTION, EngineConfig
+from pagedserve.config import (CPU_DEFAULT_KV_CACHE_BYTES, INT8_ACTIVATION_MIN_ROWS, KV_SCALE_BYTES,
+                               RUNTIME_RESERVE_FRACTION, EngineConfig)
 from pagedserve.distributed.parallel import init_tensor_parallel, tp
 from pagedserve.distributed.shard import local_arch, shard_weights
 from pagedserve.engine.cpu_memory import keep_freed_memory, lazily_zeroed_cpu_tensor, populate
@@ -102,9 +103,15 @@ class ModelRunner:
         self.model = model.eval()
         kernels = cpu_kernels.load() if backend.name == "cpp" else None
         self.kernels = kernels
+        self.int8_activation_rows = int8_rows = self._int8_activation_rows(cfg, kernels)
         if kernels is not None:  # the C++ CPU kernels built: fused elementwise ops, packed-weight GEMM
             use_cpu_kernels(self.model, kernels, pack=cpu_kernels.packed_linear() is not None,
-                            weight_dtype=torch.bfloat16 if self.bf16_gemm else torch.float32)
+                            weight_dtype=torch.bfloat16 if self.bf16_gemm else torch.float32,
+                            int8_activation_rows=int8_rows)
+        if int8_rows and not any(getattr(m, "quant_int8_rows", 0) for m in self.model.modules()):
+            raise ValueError("--activation-dtype int8 multiplies quantized weights kept quantized (a GGUF, AWQ, GPTQ "
+                             "or compressed-tensors int4/int8 checkpoint, tensor parallel size 1), and this model "
+                             "has none: leave it at auto")
         expanded = dequantize_unpacked(self.model, compute)
         if expanded:
             log.warning("%d quantized weights run dequantized to %s: %s", len(expanded), str(compute).removeprefix("torch."),
@@ -144,13 +151,25 @@ class ModelRunner:
         self._populating: threading.Thread | None = None
         self.max_concurrency = self.num_blocks / blocks_per_seq
 
+    def _int8_activation_rows(self, cfg, kernels) -> int:
+        """quant_linear's int8_rows for --activation-dtype (0: auto); a CPU or build that cannot is
+        refused here, at start, by name."""
+        if cfg.activation_dtype == "auto":
+            return 0
+        if self.device.type != "cpu" or kernels is None or not kernels.quant_linear_vnni_supported():
+            raise ValueError("--activation-dtype int8 runs on the CPU kernels' integer (AVX512_VNNI) path, and "
+                             + ("this device is " + self.device.type if self.device.type != "cpu"
+                                else "this CPU or kernel build has no AVX512_VNNI")
+                             + ": leave it at auto")
+        return INT8_ACTIVATION_MIN_ROWS
+
     def weights_description(self) -> str:
         """What the weights are kept as, for the start-up log: "gguf Q4_1+gguf Q8_0 (quantized)" or
         the float dtype."""
         if not self.quantized_weights:
             return str(self.dtype).removeprefix("torch.")
         kinds = sorted({part for w in self.quantized_weights.values() for part in w.source.split("+")})  # fused: "a+b"
-        return "+".join(kinds) + " (quantized)"
+        return "+".join(kinds) + (" (quantized, int8 activations)" if self.int8_activation_rows else " (quantized)")
 
     def start_kv_populate(self) -> None:
         """Fault the CPU KV cache in on a background thread (cpu_memory.populate), so steps do not

@@ -30,6 +30,7 @@ class Linear(nn.Linear):
     random_init = True  # False inside build_for_checkpoint(): the checkpoint fills every weight
     quant: QuantizedWeight | None = None  # a quantized checkpoint's weight (self.weight is then None)
     quant_bf16 = False  # packed quantized weights multiply in bf16 (the bf16 GEMM's precision)
+    quant_int8_rows = 0  # batches of this many rows or more multiply int8 activations (--activation-dtype int8)
 
     def reset_parameters(self) -> None:
         if self.random_init:
@@ -41,7 +42,7 @@ class Linear(nn.Linear):
                 qw, scales = self.quant.pack()
                 if self.quant.input_perm is not None:  # GPTQ act-order: x in the weight's column order
                     x = x.index_select(-1, self.quant.input_perm)
-                return self.packed.quant_linear(x, qw, scales, self.bias, self.quant_bf16)
+                return self.packed.quant_linear(x, qw, scales, self.bias, self.quant_bf16, self.quant_int8_rows)
             return self.packed.packed_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
@@ -55,13 +56,15 @@ class Linear(nn.Linear):
             self.weight = nn.Parameter(self.quant.dequantize().to(dtype), requires_grad=False)
             self.quant = None
 
-    def pack(self, kernels, dtype: torch.dtype = torch.float32) -> None:
+    def pack(self, kernels, dtype: torch.dtype = torch.float32, int8_rows: int = 0) -> None:
         """Replace the weight [out, in] by its packed layout: float32 [out/16, in, 16], or bf16
         [out/16, in/2, 32] (k-pairs for AVX512_BF16's dot product). A weight shared with another
-        module (the tied embedding) is copied, not changed."""
+        module (the tied embedding) is copied, not changed. A quantized weight stays quantized,
+        multiplied in `dtype`'s precision, or with int8 activations from `int8_rows` rows up."""
         if self.quant is not None:
             self.quant.pack()
             self.quant_bf16 = dtype == torch.bfloat16
+            self.quant_int8_rows = int8_rows
             self.packed = kernels
             return
         w = self.weight.detach()
@@ -117,12 +120,14 @@ def build_for_checkpoint(device: torch.device, dtype: torch.dtype):
         Linear.random_init = True
 
 
-def use_cpu_kernels(model: nn.Module, kernels, pack: bool = True, weight_dtype: torch.dtype = torch.float32) -> int:
+def use_cpu_kernels(model: nn.Module, kernels, pack: bool = True, weight_dtype: torch.dtype = torch.float32,
+                    int8_activation_rows: int = 0) -> int:
     """Install the C++ CPU kernels (cpu_kernels.load()) in `model`: fused RMSNorm, rotary and
     SiLU*up everywhere, with `pack` the packed-weight GEMM on every float32 Linear whose output
     size is a multiple of 16 (its weights packed in `weight_dtype`: float32, or bfloat16 for the
     AVX512_BF16 GEMM) and the quantized GEMM on every quantized Linear whose shape it takes
-    (multiplying in `weight_dtype`'s precision above its integer kernel's batch sizes), the
+    (multiplying in `weight_dtype`'s precision above its integer kernel's batch sizes, or from
+    `int8_activation_rows` rows up in one-pass int8 activations: --activation-dtype int8), the
     quantized embedding lookup, and, when that covers every layer of a LlamaForCausalLM on the C++
     attention backend, its whole layer loop in one C++ call. Returns how many Linears were packed;
     dequantize_unpacked() then turns the quantized weights left over into float ones."""
@@ -133,7 +138,7 @@ def use_cpu_kernels(model: nn.Module, kernels, pack: bool = True, weight_dtype: 
         elif isinstance(m, Embedding) and m.quant is not None:
             m.kernels = kernels
         elif pack and isinstance(m, Linear) and m.packed is None and m.quant is not None and not m.quant.packable():
-            m.pack(kernels, weight_dtype)
+            m.pack(kernels, weight_dtype, int8_activation_rows)
             n += 1
         elif (pack and isinstance(m, Linear) and m.packed is None and m.out_features % 16 == 0
               and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"):
@@ -396,6 +401,7 @@ class LlamaForCausalLM(nn.Module):
         weights.append(self.norm.weight)
         self._layer_weights = [w.detach() for w in weights]
         self._quant_bf16 = any(lin.quant_bf16 for lin in self.modules() if isinstance(lin, Linear))
+        self._quant_int8_rows = max((lin.quant_int8_rows for lin in self.modules() if isinstance(lin, Linear)), default=0)
         self.fused = kernels
         return True
 
@@ -408,7 +414,7 @@ class LlamaForCausalLM(nn.Module):
             [p.block_table for p in pf], [p.start for p in pf], [p.num_tokens for p in pf],
             [p.context_len for p in pf], rows, a.num_heads, a.num_kv_heads, self.norm.eps,
             self.layers[0].self_attn.scale, self.layers[0].self_attn.backend.bf16_math,
-            kv_caches.scales if scaled else None, self._quant_bf16)
+            kv_caches.scales if scaled else None, self._quant_bf16, self._quant_int8_rows)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

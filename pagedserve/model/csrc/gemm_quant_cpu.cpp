@@ -166,12 +166,54 @@ struct QX {
   std::vector<float> s, sum;
 };
 
+// Rows [m0, m1) of x, 16 values a vector (G a multiple of 16): the scalar loop's q and s_x bit for bit
+// (the same max, product and round-to-nearest-even), sum(x) to float rounding (another order).
+static void quantize_rows_512(const float* x, int64_t ldx, int64_t m0, int64_t m1, int64_t K, int64_t G, bool plus128,
+                              int passes, QX& out) {
+  const int64_t ng = K / G;
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127), add = _mm512_set1_epi32(plus128 ? 128 : 0);
+  const __m512 second = _mm512_set1_ps(254.f);
+  auto store = [&](__m512i q, int8_t* dst) {  // clamped, + 128 for the unsigned operand, low bytes
+    q = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(q, lo), hi), add);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(q));
+  };
+  for (int64_t m = m0; m < m1; ++m)
+    for (int64_t g = 0; g < ng; ++g) {
+      const float* src = x + m * ldx + g * G;
+      __m512 mx = _mm512_setzero_ps(), sm = _mm512_setzero_ps();
+      for (int64_t k = 0; k < G; k += 16) {
+        const __m512 v = _mm512_loadu_ps(src + k);
+        mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+        sm = _mm512_add_ps(sm, v);
+      }
+      const float amax = _mm512_reduce_max_ps(mx);
+      const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+      const int64_t at = m * K + g * G;
+      for (int64_t k = 0; k < G; k += 16) {
+        const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(src + k), inv);
+        const __m512i q1 = _mm512_cvtps_epi32(v);
+        store(q1, out.q[0].data() + at + k);
+        if (passes == 2)
+          store(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(v, _mm512_cvtepi32_ps(_mm512_min_epi32(_mm512_max_epi32(q1, lo), hi))), second)),
+                out.q[1].data() + at + k);
+      }
+      out.s[m * ng + g] = amax / 127.f;
+      out.sum[m * ng + g] = _mm512_reduce_add_ps(sm);
+    }
+}
+
 static void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t G, bool plus128, int passes,
                           QX& out) {
   const int64_t ng = K / G;
   for (int p = 0; p < passes; ++p) out.q[p].resize(M * K);
   out.s.resize(M * ng);
   out.sum.resize(M * ng);
+  if (G % 16 == 0) {
+    pagedserve::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
+      quantize_rows_512(x, ldx, m0, m1, K, G, plus128, passes, out);
+    });
+    return;
+  }
   auto store = [plus128](int v) { return plus128 ? int8_t(uint8_t(v + 128)) : int8_t(v); };  // the unsigned operand's bits
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < ng; ++g) {
@@ -209,14 +251,14 @@ static inline __m512i bcast4(const int8_t* p) {
 // Rows r0 .. r0 + R of x (quantized: xq, PASSES passes) times panel j, all of K. One panel at a
 // time, not two side by side: each thread then reads one sequential stream of units (and one of
 // scales), and at batch 1 that streamed 30% faster (4.65-5.2 -> 3.3-3.7 ms for 30 layers).
-template <int R, int BITS, int PASSES>
+template <int R, int BITS, int PASSES, int UPG>
 static void vnni_tile(const QW& w, const QX& xq, int64_t r0, int64_t j, const float* bias, float* C, int64_t ldc) {
   const int64_t K = w.K;
   const int8_t* x0[2] = {xq.q[0].data() + r0 * K, PASSES > 1 ? xq.q[1].data() + r0 * K : nullptr};
   const float* xs = xq.s.data() + r0 * w.groups();
   const float* xsum = xq.sum.data() + r0 * w.groups();
   constexpr int64_t KPER = BITS == 4 ? 8 : 4;
-  const int64_t ng = w.groups(), upg = w.G / KPER;  // units per group
+  const int64_t ng = w.groups(), upg = UPG ? UPG : w.G / KPER;  // units per group: UPG when known, unrolled
   __m512 f[R];
   for (int r = 0; r < R; ++r) f[r] = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
   const __m512i nib = _mm512_set1_epi8(15), u128 = _mm512_set1_epi8(char(0x80));
@@ -226,6 +268,7 @@ static void vnni_tile(const QW& w, const QX& xq, int64_t r0, int64_t j, const fl
     __m512i acc[R][PASSES], corr = _mm512_setzero_si512();
     for (int r = 0; r < R; ++r)
       for (int h = 0; h < PASSES; ++h) acc[r][h] = _mm512_setzero_si512();
+#pragma GCC unroll 8
     for (int64_t t = 0; t < upg; ++t, up += UNIT) {
       const int64_t k = (g * upg + t) * KPER;
       const __m512i v = _mm512_loadu_si512(up);
@@ -257,29 +300,51 @@ static void vnni_tile(const QW& w, const QX& xq, int64_t r0, int64_t j, const fl
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(C + r * ldc, f[r]);
 }
 
-template <int BITS, int PASSES>
+template <int BITS, int PASSES, int UPG>
 static void vnni_rows(int64_t rows, const QW& w, const QX& xq, int64_t r0, int64_t j, const float* bias, float* C,
                       int64_t ldc) {
+  if constexpr (PASSES == 1) {  // the wide tile of larger batches (WIDE_MR rows: 10 accumulator pairs)
+    switch (rows) {
+      case 10: vnni_tile<10, BITS, 1, UPG>(w, xq, r0, j, bias, C, ldc); return;
+      case 9: vnni_tile<9, BITS, 1, UPG>(w, xq, r0, j, bias, C, ldc); return;
+      case 8: vnni_tile<8, BITS, 1, UPG>(w, xq, r0, j, bias, C, ldc); return;
+      case 7: vnni_tile<7, BITS, 1, UPG>(w, xq, r0, j, bias, C, ldc); return;
+      case 6: vnni_tile<6, BITS, 1, UPG>(w, xq, r0, j, bias, C, ldc); return;
+      case 5: vnni_tile<5, BITS, 1, UPG>(w, xq, r0, j, bias, C, ldc); return;
+      default: break;
+    }
+  }
   switch (rows) {
-    case 4: vnni_tile<4, BITS, PASSES>(w, xq, r0, j, bias, C, ldc); break;
-    case 3: vnni_tile<3, BITS, PASSES>(w, xq, r0, j, bias, C, ldc); break;
-    case 2: vnni_tile<2, BITS, PASSES>(w, xq, r0, j, bias, C, ldc); break;
-    default: vnni_tile<1, BITS, PASSES>(w, xq, r0, j, bias, C, ldc); break;
+    case 4: vnni_tile<4, BITS, PASSES, UPG>(w, xq, r0, j, bias, C, ldc); break;
+    case 3: vnni_tile<3, BITS, PASSES, UPG>(w, xq, r0, j, bias, C, ldc); break;
+    case 2: vnni_tile<2, BITS, PASSES, UPG>(w, xq, r0, j, bias, C, ldc); break;
+    default: vnni_tile<1, BITS, PASSES, UPG>(w, xq, r0, j, bias, C, ldc); break;
   }
 }
 
-// Panels [j0, j1) for all M rows, in row tiles of 4 (one pass) or 2 (two: twice the accumulators).
-template <int PASSES>
+constexpr int64_t WIDE_MR = 10;
+
+// Panels [j0, j1) for all M rows, in row tiles of MR: 4 or 2 (two passes: twice the accumulators)
+// at decode's small batches, WIDE_MR for larger ones (one pass), where the panel's weights stay in
+// L1 across the row tiles and each 64-byte unit's unpacking is shared by more rows.
+template <int PASSES, int64_t MR>
 static void vnni_panels(const QW& w, const QX& xq, int64_t M, int64_t j0, int64_t j1, const float* bias, float* C,
                         int64_t ldc) {
-  constexpr int64_t MR = PASSES == 1 ? 4 : 2;
   for (int64_t j = j0; j < j1; ++j)
     for (int64_t ir = 0; ir < M; ir += MR) {
       const int64_t rows = std::min<int64_t>(MR, M - ir);
       const float* bj = bias ? bias + j * NR : nullptr;
       float* c = C + ir * ldc + j * NR;
-      if (w.bits == 4) vnni_rows<4, PASSES>(rows, w, xq, ir, j, bj, c, ldc);
-      else vnni_rows<8, PASSES>(rows, w, xq, ir, j, bj, c, ldc);
+      // Four units a group (GGUF's groups of 32 at 4 bits, Q6_K's 16 at 8) unrolled: GCC then keeps
+      // the accumulators in place instead of copying them around the loop.
+      const bool four = w.G == 4 * w.kper();
+      if (w.bits == 4) {
+        if (four) vnni_rows<4, PASSES, 4>(rows, w, xq, ir, j, bj, c, ldc);
+        else vnni_rows<4, PASSES, 0>(rows, w, xq, ir, j, bj, c, ldc);
+      } else {
+        if (four) vnni_rows<8, PASSES, 4>(rows, w, xq, ir, j, bj, c, ldc);
+        else vnni_rows<8, PASSES, 0>(rows, w, xq, ir, j, bj, c, ldc);
+      }
     }
 }
 }  // namespace qgemm
@@ -373,9 +438,13 @@ static std::atomic<int64_t>& activation_passes() {
 
 // x float32 [M, K] @ a quantized weight (layout above), + bias. bf16: the larger-M path multiplies
 // in bf16 on the AVX512_BF16 tile (x and the dequantized weights rounded to bf16, float32
-// accumulation), else in float32.
+// accumulation), else in float32. int8_rows > 0 (--activation-dtype int8): batches of at least that
+// many rows above the small-batch kernel's take the integer kernel with ONE int8 pass per activation
+// (8 bits a value per group of G, as OpenVINO's CPU dynamic quantization and llama.cpp's Q8
+// activations) on its wide row tile: VPDPBUSD's 64 products an instruction against the bf16 tile's
+// 32, for some accuracy (benchmarks/quant_weights.py measures both).
 torch::Tensor quant_linear(torch::Tensor x, torch::Tensor qw, torch::Tensor scales, c10::optional<torch::Tensor> bias,
-                           bool bf16) {
+                           bool bf16, int64_t int8_rows) {
   const qgemm::QW w = qgemm::view(qw, scales);
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.size(1) == w.K, "x must be float32 [M, ", w.K,
               "], got ", x.sizes());
@@ -393,13 +462,19 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor qw, torch::Tensor scal
   const float* xp = x.data_ptr<float>();
   const int64_t ldx = x.stride(0);
 #if defined(PAGEDSERVE_VNNI_GEMM)
-  if (M <= vnni_max_rows().load(std::memory_order_relaxed) && quant_linear_vnni_supported()) {
-    const int passes = activation_passes().load(std::memory_order_relaxed) == 1 ? 1 : 2;
-    qgemm::QX xq;
+  const int64_t small = vnni_max_rows().load(std::memory_order_relaxed);
+  if ((M <= small || (int8_rows > 0 && M >= int8_rows)) && quant_linear_vnni_supported()) {
+    const int passes = M > small || activation_passes().load(std::memory_order_relaxed) == 1 ? 1 : 2;
+    // Kept from call to call (a fresh buffer each call is page faults at larger batches); named
+    // through a reference, which the lambdas below capture: a thread_local named inside them
+    // would be each worker thread's own, empty one.
+    thread_local qgemm::QX kept;
+    qgemm::QX& xq = kept;
     qgemm::quantize_rows(xp, ldx, M, K, w.G, w.bits == 8, passes, xq);
-    pagedserve::parallel_for(0, w.P, 2, [&](int64_t j0, int64_t j1) {
-      if (passes == 1) qgemm::vnni_panels<1>(w, xq, M, j0, j1, b, yp, N);
-      else qgemm::vnni_panels<2>(w, xq, M, j0, j1, b, yp, N);
+    pagedserve::parallel_for(0, w.P, M > small ? 1 : 2, [&](int64_t j0, int64_t j1) {
+      if (M > small) qgemm::vnni_panels<1, qgemm::WIDE_MR>(w, xq, M, j0, j1, b, yp, N);
+      else if (passes == 1) qgemm::vnni_panels<1, 4>(w, xq, M, j0, j1, b, yp, N);
+      else qgemm::vnni_panels<2, 2>(w, xq, M, j0, j1, b, yp, N);
     });
     return y;
   }

@@ -21,7 +21,7 @@ void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
               torch::Tensor offsets, c10::optional<torch::Tensor> k_scales, c10::optional<torch::Tensor> v_scales);
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor wp, c10::optional<torch::Tensor> bias);
 torch::Tensor quant_linear(torch::Tensor x, torch::Tensor qw, torch::Tensor scales, c10::optional<torch::Tensor> bias,
-                           bool bf16);
+                           bool bf16, int64_t int8_rows);
 void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor w, double eps);
 void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, double eps);
 void rotary_embedding(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin);
@@ -37,16 +37,17 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up);
 constexpr int64_t kPerLayer = 11;
 
 static torch::Tensor linear(const torch::Tensor& x, const torch::Tensor* w, c10::optional<torch::Tensor> bias,
-                            bool quant_bf16) {
+                            bool quant_bf16, int64_t int8_rows) {
   PS_LABEL("packed_linear");
-  if (w[1].numel()) return quant_linear(x, w[0], w[1], bias, quant_bf16);
+  if (w[1].numel()) return quant_linear(x, w[0], w[1], bias, quant_bf16, int8_rows);
   return packed_linear(x, w[0], bias);
 }
 
 // x: the step's embeddings [T, hidden]; kv_caches [layers, 2, blocks, KVH, block_size, D], and for
 // an int8 / float8_e4m3fn cache its row scales kv_scales [layers, 2, blocks, KVH, block_size];
 // weights: kPerLayer tensors per layer (Linear weights packed or quantized), then the final norm's;
-// quant_bf16: quantized weights multiply in bf16 (the bf16 GEMM's precision), else in float32.
+// quant_bf16: quantized weights multiply in bf16 (the bf16 GEMM's precision), else in float32;
+// quant_int8_rows: batches of that many rows or more take int8 activations (quant_linear; 0: never).
 // Attention metadata as in attention.py's AttentionMetadata, the prefill chunks as parallel lists.
 // rows: the tokens whose hidden states are wanted (the last layer's output projection and MLP run
 // for those only). bf16_attention: q.k and p.v in bf16 math on a bf16 cache (attention_bf16.h).
@@ -59,7 +60,8 @@ torch::Tensor llama_layers(torch::Tensor x, torch::Tensor positions, torch::Tens
                            const std::vector<torch::Tensor>& prefill_tables, const std::vector<int64_t>& prefill_starts,
                            const std::vector<int64_t>& prefill_tokens, const std::vector<int64_t>& prefill_contexts,
                            c10::optional<torch::Tensor> rows, int64_t num_heads, int64_t num_kv_heads, double eps,
-                           double scale, bool bf16_attention, c10::optional<torch::Tensor> kv_scales, bool quant_bf16) {
+                           double scale, bool bf16_attention, c10::optional<torch::Tensor> kv_scales, bool quant_bf16,
+                           int64_t quant_int8_rows) {
   const int64_t L = kv_caches.size(0), T = x.size(0), D = kv_caches.size(5);
   const int64_t q_size = num_heads * D, kv_size = num_kv_heads * D;
   const size_t P = prefill_tables.size();
@@ -81,7 +83,8 @@ torch::Tensor llama_layers(torch::Tensor x, torch::Tensor positions, torch::Tens
       PS_LABEL("add_rms_norm");
       add_rms_norm(x, residual, w[0], eps);
     }
-    torch::Tensor qkv = linear(x, w + 1, w[3].numel() ? c10::optional<torch::Tensor>(w[3]) : c10::nullopt, quant_bf16);
+    torch::Tensor qkv = linear(x, w + 1, w[3].numel() ? c10::optional<torch::Tensor>(w[3]) : c10::nullopt, quant_bf16,
+                               quant_int8_rows);
     auto q = qkv.narrow(1, 0, q_size).view({T, num_heads, D});
     auto k = qkv.narrow(1, q_size, kv_size).view({T, num_kv_heads, D});
     auto v = qkv.narrow(1, q_size + kv_size, kv_size).view({T, num_kv_heads, D});
@@ -116,18 +119,18 @@ torch::Tensor llama_layers(torch::Tensor x, torch::Tensor positions, torch::Tens
       o = o.index_select(0, *rows);
       residual = residual.index_select(0, *rows);
     }
-    x = linear(o, w + 4, c10::nullopt, quant_bf16);
+    x = linear(o, w + 4, c10::nullopt, quant_bf16, quant_int8_rows);
     {
       PS_LABEL("add_rms_norm");
       add_rms_norm(x, residual, w[6], eps);
     }
-    torch::Tensor gate_up = linear(x, w + 7, c10::nullopt, quant_bf16), act;
+    torch::Tensor gate_up = linear(x, w + 7, c10::nullopt, quant_bf16, quant_int8_rows), act;
     {
       PS_LABEL("silu_and_mul");
       act = silu_and_mul(gate_up);
     }
     gate_up.reset();  // its memory can serve the next allocation
-    x = linear(act, w + 9, c10::nullopt, quant_bf16);
+    x = linear(act, w + 9, c10::nullopt, quant_bf16, quant_int8_rows);
   }
   PS_LABEL("add_rms_norm");
   add_rms_norm(x, residual, weights.back(), eps);

@@ -495,9 +495,9 @@ torch::Tensor llama_layers(torch::Tensor x, torch::Tensor positions, torch::Tens
                            const std::vector<int64_t>& prefill_tokens, const std::vector<int64_t>& prefill_contexts,
                            c10::optional<torch::Tensor> rows, int64_t num_heads, int64_t num_kv_heads, double eps,
                            double scale, bool bf16_attention, c10::optional<torch::Tensor> kv_scales,
-                           bool quant_bf16);
+                           bool quant_bf16, int64_t quant_int8_rows);
 torch::Tensor quant_linear(torch::Tensor x, torch::Tensor qw, torch::Tensor scales,  // gemm_quant_cpu.cpp
-                           c10::optional<torch::Tensor> bias, bool bf16);
+                           c10::optional<torch::Tensor> bias, bool bf16, int64_t int8_rows);
 torch::Tensor quant_embedding(torch::Tensor ids, torch::Tensor qw, torch::Tensor scales);
 bool quant_linear_vnni_supported();
 void set_quant_vnni_max_rows(int64_t n);
@@ -538,8 +538,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x @ W.T (+ bias) with W quantized: 4-bit uint8 [N/16, K/8, 64] or 8-bit int8 [N/16, K/4, 64], "
         "float32 scales [N/16, K/G, 16] or scales + offsets [N/16, K/G, 32] (model/quantization/weight.py packs "
         "them); small batches in int8 x int4/int8 dot products (VNNI), larger ones dequantized into the float32 "
-        "or (bf16) bf16 GEMM",
-        py::arg("x"), py::arg("qw"), py::arg("scales"), py::arg("bias") = py::none(), py::arg("bf16") = false, nogil());
+        "or (bf16) bf16 GEMM, or with int8_rows > 0 batches of that many rows or more in one-pass int8 activations",
+        py::arg("x"), py::arg("qw"), py::arg("scales"), py::arg("bias") = py::none(), py::arg("bf16") = false,
+        py::arg("int8_rows") = 0, nogil());
   m.def("quant_linear_vnni_supported", &quant_linear_vnni_supported, "the x86-64-v4 build on a CPU with AVX512_VNNI");
   m.def("set_quant_vnni_max_rows", &set_quant_vnni_max_rows,
         "batches of up to this many rows take quant_linear's integer (VNNI) kernel; 0: never");
