@@ -2,9 +2,10 @@
 offline, n requests of 200-token prompts; once every one has its first token, the median time of
 the next decode-only engine steps (each step: one token for each of the n), and n / that as out
 tokens/s. Background work beside interactive decoding can only buy
-throughput at this curve's slope.
+throughput at this curve's slope. Measured for each --activation-dtype in one run (auto: the
+quantized GEMMs in bf16 above 4 rows; int8: one-pass int8 activations on the wide VNNI tile).
 
-    python benchmarks/decode_step_cost.py [--sizes 1,4,8,12,16,24,32,48]
+    python benchmarks/decode_step_cost.py [--sizes 1,4,8,12,16,24,32,48] [--activation-dtypes auto,int8]
 
 Writes results/decode_step_cost.json and .png.
 """
@@ -22,12 +23,15 @@ OUT = Path(__file__).parent / "results" / "decode_step_cost.json"
 STEPS = 60
 
 
-def measure(sizes: list[int]) -> dict:
+def measure(sizes: list[int], activation_dtype: str) -> dict:
+    import gc
     import statistics
 
     from pagedserve import LLM, SamplingParams
 
-    llm = LLM(None, max_model_len=2048, kv_cache_memory=1 << 30, enable_prefix_caching=False)
+    print(f"== --activation-dtype {activation_dtype}", flush=True)
+    llm = LLM(None, max_model_len=2048, kv_cache_memory=1 << 30, enable_prefix_caching=False,
+              activation_dtype=activation_dtype)
     engine = llm.engine
     params = SamplingParams(max_tokens=STEPS + 20, temperature=0, ignore_eos=True)
     llm.generate([[100 + i for i in range(300)]] * 2, params, use_tqdm=False)  # warm-up
@@ -48,7 +52,9 @@ def measure(sizes: list[int]) -> dict:
         rows[n] = {"ms_per_step": 1e3 * step, "out_tok_s": n / step}
         print(f"  {n:3d} sequences: {rows[n]['ms_per_step']:.2f} ms a decode step, {rows[n]['out_tok_s']:.0f} out tok/s",
               flush=True)
-    return rows
+    del llm, engine
+    gc.collect()
+    return {str(k): v for k, v in rows.items()}
 
 
 def report(res: dict) -> None:
@@ -56,20 +62,24 @@ def report(res: dict) -> None:
     from rich.table import Table
 
     t = Table(title=f"decode step cost, default model ({res['machine']}, {res['date']}, load {res['load']})")
-    for c in ("sequences", "ms per decode step", "out tok/s"):
-        t.add_column(c, justify="right")
-    for n, r in res["rows"].items():
-        t.add_row(str(n), f"{r['ms_per_step']:.2f}", f"{r['out_tok_s']:.0f}")
+    t.add_column("sequences", justify="right")
+    for a in res["variants"]:
+        t.add_column(f"ms per step ({a})", justify="right")
+        t.add_column(f"out tok/s ({a})", justify="right")
+    for n in next(iter(res["variants"].values())):
+        t.add_row(n, *(f"{v[n][k]:{f}}" for v in res["variants"].values()
+                       for k, f in (("ms_per_step", ".2f"), ("out_tok_s", ".0f"))))
     Console().print(t)
 
 
 def plot(res: dict):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    ns = [int(n) for n in res["rows"]]
-    ax.plot(ns, [r["ms_per_step"] for r in res["rows"].values()], "o-", label="ms per decode step")
     ax2 = ax.twinx()
-    ax2.plot(ns, [r["out_tok_s"] for r in res["rows"].values()], "s--", color="C1", label="out tok/s")
+    for i, (a, rows) in enumerate(res["variants"].items()):
+        ns = [int(n) for n in rows]
+        ax.plot(ns, [r["ms_per_step"] for r in rows.values()], "o-", color=f"C{2 * i}", label=f"ms per step ({a})")
+        ax2.plot(ns, [r["out_tok_s"] for r in rows.values()], "s--", color=f"C{2 * i + 1}", label=f"out tok/s ({a})")
     ax.set(xlabel="sequences in the step", ylabel="ms per decode step", title=res["machine"])
     ax2.set_ylabel("out tok/s")
     fig.legend(loc="upper left")
@@ -79,10 +89,12 @@ def plot(res: dict):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1,4,8,12,16,24,32,48")
+    ap.add_argument("--activation-dtypes", default="auto,int8")
     args = ap.parse_args()
+    sizes = [int(x) for x in args.sizes.split(",")]
     res = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "load": f"{os.getloadavg()[0]:.1f}",
-           "rows": measure([int(x) for x in args.sizes.split(",")])}
-    finish({**res, "rows": {str(k): v for k, v in res["rows"].items()}}, OUT, report, plot)
+           "variants": {a: measure(sizes, a) for a in args.activation_dtypes.split(",")}}
+    finish(res, OUT, report, plot)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,10 @@ temperature 0; SmolLM2-135M-Instruct float32), prints one table, writes JSON and
            (--itl-rounds), so both see the same moment of this drifting machine
   quantized weights (issue 25): "pagedserve-q4" serves / runs the default model's Q4_1 GGUF kept
            quantized (the default `pagedserve serve`), "llamacpp-q4" serves the same file,
-           "openvino-int8" is OpenVINO with int8 weights (`--weight-format int8`) at its defaults;
+           "openvino-int8" is OpenVINO with int8 weights (`--weight-format int8`) at its defaults
+           (which quantize the activations of those matmuls to int8 per group of 32: its CPU
+           plugin's DYNAMIC_QUANTIZATION_GROUP_SIZE), "pagedserve-q4-int8act" the Q4_1 GGUF with
+           `--activation-dtype int8` (the same: int8 activations per group of 32) — like for like;
            the float engines above load the GGUF's dequantized float32 copy
 
     python benchmarks/peers.py --engines pagedserve pagedserve-f16kv pagedserve-fp8kv llamacpp vllm openvino \
@@ -33,6 +36,7 @@ temperature 0; SmolLM2-135M-Instruct float32), prints one table, writes JSON and
     python benchmarks/peers.py --engines pagedserve openvino-default --offline-pairs 2 --contended  # a busy loop on CPU 0
     python benchmarks/peers.py --engines pagedserve-int8kv openvino-default --offline-pairs 4  # both 1-byte KV caches
     python benchmarks/peers.py --engines pagedserve-q4 openvino-int8 --offline-pairs 4  # quantized weights
+    python benchmarks/peers.py --engines pagedserve-q4-int8act openvino-int8 --offline-pairs 4  # + int8 activations
     python benchmarks/peers.py --modes itl-pair --itl-pair pagedserve-q4 llamacpp-q4    # same Q4_1 file, c=1
 
 Results of every engine run are merged into results/peers.json, so engines can be (re)run one at
@@ -74,10 +78,10 @@ def model_dir() -> Path:
 
 def model_spec(engine: str) -> str:
     """What a pagedserve engine loads: the Q4_1 GGUF itself (kept quantized) for "-q4", else the
-    float32 folder."""
+    float32 folder ("-q4-int8act": the GGUF too)."""
     from pagedserve.model.loader import default_model_gguf
 
-    return str(default_model_gguf() if engine.endswith("-q4") else model_dir())
+    return str(default_model_gguf() if "-q4" in engine else model_dir())
 
 
 # -- installs (each idempotent) -----------------------------------------------------------------
@@ -205,7 +209,9 @@ def offline(engine: str) -> dict:
         reqs = synthetic_workload(seed=0)
         kv = {"pagedserve-f16kv": "float16", "pagedserve-fp8kv": "fp8_e5m2", "pagedserve-int8kv": "int8"}.get(engine, "auto")
         dtype = "float32" if engine in ("pagedserve-f32", "pagedserve-f16kv", "pagedserve-fp8kv") else "auto"
-        llm = LLM(model_spec(engine), max_model_len=2048, kv_cache_memory=2 << 30, kv_cache_dtype=kv, dtype=dtype)
+        act = "int8" if engine.endswith("-int8act") else "auto"
+        llm = LLM(model_spec(engine), max_model_len=2048, kv_cache_memory=2 << 30, kv_cache_dtype=kv, dtype=dtype,
+                  activation_dtype=act)
         params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
         t0 = time.perf_counter()
         outs = llm.generate([r.prompt_token_ids for r in reqs], params)
@@ -502,7 +508,9 @@ def main():
         # 1-byte KV cache (OpenVINO's default is u8), float32 pairs
         key = {("pagedserve", "openvino-default"): "offline_pairs_defaults",
                ("pagedserve-int8kv", "openvino-default"): "offline_pairs_int8kv",
-               ("pagedserve-q4", "openvino-int8"): "offline_pairs_q4"}.get(tuple(args.engines[:2]), "offline_pairs")
+               ("pagedserve-q4", "openvino-int8"): "offline_pairs_q4",
+               ("pagedserve-q4-int8act", "openvino-int8"): "offline_pairs_q4_int8act"}.get(tuple(args.engines[:2]),
+                                                                                             "offline_pairs")
         key = "offline_pairs_contended" if args.contended else key
         results[key] = offline_pairs(args.engines, args.offline_pairs, args.contended)
         out.write_text(json.dumps(results, indent=2))
@@ -513,7 +521,7 @@ def main():
         r = results.setdefault(e, {})
         for mode in (m for m in args.modes if m != "itl-pair"):
             offline_only = e.startswith("openvino") or e in ("pagedserve-f16kv", "pagedserve-fp8kv", "pagedserve-int8kv",
-                                                               "pagedserve-f32")
+                                                               "pagedserve-f32", "pagedserve-q4-int8act")
             if mode == "offline" and e.startswith("llamacpp") or mode == "online" and offline_only:
                 continue
             print(f"== {e} {mode}", flush=True)

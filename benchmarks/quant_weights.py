@@ -4,13 +4,15 @@
    teacher-forced top-1 agreement, and greedy-decoding agreement (8 prompts x 48 tokens: the decode
    steps, where small batches take the integer kernel) against float32 weights, for: the Q4_1 GGUF
    kept quantized (float32 and bf16 activations), `pagedserve quantize` int8 / int4-rtn / gptq / awq
-   (groups of 32: SmolLM2's 576 is no multiple of 128), and the GGUF with int8 / fp8 KV caches.
+   (groups of 32: SmolLM2's 576 is no multiple of 128), the GGUF with int8 activations
+   (--activation-dtype int8) and with int8 / fp8 KV caches.
    NOTE: the default model exists only as Q4_1, so "float32" is its Q4_1 weights dequantized; the
    re-quantized variants quantize an already 4-bit model (a harder case than a float original);
 2. memory: resident weight bytes of each, against the GGUF file;
 3. speed: the projections of 30 SmolLM2 layers (distinct weights, streamed from memory) at batch
    M = 1..256: float32 and bf16 packed GEMMs against 4-bit and 8-bit quantized ones, through the
-   integer VNNI kernel and through the dequantize-then-GEMM tiles; and offline c=1 ms/token.
+   integer VNNI kernel (two int8 passes), through the dequantize-then-GEMM tiles, and with one-pass
+   int8 activations on the wide integer tile (--activation-dtype int8); and offline c=1 ms/token.
 
   python benchmarks/quant_weights.py            # all (~6 min on 2 cores)
   python benchmarks/quant_weights.py --from-json
@@ -60,6 +62,7 @@ def accuracy(workdir: Path) -> dict:
         ("float32", float_dir, {"dtype": "float32"}),
         ("GGUF Q4_1, float32 act.", None, {"dtype": "float32"}),
         ("GGUF Q4_1, bf16 (default)", None, {"dtype": "auto"}),
+        ("GGUF Q4_1, int8 act.", None, {"dtype": "auto", "activation_dtype": "int8"}),
         ("int8 (W8A16)", made["int8"], {"dtype": "float32"}),
         ("int4-rtn g32 (W4A16)", made["int4-rtn"], {"dtype": "float32"}),
         ("GPTQ g32", made["gptq"], {"dtype": "float32"}),
@@ -132,9 +135,12 @@ def kernels(rounds: int = 5) -> dict:
              "int4 integer": lambda x, s, i: m.quant_linear(x, *w4[s][i].pack(), None, bf),
              "int4 dequant-GEMM": lambda x, s, i: m.quant_linear(x, *w4[s][i].pack(), None, bf),
              "int8 integer": lambda x, s, i: m.quant_linear(x, *w8[s][i].pack(), None, bf),
-             "int8 dequant-GEMM": lambda x, s, i: m.quant_linear(x, *w8[s][i].pack(), None, bf)}
+             "int8 dequant-GEMM": lambda x, s, i: m.quant_linear(x, *w8[s][i].pack(), None, bf),
+             # --activation-dtype int8: one int8 pass per activation, the wide tile at every M here
+             "int4 int8-act": lambda x, s, i: m.quant_linear(x, *w4[s][i].pack(), None, bf, 1),
+             "int8 int8-act": lambda x, s, i: m.quant_linear(x, *w8[s][i].pack(), None, bf, 1)}
     if not m.quant_linear_vnni_supported():
-        kinds = {k: v for k, v in kinds.items() if "integer" not in k}
+        kinds = {k: v for k, v in kinds.items() if "integer" not in k and "int8-act" not in k}
     res = {}
     try:
         for rows in (1, 2, 4, 8, 16, 64, 256):

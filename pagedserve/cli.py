@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from pagedserve.config import (ACTIVATION_DTYPES, DEFAULT_TTFT_TARGET_MS, INT8_ACTIVATION_MIN_ROWS, QUANTIZATION_METHODS,
-                               QUANTIZE_METHODS, STRUCTURED_OUTPUTS_BACKENDS)
+from pagedserve.config import (ACTIVATION_DTYPES, DEFAULT_TTFT_TARGET_MS, QUANTIZATION_METHODS, QUANTIZE_METHODS,
+                               STRUCTURED_OUTPUTS_BACKENDS)
 from pagedserve.server.tool_parsers import PARSERS as _TOOL_PARSERS
 
 T0 = time.monotonic()
@@ -106,9 +106,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "gptq, compressed-tensors (int4/int8) stay quantized in memory on CPUs with the kernels, fp8 "
                         "and any other device dequantize to --dtype at load (the start-up log says which)")
     p.add_argument("--activation-dtype", default="auto", choices=list(ACTIVATION_DTYPES),
-                   help="inputs of quantized-weight matmuls: auto (--dtype's precision) or int8 (batches over "
-                        f"{INT8_ACTIVATION_MIN_ROWS - 1} rows quantized to int8 per group, as OpenVINO's CPU default "
-                        "and llama.cpp do: ~1.3x the quantized GEMM on AVX512_VNNI CPUs, ~+1.5%% perplexity)")
+                   help="inputs of quantized-weight matmuls: auto (--dtype's precision) or int8 (quantized to "
+                        "int8 per group of the weights' groups, as OpenVINO's CPU default and llama.cpp do: ~1.3-2x "
+                        "the quantized GEMMs on AVX512_VNNI CPUs for ~+1.5%% perplexity)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + output); default: the model's")
     p.add_argument("--gpu-memory-utilization", type=float, default=None,

@@ -29,12 +29,11 @@ KV_SCALE_BYTES = 4  # one float32 per (token, kv head) row of a scaled cache, fo
 QUANTIZATION_METHODS = ("awq", "gptq", "fp8", "compressed-tensors", "gguf")
 LOADABLE_QUANTIZATION = QUANTIZATION_METHODS
 # --activation-dtype: what the inputs of quantized-weight matmuls are multiplied as. auto: --dtype's
-# precision (decode's small batches in two int8 passes, ~15 bits). int8: batches above
-# INT8_ACTIVATION_MIN_ROWS - 1 rows quantize each group of activations to int8 in one pass, as
-# OpenVINO's CPU plugin does by default (dynamic quantization, groups of 32) and llama.cpp always:
-# ~1.3x the quantized GEMM's rate on AVX512_VNNI for ~+1.5% perplexity (benchmarks/README.md).
+# precision (decode's small batches in two int8 passes, ~15 bits). int8: each group of activations
+# quantized to int8 in one pass, as OpenVINO's CPU plugin does by default (dynamic quantization,
+# groups of 32) and llama.cpp always: ~1.3-2x the quantized GEMM's rate on AVX512_VNNI for ~+1.5%
+# perplexity (benchmarks/README.md).
 ACTIVATION_DTYPES = ("auto", "int8")
-INT8_ACTIVATION_MIN_ROWS = 5  # above the integer kernel's small batches (gemm_quant_cpu.cpp: 4 rows)
 # `pagedserve quantize --method` (model/quantization/quantize.py): what it writes.
 QUANTIZE_METHODS = ("int8", "int4-rtn", "gptq", "awq")
 # --structured-outputs-backend (vLLM's names): auto = xgrammar, switching to guidance (llguidance)

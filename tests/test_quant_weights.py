@@ -110,12 +110,13 @@ def _one_pass_reference(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     (4, 1152, 576, 32, True), (4, 48, 1536, 128, False), (8, 80, 1536, 64, True), (8, 48, 512, 16, False),
     (4, 64, 96, 8, True),  # a group under 16 values: the scalar quantizer
 ])
-@pytest.mark.parametrize("m", [5, 13, 40])
+@pytest.mark.parametrize("m", [1, 3, 5, 13, 40])
 def test_int8_activations_compute_the_one_pass_rounded_product(kernels, bits, n, k, group, offsets, m):
     """--activation-dtype int8 (quant_linear's int8_rows): batches of at least int8_rows rows take the
-    integer kernel's wide tile with one int8 pass per activation — exactly x rounded per group to
-    8 bits, times the weights, to float rounding; coarser than the float path, and the same bits as
-    the small-batch kernel's one-pass rows. Smaller batches are untouched. A build or CPU without
+    integer kernel with one int8 pass per activation (above 4 rows its wide tile) — exactly x rounded
+    per group to 8 bits, times the weights, to float rounding; coarser than the float path (the
+    two-pass integer kernel at 1-4 rows), and the same bits as one-pass rows one at a time. Smaller
+    batches than int8_rows are untouched. A build or CPU without
     AVX512_VNNI ignores int8_rows (the engine refuses the flag there at start: tested below)."""
     w = _random_weight(n, k, bits, group, offsets, seed=m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(2))
@@ -357,7 +358,7 @@ def test_without_the_kernels_quantized_weights_run_dequantized(caplog):
 
 
 def test_int8_activations_serve_the_default_model_close_to_its_float_activations(quantized_llm):
-    """--activation-dtype int8 on the default model's Q4_1 weights: the prompt (one batch of ~300
+    """--activation-dtype int8 on the default model's Q4_1 weights: the prompt (one batch of 300
     rows: the wide int8 tile) scores within a few percent of float activations' perplexity, with
     most top-1 tokens the same; the start-up log says it. Where the CPU or build has no
     AVX512_VNNI, the flag is refused at start instead, by name."""
@@ -383,6 +384,8 @@ def test_int8_activations_serve_the_default_model_close_to_its_float_activations
     assert 0 < np.abs(lp[0] - lp[1]).mean() < 0.3, ppl  # int8 really ran (measured 0.13 a token), and stayed close
     assert ppl[1] <= 1.05 * ppl[0], ppl
     assert np.mean([a == b for a, b in zip(*top1)]) >= 0.85
+    (o,) = int8.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
+    assert "Paris" in o.outputs[0].text  # decode steps (one row each) take int8 activations too
 
 
 def test_int8_activations_are_refused_where_they_cannot_apply(tiny_dirs):

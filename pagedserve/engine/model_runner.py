@@ -13,8 +13,7 @@ import numpy as np
 import psutil
 import torch
 
-from pagedserve.config import (CPU_DEFAULT_KV_CACHE_BYTES, INT8_ACTIVATION_MIN_ROWS, KV_SCALE_BYTES,
-                               RUNTIME_RESERVE_FRACTION, EngineConfig)
+from pagedserve.config import CPU_DEFAULT_KV_CACHE_BYTES, KV_SCALE_BYTES, RUNTIME_RESERVE_FRACTION, EngineConfig
 from pagedserve.distributed.parallel import init_tensor_parallel, tp
 from pagedserve.distributed.shard import local_arch, shard_weights
 from pagedserve.engine.cpu_memory import keep_freed_memory, lazily_zeroed_cpu_tensor, populate
@@ -152,8 +151,8 @@ class ModelRunner:
         self.max_concurrency = self.num_blocks / blocks_per_seq
 
     def _int8_activation_rows(self, cfg, kernels) -> int:
-        """quant_linear's int8_rows for --activation-dtype (0: auto); a CPU or build that cannot is
-        refused here, at start, by name."""
+        """quant_linear's int8_rows for --activation-dtype: 0 (auto), or 1 (int8: every batch); a CPU
+        or build that cannot is refused here, at start, by name."""
         if cfg.activation_dtype == "auto":
             return 0
         if self.device.type != "cpu" or kernels is None or not kernels.quant_linear_vnni_supported():
@@ -161,7 +160,7 @@ class ModelRunner:
                              + ("this device is " + self.device.type if self.device.type != "cpu"
                                 else "this CPU or kernel build has no AVX512_VNNI")
                              + ": leave it at auto")
-        return INT8_ACTIVATION_MIN_ROWS
+        return 1
 
     def weights_description(self) -> str:
         """What the weights are kept as, for the start-up log: "gguf Q4_1+gguf Q8_0 (quantized)" or

@@ -303,7 +303,7 @@ static void vnni_tile(const QW& w, const QX& xq, int64_t r0, int64_t j, const fl
 template <int BITS, int PASSES, int UPG>
 static void vnni_rows(int64_t rows, const QW& w, const QX& xq, int64_t r0, int64_t j, const float* bias, float* C,
                       int64_t ldc) {
-  if constexpr (PASSES == 1) {  // the wide tile of larger batches (WIDE_MR rows: 10 accumulator pairs)
+  if constexpr (PASSES == 1) {  // the wide tile (WIDE_MR rows: 10 accumulator pairs)
     switch (rows) {
       case 10: vnni_tile<10, BITS, 1, UPG>(w, xq, r0, j, bias, C, ldc); return;
       case 9: vnni_tile<9, BITS, 1, UPG>(w, xq, r0, j, bias, C, ldc); return;
@@ -324,9 +324,9 @@ static void vnni_rows(int64_t rows, const QW& w, const QX& xq, int64_t r0, int64
 
 constexpr int64_t WIDE_MR = 10;
 
-// Panels [j0, j1) for all M rows, in row tiles of MR: 4 or 2 (two passes: twice the accumulators)
-// at decode's small batches, WIDE_MR for larger ones (one pass), where the panel's weights stay in
-// L1 across the row tiles and each 64-byte unit's unpacking is shared by more rows.
+// Panels [j0, j1) for all M rows, in row tiles of MR: 2 with two passes (twice the accumulators),
+// WIDE_MR with one, where at larger batches the panel's weights stay in L1 across the row tiles and
+// each 64-byte unit's unpacking is shared by more rows.
 template <int PASSES, int64_t MR>
 static void vnni_panels(const QW& w, const QX& xq, int64_t M, int64_t j0, int64_t j1, const float* bias, float* C,
                         int64_t ldc) {
@@ -439,10 +439,10 @@ static std::atomic<int64_t>& activation_passes() {
 // x float32 [M, K] @ a quantized weight (layout above), + bias. bf16: the larger-M path multiplies
 // in bf16 on the AVX512_BF16 tile (x and the dequantized weights rounded to bf16, float32
 // accumulation), else in float32. int8_rows > 0 (--activation-dtype int8): batches of at least that
-// many rows above the small-batch kernel's take the integer kernel with ONE int8 pass per activation
-// (8 bits a value per group of G, as OpenVINO's CPU dynamic quantization and llama.cpp's Q8
-// activations) on its wide row tile: VPDPBUSD's 64 products an instruction against the bf16 tile's
-// 32, for some accuracy (benchmarks/quant_weights.py measures both).
+// many rows take the integer kernel with ONE int8 pass per activation (8 bits a value per group of
+// G, as OpenVINO's CPU dynamic quantization and llama.cpp's Q8 activations), above 4 rows on its
+// wide row tile: VPDPBUSD's 64 products an instruction against the bf16 tile's 32, for some
+// accuracy (benchmarks/quant_weights.py measures both).
 torch::Tensor quant_linear(torch::Tensor x, torch::Tensor qw, torch::Tensor scales, c10::optional<torch::Tensor> bias,
                            bool bf16, int64_t int8_rows) {
   const qgemm::QW w = qgemm::view(qw, scales);
@@ -463,17 +463,17 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor qw, torch::Tensor scal
   const int64_t ldx = x.stride(0);
 #if defined(PAGEDSERVE_VNNI_GEMM)
   const int64_t small = vnni_max_rows().load(std::memory_order_relaxed);
-  if ((M <= small || (int8_rows > 0 && M >= int8_rows)) && quant_linear_vnni_supported()) {
-    const int passes = M > small || activation_passes().load(std::memory_order_relaxed) == 1 ? 1 : 2;
+  const bool int8 = int8_rows > 0 && M >= int8_rows;
+  if ((M <= small || int8) && quant_linear_vnni_supported()) {
+    const int passes = int8 || activation_passes().load(std::memory_order_relaxed) == 1 ? 1 : 2;
     // Kept from call to call (a fresh buffer each call is page faults at larger batches); named
     // through a reference, which the lambdas below capture: a thread_local named inside them
     // would be each worker thread's own, empty one.
     thread_local qgemm::QX kept;
     qgemm::QX& xq = kept;
     qgemm::quantize_rows(xp, ldx, M, K, w.G, w.bits == 8, passes, xq);
-    pagedserve::parallel_for(0, w.P, M > small ? 1 : 2, [&](int64_t j0, int64_t j1) {
-      if (M > small) qgemm::vnni_panels<1, qgemm::WIDE_MR>(w, xq, M, j0, j1, b, yp, N);
-      else if (passes == 1) qgemm::vnni_panels<1, 4>(w, xq, M, j0, j1, b, yp, N);
+    pagedserve::parallel_for(0, w.P, M > 4 ? 1 : 2, [&](int64_t j0, int64_t j1) {
+      if (passes == 1) qgemm::vnni_panels<1, qgemm::WIDE_MR>(w, xq, M, j0, j1, b, yp, N);
       else qgemm::vnni_panels<2, 2>(w, xq, M, j0, j1, b, yp, N);
     });
     return y;
