@@ -17,6 +17,7 @@
   python benchmarks/quant_weights.py            # all (~6 min on 2 cores)
   python benchmarks/quant_weights.py --from-json
   python benchmarks/quant_weights.py --accuracy-only   # the accuracy/memory table (~3 min)
+  python benchmarks/quant_weights.py --kernels-only    # the kernel table (~2 min)
   python benchmarks/quant_weights.py --kquants   # a llama.cpp Q4_K_M file: kept quantized vs its float copy
 
 --kquants: llama.cpp's own quantizer (libllama's llama_model_quantize, from the build
@@ -201,7 +202,7 @@ def report(results: dict) -> None:
                   f"{r['greedy_agreement_pct']:.1f}%", f"{r['weight_bytes'] / 2**20:.0f}",
                   f"{r['weight_bytes'] / gguf:.2f}")
     Console().print(t)
-    k = Table(title="30 layers of projections, ms (lower is better)")
+    k = Table(title=f"30 layers of projections, ms (lower is better; {results.get('kernels_date', results['date'])})")
     kinds = list(next(iter(results["kernels"].values())))
     k.add_column("M")
     for c in kinds:
@@ -288,12 +289,18 @@ def main():
     ap.add_argument("--from-json", action="store_true")
     ap.add_argument("--kquants", action="store_true")
     ap.add_argument("--accuracy-only", action="store_true", help="re-measure the accuracy table only (merged into the JSON)")
+    ap.add_argument("--kernels-only", action="store_true", help="re-measure the kernel table only (merged into the JSON)")
     args = ap.parse_args()
     if args.from_json:
         return finish(json.loads(OUT.read_text()), OUT, report, plot, save=False)
     if args.kquants:
         results = json.loads(OUT.read_text())
         results["kquants"] = {"date": time.strftime("%Y-%m-%d %H:%M"), **kquants()}
+        return finish(results, OUT, report, plot)
+    if args.kernels_only:
+        results = json.loads(OUT.read_text())
+        results.update(machine=machine(), kernels_date=time.strftime("%Y-%m-%d %H:%M"))
+        results["kernels"] = json.loads(json.dumps(kernels()))
         return finish(results, OUT, report, plot)
     if args.accuracy_only:
         results = json.loads(OUT.read_text())
