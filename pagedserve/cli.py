@@ -108,7 +108,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation-dtype", default="auto", choices=list(ACTIVATION_DTYPES),
                    help="inputs of quantized-weight matmuls: auto (--dtype's precision) or int8 (quantized to "
                         "int8 per group of the weights' groups, as OpenVINO's CPU default and llama.cpp do: ~1.3-2x "
-                        "the quantized GEMMs on AVX512_VNNI CPUs for ~+1.5%% perplexity)")
+                        "the quantized GEMMs on AVX512_VNNI CPUs for ~+0.5%% perplexity)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + output); default: the model's")
     p.add_argument("--gpu-memory-utilization", type=float, default=None,

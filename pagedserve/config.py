@@ -31,8 +31,8 @@ LOADABLE_QUANTIZATION = QUANTIZATION_METHODS
 # --activation-dtype: what the inputs of quantized-weight matmuls are multiplied as. auto: --dtype's
 # precision (decode's small batches in two int8 passes, ~15 bits). int8: each group of activations
 # quantized to int8 in one pass, as OpenVINO's CPU plugin does by default (dynamic quantization,
-# groups of 32) and llama.cpp always: ~1.3-2x the quantized GEMM's rate on AVX512_VNNI for ~+1.5%
-# perplexity (benchmarks/README.md).
+# groups of 32) and llama.cpp always: ~1.3-2x the quantized GEMM's rate on AVX512_VNNI for ~+0.5%
+# perplexity on the default model (benchmarks/README.md).
 ACTIVATION_DTYPES = ("auto", "int8")
 # `pagedserve quantize --method` (model/quantization/quantize.py): what it writes.
 QUANTIZE_METHODS = ("int8", "int4-rtn", "gptq", "awq")

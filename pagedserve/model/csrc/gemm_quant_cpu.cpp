@@ -26,6 +26,8 @@
 //   AVX512_BF16 tile, float32 rows for the float32 tiles) that every row tile of x then reuses from
 //   L1/L2, so the expansion is amortized over M / 12 tiles and the product runs at the packed
 //   GEMM's rate in the precision --dtype asks for.
+// - --activation-dtype int8 (int8_rows): every batch on the integer kernel with one int8 pass,
+//   above 4 rows in tiles of 10 rows (the 64-byte unit unpacked once for ten rows).
 #include <torch/extension.h>
 #include "parallel.h"
 
@@ -193,9 +195,10 @@ static void quantize_rows_512(const float* x, int64_t ldx, int64_t m0, int64_t m
         const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(src + k), inv);
         const __m512i q1 = _mm512_cvtps_epi32(v);
         store(q1, out.q[0].data() + at + k);
-        if (passes == 2)
-          store(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(v, _mm512_cvtepi32_ps(_mm512_min_epi32(_mm512_max_epi32(q1, lo), hi))), second)),
-                out.q[1].data() + at + k);
+        if (passes == 2) {  // what pass one rounded off (from the clamped q1, as the scalar loop)
+          const __m512 q1f = _mm512_cvtepi32_ps(_mm512_min_epi32(_mm512_max_epi32(q1, lo), hi));
+          store(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(v, q1f), second)), out.q[1].data() + at + k);
+        }
       }
       out.s[m * ng + g] = amax / 127.f;
       out.sum[m * ng + g] = _mm512_reduce_add_ps(sm);
