@@ -1,6 +1,6 @@
 """Tensor parallelism (issue 28) on this CPU with gloo: two ranks, two processes, against one rank
 on the same model in float32 — dense Llama with KV heads split, MQA with the KV head replicated,
-Mixtral and Qwen2-MoE with every expert split; then `pagedserve serve --tensor-parallel-size 2`
+Mixtral, Qwen2-MoE and OLMoE with every expert split; then `pagedserve serve --tensor-parallel-size 2`
 (stream, abort, clean shutdown with no rank left behind, a killed rank -> 503 and a non-zero
 exit), and the shapes it refuses at start."""
 
@@ -27,7 +27,7 @@ def models(tmp_path_factory, tiny_dirs):
 
     root = tmp_path_factory.mktemp("tp")
     out = {"llama3": tiny_dirs["llama3"], "mixtral": make_tiny_model(root / "mixtral", "mixtral"),
-           "qwen2_moe": make_tiny_model(root / "qwen2_moe", "qwen2_moe")}
+           "qwen2_moe": make_tiny_model(root / "qwen2_moe", "qwen2_moe"), "olmoe": make_tiny_model(root / "olmoe", "olmoe")}
     mqa = root / "mqa"  # one KV head: both ranks keep it (replicated), each its own query heads
     shutil.copytree(tiny_dirs["llama"], mqa)
     cfg = json.loads((mqa / "config.json").read_text())
@@ -57,10 +57,11 @@ def _run(model, tp: int, **kw):
         llm.engine.close()
 
 
-@pytest.mark.parametrize("kind", ["llama3", "mqa", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("kind", ["llama3", "mqa", "mixtral", "qwen2_moe", "olmoe"])
 def test_two_ranks_equal_one(models, kind):
     """Batched steps with chunked prefill beside decodes: every prompt log-probability within 1e-4
-    and the same greedy tokens with the model split over two processes."""
+    and the same greedy tokens with the model split over two processes (OLMoE: its q/k norms over
+    all heads summed across the ranks)."""
     one, _ = _run(models[kind], 1)
     two, runner = _run(models[kind], 2)
     assert runner.model_arch.num_heads * 2 == runner.arch.num_heads  # really split

@@ -2,6 +2,7 @@
 
   q/k/v projections (and biases)   rows by attention head; KV heads split when the rank count
                                    divides them, else each rank keeps the one its query heads read
+  OLMoE's q/k norm weights         by head, as q/k (the norm's mean of squares: an all-reduce)
   o_proj                           columns by query head (a row-parallel matmul: partial sums)
   gate/up (dense, experts, shared) rows by intermediate channel
   down (dense, experts, shared)    columns by intermediate channel
@@ -46,9 +47,10 @@ def check_tensor_parallel(arch: ModelArch, size: int, expert_parallel: bool = Fa
     if problems:
         raise ValueError(f"--tensor-parallel-size {size} does not divide {', '.join(problems)}: pick a size that "
                          f"divides them (this model: {h} heads, {kv} KV heads)")
-    if arch.qk_norm:
-        raise ValueError(f"{arch.architecture} normalizes q and k over all heads, which tensor parallelism does "
-                         "not split yet: use --tensor-parallel-size 1")
+    if arch.qk_norm and kv % size:
+        raise ValueError(f"{arch.architecture} normalizes k over all its {kv} KV heads, which {size} ranks can only "
+                         "share when the count divides them (a replicated head would count twice): pick a "
+                         "--tensor-parallel-size that divides it")
 
 
 def local_arch(arch: ModelArch, size: int, rank: int = 0, expert_parallel: bool = False) -> ModelArch:
@@ -104,6 +106,9 @@ def shard_weights(weights: dict, arch: ModelArch, rank: int, size: int,
             if rows.shape[0] < vocab_rows:  # the last shard: zero rows past the vocabulary
                 rows = torch.cat([rows, rows.new_zeros(vocab_rows - rows.shape[0], *rows.shape[1:])])
             out[name] = rows.contiguous()
+        elif module in ("q_norm", "k_norm"):  # OLMoE: per-channel over all heads, split as q/k rows
+            per = w.shape[0] // size
+            out[name] = w[rank * per:(rank + 1) * per].contiguous()
         elif module in ("k_proj", "v_proj"):
             first, n = _kv_rows(arch, rank, size)
             out[name] = w[first:first + n].contiguous()

@@ -190,6 +190,24 @@ class RMSNorm(nn.Module):
         return h if residual is None else (h, residual)
 
 
+class ShardedRMSNorm(RMSNorm):
+    """RMSNorm over a vector split across the tensor-parallel ranks (OLMoE's q and k norms, over all
+    heads): each rank holds its heads' slice of x and of the weight; the mean of squares is summed
+    over the ranks (one small all-reduce) before each rank scales its slice. On one rank, RMSNorm."""
+
+    def __init__(self, dim: int, eps: float, ranks: int):
+        super().__init__(dim, eps)
+        self.ranks = ranks
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if self.ranks == 1:
+            return super().forward(x, residual)
+        assert residual is None
+        h = x.float()
+        sq = tp().all_reduce(h.pow(2).sum(-1, keepdim=True))
+        return self.weight * (h * torch.rsqrt(sq / (x.shape[-1] * self.ranks) + self.eps)).to(x.dtype)
+
+
 def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
     d = arch.head_dim
     inv_freq = 1.0 / (arch.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
@@ -251,9 +269,11 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.q_size, arch.hidden_size, bias=False)
         self.scale = self.head_dim**-0.5
         self.backend = backend
-        # OLMoE: RMSNorm over all of q and of k before RoPE, and an optional clamp of q, k, v
-        self.q_norm = RMSNorm(self.q_size, arch.rms_norm_eps) if arch.qk_norm else None
-        self.k_norm = RMSNorm(self.kv_size, arch.rms_norm_eps) if arch.qk_norm else None
+        # OLMoE: RMSNorm over all of q and of k before RoPE (over every rank's heads under tensor
+        # parallelism, whose KV heads split evenly: shard.py), and an optional clamp of q, k, v
+        ranks = tp().size
+        self.q_norm = ShardedRMSNorm(self.q_size, arch.rms_norm_eps, ranks) if arch.qk_norm else None
+        self.k_norm = ShardedRMSNorm(self.kv_size, arch.rms_norm_eps, ranks) if arch.qk_norm else None
         self.clip_qkv = arch.clip_qkv
 
     def forward(self, x, positions, rotary: RotaryEmbedding, kv_cache, meta: AttentionMetadata, rows=None):
