@@ -389,12 +389,15 @@ def test_int8_activations_serve_the_default_model_close_to_its_float_activations
 
 
 def test_int8_activations_are_refused_where_they_cannot_apply(tiny_dirs):
-    """A model with float weights, or a name that is not one: a clear error at start."""
+    """A model with float weights, tensor parallelism, or a name that is not one: a clear error at
+    start."""
     from pagedserve import LLM
     from pagedserve.config import EngineConfig
 
     with pytest.raises(ValueError, match="activation_dtype must be one of"):
         EngineConfig(activation_dtype="fp4")
+    with pytest.raises(ValueError, match="tensor parallelism dequantizes"):
+        EngineConfig(activation_dtype="int8", tensor_parallel_size=2)
     ks = cpu_kernels.load()
     match = "has none" if ks is not None and ks.quant_linear_vnni_supported() else "AVX512_VNNI"
     with pytest.raises(ValueError, match=match):
