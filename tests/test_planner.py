@@ -84,8 +84,10 @@ def test_70b_bf16_does_not_fit_one_80gb_gpu():
     assert p.memory["min_tp"] >= 2 and p.memory["fits"] and p.memory["tp"] == p.memory["min_tp"]
     # The server takes the degree as vLLM spells it (and parses it: test below).
     assert p.flags["--tensor-parallel-size"] == p.memory["tp"] and not p.not_servable
-    # quantized weights would be dequantized to be split: said, not hidden
-    assert any("tensor parallelism" in w for w in plan("llama-3-70b", "H100-SXM", weight_dtype="awq", tp=2).not_servable)
+    # quantized weights are dequantized on GPUs (and to be split): said, not hidden
+    for tp in (1, 2):
+        assert any("dequantizes them to bf16" in w for w in plan("llama-3-70b", "H100-SXM", weight_dtype="awq",
+                                                                   tp=tp).not_servable)
 
 
 @pytest.mark.parametrize("weights", ["fp32", "bf16", "fp16", "fp8", "int8", "awq", "gptq"])

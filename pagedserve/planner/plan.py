@@ -431,9 +431,10 @@ class Plan:
             f["--max-num-batched-tokens"] = inp.max_num_batched_tokens
         if self.memory["tp"] > 1:
             f["--tensor-parallel-size"] = self.memory["tp"]
-            if inp.weight_dtype not in DTYPES:
-                self.not_servable.append(f"{inp.weight_dtype} weights split over {self.memory['tp']} GPUs: pagedserve "
-                                         "dequantizes quantized weights under tensor parallelism so far")
+        if inp.weight_dtype not in DTYPES:  # the plan counts quantized bytes; the GPU path has no such kernels
+            self.not_servable.append(f"{inp.weight_dtype} weights kept quantized on GPUs: pagedserve keeps quantized "
+                                     "weights quantized on CPUs only; on a GPU (and split by tensor parallelism) it "
+                                     "dequantizes them to bf16 at load, more memory than this plan counts")
         if inp.weight_dtype in DTYPES:
             if inp.weight_dtype != "fp32":
                 f["--dtype"] = DTYPES[inp.weight_dtype]
