@@ -137,7 +137,7 @@ def kernels(rounds: int = 5) -> dict:
              "int4 dequant-GEMM": lambda x, s, i: m.quant_linear(x, *w4[s][i].pack(), None, bf),
              "int8 integer": lambda x, s, i: m.quant_linear(x, *w8[s][i].pack(), None, bf),
              "int8 dequant-GEMM": lambda x, s, i: m.quant_linear(x, *w8[s][i].pack(), None, bf),
-             # --activation-dtype int8: one int8 pass per activation, the wide tile at every M here
+             # --activation-dtype int8: one int8 pass per activation at every M (the 10-row tile above 4)
              "int4 int8-act": lambda x, s, i: m.quant_linear(x, *w4[s][i].pack(), None, bf, 1),
              "int8 int8-act": lambda x, s, i: m.quant_linear(x, *w8[s][i].pack(), None, bf, 1)}
     if not m.quant_linear_vnni_supported():
