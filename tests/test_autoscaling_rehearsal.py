@@ -59,11 +59,13 @@ def prom_pair(tiny_dirs, tmp_path_factory):
             "32MiB", "--max-model-len", "512"]
     with ThreadPoolExecutor(2) as ex:
         reps = list(ex.map(lambda i: ServerProcess(args, tmp / f"r{i}.log"), range(2)))
-    prom = PrometheusServer([(r.port, {"namespace": "llm", "pod": f"r{i}"}) for i, r in enumerate(reps)])
-    yield reps, prom
-    prom.stop()
-    for r in reps:
-        r.stop()
+    try:  # the replicas stop even when Prometheus cannot start (a setup error left them running)
+        prom = PrometheusServer([(r.port, {"namespace": "llm", "pod": f"r{i}"}) for i, r in enumerate(reps)])
+        yield reps, prom
+        prom.stop()
+    finally:
+        for r in reps:
+            r.stop()
 
 
 def test_hpa_and_keda_ask_for_more_replicas_under_load_and_the_minimum_idle(prom_pair, tmp_path):
