@@ -403,3 +403,15 @@ def test_int8_activations_are_refused_where_they_cannot_apply(tiny_dirs):
     with pytest.raises(ValueError, match=match):
         LLM(str(tiny_dirs["llama"]), max_model_len=128, kv_cache_memory=8 << 20, dtype="float32",
             activation_dtype="int8")
+
+
+def test_activation_dtype_is_a_serve_flag():
+    """`pagedserve serve --activation-dtype` takes the config's names and nothing else."""
+    from pagedserve.cli import build_parser
+    from pagedserve.config import ACTIVATION_DTYPES
+
+    for name in ACTIVATION_DTYPES:
+        assert build_parser().parse_args(["serve", "--activation-dtype", name]).activation_dtype == name
+    assert build_parser().parse_args(["serve"]).activation_dtype == "auto"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--activation-dtype", "fp4"])
