@@ -146,8 +146,7 @@ class EngineConfig:
         if self.activation_dtype not in ACTIVATION_DTYPES:
             raise ValueError(f"activation_dtype must be one of {list(ACTIVATION_DTYPES)}, got {self.activation_dtype!r}")
         if self.activation_dtype == "int8" and self.tensor_parallel_size > 1:  # before any rank starts
-            raise ValueError("--activation-dtype int8 multiplies weights kept quantized, and tensor parallelism "
-                             "dequantizes them to split them: use one of the two")
+            raise ValueError("--activation-dtype int8 does not run under tensor parallelism yet: use one of the two")
         if self.structured_outputs_backend not in STRUCTURED_OUTPUTS_BACKENDS:
             raise ValueError(f"structured_outputs_backend must be one of {list(STRUCTURED_OUTPUTS_BACKENDS)}, "
                              f"got {self.structured_outputs_backend!r}")

@@ -71,6 +71,23 @@ def test_two_ranks_equal_one(models, kind):
         assert (l1 - l2).abs().max().item() < 1e-4
 
 
+def test_quantized_weights_stay_quantized_on_each_rank(models, tmp_path):
+    """An int4 checkpoint (`pagedserve quantize`, groups of 16) split over two ranks: each rank
+    keeps its rows and whole groups of columns quantized (nothing dequantized), and the answers
+    equal one rank's."""
+    from pagedserve.model.quantization.quantize import quantize_model
+
+    q = quantize_model(str(models["llama3"]), "int4-rtn", tmp_path / "int4", group_size=16)
+    one, _ = _run(q, 1)
+    two, runner = _run(q, 2)
+    kept = {w.source for w in runner.quantized_weights.values()}
+    assert kept and runner.model.layers[0].self_attn.o_proj.quant is not None, kept  # a column-split weight
+    assert runner.model.layers[0].mlp.down_proj.quant.shape[1] * 2 == runner.arch.intermediate_size
+    for (t1, l1), (t2, l2) in zip(one, two):
+        assert t1 == t2
+        assert (l1 - l2).abs().max().item() < 1e-4
+
+
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
 def test_expert_parallel_equals_one_rank(models, kind):
     """--enable-expert-parallel: each rank holds whole experts (even ids on rank 0, odd on rank 1)

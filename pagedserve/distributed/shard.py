@@ -80,20 +80,31 @@ def _kv_rows(arch: ModelArch, rank: int, size: int) -> tuple[int, int]:
     return (rank * kv // size) * d, d  # replicated: the KV head of this rank's query heads
 
 
+def _rows(w, first: int, count: int, pad_to: int | None = None):
+    """Rows [first, first + count) of a float or quantized weight, zero rows appended up to pad_to."""
+    from pagedserve.model.quantization.weight import QuantizedWeight
+
+    if isinstance(w, QuantizedWeight):
+        return w.slice_rows(first, count, pad_to)
+    rows = w[first:first + count]
+    if pad_to is not None and rows.shape[0] < pad_to:  # the last vocabulary shard: zero rows past the end
+        rows = torch.cat([rows, rows.new_zeros(pad_to - rows.shape[0], *rows.shape[1:])])
+    return rows.contiguous()
+
+
 def shard_weights(weights: dict, arch: ModelArch, rank: int, size: int,
                   expert_parallel: bool = False) -> dict[str, torch.Tensor]:
-    """Cut each tensor (Hugging Face names) to this rank's part. Quantized weights are dequantized
-    first (their groups run along the split input dimension), with a log line. Expert parallel:
-    experts are not cut; a rank keeps the whole experts e % size == rank and drops the others."""
+    """Cut each tensor (Hugging Face names) to this rank's part. Quantized weights stay quantized:
+    output rows cut anywhere, input columns in whole groups; a cut through a group (or through
+    GPTQ act-order's permuted columns) dequantizes that weight first, with a log line. Expert
+    parallel: experts are not cut; a rank keeps the whole experts e % size == rank and drops the others."""
     if size == 1:
         return weights
     from pagedserve.model.quantization.weight import QuantizedWeight
 
-    out, dequantized = {}, 0
+    out, dequantized = {}, []
     vocab_rows = -(-arch.vocab_size // size)
     for name, w in weights.items():
-        if isinstance(w, QuantizedWeight):
-            w, dequantized = w.dequantize(), dequantized + 1
         parts = name.split(".")
         module = parts[-2] if len(parts) >= 2 else ""
         if expert_parallel and ".experts." in name:
@@ -102,25 +113,30 @@ def shard_weights(weights: dict, arch: ModelArch, rank: int, size: int,
                 out[name] = w
             continue
         if module in ("embed_tokens", "lm_head"):
-            rows = w[rank * vocab_rows:(rank + 1) * vocab_rows]
-            if rows.shape[0] < vocab_rows:  # the last shard: zero rows past the vocabulary
-                rows = torch.cat([rows, rows.new_zeros(vocab_rows - rows.shape[0], *rows.shape[1:])])
-            out[name] = rows.contiguous()
+            n = max(0, min(vocab_rows, w.shape[0] - rank * vocab_rows))
+            out[name] = _rows(w, rank * vocab_rows, n, vocab_rows)
         elif module in ("q_norm", "k_norm"):  # OLMoE: per-channel over all heads, split as q/k rows
             per = w.shape[0] // size
             out[name] = w[rank * per:(rank + 1) * per].contiguous()
         elif module in ("k_proj", "v_proj"):
-            first, n = _kv_rows(arch, rank, size)
-            out[name] = w[first:first + n].contiguous()
+            out[name] = _rows(w, *_kv_rows(arch, rank, size))
         elif module in _ROWS:
             per = w.shape[0] // size
-            out[name] = w[rank * per:(rank + 1) * per].contiguous()
+            out[name] = _rows(w, rank * per, per)
         elif module in _COLS:
             per = w.shape[1] // size
+            if isinstance(w, QuantizedWeight):
+                cut = w.slice_cols(rank * per, per)
+                if cut is not None:
+                    out[name] = cut
+                    continue
+                w = w.dequantize()
+                dequantized.append(name)
             out[name] = w[:, rank * per:(rank + 1) * per].contiguous()
         else:
             out[name] = w
     if dequantized:
-        log.warning("tensor parallelism: %d quantized weights dequantized to float to be split", dequantized)
+        log.warning("tensor parallelism: %d quantized weights dequantized to float to be split (a cut through their "
+                    "groups, or act-order columns): %s", len(dequantized), ", ".join(dequantized[:4]))
     return out
 

@@ -433,8 +433,8 @@ class Plan:
             f["--tensor-parallel-size"] = self.memory["tp"]
         if inp.weight_dtype not in DTYPES:  # the plan counts quantized bytes; the GPU path has no such kernels
             self.not_servable.append(f"{inp.weight_dtype} weights kept quantized on GPUs: pagedserve keeps quantized "
-                                     "weights quantized on CPUs only; on a GPU (and split by tensor parallelism) it "
-                                     "dequantizes them to bf16 at load, more memory than this plan counts")
+                                     "weights quantized on CPUs only; on a GPU it dequantizes them to bf16 at load, "
+                                     "more memory than this plan counts")
         if inp.weight_dtype in DTYPES:
             if inp.weight_dtype != "fp32":
                 f["--dtype"] = DTYPES[inp.weight_dtype]

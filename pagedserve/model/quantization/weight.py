@@ -100,6 +100,28 @@ class QuantizedWeight:
                               self.bits, self.group_size, self.source, self.input_perm)
         return sub.dequantize()
 
+    def slice_rows(self, first: int, count: int, pad_to: int | None = None) -> QuantizedWeight:
+        """Output rows [first, first + count), zero rows appended up to `pad_to` (a tensor-parallel
+        shard: q/k/v, gate/up, a vocabulary shard)."""
+        self._unpacked()
+        part = [t[first:first + count] if t is not None else None for t in (self.q, self.scales, self.offsets)]
+        if pad_to is not None and pad_to > count:
+            part = [torch.cat([t, t.new_zeros(pad_to - count, t.shape[1])]) if t is not None else None for t in part]
+        q, scales, offsets = (t.contiguous() if t is not None else None for t in part)
+        return QuantizedWeight(q, scales, offsets, self.bits, self.group_size, self.source, self.input_perm)
+
+    def slice_cols(self, first: int, count: int) -> QuantizedWeight | None:
+        """Input columns [first, first + count) in whole groups (a row-parallel shard: o_proj, down),
+        or None where the cut would split a group or the columns are act-order permuted."""
+        g = self.group_size
+        if first % g or count % g or self.input_perm is not None:
+            return None
+        self._unpacked()
+        cols = slice(first // g, (first + count) // g)
+        return QuantizedWeight(self.q[:, first:first + count].contiguous(), self.scales[:, cols].contiguous(),
+                               None if self.offsets is None else self.offsets[:, cols].contiguous(), self.bits, g,
+                               self.source)
+
     def permute_rows(self, perm: torch.Tensor) -> QuantizedWeight:
         self._unpacked()
         return QuantizedWeight(self.q[perm].contiguous(), self.scales[perm].contiguous(),
