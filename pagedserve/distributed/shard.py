@@ -8,7 +8,8 @@
   down (dense, experts, shared)    columns by intermediate channel
   embed_tokens / lm_head           rows by vocabulary (padded so every rank has as many)
   norms, the MoE router, Qwen2-MoE's shared-expert gate   whole on every rank
-With --enable-expert-parallel the experts are not cut: each rank keeps whole experts.
+With --enable-expert-parallel the experts are not cut: each rank keeps whole experts. Quantized
+weights are cut the same way and stay quantized (columns in whole groups of their quantization).
 """
 
 from __future__ import annotations
