@@ -23,7 +23,7 @@ from pagedserve.model.arch import ModelArch
 
 log = logging.getLogger("pagedserve.distributed")
 
-_ROWS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "w1", "w3")  # split by output rows
+_ROWS = ("q_proj", "q_norm", "gate_proj", "up_proj", "w1", "w3")  # split by output rows (OLMoE's q_norm: per q channel)
 _COLS = ("o_proj", "down_proj", "w2")  # split by input columns
 
 
@@ -116,10 +116,7 @@ def shard_weights(weights: dict, arch: ModelArch, rank: int, size: int,
         if module in ("embed_tokens", "lm_head"):
             n = max(0, min(vocab_rows, w.shape[0] - rank * vocab_rows))
             out[name] = _rows(w, rank * vocab_rows, n, vocab_rows)
-        elif module in ("q_norm", "k_norm"):  # OLMoE: per-channel over all heads, split as q/k rows
-            per = w.shape[0] // size
-            out[name] = w[rank * per:(rank + 1) * per].contiguous()
-        elif module in ("k_proj", "v_proj"):
+        elif module in ("k_proj", "v_proj", "k_norm"):  # OLMoE's k_norm: per k channel
             out[name] = _rows(w, *_kv_rows(arch, rank, size))
         elif module in _ROWS:
             per = w.shape[0] // size
