@@ -116,6 +116,72 @@ def test_tuner_moves_to_one_thread_when_the_cpu_is_shared_and_back_when_it_is_no
     assert tuner.probes == empty
 
 
+def test_tuner_compares_like_steps_not_a_prompt_chunk_against_decodes():
+    """A server's steps differ in size: a step carrying a prompt's chunk runs many more tokens per
+    second than a decode-only one. Two threads are faster for both kinds here, but the probe's
+    one-thread slots keep drawing the prompt steps: summed over the probe, one thread would look
+    1.6x faster (the trap a server fell into, measuring 816 tokens/s on one thread against 371 on
+    two). Neighbouring steps of about the same size are compared instead, so two stay; and a probe
+    with no comparable neighbours gives up rather than guess."""
+    from pagedserve.engine.thread_tuner import ThreadTuner
+
+    cost = {2: (0.008, 0.0005), 1: (0.012, 0.0009)}  # (per step, per token) seconds
+
+    class Clock:
+        t = 0.0
+        threads = 2
+
+        def __call__(self):
+            return self.t
+
+    clock = Clock()
+
+    def set_threads(n):
+        clock.threads = n
+
+    tuner = ThreadTuner(2, set_threads, clock=clock)
+    seen = {1: [0, 0.0], 2: [0, 0.0]}
+
+    def step(tokens):
+        tuner.before_step()
+        dt = cost[clock.threads][0] + cost[clock.threads][1] * tokens
+        clock.t += dt
+        if tuner._probe is not None:
+            seen[clock.threads][0] += tokens
+            seen[clock.threads][1] += dt
+        tuner.after_step(tokens)
+
+    for _ in range(200):  # past the first probe
+        step(8)
+    assert tuner.probes == 1 and tuner.chosen == 2
+    seen = {1: [0, 0.0], 2: [0, 0.0]}
+    tuner._wait_s = 0
+    pattern = [8, 512, 8, 8]  # probe slots 2, 1, 2, 1: the prompt steps land on one thread
+    i = 0
+    while tuner.probes < 2:
+        step(pattern[i % 4])
+        i += 1
+    assert seen[1][0] / seen[1][1] > 1.5 * seen[2][0] / seen[2][1]  # the sum over the probe says "one thread"
+    assert tuner.chosen == 2 and tuner.abandoned == 0
+    tuner._wait_s = 0
+    i = 0
+    while tuner._probe is not None or i == 0:  # every neighbour differs in size: no comparison, no switch
+        step([8, 512][i % 2])
+        i += 1
+    assert tuner.abandoned == 1 and tuner.probes == 2 and tuner.chosen == 2 and i == tuner.max_probe_steps
+
+
+def test_tuner_waits_for_the_kv_cache_to_be_faulted_in():
+    """The thread faulting the KV cache in takes a core for a few seconds after start: a probe then
+    would measure our own start-up, not a neighbour. It waits until that is done."""
+    busy = [True]
+    clock = _StepClock({2: 0.001, 1: 0.002})
+    tuner = _tuner(clock, ready=lambda: not busy[0])
+    assert set(clock.run(tuner, steps=100)) == {2} and tuner.probes == 0  # 6.4 s of steps: no probe while busy
+    busy[0] = False
+    assert clock.run(tuner, steps=8) == [2, 1] * 4 and tuner.probes == 1
+
+
 def test_engine_plans_work_for_all_threads_and_tunes_only_on_the_cpp_path(tiny_dirs):
     import torch
 

@@ -103,7 +103,8 @@ class LLMEngine:
         self.tuner: ThreadTuner | None = None  # 1 or N threads, measured (thread_tuner.py)
         if cfg.adaptive_threads and self.runner.kernels is not None and torch.get_num_threads() > 1 and tp_size == 1:
             self.runner.kernels.set_planned_threads(torch.get_num_threads())
-            self.tuner = ThreadTuner(torch.get_num_threads(), torch.set_num_threads)
+            self.tuner = ThreadTuner(torch.get_num_threads(), torch.set_num_threads,
+                                     ready=lambda: not self.runner.kv_populating)
         device = self.runner.device
         self.max_num_batched_tokens = (cfg.max_num_batched_tokens
                                        or DEFAULT_MAX_NUM_BATCHED_TOKENS["cuda" if device.type == "cuda" else "cpu"])

@@ -183,6 +183,11 @@ class ModelRunner:
         secs = sum(populate(t) for t in ((caches.data, caches.scales) if isinstance(caches, ScaledKV) else (caches,)))
         log.info("KV cache faulted in: %.0f MiB in %.2fs", self.kv_bytes / 2**20, secs)
 
+    @property
+    def kv_populating(self) -> bool:
+        """The KV cache is being faulted in now (a thread taking a core)."""
+        return self._populating is not None and self._populating.is_alive()
+
     def wait_kv_populated(self) -> None:
         """Fault the KV cache in and wait for it (offline runs: before their work starts)."""
         self.start_kv_populate()
