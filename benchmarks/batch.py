@@ -3,7 +3,7 @@ kill -9 of its server.
 
     python benchmarks/batch.py throughput [--pairs 2]   # the default workload, same-run pairs
     python benchmarks/batch.py crash [--lines 300]      # kill -9 at 30%, 60%, 90%, restart each time
-    python benchmarks/batch.py mixed [--lines 2000]     # chat at c=8 alone, a batch alone, then both
+    python benchmarks/batch.py mixed [--rounds 3]       # chat at c=8 alone, a batch alone, then both
 
 throughput: the 128-request default workload (token-id prompts, ignore_eos, greedy) through
 `run-batch` (the server's app in-process, completions endpoint) and through `LLM.generate`, each a
@@ -15,12 +15,13 @@ at 30%, 60% and 90% of them done the server is killed with SIGKILL and started a
 directory. Checked at the end: every custom_id in the output exactly once, and each line that had
 a committed result before a kill still has that same result (not redone).
 
-mixed: one server on the default model with --batch-dir; chat at concurrency 8 (`pagedserve bench`,
---chat-requests requests, prompts 32-512 and outputs 32-256 tokens) alone after a warm-up round;
-then a --lines-line batch (short chat lines, 64 tokens each) alone for --window seconds (its out
-tokens/s from vllm:generation_tokens); then the same chat load beside the still-running batch.
-Targets: chat TTFT p99 <= 1.5x and ITL p50 <= 1.3x of chat alone, and the batch's out tokens/s
-beside chat >= 70% of (its rate alone - chat's rate alone). The batch is cancelled at the end.
+mixed: one server on the default model with --batch-dir; after a warm-up round, --rounds times:
+chat at concurrency 8 (`pagedserve bench`, --chat-requests requests, prompts 32-512 and outputs
+32-256 tokens) alone; then a --lines-line batch (short chat lines, 64 tokens each) alone for
+--window seconds (its out tokens/s from vllm:generation_tokens); then the same chat load beside the
+still-running batch, which is then cancelled. Targets (the medians over rounds; each round's ratios
+against its own chat-alone phase): chat TTFT p99 <= 1.5x and ITL p50 <= 1.3x of chat alone, and
+the batch's out tokens/s beside chat >= 70% of (its rate alone - chat's rate alone).
 
 Writes results/batch.json and results/batch.png.
 """
@@ -154,24 +155,32 @@ def crash(lines: int) -> dict:
             "wall_s": time.monotonic() - t0}
 
 
-def _gen_tokens(url: str) -> float:
+def _metric(url: str, name: str) -> float:
     import httpx
 
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("vllm:generation_tokens_total{") or line.startswith("vllm:generation_tokens_total "):
+        if line.startswith(name + "{") or line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
-    raise KeyError("vllm:generation_tokens_total")
+    raise KeyError(name)
 
 
-def mixed(chat_requests: int, lines: int, window_s: float, extra: list[str]) -> dict:
-    """Chat at concurrency 8 alone, then a batch alone, then both: chat TTFT p99 / ITL p50 against
-    chat alone, and the batch's out tok/s beside chat against what is left of its own rate."""
+def _gen_tokens(url: str) -> float:
+    return _metric(url, "vllm:generation_tokens_total")
+
+
+def mixed(chat_requests: int, lines: int, window_s: float, extra: list[str], rounds: int = 3) -> dict:
+    """Chat at concurrency 8 alone, then a batch alone, then both, `rounds` times on one server:
+    chat TTFT p99 / ITL p50 against chat alone in the same round, and the batch's out tok/s beside
+    chat against what is left of its own rate; the medians over rounds are the result (this shared
+    box drifts between phases by more than the targets' margins)."""
     import argparse as ap_
+    import statistics
 
     import openai
     from server_utils import ServerProcess
 
     from pagedserve.bench import cli as bench
+    from pagedserve.server.metrics import CPU_THREADS
 
     def chat(port_url: str) -> dict:
         a = ap_.Namespace(base_url=f"{port_url}/v1", model="m", api_key=None, concurrency=[8], request_rate=None,
@@ -179,42 +188,59 @@ def mixed(chat_requests: int, lines: int, window_s: float, extra: list[str]) -> 
                           timeout=600.0, label="chat", out=os.devnull)
         return asyncio.run(bench.bench(a))[0]
 
-    rows = [{"custom_id": f"doc-{i}", "method": "POST", "url": "/v1/chat/completions",
-             "body": {"model": "m", "messages": [{"role": "user", "content": f"Summarize document {i} in one line."}],
-                      "max_tokens": 64, "temperature": 0, "ignore_eos": True}} for i in range(lines)]
+    def batch_file(c, round_: int):  # distinct prompts each round: no prefix-cache hits from the last
+        rows = [{"custom_id": f"doc-{i}", "method": "POST", "url": "/v1/chat/completions",
+                 "body": {"model": "m", "messages": [{"role": "user", "content": f"Summarize document {i}.{round_} in one line."}],
+                          "max_tokens": 64, "temperature": 0, "ignore_eos": True}} for i in range(lines)]
+        data = io.BytesIO("".join(json.dumps(r) + "\n" for r in rows).encode())
+        return c.files.create(file=("docs.jsonl", data), purpose="batch")
+
+    keys = ("ttft_p99", "itl_p50", "output_tok_s")
+    out = []
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         s = ServerProcess(["--served-model-name", "m", *ENGINE_FLAGS, "--batch-dir", str(d / "b"), *extra], d / "s.log")
         try:
             c = openai.OpenAI(base_url=s.base, api_key="none", max_retries=0)
             chat(s.url)  # warm-up: first requests compile and fault in what they touch
-            alone = chat(s.url)
-            print(f"chat alone: TTFT p99 {alone['ttft_p99'] * 1e3:.0f} ms, ITL p50 {alone['itl_p50'] * 1e3:.1f} ms, "
-                  f"{alone['output_tok_s']:.1f} out tok/s", flush=True)
-            f = c.files.create(file=("docs.jsonl", io.BytesIO("".join(json.dumps(r) + "\n" for r in rows).encode())),
-                               purpose="batch")
-            b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
-            time.sleep(5)  # the batch ramps up
-            g0, t0 = _gen_tokens(s.url), time.monotonic()
-            time.sleep(window_s)
-            batch_alone = (_gen_tokens(s.url) - g0) / (time.monotonic() - t0)
-            print(f"batch alone: {batch_alone:.1f} out tok/s", flush=True)
-            g0, t0 = _gen_tokens(s.url), time.monotonic()
-            both = chat(s.url)
-            total = (_gen_tokens(s.url) - g0) / (time.monotonic() - t0)
-            batch_beside = total - both["output_tokens"] / (time.monotonic() - t0)
-            print(f"chat beside the batch: TTFT p99 {both['ttft_p99'] * 1e3:.0f} ms, ITL p50 "
-                  f"{both['itl_p50'] * 1e3:.1f} ms; batch {batch_beside:.1f} out tok/s", flush=True)
-            done = c.batches.cancel(b.id).request_counts
+            for i in range(rounds):
+                f = batch_file(c, i)
+                alone = chat(s.url)
+                threads = {"chat_alone": _metric(s.url, CPU_THREADS)}  # the tuner's choice as each phase ends
+                b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+                time.sleep(5)  # the batch ramps up
+                g0, t0 = _gen_tokens(s.url), time.monotonic()
+                time.sleep(window_s)
+                batch_alone = (_gen_tokens(s.url) - g0) / (time.monotonic() - t0)
+                threads["batch_alone"] = _metric(s.url, CPU_THREADS)
+                g0, t0 = _gen_tokens(s.url), time.monotonic()
+                both = chat(s.url)
+                threads["beside"] = _metric(s.url, CPU_THREADS)
+                total = (_gen_tokens(s.url) - g0) / (time.monotonic() - t0)
+                batch_beside = total - both["output_tokens"] / (time.monotonic() - t0)
+                c.batches.cancel(b.id)
+                while c.batches.retrieve(b.id).status == "cancelling":  # its lines in flight end first
+                    time.sleep(0.5)
+                left = batch_alone - alone["output_tok_s"]
+                r = {"chat_alone": {k: alone[k] for k in keys}, "chat_beside_batch": {k: both[k] for k in keys},
+                     "batch_alone_tok_s": batch_alone, "batch_beside_chat_tok_s": batch_beside,
+                     "ttft_p99_ratio": both["ttft_p99"] / alone["ttft_p99"],
+                     "itl_p50_ratio": both["itl_p50"] / alone["itl_p50"],
+                     "batch_share_of_left": batch_beside / left if left > 0 else None, "cpu_threads": threads}
+                out.append(r)
+                print(f"round {i + 1}: chat alone TTFT p99 {alone['ttft_p99'] * 1e3:.0f} ms, ITL p50 "
+                      f"{alone['itl_p50'] * 1e3:.1f} ms, {alone['output_tok_s']:.1f} tok/s; batch alone "
+                      f"{batch_alone:.1f} tok/s; beside: TTFT p99 {r['ttft_p99_ratio']:.2f}x, ITL p50 "
+                      f"{r['itl_p50_ratio']:.2f}x, batch {batch_beside:.1f} tok/s = "
+                      f"{(r['batch_share_of_left'] or 0):.0%} of what is left; threads {threads}", flush=True)
         finally:
             s.stop()
-    left = batch_alone - alone["output_tok_s"]
-    return {"chat_requests": chat_requests, "lines": lines, "flags": extra,
-            "chat_alone": {k: alone[k] for k in ("ttft_p99", "itl_p50", "output_tok_s")},
-            "chat_beside_batch": {k: both[k] for k in ("ttft_p99", "itl_p50", "output_tok_s")},
-            "batch_alone_tok_s": batch_alone, "batch_beside_chat_tok_s": batch_beside,
-            "ttft_p99_ratio": both["ttft_p99"] / alone["ttft_p99"], "itl_p50_ratio": both["itl_p50"] / alone["itl_p50"],
-            "batch_share_of_left": batch_beside / left if left > 0 else None, "lines_done_at_cancel": done.completed}
+    med = {k: statistics.median(r[k] for r in out) for k in ("ttft_p99_ratio", "itl_p50_ratio",
+                                                               "batch_alone_tok_s", "batch_beside_chat_tok_s")}
+    shares = [r["batch_share_of_left"] for r in out if r["batch_share_of_left"] is not None]
+    return {"chat_requests": chat_requests, "lines": lines, "flags": extra, "rounds": out, **med,
+            "chat_alone_tok_s": statistics.median(r["chat_alone"]["output_tok_s"] for r in out),
+            "batch_share_of_left": statistics.median(shares) if shares else None}
 
 
 def report(res: dict) -> None:
@@ -232,14 +258,22 @@ def report(res: dict) -> None:
         Console().print(tab)
         print(f"median ratio {t['median_ratio']:.3f} (target >= 0.95)")
     m = res.get("mixed")
-    if m:
-        print(f"mixed load ({m['chat_requests']} chat requests at c=8 beside a {m['lines']}-line batch, flags "
-              f"{m['flags'] or 'default'}): chat TTFT p99 {m['ttft_p99_ratio']:.2f}x (target <= 1.5), ITL p50 "
-              f"{m['itl_p50_ratio']:.2f}x (target <= 1.3) of chat alone; batch {m['batch_beside_chat_tok_s']:.1f} "
-              f"out tok/s beside chat, alone {m['batch_alone_tok_s']:.1f}, chat alone "
-              f"{m['chat_alone']['output_tok_s']:.1f}: "
-              + (f"{m['batch_share_of_left']:.0%} of what is left (target >= 70%)" if m["batch_share_of_left"]
-                 is not None else "nothing left"))
+    if m and "rounds" in m:
+        tab = Table(title=f"mixed load: {m['chat_requests']} chat requests at c=8 beside a {m['lines']}-line batch, "
+                          f"flags {' '.join(m['flags']) or 'default'}")
+        for col in ("round", "chat alone ITL p50 ms", "TTFT p99 x", "ITL p50 x", "batch beside", "batch alone",
+                    "chat alone", "share of left"):
+            tab.add_column(col, justify="right")
+        for i, r in enumerate(m["rounds"], 1):
+            tab.add_row(str(i), f"{r['chat_alone']['itl_p50'] * 1e3:.1f}", f"{r['ttft_p99_ratio']:.2f}",
+                        f"{r['itl_p50_ratio']:.2f}", f"{r['batch_beside_chat_tok_s']:.1f}",
+                        f"{r['batch_alone_tok_s']:.1f}", f"{r['chat_alone']['output_tok_s']:.1f}",
+                        f"{r['batch_share_of_left']:.0%}" if r["batch_share_of_left"] is not None else "-")
+        Console().print(tab)
+        share = m["batch_share_of_left"]
+        print(f"medians: chat TTFT p99 {m['ttft_p99_ratio']:.2f}x (target <= 1.5), ITL p50 {m['itl_p50_ratio']:.2f}x "
+              f"(target <= 1.3) of chat alone; batch "
+              + (f"{share:.0%} of what is left (target >= 70%)" if share is not None else "nothing left"))
     c = res.get("crash")
     if c:
         for k in c["kills"]:
@@ -251,7 +285,7 @@ def report(res: dict) -> None:
 
 def plot(res: dict):
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     t = res.get("throughput")
     if t:
         x = range(1, len(t["rounds"]) + 1)
@@ -266,6 +300,16 @@ def plot(res: dict):
         axes[1].set(xlabel="kill -9 at", ylabel="lines committed",
                     title=f"{c['output_lines']} output lines, each once: {c['each_custom_id_once']}")
         axes[1].legend()
+    m = res.get("mixed")
+    if m and "rounds" in m:
+        x = range(1, len(m["rounds"]) + 1)
+        axes[2].plot(x, [r["itl_p50_ratio"] for r in m["rounds"]], "o-", label="chat ITL p50 / alone (<= 1.3)")
+        axes[2].plot(x, [r["ttft_p99_ratio"] for r in m["rounds"]], "s-", label="chat TTFT p99 / alone (<= 1.5)")
+        axes[2].plot(x, [r["batch_share_of_left"] or 0 for r in m["rounds"]], "^-", label="batch / what is left (>= 0.7)")
+        for y in (0.7, 1.3, 1.5):
+            axes[2].axhline(y, color="grey", ls=":", lw=0.8)
+        axes[2].set(xlabel="round", title=f"mixed load, {' '.join(m['flags']) or 'default flags'}", xticks=list(x))
+        axes[2].legend(fontsize=7)
     fig.suptitle(f"batches — {res.get('machine')}", fontsize=9)
     return fig
 
@@ -277,6 +321,7 @@ def main() -> None:
     ap.add_argument("--lines", type=int, default=None, help="crash: 300; mixed: 2000")
     ap.add_argument("--chat-requests", type=int, default=32, help="mixed: chat requests per phase")
     ap.add_argument("--window", type=float, default=20.0, help="mixed: seconds the batch runs alone")
+    ap.add_argument("--rounds", type=int, default=3, help="mixed: rounds of chat alone, batch alone, both")
     ap.add_argument("--server-flag", action="append", default=[], help="mixed: extra serve flags (e.g. --batch-share=1)")
     args = ap.parse_args()
     res = json.loads(OUT.read_text()) if OUT.exists() else {}
@@ -287,7 +332,7 @@ def main() -> None:
         elif args.mode == "crash":
             res["crash"] = crash(args.lines or 300)
         else:
-            res["mixed"] = mixed(args.chat_requests, args.lines or 2000, args.window, args.server_flag)
+            res["mixed"] = mixed(args.chat_requests, args.lines or 2000, args.window, args.server_flag, args.rounds)
     finish(res, OUT, report, plot, save=args.mode != "report")
 
 

@@ -1,5 +1,6 @@
 """/metrics in vLLM's names, parsed by prometheus_client and scraped by a real Prometheus server."""
 
+import os
 import time
 
 import httpx
@@ -26,6 +27,10 @@ def test_metric_names_and_counts(tiny_server):
     (info,) = before["vllm:cache_config_info"].samples  # the KV cache's facts as labels, value 1
     assert info.value == 1 and info.labels["cache_dtype"] in ("float32", "bfloat16")
     assert int(info.labels["num_gpu_blocks"]) > 0 and int(info.labels["kv_cache_bytes"]) >= int(info.labels["num_gpu_blocks"])
+    from pagedserve.server.metrics import CPU_THREADS
+
+    (threads,) = before[CPU_THREADS].samples  # the thread tuner's choice: 1 up to what the process may use
+    assert threads.labels == {"model_name": "tiny"} and 1 <= threads.value <= len(os.sched_getaffinity(0))
 
     def total(fams, name, suffix="_total", **labels):
         return sum(s.value for s in fams[name].samples

@@ -101,6 +101,7 @@ class LLMEngine:
         self.runner = ModelRunner(cfg, self.arch, load_weights(self.model_path, gguf_file), self.max_model_len)
         self.kv = KVCacheManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.tuner: ThreadTuner | None = None  # 1 or N threads, measured (thread_tuner.py)
+        self.planned_threads = torch.get_num_threads()
         if cfg.adaptive_threads and self.runner.kernels is not None and torch.get_num_threads() > 1 and tp_size == 1:
             self.runner.kernels.set_planned_threads(torch.get_num_threads())
             self.tuner = ThreadTuner(torch.get_num_threads(), torch.set_num_threads,
@@ -284,6 +285,11 @@ class LLMEngine:
                 self._finish(parent, req, RequestStatus.FINISHED_ABORTED)
         parent.pending.clear()
         self._pending_outputs.extend(self._make_outputs({parent.request_id: set(range(len(parent.children)))}))
+
+    @property
+    def cpu_threads(self) -> int:
+        """Threads the steps run on now (the tuner's choice, else the planned count)."""
+        return self.tuner.chosen if self.tuner is not None else self.planned_threads
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.parents) or bool(self._pending_outputs)

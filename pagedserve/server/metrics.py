@@ -11,6 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 BATCH_LINES = "pagedserve:batch_lines"
 BATCH_LINES_FINISHED = "pagedserve:batch_lines_finished"  # a counter: exposed with _total
+CPU_THREADS = "pagedserve:cpu_threads"
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0]
 ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0]
 E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
@@ -38,6 +39,8 @@ class _EngineCollector:
         yield gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", e.kv.usage)
         yield counter("vllm:prompt_tokens", "Number of prefill tokens processed.", e.stats.prompt_tokens)
         yield counter("vllm:generation_tokens", "Number of generation tokens processed.", e.stats.generation_tokens)
+        # The thread tuner's choice (engine/thread_tuner.py): 1 of N while a probe finds the CPU shared.
+        yield gauge(CPU_THREADS, "Threads the engine's steps run on now.", e.cpu_threads)
         yield counter("vllm:num_preemptions", "Cumulative number of preemptions.", e.scheduler.num_preemptions)
         yield counter("vllm:prefix_cache_queries", "Prefix cache queries, in tokens.", e.kv.prefix_queries)
         yield counter("vllm:prefix_cache_hits", "Prefix cache hits, in tokens.", e.kv.prefix_hits)
