@@ -2,10 +2,10 @@
 offline, n requests of 200-token prompts; once every one has its first token, the median time of
 the next decode-only engine steps (each step: one token for each of the n), and n / that as out
 tokens/s. Background work beside interactive decoding can only buy
-throughput at this curve's slope. Measured for each --activation-dtype in one run (auto: the
+throughput at this curve's slope. Measured for each --activation-dtype in one run (float: the
 quantized GEMMs in bf16 above 4 rows; int8: one-pass int8 activations on the wide VNNI tile).
 
-    python benchmarks/decode_step_cost.py [--sizes 1,4,8,12,16,24,32,48] [--activation-dtypes auto,int8]
+    python benchmarks/decode_step_cost.py [--sizes 1,4,8,12,16,24,32,48] [--activation-dtypes float,int8]
 
 Writes results/decode_step_cost.json and .png.
 """
@@ -89,7 +89,7 @@ def plot(res: dict):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1,4,8,12,16,24,32,48")
-    ap.add_argument("--activation-dtypes", default="auto,int8")
+    ap.add_argument("--activation-dtypes", default="float,int8")
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
     res = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "load": f"{os.getloadavg()[0]:.1f}",

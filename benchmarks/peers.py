@@ -21,7 +21,9 @@ temperature 0; SmolLM2-135M-Instruct float32), prints one table, writes JSON and
   itl-pair: pagedserve and llama-server up together, c=1 inter-token latency measured in turns
            (--itl-rounds), so both see the same moment of this drifting machine
   quantized weights (issue 25): "pagedserve-q4" serves / runs the default model's Q4_1 GGUF kept
-           quantized (the default `pagedserve serve`), "llamacpp-q4" serves the same file,
+           quantized with float activations (`--activation-dtype float`; since session 22 the
+           default `auto` runs a GGUF as "pagedserve-q4-int8act" where the CPU has AVX512_VNNI),
+           "llamacpp-q4" serves the same file,
            "openvino-int8" is OpenVINO with int8 weights (`--weight-format int8`) at its defaults
            (which quantize the activations of those matmuls to int8 per group of 32: its CPU
            plugin's DYNAMIC_QUANTIZATION_GROUP_SIZE), "pagedserve-q4-int8act" the Q4_1 GGUF with
@@ -209,7 +211,7 @@ def offline(engine: str) -> dict:
         reqs = synthetic_workload(seed=0)
         kv = {"pagedserve-f16kv": "float16", "pagedserve-fp8kv": "fp8_e5m2", "pagedserve-int8kv": "int8"}.get(engine, "auto")
         dtype = "float32" if engine in ("pagedserve-f32", "pagedserve-f16kv", "pagedserve-fp8kv") else "auto"
-        act = "int8" if engine.endswith("-int8act") else "auto"
+        act = "int8" if engine.endswith("-int8act") else "float"  # "-q4": float activations, as measured since
         llm = LLM(model_spec(engine), max_model_len=2048, kv_cache_memory=2 << 30, kv_cache_dtype=kv, dtype=dtype,
                   activation_dtype=act)
         params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
@@ -283,9 +285,10 @@ def start_server(engine: str, port: int, extra: tuple[str, ...] = ()) -> subproc
     """A server for `engine` (`extra`: more pagedserve flags) on `port`, once it answers /health."""
     log = open(RESULTS / f"peers_{engine}_server.log", "w")
     env = dict(os.environ)
-    if engine in ("pagedserve", "pagedserve-q4"):
+    if engine in ("pagedserve", "pagedserve-q4", "pagedserve-q4-int8act"):
         cmd = [sys.executable, "-m", "pagedserve.cli", "serve", "--model", model_spec(engine), "--served-model-name", "m",
-               "--kv-cache-memory", "2GiB", "--max-model-len", "2048", "--port", str(port), *extra]
+               "--kv-cache-memory", "2GiB", "--max-model-len", "2048", "--port", str(port),
+               "--activation-dtype", "int8" if engine.endswith("-int8act") else "float", *extra]
     elif engine == "vllm":
         venv = install_vllm()
         env.update(VLLM_CPU_KVCACHE_SPACE="2", LD_PRELOAD=str(venv / "lib/libiomp5.so"))
@@ -521,7 +524,7 @@ def main():
         r = results.setdefault(e, {})
         for mode in (m for m in args.modes if m != "itl-pair"):
             offline_only = e.startswith("openvino") or e in ("pagedserve-f16kv", "pagedserve-fp8kv", "pagedserve-int8kv",
-                                                               "pagedserve-f32", "pagedserve-q4-int8act")
+                                                               "pagedserve-f32")
             if mode == "offline" and e.startswith("llamacpp") or mode == "online" and offline_only:
                 continue
             print(f"== {e} {mode}", flush=True)

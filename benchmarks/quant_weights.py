@@ -61,15 +61,15 @@ def accuracy(workdir: Path) -> dict:
     made = {m: str(quantize_model(None, m, workdir / m, group_size=32)) for m in ("int8", "int4-rtn", "gptq", "awq")}
     variants = [  # label, model, engine kwargs
         ("float32", float_dir, {"dtype": "float32"}),
-        ("GGUF Q4_1, float32 act.", None, {"dtype": "float32"}),
-        ("GGUF Q4_1, bf16 (default)", None, {"dtype": "auto"}),
-        ("GGUF Q4_1, int8 act.", None, {"dtype": "auto", "activation_dtype": "int8"}),
+        ("GGUF Q4_1, float32 act.", None, {"dtype": "float32", "activation_dtype": "float"}),
+        ("GGUF Q4_1, bf16 act.", None, {"dtype": "auto", "activation_dtype": "float"}),
+        ("GGUF Q4_1, int8 act. (default)", None, {"dtype": "auto", "activation_dtype": "int8"}),
         ("int8 (W8A16)", made["int8"], {"dtype": "float32"}),
         ("int4-rtn g32 (W4A16)", made["int4-rtn"], {"dtype": "float32"}),
         ("GPTQ g32", made["gptq"], {"dtype": "float32"}),
         ("AWQ g32", made["awq"], {"dtype": "float32"}),
-        ("GGUF Q4_1 + int8 KV", None, {"dtype": "float32", "kv_cache_dtype": "int8"}),
-        ("GGUF Q4_1 + fp8 KV", None, {"dtype": "float32", "kv_cache_dtype": "fp8"}),
+        ("GGUF Q4_1 + int8 KV", None, {"dtype": "float32", "activation_dtype": "float", "kv_cache_dtype": "int8"}),
+        ("GGUF Q4_1 + fp8 KV", None, {"dtype": "float32", "activation_dtype": "float", "kv_cache_dtype": "fp8"}),
     ]
     res = compare(variants)
     res["_gguf_file_bytes"] = default_model_gguf().stat().st_size
@@ -169,10 +169,11 @@ def decode_latency(tokens: int = 128) -> dict:
 
     res = {}
     sp = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-    for label, model, dtype in (("float32", str(resolve_model(None)), "float32"),
-                                ("bf16", str(resolve_model(None)), "bfloat16"),
-                                ("GGUF Q4_1 (default)", None, "auto")):
-        llm = _llm(model, dtype=dtype)
+    for label, model, dtype, act in (("float32", str(resolve_model(None)), "float32", "auto"),
+                                     ("bf16", str(resolve_model(None)), "bfloat16", "auto"),
+                                     ("GGUF Q4_1, bf16 act.", None, "auto", "float"),
+                                     ("GGUF Q4_1 (default: int8 act. where VNNI)", None, "auto", "auto")):
+        llm = _llm(model, dtype=dtype, activation_dtype=act)
         llm.generate([PROMPTS[0]], sp, use_tqdm=False)
         best = float("inf")
         for _ in range(3):

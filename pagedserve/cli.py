@@ -106,9 +106,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "gptq, compressed-tensors (int4/int8) stay quantized in memory on CPUs with the kernels, fp8 "
                         "and any other device dequantize to --dtype at load (the start-up log says which)")
     p.add_argument("--activation-dtype", default="auto", choices=list(ACTIVATION_DTYPES),
-                   help="inputs of quantized-weight matmuls: auto (--dtype's precision) or int8 (quantized to "
-                        "int8 per group of the weights' groups, as OpenVINO's CPU default and llama.cpp do: ~1.3-2x "
-                        "the quantized GEMMs on AVX512_VNNI CPUs for ~+0.5%% perplexity)")
+                   help="inputs of quantized-weight matmuls: int8 (quantized to int8 per group of the weights' "
+                        "groups, as llama.cpp and OpenVINO's CPU default do: ~1.3-2x the quantized GEMMs on "
+                        "AVX512_VNNI CPUs for ~+0.5%% perplexity), float (--dtype's precision), or auto: int8 for "
+                        "a GGUF where the CPU has AVX512_VNNI and tensor parallelism is off, float otherwise "
+                        "(AWQ/GPTQ/compressed-tensors compute as vLLM's W4A16/W8A16 do)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + output); default: the model's")
     p.add_argument("--gpu-memory-utilization", type=float, default=None,

@@ -28,12 +28,15 @@ KV_SCALE_BYTES = 4  # one float32 per (token, kv head) row of a scaled cache, fo
 # kernels (model/quantization/); FP8 weights, and any weight elsewhere, are dequantized at load.
 QUANTIZATION_METHODS = ("awq", "gptq", "fp8", "compressed-tensors", "gguf")
 LOADABLE_QUANTIZATION = QUANTIZATION_METHODS
-# --activation-dtype: what the inputs of quantized-weight matmuls are multiplied as. auto: --dtype's
-# precision (decode's small batches in two int8 passes, ~15 bits). int8: each group of activations
-# quantized to int8 in one pass, as OpenVINO's CPU plugin does by default (dynamic quantization,
-# groups of 32) and llama.cpp always: ~1.3-2x the quantized GEMM's rate on AVX512_VNNI for ~+0.5%
-# perplexity on the default model (benchmarks/README.md).
-ACTIVATION_DTYPES = ("auto", "int8")
+# --activation-dtype: what the inputs of quantized-weight matmuls are multiplied as. int8: each group
+# of activations quantized to int8 in one pass, as llama.cpp always does (and vLLM's GGUF kernels,
+# and OpenVINO's CPU plugin by default: dynamic quantization, groups of 32): ~1.3-2x the quantized
+# GEMM's rate on AVX512_VNNI for ~+0.5% perplexity on the default model (benchmarks/README.md).
+# float: --dtype's precision (decode's small batches in two int8 passes, ~15 bits). auto: as the
+# format's own engine computes — int8 for a GGUF (llama.cpp's numerics) where the CPU has
+# AVX512_VNNI and the model runs on one rank; float for AWQ/GPTQ/compressed-tensors (vLLM's W4A16 /
+# W8A16) and everywhere int8 cannot run.
+ACTIVATION_DTYPES = ("auto", "int8", "float")
 # `pagedserve quantize --method` (model/quantization/quantize.py): what it writes.
 QUANTIZE_METHODS = ("int8", "int4-rtn", "gptq", "awq")
 # --structured-outputs-backend (vLLM's names): auto = xgrammar, switching to guidance (llguidance)
@@ -64,7 +67,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto: bfloat16 on CUDA and on CPUs with AVX512_BF16, float32 on other CPUs
     kv_cache_dtype: str = "auto"  # auto: the model's dtype; float16/bfloat16 halve a float32 cache; fp8_e5m2, int8, fp8 ~quarter it
     quantization: str | None = None  # None: what the checkpoint says (config.json quantization_config, or a GGUF)
-    activation_dtype: str = "auto"  # ACTIVATION_DTYPES: int8 = one-pass int8 activations for quantized weights
+    activation_dtype: str = "auto"  # ACTIVATION_DTYPES: auto = int8 for a GGUF where it can run, else float
     device: str = "auto"  # auto: cuda if available, else cpu
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     block_size: int = 16

@@ -305,7 +305,7 @@ def test_gguf_loader_keeps_block_types_quantized_and_says_what_it_expands(tmp_pa
 def quantized_llm():
     from pagedserve import LLM
 
-    return LLM(None, max_model_len=1024, kv_cache_memory=64 << 20, dtype="float32")
+    return LLM(None, max_model_len=1024, kv_cache_memory=64 << 20, dtype="float32", activation_dtype="float")
 
 
 def test_default_model_stays_quantized_in_memory(quantized_llm):
@@ -386,6 +386,28 @@ def test_int8_activations_serve_the_default_model_close_to_its_float_activations
     assert np.mean([a == b for a, b in zip(*top1)]) >= 0.85
     (o,) = int8.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
     assert "Paris" in o.outputs[0].text  # decode steps (one row each) take int8 activations too
+
+
+def test_auto_activations_compute_as_each_formats_own_engine(tiny_dirs, tmp_path):
+    """--activation-dtype auto: a GGUF's quantized weights take int8 activations where the CPU has
+    AVX512_VNNI (llama.cpp's numerics, and its speed), on one rank only; a float model and an
+    int4 checkpoint in vLLM's formats (here `pagedserve quantize`'s compressed-tensors) keep float
+    activations (W4A16); `float` keeps a GGUF on float activations."""
+    from pagedserve import LLM
+    from pagedserve.model.quantization.quantize import quantize_model
+
+    ks = cpu_kernels.load()
+    vnni = ks is not None and ks.quant_linear_vnni_supported()
+    small = dict(max_model_len=256, kv_cache_memory=16 << 20, dtype="float32")
+    gguf = LLM(None, **small)
+    assert gguf.engine.runner.int8_activation_rows == int(vnni)
+    assert ("int8 activations" in gguf.engine.runner.weights_description()) == vnni
+    assert LLM(None, activation_dtype="float", **small).engine.runner.int8_activation_rows == 0
+    assert LLM(str(tiny_dirs["llama"]), **small).engine.runner.int8_activation_rows == 0
+    out = tmp_path / "w4"
+    quantize_model(str(tiny_dirs["llama"]), "int4-rtn", out, group_size=16)
+    w4 = LLM(str(out), **small)
+    assert w4.engine.runner.quantized_weights and w4.engine.runner.int8_activation_rows == 0
 
 
 def test_int8_activations_are_refused_where_they_cannot_apply(tiny_dirs):

@@ -108,9 +108,12 @@ class ModelRunner:
                             weight_dtype=torch.bfloat16 if self.bf16_gemm else torch.float32,
                             int8_activation_rows=int8_rows)
         if int8_rows and not any(getattr(m, "quant_int8_rows", 0) for m in self.model.modules()):
-            raise ValueError("--activation-dtype int8 multiplies quantized weights kept quantized (a GGUF, AWQ, GPTQ "
-                             "or compressed-tensors int4/int8 checkpoint, tensor parallel size 1), and this model "
-                             "has none: leave it at auto")
+            if cfg.activation_dtype == "auto":  # nothing took it (no quantized weight packed): float it is
+                self.int8_activation_rows = 0
+            else:
+                raise ValueError("--activation-dtype int8 multiplies quantized weights kept quantized (a GGUF, AWQ, "
+                                 "GPTQ or compressed-tensors int4/int8 checkpoint, tensor parallel size 1), and this "
+                                 "model has none: leave it at auto or float")
         expanded = dequantize_unpacked(self.model, compute)
         if expanded:
             log.warning("%d quantized weights run dequantized to %s: %s", len(expanded), str(compute).removeprefix("torch."),
@@ -151,15 +154,21 @@ class ModelRunner:
         self.max_concurrency = self.num_blocks / blocks_per_seq
 
     def _int8_activation_rows(self, cfg, kernels) -> int:
-        """quant_linear's int8_rows for --activation-dtype: 0 (auto), or 1 (int8: every batch); a CPU
-        or build that cannot is refused here, at start, by name."""
-        if cfg.activation_dtype == "auto":
+        """quant_linear's int8_rows for --activation-dtype: 0 (float), or 1 (int8: every batch); a CPU
+        or build that cannot is refused here, at start, by name. auto (config.ACTIVATION_DTYPES): int8
+        where every quantized weight came from a GGUF and it can run, else float."""
+        can = self.device.type == "cpu" and kernels is not None and kernels.quant_linear_vnni_supported()
+        if cfg.activation_dtype == "float":
             return 0
-        if self.device.type != "cpu" or kernels is None or not kernels.quant_linear_vnni_supported():
+        if cfg.activation_dtype == "auto":
+            sources = {m.quant.source for m in self.model.modules() if getattr(m, "quant", None) is not None}
+            gguf = bool(sources) and all(part.startswith("gguf") for s in sources for part in s.split("+"))  # fused: "a+b"
+            return int(can and gguf and cfg.tensor_parallel_size == 1)
+        if not can:
             raise ValueError("--activation-dtype int8 runs on the CPU kernels' integer (AVX512_VNNI) path, and "
                              + ("this device is " + self.device.type if self.device.type != "cpu"
                                 else "this CPU or kernel build has no AVX512_VNNI")
-                             + ": leave it at auto")
+                             + ": leave it at auto or float")
         return 1
 
     def weights_description(self) -> str:
