@@ -95,7 +95,8 @@ class ThreadTuner:
         gain = n_faster if self.chosen == 1 else 1 / n_faster  # how much faster the other setting is
         new = (self.threads if self.chosen == 1 else 1) if gain > self.margin else self.chosen  # no flapping on noise
         if new != self.chosen:
-            rate = {k: sum(p[i][1] for p in pairs) / max(sum(p[i][2] for p in pairs), 1e-9) for i, k in ((0, 1), (1, self.threads))}
+            rate = {k: sum(p[i][1] for p in pairs) / max(sum(p[i][2] for p in pairs), 1e-9)  # tokens/s, paired steps
+                    for i, k in ((0, 1), (1, self.threads))}
             log.info("CPU threads: %d of %d (a probe measured %.0f tokens/s on one thread, %.0f on %d in comparable "
                      "steps%s)", new, self.threads, rate[1], rate[self.threads], self.threads,
                      ": the CPU is shared" if new == 1 else "")
