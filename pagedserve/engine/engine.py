@@ -101,11 +101,10 @@ class LLMEngine:
         self.runner = ModelRunner(cfg, self.arch, load_weights(self.model_path, gguf_file), self.max_model_len)
         self.kv = KVCacheManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.tuner: ThreadTuner | None = None  # 1 or N threads, measured (thread_tuner.py)
-        self.planned_threads = torch.get_num_threads()
-        if cfg.adaptive_threads and self.runner.kernels is not None and torch.get_num_threads() > 1 and tp_size == 1:
-            self.runner.kernels.set_planned_threads(torch.get_num_threads())
-            self.tuner = ThreadTuner(torch.get_num_threads(), torch.set_num_threads,
-                                     ready=lambda: not self.runner.kv_populating)
+        self.planned_threads = n = torch.get_num_threads()
+        if cfg.adaptive_threads and self.runner.kernels is not None and n > 1 and tp_size == 1:
+            self.runner.kernels.set_planned_threads(n)
+            self.tuner = ThreadTuner(n, torch.set_num_threads, ready=lambda: not self.runner.kv_populating)
         device = self.runner.device
         self.max_num_batched_tokens = (cfg.max_num_batched_tokens
                                        or DEFAULT_MAX_NUM_BATCHED_TOKENS["cuda" if device.type == "cuda" else "cpu"])

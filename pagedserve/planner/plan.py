@@ -431,19 +431,19 @@ class Plan:
             f["--max-num-batched-tokens"] = inp.max_num_batched_tokens
         if self.memory["tp"] > 1:
             f["--tensor-parallel-size"] = self.memory["tp"]
-        if inp.weight_dtype not in DTYPES:  # the plan counts quantized bytes; the GPU path has no such kernels
-            self.not_servable.append(f"{inp.weight_dtype} weights kept quantized on GPUs: pagedserve keeps quantized "
-                                     "weights quantized on CPUs only; on a GPU it dequantizes them to bf16 at load, "
-                                     "more memory than this plan counts")
         if inp.weight_dtype in DTYPES:
             if inp.weight_dtype != "fp32":
                 f["--dtype"] = DTYPES[inp.weight_dtype]
-        elif (method := self.WEIGHT_QUANTIZATION[inp.weight_dtype]) in LOADABLE_QUANTIZATION:
-            f["--quantization"] = method
-        else:
-            self.not_servable.append(f"{inp.weight_dtype} weights (--quantization {method}): pagedserve cannot load "
-                                     f"them yet; it loads {', '.join(LOADABLE_QUANTIZATION)} checkpoints and "
-                                     "float32/bfloat16/float16 weights")
+        else:  # the plan counts quantized bytes; the GPU path has no such kernels
+            self.not_servable.append(f"{inp.weight_dtype} weights kept quantized on GPUs: pagedserve keeps quantized "
+                                     "weights quantized on CPUs only; on a GPU it dequantizes them to bf16 at load, "
+                                     "more memory than this plan counts")
+            if (method := self.WEIGHT_QUANTIZATION[inp.weight_dtype]) in LOADABLE_QUANTIZATION:
+                f["--quantization"] = method
+            else:
+                self.not_servable.append(f"{inp.weight_dtype} weights (--quantization {method}): pagedserve cannot "
+                                         f"load them yet; it loads {', '.join(LOADABLE_QUANTIZATION)} checkpoints and "
+                                         "float32/bfloat16/float16 weights")
         auto_kv = "fp32" if inp.weight_dtype == "fp32" else "bf16"
         if self.kv_dtype != auto_kv:
             if self.kv_dtype in self.SERVER_KV_DTYPES:
