@@ -1,6 +1,9 @@
 """A Mixture-of-Experts MLP against a dense MLP with the same *active* parameters (issue 28):
 time per call at a batch of tokens, on this CPU's kernels (packed GEMMs, float32 and, where the CPU
-has AVX512_BF16, bf16), random weights.
+has AVX512_BF16, bf16; int4 weights in groups of 32 with int8 activations where it has
+AVX512_VNNI: the GGUF serving default), random weights. The MoE runs its experts both ways side by
+side: all of a projection's experts in one C++ call (moe_cpu.cpp, the default) and one call per
+expert (as before session 23).
 
   mixtral-like  hidden 1024, 8 experts of 1408, top-2  (active MLP width 2816)  vs dense 2816
   olmoe-like    hidden 1024, 64 experts of 256, top-8  (active width 2048)      vs dense 2048
@@ -26,13 +29,14 @@ OUT = Path(__file__).parent / "results" / "moe_layer.json"
 SHAPES = {"mixtral-like": (1024, 8, 1408, 2), "olmoe-like": (1024, 64, 256, 8)}
 
 
-def _layers(hidden, experts, width, top_k, dtype):
+def _layers(hidden, experts, width, top_k, weights):
     import torch
 
     from pagedserve.model import cpu_kernels
     from pagedserve.model.arch import ModelArch, MoEFields
-    from pagedserve.model.llama import MLP, use_cpu_kernels
+    from pagedserve.model.llama import MLP, Linear, use_cpu_kernels
     from pagedserve.model.moe import SparseMoE
+    from pagedserve.model.quantization.quantize import symmetric
 
     arch = ModelArch("MixtralForCausalLM", 100, hidden, width * top_k, 1, 8, 8, hidden // 8, 1e-6, 1e4, None, 64,
                      False, False, None, None, [], moe=MoEFields(experts, top_k, width, 0, True), moe_layers=(0,))
@@ -41,9 +45,15 @@ def _layers(hidden, experts, width, top_k, dtype):
     for p in list(moe.parameters()) + list(dense.parameters()):
         p.data.normal_(0, 0.02)
     kernels = cpu_kernels.load()
-    if kernels is not None:
-        use_cpu_kernels(moe, kernels, weight_dtype=dtype)
-        use_cpu_kernels(dense, kernels, weight_dtype=dtype)
+    int4 = weights == "int4 (int8 act.)"
+    for layer in (moe, dense):
+        if int4:  # every projection but the router, as `pagedserve quantize --method int4-rtn` writes them
+            for name, m in layer.named_modules():
+                if isinstance(m, Linear) and name != "gate":
+                    m.set_quantized(symmetric(m.weight.data, 4, 32))
+        if kernels is not None:
+            use_cpu_kernels(layer, kernels, weight_dtype=torch.bfloat16 if weights != "float32" else torch.float32,
+                            int8_activation_rows=1 if int4 else 0)
     return moe, dense
 
 
@@ -62,19 +72,34 @@ def measure(batches, reps) -> dict:
 
     from pagedserve.model import cpu_kernels
 
-    dtypes = [torch.float32] + ([torch.bfloat16] if cpu_kernels.bf16_gemm() is not None else [])
+    from pagedserve.model.moe import SparseMoE
+
+    kernels = cpu_kernels.load()
+    variants = (["float32"] + (["bfloat16"] if cpu_kernels.bf16_gemm() is not None else [])
+                + (["int4 (int8 act.)"] if kernels is not None and kernels.quant_linear_vnni_supported() else []))
     rows = []
+
+    def per_expert(moe, x):
+        SparseMoE.grouped_kernel = False
+        try:
+            return moe(x)
+        finally:
+            SparseMoE.grouped_kernel = True
+
     with torch.inference_mode():
         for name, (hidden, experts, width, top_k) in SHAPES.items():
-            for dtype in dtypes:
-                moe, dense = _layers(hidden, experts, width, top_k, dtype)
+            for weights in variants:
+                moe, dense = _layers(hidden, experts, width, top_k, weights)
                 for b in batches:
                     x = torch.randn(b, hidden)
-                    t_moe, t_dense = _median_time(lambda: moe(x), reps), _median_time(lambda: dense(x), reps)
-                    rows.append({"shape": name, "weights": str(dtype).removeprefix("torch."), "batch": b,
-                                 "moe_ms": 1e3 * t_moe, "dense_ms": 1e3 * t_dense, "ratio": t_moe / t_dense})
-                    print(f"  {name:>12} {rows[-1]['weights']:>8} batch {b:4d}: MoE {1e3 * t_moe:7.2f} ms, dense "
-                          f"{1e3 * t_dense:7.2f} ms, {t_moe / t_dense:.2f}x", flush=True)
+                    t_dense, t_moe = _median_time(lambda: dense(x), reps), _median_time(lambda: moe(x), reps)
+                    t_loop = _median_time(lambda: per_expert(moe, x), reps)
+                    rows.append({"shape": name, "weights": weights, "batch": b, "moe_ms": 1e3 * t_moe,
+                                 "moe_per_expert_ms": 1e3 * t_loop, "dense_ms": 1e3 * t_dense, "ratio": t_moe / t_dense,
+                                 "ratio_per_expert": t_loop / t_dense})
+                    print(f"  {name:>12} {weights:>16} batch {b:4d}: MoE {1e3 * t_moe:7.2f} ms (per expert "
+                          f"{1e3 * t_loop:7.2f}), dense {1e3 * t_dense:7.2f} ms, {t_moe / t_dense:.2f}x "
+                          f"(per expert {t_loop / t_dense:.2f}x)", flush=True)
     return {"rows": rows}
 
 
@@ -83,11 +108,12 @@ def report(res: dict) -> None:
     from rich.table import Table
 
     t = Table(title=f"MoE vs dense MLP of equal active parameters ({res['machine']}, {res['date']}, load {res['load']})")
-    for c in ("shape", "weights", "batch", "MoE ms", "dense ms", "MoE / dense"):
+    for c in ("shape", "weights", "batch", "MoE ms", "dense ms", "MoE / dense", "one call per expert"):
         t.add_column(c, justify="right")
     for r in res["rows"]:
         t.add_row(r["shape"], r["weights"], str(r["batch"]), f"{r['moe_ms']:.2f}", f"{r['dense_ms']:.2f}",
-                  f"{r['ratio']:.2f}x" + (" (target <= 1.5)" if r["batch"] == 64 else ""))
+                  f"{r['ratio']:.2f}x" + (" (target <= 1.5)" if r["batch"] == 64 else ""),
+                  f"{r['moe_per_expert_ms']:.2f} ms, {r['ratio_per_expert']:.2f}x" if "ratio_per_expert" in r else "-")
     Console().print(t)
 
 
@@ -96,10 +122,13 @@ def plot(res: dict):
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in sorted({(r["shape"], r["weights"]) for r in res["rows"]}):
         rs = [r for r in res["rows"] if (r["shape"], r["weights"]) == key]
-        ax.plot([r["batch"] for r in rs], [r["ratio"] for r in rs], "o-", label=" ".join(key))
+        line, = ax.plot([r["batch"] for r in rs], [r["ratio"] for r in rs], "o-", label=" ".join(key))
+        if all("ratio_per_expert" in r for r in rs):
+            ax.plot([r["batch"] for r in rs], [r["ratio_per_expert"] for r in rs], ":", color=line.get_color(),
+                    label=" ".join(key) + ", one call per expert")
     ax.axhline(1.5, color="k", ls="--", label="target at batch 64")
     ax.set(xscale="log", xlabel="tokens in the batch", ylabel="MoE time / dense time", title=res["machine"])
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     return fig
 
 

@@ -83,6 +83,74 @@ def test_grouped_experts_equal_a_per_token_loop(shared):
     assert torch.allclose(weights.sum(-1), torch.ones(37))  # renormalized (Mixtral)
 
 
+def _kernel_variants():
+    from pagedserve.model import cpu_kernels
+
+    k = cpu_kernels.load()
+    if k is None:
+        return []
+    return (["float32", "int8 weights"] + (["bfloat16"] if k.packed_linear_bf16_supported() else [])
+            + (["int4 weights, int8 activations"] if k.quant_linear_vnni_supported() else []))
+
+
+@pytest.mark.parametrize("weights", _kernel_variants())
+def test_one_call_for_all_experts_equals_one_call_each(weights):
+    """moe_cpu.cpp's grouped product (threads split the experts when there are enough of them,
+    else one expert after another) gives bit for bit what one kernel call per expert gives, for
+    packed float and quantized experts, with experts that get no token and experts of another rank
+    (expert parallel: zeros)."""
+    from pagedserve.model import cpu_kernels
+    from pagedserve.model.arch import ModelArch, MoEFields
+    from pagedserve.model.llama import Linear, use_cpu_kernels
+    from pagedserve.model.moe import SparseMoE
+    from pagedserve.model.quantization.quantize import symmetric
+
+    kernels = cpu_kernels.load(required=True)
+    torch.manual_seed(0)
+    arch = ModelArch("MixtralForCausalLM", 100, 64, 64, 1, 4, 2, 16, 1e-6, 1e4, None, 64, False, False, None, None,
+                     [], moe=MoEFields(8, 2, 32, 0, True), moe_layers=(0,))
+    moe = SparseMoE(arch).eval()
+    for p in moe.parameters():
+        p.data.normal_(0, 0.3)
+    if weights.startswith("int"):
+        for name, m in moe.named_modules():
+            if isinstance(m, Linear) and name != "gate":
+                m.set_quantized(symmetric(m.weight.data, 8 if weights == "int8 weights" else 4, 32))
+    use_cpu_kernels(moe, kernels, weight_dtype=torch.bfloat16 if weights != "float32" else torch.float32,
+                    int8_activation_rows=1 if "int8 activations" in weights else 0)
+    assert moe._grouped() is not None
+    for drop_rank_experts in (False, True):
+        if drop_rank_experts:  # expert parallel: experts 1, 3, 5 and 7 live on another rank
+            for e in ("1", "3", "5", "7"):
+                del moe.experts[e]
+            moe._grouped_cache = None
+        for n in (1, 3, 64):  # 2 experts with work (one after another), up to all 8 (split over threads)
+            x = torch.randn(n, 64)
+            with torch.inference_mode():  # as the engine runs: the output is an inference tensor
+                got = moe(x)
+                SparseMoE.grouped_kernel = False
+                try:
+                    want = moe(x)
+                finally:
+                    SparseMoE.grouped_kernel = True
+            assert torch.equal(got, want), (weights, n, drop_rank_experts)
+            if n == 64 or not drop_rank_experts:  # (one token's experts may all be another rank's)
+                assert got.abs().sum() > 0
+
+
+def test_grouped_linear_refuses_bad_groups():
+    from pagedserve.model import cpu_kernels
+
+    kernels = cpu_kernels.load(required=True)
+    w, empty = kernels.pack_linear_weight(torch.randn(32, 16)), torch.empty(0)
+    with pytest.raises(RuntimeError, match="counts sum to 4 rows, x has 5"):
+        kernels.grouped_linear(torch.randn(5, 16), [1, 3], [w, empty, w, empty], 32)
+    with pytest.raises(RuntimeError, match="two tensors per expert"):
+        kernels.grouped_linear(torch.randn(4, 16), [1, 3], [w, empty], 32)
+    with pytest.raises(RuntimeError, match="expected 48"):
+        kernels.grouped_linear(torch.randn(4, 16), [1, 3], [w, empty, w, empty], 48)
+
+
 def test_moe_in_bf16_and_int8(moe_dirs, tmp_path):
     """The CPU's default dtype (bf16 where the CPU has it) and a `pagedserve quantize --method
     int8` copy of the experts stay close to float32."""

@@ -6,6 +6,8 @@
              matmul pair over all its tokens (a loop over the experts that have tokens, never over
              tokens); each expert is the dense MLP (gate_up, SiLU*up, down), so on CPU it takes the
              packed and quantized GEMMs like any other
+             (on CPU with the C++ kernels all experts' products of a projection are one call,
+             moe_cpu.cpp: threads split the experts instead of each expert's columns)
   combine    results weighted by their probabilities, summed back per token (index_add)
   shared     Qwen2-MoE: an always-on expert, scaled by sigmoid(x @ shared_expert_gate.T), added
 Under tensor parallelism every expert's width is split over the ranks (distributed/shard.py), or
@@ -23,6 +25,8 @@ from pagedserve.model.llama import MLP, Linear
 
 
 class SparseMoE(nn.Module):
+    grouped_kernel = True  # False: one call per expert even where moe_cpu.cpp applies (benchmarks compare)
+
     def __init__(self, arch: ModelArch):
         super().__init__()
         m = arch.moe
@@ -35,6 +39,36 @@ class SparseMoE(nn.Module):
         if m.shared_expert_intermediate_size:
             self.shared_expert = MLP(arch, m.shared_expert_intermediate_size)
             self.shared_expert_gate = Linear(arch.hidden_size, 1, bias=False)
+        self._grouped_cache = None
+
+    def _grouped(self):
+        """(kernels, gate_up weights, down weights, quant_bf16, int8_rows) for the C++ grouped
+        product (moe_cpu.cpp), or None where it does not apply: no C++ kernels on these Linears (not
+        installed yet, another device), a bias, GPTQ's act-order permutation, mixed settings."""
+        if self._grouped_cache is not None:
+            return self._grouped_cache
+        mlps = list(self.experts.values())
+        kernels = mlps[0].gate_up_proj.packed if mlps else None
+        if kernels is None or mlps[0].fused is None:
+            return None
+        lins = [lin for m in mlps for lin in (m.gate_up_proj, m.down_proj)]
+        if any(lin.packed is not kernels or lin.bias is not None or (lin.quant is not None and lin.quant.input_perm is not None)
+               for lin in lins) or len({(lin.quant_bf16, lin.quant_int8_rows) for lin in lins if lin.quant is not None}) > 1:
+            return None
+        empty = torch.empty(0)
+
+        def tensors(lin):
+            return list(lin.quant.pack()) if lin.quant is not None else [lin.weight, empty]
+
+        gate_up, down = [], []
+        for e in range(self.num_experts):
+            m = self.experts[str(e)] if str(e) in self.experts else None
+            gate_up += tensors(m.gate_up_proj) if m is not None else [empty, empty]
+            down += tensors(m.down_proj) if m is not None else [empty, empty]
+        quant = next((lin for lin in lins if lin.quant is not None), lins[0])
+        self._grouped_cache = (kernels, gate_up, mlps[0].gate_up_proj.out_features, down,
+                               mlps[0].down_proj.out_features, quant.quant_bf16, quant.quant_int8_rows)
+        return self._grouped_cache
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [T, k] in x's dtype, expert ids [T, k])."""
@@ -51,15 +85,21 @@ class SparseMoE(nn.Module):
         tokens = order // self.top_k
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         xs = x.index_select(0, tokens)  # the pairs' inputs, grouped by expert
-        ys = torch.empty_like(xs)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                if str(e) in self.experts:
-                    ys[start:start + n] = self.experts[str(e)](xs[start:start + n])
-                else:  # another rank's expert (expert parallel): its share comes in the all-reduce
-                    ys[start:start + n] = 0
-                start += n
+        grouped = self._grouped() if self.grouped_kernel and x.dtype == torch.float32 else None
+        if grouped is not None:  # every expert in one call per projection (another rank's: zeros)
+            kernels, gate_up, n_gate_up, down, n_down, bf16, int8_rows = grouped
+            h = kernels.grouped_linear(xs, counts, gate_up, n_gate_up, bf16, int8_rows)
+            ys = kernels.grouped_linear(kernels.silu_and_mul(h), counts, down, n_down, bf16, int8_rows)
+        else:
+            ys = torch.empty_like(xs)
+            start = 0
+            for e, n in enumerate(counts):
+                if n:
+                    if str(e) in self.experts:
+                        ys[start:start + n] = self.experts[str(e)](xs[start:start + n])
+                    else:  # another rank's expert (expert parallel): its share comes in the all-reduce
+                        ys[start:start + n] = 0
+                    start += n
         ys.mul_(weights.flatten().index_select(0, order).unsqueeze(1))
         out = torch.zeros_like(x).index_add_(0, tokens, ys)
         if self.shared_expert is not None:

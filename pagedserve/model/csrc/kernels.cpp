@@ -6,5 +6,6 @@
 #include "gemm_cpu.cpp"
 #include "gemm_bf16_cpu.cpp"
 #include "gemm_quant_cpu.cpp"
+#include "moe_cpu.cpp"
 #include "fused_cpu.cpp"
 #include "llama_layers_cpu.cpp"

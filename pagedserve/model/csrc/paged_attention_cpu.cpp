@@ -500,6 +500,9 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor qw, torch::Tensor scal
                            c10::optional<torch::Tensor> bias, bool bf16, int64_t int8_rows);
 torch::Tensor quant_embedding(torch::Tensor ids, torch::Tensor qw, torch::Tensor scales);
 bool quant_linear_vnni_supported();
+torch::Tensor grouped_linear(torch::Tensor x, const std::vector<int64_t>& counts,  // moe_cpu.cpp
+                             const std::vector<torch::Tensor>& weights, int64_t out_features, bool quant_bf16,
+                             int64_t int8_rows);
 void set_quant_vnni_max_rows(int64_t n);
 void set_quant_activation_passes(int64_t n);
 
@@ -542,6 +545,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("qw"), py::arg("scales"), py::arg("bias") = py::none(), py::arg("bf16") = false,
         py::arg("int8_rows") = 0, nogil());
   m.def("quant_linear_vnni_supported", &quant_linear_vnni_supported, "the x86-64-v4 build on a CPU with AVX512_VNNI");
+  m.def("grouped_linear", &grouped_linear,
+        "MoE experts in one call: x's rows grouped by expert (counts), each group times its expert's packed or "
+        "quantized weight (two tensors an expert; an empty weight: zero rows)",
+        py::arg("x"), py::arg("counts"), py::arg("weights"), py::arg("out_features"), py::arg("quant_bf16") = false,
+        py::arg("int8_rows") = 0, nogil());
   m.def("set_quant_vnni_max_rows", &set_quant_vnni_max_rows,
         "batches of up to this many rows take quant_linear's integer (VNNI) kernel; 0: never");
   m.def("set_quant_activation_passes", &set_quant_activation_passes,
