@@ -17,11 +17,25 @@ the pairs routed to them; either way the layer's all-reduce sums the ranks' part
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from pagedserve.model.arch import ModelArch
 from pagedserve.model.llama import MLP, Linear
+
+
+@dataclass(frozen=True)
+class _GroupedExperts:
+    """A MoE layer's experts as moe_cpu.cpp's grouped_linear takes them: two tensors an expert."""
+    kernels: object  # the C++ kernels module
+    gate_up: list[torch.Tensor]
+    gate_up_features: int
+    down: list[torch.Tensor]
+    down_features: int
+    quant_bf16: bool  # as Linear's
+    int8_rows: int
 
 
 class SparseMoE(nn.Module):
@@ -41,10 +55,11 @@ class SparseMoE(nn.Module):
             self.shared_expert_gate = Linear(arch.hidden_size, 1, bias=False)
         self._grouped_cache = None
 
-    def _grouped(self):
-        """(kernels, gate_up weights, down weights, quant_bf16, int8_rows) for the C++ grouped
-        product (moe_cpu.cpp), or None where it does not apply: no C++ kernels on these Linears (not
-        installed yet, another device), a bias, GPTQ's act-order permutation, mixed settings."""
+    def _grouped(self) -> _GroupedExperts | None:
+        """The experts' weights as the C++ grouped product takes them (moe_cpu.cpp), or None where
+        it does not apply: no C++ kernels on these Linears (not installed yet, another device), a
+        bias, GPTQ's act-order permutation, mixed settings. Built at the first forward after the
+        kernels are installed (the weights do not change after that)."""
         if self._grouped_cache is not None:
             return self._grouped_cache
         mlps = list(self.experts.values())
@@ -57,17 +72,17 @@ class SparseMoE(nn.Module):
             return None
         empty = torch.empty(0)
 
-        def tensors(lin):
+        def tensors(lin):  # llama_layers_cpu.cpp's convention: packed weight + empty, or quantized + scales
             return list(lin.quant.pack()) if lin.quant is not None else [lin.weight, empty]
 
         gate_up, down = [], []
         for e in range(self.num_experts):
             m = self.experts[str(e)] if str(e) in self.experts else None
-            gate_up += tensors(m.gate_up_proj) if m is not None else [empty, empty]
+            gate_up += tensors(m.gate_up_proj) if m is not None else [empty, empty]  # empty: another rank's
             down += tensors(m.down_proj) if m is not None else [empty, empty]
         quant = next((lin for lin in lins if lin.quant is not None), lins[0])
-        self._grouped_cache = (kernels, gate_up, mlps[0].gate_up_proj.out_features, down,
-                               mlps[0].down_proj.out_features, quant.quant_bf16, quant.quant_int8_rows)
+        self._grouped_cache = _GroupedExperts(kernels, gate_up, mlps[0].gate_up_proj.out_features, down,
+                                              mlps[0].down_proj.out_features, quant.quant_bf16, quant.quant_int8_rows)
         return self._grouped_cache
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,11 +100,11 @@ class SparseMoE(nn.Module):
         tokens = order // self.top_k
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         xs = x.index_select(0, tokens)  # the pairs' inputs, grouped by expert
-        grouped = self._grouped() if self.grouped_kernel and x.dtype == torch.float32 else None
-        if grouped is not None:  # every expert in one call per projection (another rank's: zeros)
-            kernels, gate_up, n_gate_up, down, n_down, bf16, int8_rows = grouped
-            h = kernels.grouped_linear(xs, counts, gate_up, n_gate_up, bf16, int8_rows)
-            ys = kernels.grouped_linear(kernels.silu_and_mul(h), counts, down, n_down, bf16, int8_rows)
+        g = self._grouped() if self.grouped_kernel and x.dtype == torch.float32 else None
+        if g is not None:  # every expert in one call per projection (another rank's: zeros)
+            h = g.kernels.grouped_linear(xs, counts, g.gate_up, g.gate_up_features, g.quant_bf16, g.int8_rows)
+            ys = g.kernels.grouped_linear(g.kernels.silu_and_mul(h), counts, g.down, g.down_features, g.quant_bf16,
+                                          g.int8_rows)
         else:
             ys = torch.empty_like(xs)
             start = 0
