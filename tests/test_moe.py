@@ -138,6 +138,34 @@ def test_one_call_for_all_experts_equals_one_call_each(weights):
                 assert got.abs().sum() > 0
 
 
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_cpp_routing_and_combine_equal_torchs(renormalize):
+    """moe_route picks the experts torch's softmax + top-k picks, with their probabilities, and sorts
+    the pairs as a stable argsort does; moe_combine sums what the mul + index_add formulation sums."""
+    from pagedserve.model import cpu_kernels
+
+    kernels = cpu_kernels.load(required=True)
+    torch.manual_seed(0)
+    for t, e, k in ((1, 8, 2), (37, 64, 8), (200, 60, 4), (5, 4, 4)):
+        logits = torch.randn(t, e) * 3
+        weights, order, counts = kernels.moe_route(logits, k, renormalize)
+        probs = torch.softmax(logits, -1)
+        want_w, want_ids = torch.topk(probs, k, -1)
+        if renormalize:
+            want_w = want_w / want_w.sum(-1, keepdim=True)
+        flat = want_ids.flatten()
+        assert torch.equal(order, torch.argsort(flat, stable=True))
+        assert counts == torch.bincount(flat, minlength=e).tolist()
+        torch.testing.assert_close(weights, want_w, rtol=1e-6, atol=1e-7)
+        ys = torch.randn(t * k, 24)
+        want = torch.zeros(t, 24).index_add_(0, order // k, ys * weights.flatten()[order].unsqueeze(1))
+        torch.testing.assert_close(kernels.moe_combine(ys, order, weights), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="top k must be in"):
+        kernels.moe_route(torch.randn(3, 4), 5, True)
+    with pytest.raises(RuntimeError, match="no permutation"):
+        kernels.moe_combine(torch.randn(4, 8), torch.tensor([0, 1, 2, 9]), torch.rand(2, 2))
+
+
 def test_grouped_linear_refuses_bad_groups():
     from pagedserve.model import cpu_kernels
 
@@ -149,6 +177,11 @@ def test_grouped_linear_refuses_bad_groups():
         kernels.grouped_linear(torch.randn(4, 16), [1, 3], [w, empty], 32)
     with pytest.raises(RuntimeError, match="expected 48"):
         kernels.grouped_linear(torch.randn(4, 16), [1, 3], [w, empty, w, empty], 48)
+    with pytest.raises(RuntimeError, match="outside x's 2"):
+        kernels.grouped_linear(torch.randn(2, 16), [1, 3], [w, empty, w, empty], 32, rows=torch.tensor([0, 1, 1, 2]))
+    x, rows = torch.randn(2, 16), torch.tensor([1, 0, 1, 1])  # gathered here = gathered before
+    assert torch.equal(kernels.grouped_linear(x, [1, 3], [w, empty, w, empty], 32, rows=rows),
+                       kernels.grouped_linear(x[rows], [1, 3], [w, empty, w, empty], 32))
 
 
 def test_moe_in_bf16_and_int8(moe_dirs, tmp_path):

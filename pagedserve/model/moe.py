@@ -6,10 +6,11 @@
              matmul pair over all its tokens (a loop over the experts that have tokens, never over
              tokens); each expert is the dense MLP (gate_up, SiLU*up, down), so on CPU it takes the
              packed and quantized GEMMs like any other
-             (on CPU with the C++ kernels all experts' products of a projection are one call,
-             moe_cpu.cpp: threads split the experts instead of each expert's columns)
-  combine    results weighted by their probabilities, summed back per token (index_add)
+  combine    results weighted by their probabilities, summed back per token
   shared     Qwen2-MoE: an always-on expert, scaled by sigmoid(x @ shared_expert_gate.T), added
+On CPU with the C++ kernels the first three are moe_cpu.cpp's: routing and combine as plain loops,
+and all the experts of a projection in one call (threads split the experts instead of each
+expert's columns).
 Under tensor parallelism every expert's width is split over the ranks (distributed/shard.py), or
 with --enable-expert-parallel each rank holds whole experts (e % ranks == rank) and computes only
 the pairs routed to them; either way the layer's all-reduce sums the ranks' parts.
@@ -94,29 +95,43 @@ class SparseMoE(nn.Module):
         return weights.to(x.dtype), ids
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self._grouped() if x.dtype == torch.float32 else None
+        if g is None:
+            out = self._forward_torch(x)
+        else:  # the C++ kernels: routing, the experts and the combine (moe_cpu.cpp)
+            weights, order, counts = g.kernels.moe_route(self.gate(x), self.top_k, self.norm_topk_prob)
+            tokens = order // self.top_k
+            if self.grouped_kernel:  # every expert in one call per projection (another rank's: zeros)
+                h = g.kernels.grouped_linear(x, counts, g.gate_up, g.gate_up_features, g.quant_bf16, g.int8_rows,
+                                             tokens)
+                ys = g.kernels.grouped_linear(g.kernels.silu_and_mul(h), counts, g.down, g.down_features,
+                                              g.quant_bf16, g.int8_rows)
+            else:
+                ys = self._experts_one_by_one(x.index_select(0, tokens), counts)
+            out = g.kernels.moe_combine(ys, order, weights)
+        if self.shared_expert is not None:
+            out += torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+    def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """Any device: torch ops around one call per expert."""
         weights, ids = self.route(x)
         flat = ids.flatten()  # [T * k]: pair p is token p // k
         order = torch.argsort(flat, stable=True)
         tokens = order // self.top_k
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        xs = x.index_select(0, tokens)  # the pairs' inputs, grouped by expert
-        g = self._grouped() if self.grouped_kernel and x.dtype == torch.float32 else None
-        if g is not None:  # every expert in one call per projection (another rank's: zeros)
-            h = g.kernels.grouped_linear(xs, counts, g.gate_up, g.gate_up_features, g.quant_bf16, g.int8_rows)
-            ys = g.kernels.grouped_linear(g.kernels.silu_and_mul(h), counts, g.down, g.down_features, g.quant_bf16,
-                                          g.int8_rows)
-        else:
-            ys = torch.empty_like(xs)
-            start = 0
-            for e, n in enumerate(counts):
-                if n:
-                    if str(e) in self.experts:
-                        ys[start:start + n] = self.experts[str(e)](xs[start:start + n])
-                    else:  # another rank's expert (expert parallel): its share comes in the all-reduce
-                        ys[start:start + n] = 0
-                    start += n
+        ys = self._experts_one_by_one(x.index_select(0, tokens), counts)  # the pairs' inputs, grouped by expert
         ys.mul_(weights.flatten().index_select(0, order).unsqueeze(1))
-        out = torch.zeros_like(x).index_add_(0, tokens, ys)
-        if self.shared_expert is not None:
-            out += torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out
+        return torch.zeros_like(x).index_add_(0, tokens, ys)
+
+    def _experts_one_by_one(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                if str(e) in self.experts:
+                    ys[start:start + n] = self.experts[str(e)](xs[start:start + n])
+                else:  # another rank's expert (expert parallel): its share comes in the all-reduce
+                    ys[start:start + n] = 0
+                start += n
+        return ys

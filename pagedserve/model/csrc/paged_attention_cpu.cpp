@@ -502,7 +502,10 @@ torch::Tensor quant_embedding(torch::Tensor ids, torch::Tensor qw, torch::Tensor
 bool quant_linear_vnni_supported();
 torch::Tensor grouped_linear(torch::Tensor x, const std::vector<int64_t>& counts,  // moe_cpu.cpp
                              const std::vector<torch::Tensor>& weights, int64_t out_features, bool quant_bf16,
-                             int64_t int8_rows);
+                             int64_t int8_rows, c10::optional<torch::Tensor> rows);
+std::tuple<torch::Tensor, torch::Tensor, std::vector<int64_t>> moe_route(torch::Tensor logits, int64_t k,
+                                                                          bool renormalize);
+torch::Tensor moe_combine(torch::Tensor ys, torch::Tensor order, torch::Tensor weights);
 void set_quant_vnni_max_rows(int64_t n);
 void set_quant_activation_passes(int64_t n);
 
@@ -546,10 +549,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("int8_rows") = 0, nogil());
   m.def("quant_linear_vnni_supported", &quant_linear_vnni_supported, "the x86-64-v4 build on a CPU with AVX512_VNNI");
   m.def("grouped_linear", &grouped_linear,
-        "MoE experts in one call: x's rows grouped by expert (counts), each group times its expert's packed or "
-        "quantized weight (two tensors an expert; an empty weight: zero rows)",
+        "MoE experts in one call: x's rows (or x[rows]) grouped by expert (counts), each group times its expert's "
+        "packed or quantized weight (two tensors an expert; an empty weight: zero rows)",
         py::arg("x"), py::arg("counts"), py::arg("weights"), py::arg("out_features"), py::arg("quant_bf16") = false,
-        py::arg("int8_rows") = 0, nogil());
+        py::arg("int8_rows") = 0, py::arg("rows") = py::none(), nogil());
+  m.def("moe_route", &moe_route,
+        "each token's top k experts by router logit: (softmax weights [T, k], pairs sorted by expert [T * k], counts)",
+        py::arg("logits"), py::arg("k"), py::arg("renormalize"), nogil());
+  m.def("moe_combine", &moe_combine, "out[t] = sum_j weights[t, j] * ys[row of pair t * k + j]", py::arg("ys"),
+        py::arg("order"), py::arg("weights"), nogil());
   m.def("set_quant_vnni_max_rows", &set_quant_vnni_max_rows,
         "batches of up to this many rows take quant_linear's integer (VNNI) kernel; 0: never");
   m.def("set_quant_activation_passes", &set_quant_activation_passes,
