@@ -68,8 +68,10 @@ class SparseMoE(nn.Module):
         if kernels is None or mlps[0].fused is None:
             return None
         lins = [lin for m in mlps for lin in (m.gate_up_proj, m.down_proj)]
-        if any(lin.packed is not kernels or lin.bias is not None or (lin.quant is not None and lin.quant.input_perm is not None)
-               for lin in lins) or len({(lin.quant_bf16, lin.quant_int8_rows) for lin in lins if lin.quant is not None}) > 1:
+        quantized = [lin for lin in lins if lin.quant is not None]
+        if (any(lin.packed is not kernels or lin.bias is not None for lin in lins)
+                or any(lin.quant.input_perm is not None for lin in quantized)
+                or len({(lin.quant_bf16, lin.quant_int8_rows) for lin in quantized}) > 1):
             return None
         empty = torch.empty(0)
 
@@ -81,9 +83,10 @@ class SparseMoE(nn.Module):
             m = self.experts[str(e)] if str(e) in self.experts else None
             gate_up += tensors(m.gate_up_proj) if m is not None else [empty, empty]  # empty: another rank's
             down += tensors(m.down_proj) if m is not None else [empty, empty]
-        quant = next((lin for lin in lins if lin.quant is not None), lins[0])
+        settings = quantized[0] if quantized else lins[0]  # quant_bf16 / int8_rows: the same on every expert
         self._grouped_cache = _GroupedExperts(kernels, gate_up, mlps[0].gate_up_proj.out_features, down,
-                                              mlps[0].down_proj.out_features, quant.quant_bf16, quant.quant_int8_rows)
+                                              mlps[0].down_proj.out_features, settings.quant_bf16,
+                                              settings.quant_int8_rows)
         return self._grouped_cache
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
