@@ -12,7 +12,8 @@
 3. speed: the projections of 30 SmolLM2 layers (distinct weights, streamed from memory) at batch
    M = 1..256: float32 and bf16 packed GEMMs against 4-bit and 8-bit quantized ones, through the
    integer VNNI kernel (two int8 passes), through the dequantize-then-GEMM tiles, and with one-pass
-   int8 activations on the wide integer tile (--activation-dtype int8); and offline c=1 ms/token.
+   int8 activations on the wide integer tile (--activation-dtype int8), that with and without its
+   software prefetch of the weight stream; and offline c=1 ms/token.
 
   python benchmarks/quant_weights.py            # all (~6 min on 2 cores)
   python benchmarks/quant_weights.py --from-json
@@ -139,6 +140,8 @@ def kernels(rounds: int = 5) -> dict:
              "int8 dequant-GEMM": lambda x, s, i: m.quant_linear(x, *w8[s][i].pack(), None, bf),
              # --activation-dtype int8: one int8 pass per activation at every M (the 10-row tile above 4)
              "int4 int8-act": lambda x, s, i: m.quant_linear(x, *w4[s][i].pack(), None, bf, 1),
+             # the same without the integer tile's software prefetch of the weight stream (session 23)
+             "int4 int8-act, no prefetch": lambda x, s, i: m.quant_linear(x, *w4[s][i].pack(), None, bf, 1),
              "int8 int8-act": lambda x, s, i: m.quant_linear(x, *w8[s][i].pack(), None, bf, 1)}
     if not m.quant_linear_vnni_supported():
         kinds = {k: v for k, v in kinds.items() if "integer" not in k and "int8-act" not in k}
@@ -149,6 +152,7 @@ def kernels(rounds: int = 5) -> dict:
             res[rows] = {}
             for kind, fn in kinds.items():
                 m.set_quant_vnni_max_rows(1 << 30 if "integer" in kind else 0)
+                m.set_quant_prefetch(0 if "no prefetch" in kind else 1024)
                 best = float("inf")
                 for _ in range(rounds):
                     t0 = time.perf_counter()
@@ -160,6 +164,7 @@ def kernels(rounds: int = 5) -> dict:
             print(f"  M={rows:>3}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in res[rows].items()), flush=True)
     finally:
         m.set_quant_vnni_max_rows(4)
+        m.set_quant_prefetch(1024)
     return res
 
 

@@ -143,6 +143,24 @@ def test_int8_activations_compute_the_one_pass_rounded_product(kernels, bits, n,
     assert torch.equal(kernels.quant_linear(x, *w.pack(), bias, False, m), rows)
 
 
+def test_the_integer_kernels_prefetch_changes_no_bit(kernels):
+    """The integer tile's software prefetch of the weight stream (set_quant_prefetch, a benchmark's
+    knob) is only a hint: any distance, none included, gives the same bits; out of range is refused."""
+    w = _random_weight(64, 576, 4, 32, True)
+    x = torch.randn(9, 576)
+    try:
+        outs = []
+        for bytes_ahead in (0, 64, 1024, 1 << 16):  # past the weight's end included: a prefetch never faults
+            kernels.set_quant_prefetch(bytes_ahead)
+            outs.append(kernels.quant_linear(x, *w.pack(), None, False, 1))
+    finally:
+        kernels.set_quant_prefetch(1024)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    if kernels.quant_linear_vnni_supported():
+        with pytest.raises(RuntimeError, match="0..65536"):
+            kernels.set_quant_prefetch(-1)
+
+
 def test_quant_embedding_reads_exact_rows_and_refuses_bad_ids(kernels):
     for bits in (4, 8):
         w = _random_weight(96, 64, bits, 32, bits == 4)

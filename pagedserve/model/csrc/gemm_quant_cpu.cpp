@@ -245,15 +245,16 @@ static void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
 namespace qgemm {
-// The integer tile asks for the weight bytes PREFETCH ahead of the unit it multiplies (16 units,
-// four Q4_1 groups; past a panel's end that is the next panel, which the same thread usually takes
-// next). With the weights streaming from memory (30 layers of SmolLM2, 66 MB), the hardware
-// prefetcher alone left each unit's load waiting before its dot products: at M = 4-16 rows the
-// time was close to the stream's plus the products'. Same script, interleaved runs on a 2-core
-// Zen 4 (session 23): M = 8 9.6-10.4 -> 7.7-8.9 ms on one thread, 5.9-8.8 -> 5.3-6.7 on two;
-// engine decode steps of 8 sequences 14.8-22.0 -> 13.0-14.1 ms; M = 1 unchanged (pure stream).
-// 768 bytes gained less, 2048 about the same.
-constexpr int64_t PREFETCH = 1024;
+// The integer tile asks for the weight bytes prefetch_bytes() ahead of the unit it multiplies
+// (1 KiB: 16 units, four Q4_1 groups; past a panel's end that is the next panel, which the same
+// thread usually takes next). With the weights streaming from memory (30 layers of SmolLM2, 66 MB),
+// the hardware prefetcher alone left each unit's load waiting before its dot products: at M = 4-16
+// rows the time was close to the stream's plus the products'. benchmarks/quant_weights.py measures
+// it on and off (set_quant_prefetch); 768 bytes gained less, 2048 about the same.
+static std::atomic<int64_t>& prefetch_bytes() {
+  static std::atomic<int64_t> v{1024};
+  return v;
+}
 static inline __m512i bcast4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
@@ -276,6 +277,7 @@ static void vnni_tile(const QW& w, const QX& xq, int64_t r0, int64_t j, const fl
   const __m512i nib = _mm512_set1_epi8(15), u128 = _mm512_set1_epi8(char(0x80));
   const __m512 second = _mm512_set1_ps(1.f / 254.f);
   const uint8_t* up = w.panel(j);
+  const int64_t pf = prefetch_bytes().load(std::memory_order_relaxed);  // 0: the line being read (no-op)
   for (int64_t g = 0; g < ng; ++g) {
     __m512i acc[R][PASSES], corr = _mm512_setzero_si512();
     for (int r = 0; r < R; ++r)
@@ -283,7 +285,7 @@ static void vnni_tile(const QW& w, const QX& xq, int64_t r0, int64_t j, const fl
 #pragma GCC unroll 8
     for (int64_t t = 0; t < upg; ++t, up += UNIT) {
       const int64_t k = (g * upg + t) * KPER;
-      _mm_prefetch(reinterpret_cast<const char*>(up) + PREFETCH, _MM_HINT_T0);  // a hint: never faults
+      _mm_prefetch(reinterpret_cast<const char*>(up) + pf, _MM_HINT_T0);  // a hint: never faults
       const __m512i v = _mm512_loadu_si512(up);
       if constexpr (BITS == 4) {
         const __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
@@ -546,6 +548,12 @@ torch::Tensor quant_embedding(torch::Tensor ids, torch::Tensor qw, torch::Tensor
 }
 
 void set_quant_vnni_max_rows(int64_t n) { vnni_max_rows().store(n); }
+void set_quant_prefetch(int64_t bytes) {
+#if defined(PAGEDSERVE_VNNI_GEMM)
+  TORCH_CHECK(bytes >= 0 && bytes <= 1 << 16, "prefetch distance: 0..65536 bytes, got ", bytes);
+  qgemm::prefetch_bytes().store(bytes);
+#endif
+}
 void set_quant_activation_passes(int64_t n) {
   TORCH_CHECK(n == 1 || n == 2, "activation passes: 1 or 2, got ", n);
   activation_passes().store(n);
