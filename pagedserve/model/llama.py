@@ -50,6 +50,20 @@ class Linear(nn.Linear):
         """Keep `w` quantized in place of the float weight (whose never-written memory is freed)."""
         _take_quantized(self, w)
 
+    def in_cpp_calls(self, bias_ok: bool = False) -> bool:
+        """Whether whole-layer C++ calls (llama_layers_cpu.cpp, moe_cpu.cpp) can take this Linear:
+        packed, bias-free unless the call adds one, and not GPTQ act-order (its input permutation
+        runs in Python)."""
+        return (self.packed is not None and (bias_ok or self.bias is None)
+                and (self.quant is None or self.quant.input_perm is None))
+
+    def cpp_tensors(self) -> list[torch.Tensor]:
+        """This Linear as those C++ calls take it: its packed float weight and an empty tensor, or its
+        quantized weight and scales."""
+        if self.quant is not None:
+            return list(self.quant.pack())
+        return [self.weight.detach(), torch.empty(0)]
+
     def dequantize(self, dtype: torch.dtype) -> None:
         """Back to a float weight (devices and shapes the quantized kernels do not cover)."""
         if self.quant is not None:
@@ -392,22 +406,12 @@ class LlamaForCausalLM(nn.Module):
         the same order, bitwise-equal results, no Python between them) when every kernel it needs is
         installed: packed bias-free Linears (the QKV bias aside), fused norms and rotary, the C++
         attention backend. Returns whether it now does."""
-        def packed(lin: Linear, bias_ok: bool = False) -> bool:
-            return (lin.packed is not None and (bias_ok or lin.bias is None)
-                    and (lin.quant is None or lin.quant.input_perm is None))  # act-order: the Python loop
-
         none = torch.empty(0)
-
-        def linear(lin: Linear) -> list[torch.Tensor]:  # llama_layers' two tensors per Linear
-            if lin.quant is not None:
-                return list(lin.quant.pack())
-            return [lin.weight.detach(), none]
-
         ok = tp().size == 1 and self.rotary.fused is not None and self.norm.fused is not None and all(
             isinstance(layer.mlp, MLP) and layer.self_attn.q_norm is None and layer.self_attn.clip_qkv is None
             and layer.self_attn.backend.name == "cpp" and layer.input_layernorm.fused is not None
-            and layer.post_attention_layernorm.fused is not None and packed(layer.self_attn.qkv_proj, True)
-            and packed(layer.self_attn.o_proj) and packed(layer.mlp.gate_up_proj) and packed(layer.mlp.down_proj)
+            and layer.post_attention_layernorm.fused is not None and layer.self_attn.qkv_proj.in_cpp_calls(True)
+            and all(lin.in_cpp_calls() for lin in (layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj))
             for layer in self.layers)
         if not ok:
             self.fused = None
@@ -416,8 +420,9 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
             qkv_bias = attn.qkv_proj.bias if attn.qkv_proj.bias is not None else none
-            weights += [layer.input_layernorm.weight, *linear(attn.qkv_proj), qkv_bias, *linear(attn.o_proj),
-                        layer.post_attention_layernorm.weight, *linear(mlp.gate_up_proj), *linear(mlp.down_proj)]
+            weights += [layer.input_layernorm.weight, *attn.qkv_proj.cpp_tensors(), qkv_bias,
+                        *attn.o_proj.cpp_tensors(), layer.post_attention_layernorm.weight,
+                        *mlp.gate_up_proj.cpp_tensors(), *mlp.down_proj.cpp_tensors()]
         weights.append(self.norm.weight)
         self._layer_weights = [w.detach() for w in weights]
         self._quant_bf16 = any(lin.quant_bf16 for lin in self.modules() if isinstance(lin, Linear))

@@ -69,20 +69,18 @@ class SparseMoE(nn.Module):
             return None
         lins = [lin for m in mlps for lin in (m.gate_up_proj, m.down_proj)]
         quantized = [lin for lin in lins if lin.quant is not None]
-        if (any(lin.packed is not kernels or lin.bias is not None for lin in lins)
-                or any(lin.quant.input_perm is not None for lin in quantized)
+        if (any(lin.packed is not kernels or not lin.in_cpp_calls() for lin in lins)
                 or len({(lin.quant_bf16, lin.quant_int8_rows) for lin in quantized}) > 1):
             return None
-        empty = torch.empty(0)
-
-        def tensors(lin):  # llama_layers_cpu.cpp's convention: packed weight + empty, or quantized + scales
-            return list(lin.quant.pack()) if lin.quant is not None else [lin.weight, empty]
-
         gate_up, down = [], []
         for e in range(self.num_experts):
             m = self.experts[str(e)] if str(e) in self.experts else None
-            gate_up += tensors(m.gate_up_proj) if m is not None else [empty, empty]  # empty: another rank's
-            down += tensors(m.down_proj) if m is not None else [empty, empty]
+            if m is None:  # another rank's expert (expert parallel): empty tensors, zero rows
+                gate_up += [torch.empty(0)] * 2
+                down += [torch.empty(0)] * 2
+            else:
+                gate_up += m.gate_up_proj.cpp_tensors()
+                down += m.down_proj.cpp_tensors()
         settings = quantized[0] if quantized else lins[0]  # quant_bf16 / int8_rows: the same on every expert
         self._grouped_cache = _GroupedExperts(kernels, gate_up, mlps[0].gate_up_proj.out_features, down,
                                               mlps[0].down_proj.out_features, settings.quant_bf16,

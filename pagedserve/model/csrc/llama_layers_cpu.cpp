@@ -36,8 +36,9 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up);
 // scales (with offsets) for quant_linear (gemm_quant_cpu.cpp).
 constexpr int64_t kPerLayer = 11;
 
-static torch::Tensor linear(const torch::Tensor& x, const torch::Tensor* w, c10::optional<torch::Tensor> bias,
-                            bool quant_bf16, int64_t int8_rows) {
+// One Linear given as its two tensors (also moe_cpu.cpp's experts).
+torch::Tensor linear_of(const torch::Tensor& x, const torch::Tensor* w, c10::optional<torch::Tensor> bias,
+                     bool quant_bf16, int64_t int8_rows) {
   PS_LABEL("packed_linear");
   if (w[1].numel()) return quant_linear(x, w[0], w[1], bias, quant_bf16, int8_rows);
   return packed_linear(x, w[0], bias);
@@ -83,8 +84,8 @@ torch::Tensor llama_layers(torch::Tensor x, torch::Tensor positions, torch::Tens
       PS_LABEL("add_rms_norm");
       add_rms_norm(x, residual, w[0], eps);
     }
-    torch::Tensor qkv = linear(x, w + 1, w[3].numel() ? c10::optional<torch::Tensor>(w[3]) : c10::nullopt, quant_bf16,
-                               quant_int8_rows);
+    const auto qkv_bias = w[3].numel() ? c10::optional<torch::Tensor>(w[3]) : c10::nullopt;
+    torch::Tensor qkv = linear_of(x, w + 1, qkv_bias, quant_bf16, quant_int8_rows);
     auto q = qkv.narrow(1, 0, q_size).view({T, num_heads, D});
     auto k = qkv.narrow(1, q_size, kv_size).view({T, num_kv_heads, D});
     auto v = qkv.narrow(1, q_size + kv_size, kv_size).view({T, num_kv_heads, D});
@@ -119,18 +120,18 @@ torch::Tensor llama_layers(torch::Tensor x, torch::Tensor positions, torch::Tens
       o = o.index_select(0, *rows);
       residual = residual.index_select(0, *rows);
     }
-    x = linear(o, w + 4, c10::nullopt, quant_bf16, quant_int8_rows);
+    x = linear_of(o, w + 4, c10::nullopt, quant_bf16, quant_int8_rows);
     {
       PS_LABEL("add_rms_norm");
       add_rms_norm(x, residual, w[6], eps);
     }
-    torch::Tensor gate_up = linear(x, w + 7, c10::nullopt, quant_bf16, quant_int8_rows), act;
+    torch::Tensor gate_up = linear_of(x, w + 7, c10::nullopt, quant_bf16, quant_int8_rows), act;
     {
       PS_LABEL("silu_and_mul");
       act = silu_and_mul(gate_up);
     }
     gate_up.reset();  // its memory can serve the next allocation
-    x = linear(act, w + 9, c10::nullopt, quant_bf16, quant_int8_rows);
+    x = linear_of(act, w + 9, c10::nullopt, quant_bf16, quant_int8_rows);
   }
   PS_LABEL("add_rms_norm");
   add_rms_norm(x, residual, weights.back(), eps);

@@ -24,9 +24,9 @@
 
 #include "parallel.h"
 
-torch::Tensor packed_linear(torch::Tensor x, torch::Tensor wp, c10::optional<torch::Tensor> bias);
-torch::Tensor quant_linear(torch::Tensor x, torch::Tensor qw, torch::Tensor scales, c10::optional<torch::Tensor> bias,
-                           bool bf16, int64_t int8_rows);
+// A Linear as its two tensors: packed float weight + empty, or quantized weight + scales (llama_layers_cpu.cpp).
+torch::Tensor linear_of(const torch::Tensor& x, const torch::Tensor* w, c10::optional<torch::Tensor> bias,
+                     bool quant_bf16, int64_t int8_rows);
 
 // Each token's top k experts by router logit (softmax is monotonic: the top k probabilities,
 // picked without exp's rounding; equal logits: the lower expert first), their softmax
@@ -161,7 +161,6 @@ torch::Tensor grouped_linear(torch::Tensor x, const std::vector<int64_t>& counts
       std::memset(rows, 0, sizeof(float) * counts[e] * out_features);
       return;
     }
-    const torch::Tensor& s = weights[2 * e + 1];
     torch::Tensor xe;
     if (gather) {  // this expert's rows of x, side by side
       xe = torch::empty({counts[e], K}, x.options());
@@ -172,7 +171,7 @@ torch::Tensor grouped_linear(torch::Tensor x, const std::vector<int64_t>& counts
     } else {
       xe = x.narrow(0, start[e], counts[e]);
     }
-    auto ye = s.numel() ? quant_linear(xe, w, s, c10::nullopt, quant_bf16, int8_rows) : packed_linear(xe, w, c10::nullopt);
+    const auto ye = linear_of(xe, &weights[2 * e], c10::nullopt, quant_bf16, int8_rows);
     std::memcpy(rows, ye.data_ptr<float>(), sizeof(float) * counts[e] * out_features);
   };
   const int64_t n = static_cast<int64_t>(work.size());
