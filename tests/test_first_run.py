@@ -144,19 +144,25 @@ def test_no_readme_command_compiles_anything(tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in model_dir.glob("_kernels_*")}
     assert before, "setup built no kernels"
 
-    server = ServerProcess([], tmp_path / "serve.log", env=env)  # the default model, as scripts/serve.sh
+    # The offline LLM starts beside the server (two processes loading at once: half the wait).
+    llm = subprocess.Popen([sys.executable, "-c", "from pagedserve import LLM, SamplingParams; "
+                            "print(LLM().generate(['Hi'], SamplingParams(max_tokens=2))[0].outputs[0].text)"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
     try:
-        r = httpx.post(f"{server.base}/chat/completions", timeout=60, json={
-            "model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
-        for argv in (["plan", "llama-3-8b", "--gpu", "L4"], ["bench", "--help"]):
-            assert probe(*argv, env=env)["rc"] in (0, None)
-        llm = subprocess.run([sys.executable, "-c", "from pagedserve import LLM, SamplingParams; "
-                              "print(LLM().generate(['Hi'], SamplingParams(max_tokens=2))[0].outputs[0].text)"],
-                             capture_output=True, text=True, timeout=300, env={**os.environ, **env})
-        assert llm.returncode == 0, llm.stderr[-2000:]
+        server = ServerProcess([], tmp_path / "serve.log", env=env)  # the default model, as scripts/serve.sh
+        try:
+            r = httpx.post(f"{server.base}/chat/completions", timeout=60, json={
+                "model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+            for argv in (["plan", "llama-3-8b", "--gpu", "L4"], ["bench", "--help"]):
+                assert probe(*argv, env=env)["rc"] in (0, None)
+        finally:
+            assert server.stop() == 0
+        _, err = llm.communicate(timeout=300)
+        assert llm.returncode == 0, err[-2000:]
     finally:
-        assert server.stop() == 0
+        if llm.poll() is None:
+            llm.kill()
     log = (tmp_path / "serve.log").read_text()
     assert f"C++ CPU kernels: {kernel_levels.supported_levels()[0].name} (installed build)" in log, log[-2000:]
     assert not mark.exists(), mark.read_text()
