@@ -165,7 +165,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0 = the one serving the API")
     p.add_argument("--master-addr", default=None, help="node 0's address, reachable from every node (nnodes > 1)")
     p.add_argument("--master-port", type=int, default=None, help="a free port on node 0 for the rendezvous")
-    for flag in ("--trust-remote-code", "--enforce-eager", "--disable-log-requests", "--disable-log-stats"):
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: run every decode step eagerly instead of replaying CUDA graphs (no effect on CPU)")
+    p.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None,
+                   help="CUDA: decode batch sizes captured as graphs; one value N: 1, 2, 4 and multiples of 8 up to "
+                        "N; several: exactly those (default: up to --max-num-seqs, at most 512)")
+    for flag in ("--trust-remote-code", "--disable-log-requests", "--disable-log-stats"):
         p.add_argument(flag, action="store_true", help="accepted for vllm compatibility; no effect")
 
 
@@ -193,7 +198,8 @@ def build_server_app(args: argparse.Namespace):
         background_priority=args.batch_priority, background_share=args.batch_share,
         background_prefill_tokens=args.batch_prefill_tokens, tensor_parallel_size=args.tensor_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel, nnodes=args.nnodes, node_rank=args.node_rank,
-        master_addr=args.master_addr, master_port=args.master_port,
+        master_addr=args.master_addr, master_port=args.master_port, enforce_eager=args.enforce_eager,
+        cuda_graph_sizes=args.cuda_graph_sizes,
     )
     if cfg.node_rank > 0:  # this node only runs ranks: no engine, no API (serve() sees args.node_rank)
         return None, None, cfg

@@ -99,6 +99,10 @@ class EngineConfig:
     node_rank: int = 0
     master_addr: str | None = None
     master_port: int | None = None
+    # CUDA graphs for decode steps (engine/cuda_graphs.py): off with enforce_eager; the batch sizes
+    # captured follow vLLM's --cuda-graph-sizes (None: [1, 2, 4] + multiples of 8 to max_num_seqs).
+    enforce_eager: bool = False
+    cuda_graph_sizes: list[int] | None = None
 
     @property
     def ranks_per_node(self) -> int:
@@ -132,6 +136,8 @@ class EngineConfig:
         self.background_policy()  # its checks, now
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.cuda_graph_sizes is not None and (not self.cuda_graph_sizes or min(self.cuda_graph_sizes) < 1):
+            raise ValueError(f"--cuda-graph-sizes must be positive batch sizes, got {self.cuda_graph_sizes}")
         if self.nnodes < 1 or self.tensor_parallel_size % self.nnodes:
             raise ValueError(f"--nnodes {self.nnodes} must divide --tensor-parallel-size {self.tensor_parallel_size} "
                              "(the same number of ranks on every node)")
@@ -165,6 +171,9 @@ class EngineConfig:
         if dev.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         return dev
+
+    def resolve_max_num_batched_tokens(self, device: torch.device) -> int:
+        return self.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS["cuda" if device.type == "cuda" else "cpu"]
 
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
         import torch

@@ -8,7 +8,11 @@ Checks, on tiny random Llama and Qwen2 models built with transformers:
      budget gives the same tokens, the prefix cache hits, no blocks leak;
   4. the KV budget is sized from --gpu-memory-utilization (a fraction of device memory);
   5. with Triton installed (the default backend on CUDA then): the Triton attention kernels give
-     the PyTorch backend's greedy tokens, for 16-bit, int8 and fp8 caches.
+     the PyTorch backend's greedy tokens, for 16-bit, int8 and fp8 caches;
+  6. CUDA graphs (Triton backend): decode replayed from graphs gives --enforce-eager's greedy tokens
+     (batches that shrink through padded sizes), a decode step's time both ways, no memory growth
+     over 10,000 replayed steps;
+  7. the profiled KV budget: a step at the largest size stays under --gpu-memory-utilization.
 Prints a line per check and exits non-zero on any failure.
 
     python scripts/check_cuda.py MODEL_DIR [MODEL_DIR ...]
@@ -101,12 +105,59 @@ def main(dirs: list[str]) -> int:
                     outs[backend] = [o.outputs[0].token_ids for o in m.generate(prompts, params, use_tqdm=False)]
                     del m
                 check(f"{d} triton == torch attention on cuda (kv {kv})", outs["torch"] == outs["triton"])
+        if triton_available():
+            check_graphs(d, prompts, check)
     util = LLM(dirs[0], device="cuda", gpu_memory_utilization=0.3, max_model_len=512)
     total = torch.cuda.get_device_properties(0).total_memory
     kv = util.engine.runner.kv_bytes
     check("gpu_memory_utilization sizes the KV cache", 0.2 * total < kv < 0.3 * total, f"{kv / 2**30:.1f} GiB of {total / 2**30:.0f}")
+    # The largest step the scheduler can make (max_num_batched_tokens of prompt, max_num_seqs rows
+    # sampled) must fit beside the KV cache: the budget came from a profiled step of that size.
+    from pagedserve import SamplingParams
+    torch.cuda.reset_peak_memory_stats()
+    big = [list(range(1, 400))] * 64
+    util.generate(big, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    peak = torch.cuda.max_memory_allocated()
+    check("the largest step fits under gpu_memory_utilization", peak <= 0.3 * total,
+          f"peak {peak / 2**30:.2f} GiB, limit {0.3 * total / 2**30:.2f} GiB "
+          f"(profiled activations {util.engine.runner.profiled_activation_bytes / 2**20:.0f} MiB)")
     print(f"{failures} failed")
     return 1 if failures else 0
+
+
+def check_graphs(d, prompts, check) -> None:
+    """Decode from CUDA graphs against --enforce-eager on the same model: tokens, step time, memory."""
+    from pagedserve import LLM, SamplingParams
+
+    params = [SamplingParams(temperature=0, max_tokens=8 + 5 * i, ignore_eos=True) for i in range(len(prompts))]
+    outs, step_ms = {}, {}
+    for eager in (True, False):
+        m = LLM(d, device="cuda", dtype="bfloat16", enforce_eager=eager, kv_cache_memory=256 << 20, max_model_len=512)
+        graphs = m.engine.runner.graphs
+        check(f"{d} graphs {'off' if eager else 'on'} with enforce_eager={eager}", (graphs is None) == eager,
+              "" if eager else f"({len(graphs.sizes)} sizes captured in {graphs.capture_seconds:.1f}s)")
+        outs[eager] = [o.outputs[0].token_ids for o in m.generate(prompts, params, use_tqdm=False)]
+        one = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)
+        m.generate([prompts[0]], one, use_tqdm=False)  # warm
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        m.generate([prompts[0]], one, use_tqdm=False)
+        torch.cuda.synchronize()
+        step_ms[eager] = (time.perf_counter() - t0) / 256 * 1e3
+        if not eager:
+            replays = graphs.replays
+            m.generate(prompts[:1], one, use_tqdm=False)
+            before = torch.cuda.memory_allocated()
+            long = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
+            for _ in range(20):  # 10,000 decode steps, all replayed
+                m.generate([prompts[0]], long, use_tqdm=False)
+            grown = torch.cuda.memory_allocated() - before
+            check(f"{d} no memory growth over {graphs.replays - replays} replayed steps", grown <= 0,
+                  f"({grown} bytes)")
+        del m
+        torch.cuda.empty_cache()
+    check(f"{d} graph replay == eager (greedy, bf16)", outs[True] == outs[False])
+    print(f"     decode at batch 1: {step_ms[True]:.2f} ms/token eager, {step_ms[False]:.2f} ms/token from graphs")
 
 
 if __name__ == "__main__":

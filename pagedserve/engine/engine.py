@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pagedserve.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig
+from pagedserve.config import EngineConfig
 from pagedserve.engine.cpu_threads import container_threads
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.kv_cache import KVCacheManager
@@ -106,8 +106,7 @@ class LLMEngine:
             self.runner.kernels.set_planned_threads(n)
             self.tuner = ThreadTuner(n, torch.set_num_threads, ready=lambda: not self.runner.kv_populating)
         device = self.runner.device
-        self.max_num_batched_tokens = (cfg.max_num_batched_tokens
-                                       or DEFAULT_MAX_NUM_BATCHED_TOKENS["cuda" if device.type == "cuda" else "cpu"])
+        self.max_num_batched_tokens = cfg.resolve_max_num_batched_tokens(device)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, self.max_num_batched_tokens,
                                    None if cfg.ttft_target_ms is None else cfg.ttft_target_ms / 1000,
                                    background=cfg.background_policy())

@@ -16,6 +16,7 @@ import torch
 from pagedserve.config import CPU_DEFAULT_KV_CACHE_BYTES, KV_SCALE_BYTES, RUNTIME_RESERVE_FRACTION, EngineConfig
 from pagedserve.distributed.parallel import init_tensor_parallel, tp
 from pagedserve.distributed.shard import local_arch, shard_weights
+from pagedserve.engine.cuda_graphs import DecodeGraphs, capture_sizes, graphs_unsupported
 from pagedserve.engine.cpu_memory import keep_freed_memory, lazily_zeroed_cpu_tensor, populate
 from pagedserve.engine.kv_cache import KVCacheManager
 from pagedserve.engine.request import Request
@@ -37,14 +38,26 @@ class StepResult:
     prompt_logprobs: dict[str, list]  # request id -> list of (token, logprob tuple) for this chunk
 
 
-def kv_cache_bytes(cfg: EngineConfig, device: torch.device, weight_bytes: int) -> int:
-    """The KV budget: explicit bytes, else a fraction of device memory minus weights and a reserve."""
+def kv_cache_bytes(cfg: EngineConfig, device: torch.device, weight_bytes: int, activation_bytes: int | None = None,
+                   used_before: int = 0) -> int:
+    """The KV budget: explicit bytes, else a fraction of device memory minus what else lives there.
+
+    CUDA, profiled (activation_bytes given, vLLM's accounting): --gpu-memory-utilization of the
+    device minus what torch holds now (weights, buffers), the largest step's activations, and the
+    memory outside torch's allocator this process added since the runner started (library
+    workspaces such as cuBLAS's; `used_before`, measured then, is other processes' and the CUDA
+    context's). Unprofiled: minus weights and a fixed reserve."""
     if cfg.kv_cache_memory is not None:
         return cfg.kv_cache_memory
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         frac = cfg.gpu_memory_utilization or 0.9
-        budget = int(total * frac) - weight_bytes - int(total * RUNTIME_RESERVE_FRACTION)
+        if activation_bytes is None:
+            budget = int(total * frac) - weight_bytes - int(total * RUNTIME_RESERVE_FRACTION)
+        else:
+            free, _ = torch.cuda.mem_get_info(device)
+            outside_torch = max(0, (total - free) - used_before - torch.cuda.memory_reserved(device))
+            budget = int(total * frac) - torch.cuda.memory_allocated(device) - activation_bytes - outside_torch
     elif cfg.gpu_memory_utilization is not None:
         avail = psutil.virtual_memory().available
         budget = int(avail * cfg.gpu_memory_utilization) - int(avail * RUNTIME_RESERVE_FRACTION)
@@ -64,6 +77,11 @@ class ModelRunner:
         self.cfg = cfg
         self.arch = arch
         self.device = cfg.resolve_device()
+        # what the GPU held before this engine (other processes' share): not ours to count
+        used_before = 0
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used_before = total - free
         # Tensor parallelism (distributed/): rank 0 (this engine) starts the other ranks, every
         # rank keeps its shard of the weights and of the KV cache.
         self.rank, self.tp_size, self.workers = rank, cfg.tensor_parallel_size, None
@@ -127,7 +145,21 @@ class ModelRunner:
 
         per_token = self.model_arch.kv_bytes_per_token(torch.empty((), dtype=self.kv_dtype).element_size(),
                                                        KV_SCALE_BYTES if cfg.kv_cache_scaled else 0)
-        budget = kv_cache_bytes(cfg, self.device, self.weight_bytes)
+        self.max_num_batched_tokens = cfg.resolve_max_num_batched_tokens(self.device)
+        graph_sizes, why_eager = [], "enforce_eager"
+        if self.device.type == "cuda" and not cfg.enforce_eager:
+            why_eager = graphs_unsupported(self.model, backend.name, self.tp_size)
+            graph_sizes = [] if why_eager else capture_sizes(cfg.cuda_graph_sizes, cfg.max_num_seqs)
+        # CUDA, one rank: the largest step's activations measured, not guessed (vLLM's profile run);
+        # the graphs' own pool is about a decode step at their largest size (activations scale with
+        # the tokens of a step).
+        self.profiled_activation_bytes = activation_bytes = None
+        if self.device.type == "cuda" and cfg.kv_cache_memory is None and self.tp_size == 1:
+            self.profiled_activation_bytes = self._profile_activations()
+            tokens = self.max_num_batched_tokens
+            activation_bytes = self.profiled_activation_bytes * (1 + max(graph_sizes, default=0) / tokens)
+        budget = kv_cache_bytes(cfg, self.device, self.weight_bytes, activation_bytes and int(activation_bytes),
+                                used_before)
         self.num_blocks = tp().min_int(budget // (per_token * self.block_size))  # every rank the same count
         blocks_per_seq = -(-max_model_len // self.block_size)
         if self.num_blocks < blocks_per_seq:
@@ -152,6 +184,14 @@ class ModelRunner:
             self.kv_bytes += self.kv_caches.scales.numel() * 4
         self._populating: threading.Thread | None = None
         self.max_concurrency = self.num_blocks / blocks_per_seq
+        self.graphs: DecodeGraphs | None = None
+        if graph_sizes:
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, graph_sizes, max_model_len, self.block_size,
+                                       self.device)
+            log.info("decode steps of up to %d requests replay CUDA graphs: %d batch sizes captured in %.1fs",
+                     graph_sizes[-1], len(graph_sizes), self.graphs.capture_seconds)
+        elif self.device.type == "cuda":
+            log.info("decode steps run eagerly (no CUDA graphs): %s", why_eager)
 
     def _int8_activation_rows(self, cfg, kernels) -> int:
         """quant_linear's int8_rows for --activation-dtype: 0 (float), or 1 (int8: every batch); a CPU
@@ -170,6 +210,51 @@ class ModelRunner:
                                 else "this CPU or kernel build has no AVX512_VNNI")
                              + ": leave it at auto or float")
         return 1
+
+    def largest_step(self) -> tuple[torch.Tensor, int]:
+        """The largest step the scheduler can make, on dummy tokens into a scratch KV cache (the
+        real one is untouched or not there yet): max_num_batched_tokens of prompt in chunks of at
+        most max_model_len, max_num_seqs rows of logits, and the sampler's largest temporaries (a
+        softmax and the full sort of top-k / top-p). One rank. Returns (logits, the scratch
+        cache's bytes)."""
+        bs, dev, tokens = self.block_size, self.device, self.max_num_batched_tokens
+        chunks = [min(self.max_model_len, tokens - s) for s in range(0, tokens, self.max_model_len)]
+        blocks = sum(-(-n // bs) for n in chunks)
+        shape = (self.arch.num_layers, 2, blocks, self.model_arch.num_kv_heads, bs, self.arch.head_dim)
+        cache = torch.zeros(shape, dtype=self.kv_dtype, device=dev)
+        scratch = cache.numel() * cache.element_size()
+        if self.cfg.kv_cache_scaled:
+            cache = ScaledKV(cache, torch.zeros(shape[:-1], dtype=torch.float32, device=dev))
+            scratch += cache.scales.numel() * 4
+        pos = np.concatenate([np.arange(n, dtype=np.int64) for n in chunks])
+        first = np.cumsum([0] + [-(-n // bs) for n in chunks])  # each chunk's first block
+        slot_blocks = np.concatenate([first[i] + np.arange(n) // bs for i, n in enumerate(chunks)])
+        starts = np.cumsum([0] + chunks)
+        prefills = [PrefillChunk(int(starts[i]), n, n, torch.arange(first[i], first[i + 1], device=dev))
+                    for i, n in enumerate(chunks)]
+        on_dev = self._to_device({"ids": np.zeros(tokens, np.int64), "pos": pos, "blocks": slot_blocks,
+                                  "offsets": pos % bs,
+                                  "rows": np.linspace(0, tokens - 1, min(self.cfg.max_num_seqs, tokens)).astype(np.int64)})
+        meta = AttentionMetadata(on_dev["blocks"], on_dev["offsets"], 0, None, None, 0, prefills, bs)
+        logits = self.model.compute_logits(self.model(on_dev["ids"], on_dev["pos"], cache, meta, on_dev["rows"]))
+        torch.softmax(logits, dim=-1).sort(dim=-1, descending=True)
+        return logits, scratch
+
+    def _profile_activations(self) -> int:
+        """CUDA: the bytes the largest step allocates beyond what is resident (weights, buffers),
+        its scratch KV cache not counted. The KV budget leaves this much free."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        logits, scratch = self.largest_step()
+        torch.cuda.synchronize(self.device)
+        peak = max(0, torch.cuda.max_memory_allocated(self.device) - base - scratch)
+        del logits
+        torch.cuda.empty_cache()
+        log.info("profiled the largest step (%d tokens, %d sampled rows): %.0f MiB of activations",
+                 self.max_num_batched_tokens, min(self.cfg.max_num_seqs, self.max_num_batched_tokens), peak / 2**20)
+        return peak
 
     def weights_description(self) -> str:
         """What the weights are kept as, for the start-up log: "gguf Q4_1+gguf Q8_0 (quantized)" or
@@ -239,6 +324,35 @@ class ModelRunner:
 
         nd = len(decodes)
         slot = np.concatenate(slots)
+        if self.graphs is not None and not prefills and not plp_spans and self.graphs.fits(nd):
+            # a pure decode step: replayed from the CUDA graph of its padded size (cuda_graphs.py)
+            # (every decode samples: its hidden rows are the sampled ones, in order)
+            hidden = self.graphs.run(np.asarray(tokens, dtype=np.int64), np.concatenate(positions), slot // bs,
+                                     slot % bs, np.array([r.num_computed_tokens + 1 for r in decodes], dtype=np.int64),
+                                     tables)
+            sample_rows = None
+        else:
+            hidden, sample_rows = self._eager_step(tokens, positions, slot, tables, decodes, chunk_specs, sample_idx,
+                                                   plp_spans)
+        result = StepResult({}, {}, {})
+        if plp_spans:
+            result.prompt_logprobs = self._prompt_logprobs(hidden, plp_spans)
+        if sample_reqs:
+            logits = self._logits(hidden[sample_rows] if plp_spans else hidden)
+            mask = None
+            if structured is not None and any(r.grammar is not None for r in sample_reqs):
+                mask = structured.bitmask([r.grammar for r in sample_reqs])
+            s: SamplerOutput = self.sampler(logits, sample_reqs, mask)
+            for r, tok, lp in zip(sample_reqs, s.token_ids, s.logprobs):
+                result.sampled[r.request_id] = tok
+                if lp is not None:
+                    result.logprobs[r.request_id] = lp
+        return result
+
+    def _eager_step(self, tokens, positions, slot, tables, decodes, chunk_specs, sample_idx, plp_spans):
+        """The step's forward without graphs: (hidden states of the sampled rows, or of every row
+        when prompt logprobs want them; the sampled rows' indices on the device)."""
+        bs, nd = self.block_size, len(decodes)
         parts = {"ids": np.asarray(tokens, dtype=np.int64), "pos": np.concatenate(positions), "blocks": slot // bs,
                  "offsets": slot % bs, "rows": np.asarray(sample_idx, dtype=np.int64)}
         max_ctx = width = 0
@@ -263,26 +377,10 @@ class ModelRunner:
             prefills=[PrefillChunk(start, n, ctx, on_dev[f"chunk{i}"]) for i, (start, n, ctx) in enumerate(chunk_specs)],
             block_size=bs,
         )
-        input_ids, pos_t = on_dev["ids"], on_dev["pos"]
         # Past the last layer's attention only the sampled tokens are needed, unless prompt
         # logprobs want every token's hidden state.
-        sample_rows = on_dev["rows"]
-        hidden = self._forward(input_ids, pos_t, meta, None if plp_spans else sample_rows)
-
-        result = StepResult({}, {}, {})
-        if plp_spans:
-            result.prompt_logprobs = self._prompt_logprobs(hidden, plp_spans)
-        if sample_reqs:
-            logits = self._logits(hidden[sample_rows] if plp_spans else hidden)
-            mask = None
-            if structured is not None and any(r.grammar is not None for r in sample_reqs):
-                mask = structured.bitmask([r.grammar for r in sample_reqs])
-            s: SamplerOutput = self.sampler(logits, sample_reqs, mask)
-            for r, tok, lp in zip(sample_reqs, s.token_ids, s.logprobs):
-                result.sampled[r.request_id] = tok
-                if lp is not None:
-                    result.logprobs[r.request_id] = lp
-        return result
+        rows = on_dev["rows"]
+        return self._forward(on_dev["ids"], on_dev["pos"], meta, None if plp_spans else rows), rows
 
     def _to_device(self, parts: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """The step's int64 inputs as views of one tensor on the device: one copy (from pinned

@@ -33,6 +33,10 @@ class PrefillChunk:
     block_table: torch.Tensor  # [num_blocks] int64
 
 
+# A token whose slot block is PAD_SLOT has no slot: its K/V is not stored (the padding rows of a
+# CUDA-graph decode step, engine/cuda_graphs.py; honoured by the Triton store, the graphs' backend).
+PAD_SLOT = -1
+
 # --kv-cache-dtype int8 / fp8 (e4m3): stored = x / s per (token, kv head) row, s = max|x| / QMAX.
 KV_QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
 

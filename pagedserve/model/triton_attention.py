@@ -100,17 +100,18 @@ def _store_kv_kernel(x_ptr, cache_ptr, scale_ptr, blocks_ptr, offsets_ptr,
     x = tl.load(x_ptr + t * sx_t + h * sx_h + d, mask=dm, other=0.0).to(tl.float32)
     blk = tl.load(blocks_ptr + t)
     off = tl.load(offsets_ptr + t)
-    dst = cache_ptr + blk * sc_b + h * sc_h + off * sc_o + d
-    if SCALED:
-        amax = tl.max(tl.abs(x), axis=0)
-        inv = tl.where(amax > 0, QMAX / amax, 0.0)
-        y = tl.minimum(tl.maximum(x * inv, -QMAX), QMAX)
-        if IS_INT:
-            y = _round_even(y)
-        tl.store(dst, _to_cache(y, cache_ptr.dtype.element_ty), mask=dm)
-        tl.store(scale_ptr + blk * ss_b + h * ss_h + off, amax * (1.0 / QMAX))
-    else:
-        tl.store(dst, _to_cache(x, cache_ptr.dtype.element_ty), mask=dm)
+    if blk >= 0:  # PAD_SLOT (a padding row of a CUDA-graph step): nothing to store
+        dst = cache_ptr + blk * sc_b + h * sc_h + off * sc_o + d
+        if SCALED:
+            amax = tl.max(tl.abs(x), axis=0)
+            inv = tl.where(amax > 0, QMAX / amax, 0.0)
+            y = tl.minimum(tl.maximum(x * inv, -QMAX), QMAX)
+            if IS_INT:
+                y = _round_even(y)
+            tl.store(dst, _to_cache(y, cache_ptr.dtype.element_ty), mask=dm)
+            tl.store(scale_ptr + blk * ss_b + h * ss_h + off, amax * (1.0 / QMAX))
+        else:
+            tl.store(dst, _to_cache(x, cache_ptr.dtype.element_ty), mask=dm)
 
 
 @triton.jit
