@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from pagedserve.config import (ACTIVATION_DTYPES, DEFAULT_TTFT_TARGET_MS, QUANTIZATION_METHODS, QUANTIZE_METHODS,
-                               STRUCTURED_OUTPUTS_BACKENDS)
+from pagedserve.config import (ACTIVATION_DTYPES, DEFAULT_TTFT_TARGET_MS, LOAD_FORMATS, QUANTIZATION_METHODS,
+                               QUANTIZE_METHODS, STRUCTURED_OUTPUTS_BACKENDS)
 from pagedserve.server.tool_parsers import PARSERS as _TOOL_PARSERS
 
 T0 = time.monotonic()
@@ -165,6 +165,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0 = the one serving the API")
     p.add_argument("--master-addr", default=None, help="node 0's address, reachable from every node (nnodes > 1)")
     p.add_argument("--master-port", type=int, default=None, help="a free port on node 0 for the rendezvous")
+    p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
+                   help="auto: the checkpoint's weights; dummy: random weights of config.json's shapes, made on the "
+                        "device (benchmarks where the checkpoint cannot be read; the folder still needs a tokenizer)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: run every decode step eagerly instead of replaying CUDA graphs (no effect on CPU)")
     p.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None,
@@ -199,7 +202,7 @@ def build_server_app(args: argparse.Namespace):
         background_prefill_tokens=args.batch_prefill_tokens, tensor_parallel_size=args.tensor_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel, nnodes=args.nnodes, node_rank=args.node_rank,
         master_addr=args.master_addr, master_port=args.master_port, enforce_eager=args.enforce_eager,
-        cuda_graph_sizes=args.cuda_graph_sizes,
+        cuda_graph_sizes=args.cuda_graph_sizes, load_format=args.load_format,
     )
     if cfg.node_rank > 0:  # this node only runs ranks: no engine, no API (serve() sees args.node_rank)
         return None, None, cfg

@@ -57,6 +57,9 @@ def torch_dtype(name: str) -> torch.dtype:
 
 # Prompt tokens + decodes one engine step may carry (--max-num-batched-tokens) when not given; the
 # planner models prefill with the same budget.
+# --load-format (vLLM's names): the checkpoint's weights, or random ones of the config's shapes
+# (benchmarks of large models where no checkpoint can be read, as on a GPU machine without network).
+LOAD_FORMATS = ("auto", "dummy")
 DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 2048, "cpu": 512}
 
 
@@ -103,6 +106,7 @@ class EngineConfig:
     # captured follow vLLM's --cuda-graph-sizes (None: [1, 2, 4] + multiples of 8 to max_num_seqs).
     enforce_eager: bool = False
     cuda_graph_sizes: list[int] | None = None
+    load_format: str = "auto"  # LOAD_FORMATS: auto = the checkpoint's files; dummy = random weights from config.json
 
     @property
     def ranks_per_node(self) -> int:
@@ -136,6 +140,8 @@ class EngineConfig:
         self.background_policy()  # its checks, now
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         if self.cuda_graph_sizes is not None and (not self.cuda_graph_sizes or min(self.cuda_graph_sizes) < 1):
             raise ValueError(f"--cuda-graph-sizes must be positive batch sizes, got {self.cuda_graph_sizes}")
         if self.nnodes < 1 or self.tensor_parallel_size % self.nnodes:

@@ -135,3 +135,33 @@ def test_tokenizer_matches_transformers_without_importing_it(default_model_dir, 
     tidy, tidy_ref = load_tokenizer(tmp_path), _load_hf(tmp_path)
     ids = tidy.encode("Well , is n't it ? Yes !")
     assert tidy.decode(ids) == tidy_ref.decode(ids)
+
+
+def test_load_format_dummy_makes_random_weights_of_the_configs_shapes(tiny_dirs):
+    """--load-format dummy (vLLM's): no checkpoint read, every weight drawn where it lives (norms 1),
+    the same draw for the same --seed; refused where the weights would have been quantized."""
+    from pagedserve import LLM, SamplingParams
+    from pagedserve.cli import build_parser
+    from pagedserve.model.llama import RMSNorm
+
+    real = LLM(str(tiny_dirs["llama3"]), dtype="float32", kv_cache_memory=4 << 20, max_model_len=128)
+    dummies = [LLM(str(tiny_dirs["llama3"]), dtype="float32", kv_cache_memory=4 << 20, max_model_len=128,
+                   load_format="dummy", seed=s) for s in (0, 0, 1)]
+    params = [dict(m.engine.runner.model.named_parameters()) for m in [real, *dummies]]
+    norms = {n for n, mod in real.engine.runner.model.named_modules() if isinstance(mod, RMSNorm)}
+    assert set(params[0]) == set(params[1])
+    for name, w in params[1].items():
+        if name.rsplit(".", 1)[0] in norms:
+            assert torch.equal(w, torch.ones_like(w)), name
+        else:
+            assert not torch.equal(w, params[0][name]) and 0.015 < w.std().item() < 0.025, name
+            assert torch.equal(w, params[2][name]) and not torch.equal(w, params[3][name]), name
+    sp = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    outs = [m.generate([[5, 6, 7]], sp, use_tqdm=False)[0].outputs[0].token_ids for m in dummies]
+    assert outs[0] == outs[1] and len(outs[0]) == 5
+    assert "random" in dummies[0].engine.runner.weights_description()
+    with pytest.raises(ValueError, match="dummy"):
+        LLM(None, load_format="dummy")  # the default model is a GGUF
+    with pytest.raises(ValueError, match="load_format"):
+        LLM(str(tiny_dirs["llama3"]), load_format="npcache")
+    assert build_parser().parse_args(["serve", "--load-format", "dummy"]).load_format == "dummy"

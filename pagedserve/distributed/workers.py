@@ -136,14 +136,14 @@ def worker_main(cfg, rank: int, size: int, master_addr: str, master_port: int) -
 
     from pagedserve.engine.model_runner import ModelRunner
     from pagedserve.model.arch import ModelArch
-    from pagedserve.model.loader import load_checkpoint, load_hf_config, load_weights
+    from pagedserve.model.loader import dummy_or_weights, load_checkpoint, load_hf_config
 
     device = cfg.resolve_device()
     if device.type == "cpu":
         torch.set_num_threads(cfg.num_threads or threads_per_rank(cfg.ranks_per_node))
     model_path, gguf_file = load_checkpoint(cfg.model)
     arch = ModelArch.from_hf_config(load_hf_config(model_path))
-    runner = ModelRunner(cfg, arch, load_weights(model_path, gguf_file), cfg.max_model_len or
+    runner = ModelRunner(cfg, arch, dummy_or_weights(cfg, model_path, gguf_file), cfg.max_model_len or
                          arch.max_position_embeddings, rank=rank, master=(master_addr, master_port))
     runner.follow()
     from pagedserve.distributed.parallel import shutdown_tensor_parallel

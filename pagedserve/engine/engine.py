@@ -28,7 +28,7 @@ from pagedserve.engine.structured_output import StructuredOutputManager
 from pagedserve.engine.thread_tuner import ThreadTuner
 from pagedserve.distributed.shard import check_tensor_parallel
 from pagedserve.model.arch import ModelArch
-from pagedserve.model.loader import checkpoint_quantization, load_checkpoint, load_hf_config, load_weights
+from pagedserve.model.loader import checkpoint_quantization, dummy_or_weights, load_checkpoint, load_hf_config
 from pagedserve.model.tokenizer import load_tokenizer
 
 log = logging.getLogger("pagedserve.engine")
@@ -98,7 +98,8 @@ class LLMEngine:
             )
         self.eos_token_ids = frozenset(self._eos_ids(hf_cfg))
         check_tensor_parallel(self.arch, tp_size, cfg.enable_expert_parallel)  # before any weight loads
-        self.runner = ModelRunner(cfg, self.arch, load_weights(self.model_path, gguf_file), self.max_model_len)
+        self.runner = ModelRunner(cfg, self.arch, dummy_or_weights(cfg, self.model_path, gguf_file),
+                                  self.max_model_len)
         self.kv = KVCacheManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.tuner: ThreadTuner | None = None  # 1 or N threads, measured (thread_tuner.py)
         self.planned_threads = n = torch.get_num_threads()

@@ -72,7 +72,7 @@ def kv_cache_bytes(cfg: EngineConfig, device: torch.device, weight_bytes: int, a
 
 
 class ModelRunner:
-    def __init__(self, cfg: EngineConfig, arch: ModelArch, weights: dict[str, torch.Tensor], max_model_len: int,
+    def __init__(self, cfg: EngineConfig, arch: ModelArch, weights: dict[str, torch.Tensor] | None, max_model_len: int,
                  rank: int = 0, master: tuple[str, int] | None = None):
         self.cfg = cfg
         self.arch = arch
@@ -95,7 +95,8 @@ class ModelRunner:
                 master = (cfg.master_addr, cfg.master_port) if cfg.nnodes > 1 else ("127.0.0.1", free_port())
                 self.workers = WorkerGroup(cfg, self.tp_size, *master)
             init_tensor_parallel(rank, self.tp_size, *master, "nccl" if self.device.type == "cuda" else "gloo")
-            weights = shard_weights(weights, arch, rank, self.tp_size, cfg.enable_expert_parallel)
+            if weights is not None:  # None: --load-format dummy, each rank makes its own shard
+                weights = shard_weights(weights, arch, rank, self.tp_size, cfg.enable_expert_parallel)
         self.model_arch = local_arch(arch, self.tp_size, rank, cfg.enable_expert_parallel)  # what this rank builds
         self.dtype = cfg.resolve_dtype(self.device)
         self.kv_dtype = cfg.resolve_kv_cache_dtype(self.dtype)
@@ -115,7 +116,10 @@ class ModelRunner:
             backend.bf16_math = True
         with build_for_checkpoint(self.device, compute):
             model = LlamaForCausalLM(self.model_arch, backend, max_model_len, arch.vocab_size)
-        model.load_weights(weights)
+        if weights is None:  # --load-format dummy
+            model.init_dummy_weights(cfg.seed + rank)
+        else:
+            model.load_weights(weights)
         model.rotary = model.rotary.to(self.device)  # tables are built on the CPU, in float32
         self.model = model.eval()
         kernels = cpu_kernels.load() if backend.name == "cpp" else None
@@ -260,7 +264,8 @@ class ModelRunner:
         """What the weights are kept as, for the start-up log: "gguf Q4_1+gguf Q8_0 (quantized)" or
         the float dtype."""
         if not self.quantized_weights:
-            return str(self.dtype).removeprefix("torch.")
+            return str(self.dtype).removeprefix("torch.") + (" (--load-format dummy: random)"
+                                                             if self.cfg.load_format == "dummy" else "")
         kinds = sorted({part for w in self.quantized_weights.values() for part in w.source.split("+")})  # fused: "a+b"
         return "+".join(kinds) + (" (quantized, int8 activations)" if self.int8_activation_rows else " (quantized)")
 

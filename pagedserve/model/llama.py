@@ -450,6 +450,19 @@ class LlamaForCausalLM(nn.Module):
 
     # -- weights ---------------------------------------------------------------------------
     @torch.inference_mode()
+    def init_dummy_weights(self, seed: int) -> None:
+        """--load-format dummy: every weight random where it lives (normal, std 0.02; norms 1;
+        biases 0), for runs of a model whose checkpoint cannot be read (vLLM's dummy format)."""
+        norms = {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm)}
+        for i, (name, p) in enumerate(sorted(self.named_parameters())):
+            if id(p) in norms:
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:  # drawn where the tensor lives (an 8B model's weights in seconds on a GPU)
+                p.normal_(0, 0.02, generator=torch.Generator(device=p.device).manual_seed(seed * 100_003 + i))
+
+    @torch.inference_mode()
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Load from Hugging Face names ("model.layers.0.self_attn.q_proj.weight", ...),
         fusing q/k/v and gate/up. Every parameter must be filled; extras are an error."""

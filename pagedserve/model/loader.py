@@ -141,6 +141,18 @@ def load_checkpoint(model: str | os.PathLike | None) -> tuple[Path, Path | None]
     return (where if kind == "folder" else _resolve_hub_id(where)), None
 
 
+def dummy_or_weights(cfg, folder: Path, gguf_file: Path | None):
+    """The weights ModelRunner takes: the checkpoint's (load_weights), or None for --load-format
+    dummy (random ones of config.json's shapes, made on the device: model_runner). Dummy weights are
+    float, so a quantized checkpoint or --quantization is refused rather than half-honoured."""
+    if cfg.load_format != "dummy":
+        return load_weights(folder, gguf_file)
+    if gguf_file is not None or cfg.quantization or checkpoint_quantization(load_hf_config(folder)) is not None:
+        raise ValueError("--load-format dummy makes random float weights from config.json: point it at a folder "
+                         "whose config.json has no quantization_config (not a GGUF), without --quantization")
+    return None
+
+
 def load_weights(folder: Path, gguf_file: Path | None = None) -> dict[str, torch.Tensor | QuantizedWeight]:
     """The checkpoint's tensors by Hugging Face name: from `gguf_file` when given (quantized types
     kept quantized), else the folder's safetensors / pytorch_model*.bin, each quantized Linear's
