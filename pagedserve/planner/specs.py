@@ -281,12 +281,18 @@ class MachineProbe:
         self.model = model
         self.cuda = torch.cuda.is_available()
         self.dev = "cuda" if self.cuda else "cpu"
+        # the engine's default compute type on the device: bf16 on CUDA (fp32 there would time the
+        # GPU's far slower fp32 GEMMs), float32 on CPU
+        self.dtype = torch.bfloat16 if self.cuda else torch.float32
+        size = torch.empty((), dtype=self.dtype).element_size()
         shapes = linear_shapes(model) if model is not None else [gemv_shape]
-        per_layer = sum(o * i for o, i in shapes) * 4
+        per_layer = sum(o * i for o, i in shapes) * size
         n_layers = max(2, min(model.layers if model is not None else 8, budget_bytes // per_layer))
-        self.layers = [[torch.randn(o, i, device=self.dev) for o, i in shapes] for _ in range(n_layers)]
-        self.head = torch.randn(model.vocab, model.hidden, device=self.dev) if model is not None else None
-        self.total_bytes = n_layers * per_layer + (self.head.numel() * 4 if self.head is not None else 0)
+        self.layers = [[torch.randn(o, i, device=self.dev, dtype=self.dtype) for o, i in shapes]
+                       for _ in range(n_layers)]
+        self.head = (torch.randn(model.vocab, model.hidden, device=self.dev, dtype=self.dtype)
+                     if model is not None else None)
+        self.total_bytes = n_layers * per_layer + (self.head.numel() * size if self.head is not None else 0)
         self.kernels = None
         if not self.cuda:
             from pagedserve.model import cpu_kernels
@@ -306,7 +312,7 @@ class MachineProbe:
     def linear_s_per_byte(self, m_rows: int) -> float:
         import torch
 
-        xs = {i: torch.randn(m_rows, i, device=self.dev) for i in self.in_sizes}
+        xs = {i: torch.randn(m_rows, i, device=self.dev, dtype=self.dtype) for i in self.in_sizes}
 
         def forward():
             for layer in self.layers:
@@ -361,17 +367,18 @@ class MachineProbe:
     def _elementwise_step(self, m_rows: int):
         import torch
 
-        m, dev = self.model, self.dev
+        m, dev, dt = self.model, self.dev, self.dtype
         h, d = m.hidden, m.head_dim
-        x, res = torch.randn(m_rows, h, device=dev), torch.randn(m_rows, h, device=dev)
-        w = torch.ones(h, device=dev)
-        q = torch.randn(m_rows, m.heads, d, device=dev)
-        k, v = torch.randn(m_rows, m.kv_heads, d, device=dev), torch.randn(m_rows, m.kv_heads, d, device=dev)
-        gu = torch.randn(m_rows, 2 * (m.expert_intermediate or m.intermediate), device=dev)
+        x, res = torch.randn(m_rows, h, device=dev, dtype=dt), torch.randn(m_rows, h, device=dev, dtype=dt)
+        w = torch.ones(h, device=dev, dtype=dt)
+        q = torch.randn(m_rows, m.heads, d, device=dev, dtype=dt)
+        k, v = (torch.randn(m_rows, m.kv_heads, d, device=dev, dtype=dt),
+                torch.randn(m_rows, m.kv_heads, d, device=dev, dtype=dt))
+        gu = torch.randn(m_rows, 2 * (m.expert_intermediate or m.intermediate), device=dev, dtype=dt)
         pos = torch.arange(m_rows, device=dev)
         cos, sin = torch.randn(m_rows, d, device=dev), torch.randn(m_rows, d, device=dev)
         bs = 16
-        cache = torch.zeros(2, -(-m_rows // bs), m.kv_heads, bs, d, device=dev)
+        cache = torch.zeros(2, -(-m_rows // bs), m.kv_heads, bs, d, device=dev, dtype=dt)
         slots = torch.arange(m_rows, device=dev)
         ops = self.kernels
         if ops is not None:  # what the engine's layer runs on CPU (model/llama.py, model/attention.py)
