@@ -15,20 +15,24 @@ TINY_COMMON = dict(
 )
 
 
-def make_tiny_model(path: Path, kind: str = "llama", seed: int = 0) -> Path:
+def make_tiny_model(path: Path, kind: str = "llama", seed: int = 0, tokenizer_from: Path | None = None) -> Path:
     """Write a tiny model folder of `kind` in llama | llama3 | qwen2 | mistral, or a Mixture of
     Experts: mixtral (top-2 of 4), qwen2_moe (top-2 of 8 beside a shared expert; layer 1 dense, as
-    mlp_only_layers allows), olmoe (top-4 of 16, q/k norms)."""
+    mlp_only_layers allows), olmoe (top-4 of 16, q/k norms). The tokenizer files come from
+    `tokenizer_from` (a folder), else from the default model's converted GGUF."""
     import torch
     from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig, OlmoeConfig,
                               Qwen2Config, Qwen2MoeConfig)
 
-    from pagedserve.model.loader import default_model_gguf, gguf_to_hf_folder
-
     path = Path(path)
     if (path / "config.json").exists():
         return path
-    tok_src = gguf_to_hf_folder(default_model_gguf())
+    if tokenizer_from is None:
+        from pagedserve.model.loader import default_model_gguf, gguf_to_hf_folder
+
+        tok_src = gguf_to_hf_folder(default_model_gguf())
+    else:
+        tok_src = Path(tokenizer_from)
     vocab = 49152
     common = dict(TINY_COMMON, vocab_size=vocab, bos_token_id=1, eos_token_id=2)
     if kind == "llama":

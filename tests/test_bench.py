@@ -54,3 +54,22 @@ def test_bench_reports_errors(tmp_path):
     assert proc.returncode == 1
     lv = json.loads(out.read_text())["levels"][0]
     assert lv["errors"] == 3 and "Connect" in lv["error_samples"][0]
+
+
+def test_the_gpu_session_script_runs_every_phase_on_a_cpu(tmp_path, default_model_dir):
+    """benchmarks/gpu_session.py is run only when a GPU is lent (rarely): its --dry-run runs every
+    phase's code here at miniature shapes, so the script is known to work before a GPU minute is
+    spent on it. The numbers are this CPU's and mean nothing."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, str(root / "benchmarks/gpu_session.py"), "--tokenizer", str(default_model_dir),
+                        "--dry-run", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu_session.json").read_text())["phases"]
+    assert set(res) == {"ceilings", "decode", "planner", "offline", "kernels", "correctness"}
+    assert res["decode"]["batch1_graphs"]["ms_per_token"] > 0 and res["decode"]["batch1_eager"]["hbm_fraction"] > 0
+    assert [row["batch"] for row in res["planner"]["rows"]] == [1, 4]
+    assert res["offline"]["ours_out_tok_s"] > 0 and res["offline"]["hf_out_tok_s"] > 0
+    assert "CUDA" in res["kernels"]["skipped"] and "CUDA" in res["correctness"]["skipped"]
+    assert (tmp_path / "gpu_session.png").stat().st_size > 0
