@@ -132,7 +132,7 @@ def check_graphs(d, prompts, check) -> None:
     params = [SamplingParams(temperature=0, max_tokens=8 + 5 * i, ignore_eos=True) for i in range(len(prompts))]
     outs, step_ms = {}, {}
     for eager in (True, False):
-        m = LLM(d, device="cuda", dtype="bfloat16", enforce_eager=eager, kv_cache_memory=256 << 20, max_model_len=512)
+        m = LLM(d, device="cuda", dtype="bfloat16", enforce_eager=eager, kv_cache_memory=256 << 20, max_model_len=1024)
         graphs = m.engine.runner.graphs
         check(f"{d} graphs {'off' if eager else 'on'} with enforce_eager={eager}", (graphs is None) == eager,
               "" if eager else f"({len(graphs.sizes)} sizes captured in {graphs.capture_seconds:.1f}s)")

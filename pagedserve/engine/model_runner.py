@@ -162,8 +162,8 @@ class ModelRunner:
             self.profiled_activation_bytes = self._profile_activations()
             tokens = self.max_num_batched_tokens
             activation_bytes = self.profiled_activation_bytes * (1 + max(graph_sizes, default=0) / tokens)
-        budget = kv_cache_bytes(cfg, self.device, self.weight_bytes, activation_bytes and int(activation_bytes),
-                                used_before)
+        budget = kv_cache_bytes(cfg, self.device, self.weight_bytes,
+                                None if activation_bytes is None else int(activation_bytes), used_before)
         self.num_blocks = tp().min_int(budget // (per_token * self.block_size))  # every rank the same count
         blocks_per_seq = -(-max_model_len // self.block_size)
         if self.num_blocks < blocks_per_seq:
