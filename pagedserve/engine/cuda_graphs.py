@@ -124,9 +124,15 @@ class DecodeGraphs:
 
     def _capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(self.device)
         for b in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
             self._pad_inputs(b)
-            self._forward(b)  # warm-up: Triton compiles, allocator caches fill, outside the graph
+            # warm-up on a side stream, as torch's graph docs do: Triton compiles and library
+            # workspaces are made outside the graph
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._forward(b)
+            torch.cuda.current_stream(self.device).wait_stream(side)
             torch.cuda.synchronize(self.device)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
