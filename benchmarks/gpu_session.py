@@ -19,6 +19,9 @@ as it ends, skipped when the time budget is spent. Highest value first:
     python benchmarks/gpu_session.py --tokenizer DIR [--out DIR] [--budget-s 540] [--phases ...]
     python benchmarks/gpu_session.py --tokenizer DIR --dry-run     # every phase's code on this CPU, tiny
 
+(The dry run also runs the graph runner's static buffers and padding, eagerly, with the Triton
+kernels in the interpreter: everything of the graphs phase but the capture.)
+
 DIR holds tokenizer.json / tokenizer_config.json (any: the dummy models' outputs are never read as
 text; the default model's converted folder works). Writes gpu_session.json (+ .png) in --out.
 """
@@ -186,18 +189,27 @@ class Session:
         steps = 64 if self.cuda else 4
         out = {}
         for eager in (False, True):
-            llm = self._llm(enforce_eager=eager)
+            if self.cuda or eager:
+                llm = self._llm(enforce_eager=eager)
+            else:  # dry run: the graph runner's static buffers and padding, run eagerly (tests/test_cuda_graphs.py)
+                from pagedserve.engine.cuda_graphs import DecodeGraphs
+
+                llm = self._llm(attention_backend="triton")
+                r = llm.engine.runner
+                r.graphs = DecodeGraphs(r.model, r.kv_caches, [1, 2, 4, 8], r.max_model_len, r.block_size, r.device,
+                                        capture=False)
             key = "eager" if eager else "graphs"
             g = llm.engine.runner.graphs
-            dt, ctx = self._decode_window(llm, 1, 512 if self.cuda else 100, steps)
+            dt, ctx = self._decode_window(llm, 1, 512 if self.cuda else 24, steps)
             need = self._bytes_per_token(llm, ctx)
             out[f"batch1_{key}"] = {"ms_per_token": dt * 1e3, "context": ctx, "bytes": need,
                                     "hbm_fraction": need / self.ceil["copy_bytes_per_s"] / dt,
                                     "graph_sizes": None if g is None else len(g.sizes),
-                                    "capture_s": None if g is None else g.capture_seconds}
+                                    "capture_s": None if g is None else g.capture_seconds,
+                                    "replayed_steps": None if g is None else g.replays}
             if not eager:
-                batch = 256 if self.cuda else 8
-                dt, ctx = self._decode_window(llm, batch, 1000 if self.cuda else 100, steps // 2)
+                batch = 256 if self.cuda else 3  # dry run: padded to 4
+                dt, ctx = self._decode_window(llm, batch, 1000 if self.cuda else 20, steps // 2)
                 m = llm.engine.runner.model
                 linear = sum(p.numel() for n, p in m.named_parameters() if n.endswith("proj.weight"))
                 linear += m.lm_head.weight.numel()
