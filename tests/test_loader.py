@@ -11,12 +11,16 @@ from pagedserve.model.loader import default_model_gguf, read_gguf_weights, resol
 
 def test_gguf_dequantization_matches_transformers(default_model_dir):
     """Our GGUF reader (incl. undoing llama.cpp's Q/K row permutation) gives the same tensors
-    as transformers' own GGUF loader."""
-    from transformers import AutoModelForCausalLM
+    as transformers' own GGUF loader (load_gguf_checkpoint, what from_pretrained(gguf_file=)
+    calls; given the model's shape directly, it parses the 49k-token GGUF header once, not twice)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     gguf = default_model_gguf()
     ours = read_gguf_weights(gguf, 9, 3, "llama")
-    ref = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).state_dict()
+    with torch.device("meta"):
+        shape = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(default_model_dir)))
+    ref = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=shape)["tensors"]
     for name in ["model.layers.0.self_attn.q_proj.weight", "model.layers.3.self_attn.k_proj.weight",
                  "model.layers.7.mlp.down_proj.weight", "model.embed_tokens.weight", "model.norm.weight"]:
         assert torch.equal(ours[name], ref[name]), name
