@@ -195,6 +195,33 @@ def test_packed_linear_matches_torch(m, n, k):
     torch.testing.assert_close(lin(x), ref, rtol=1e-4, atol=tol)
 
 
+def test_the_float_gemms_prefetch_changes_no_bit():
+    """The packed float32 and bf16 GEMMs' prefetch of their weights into L2 (set_gemm_prefetch,
+    csrc/prefetch.h) is only a hint: at any distance, none and past the weight's end included, the
+    same bits, for the row counts that take it (1-16 float32, up to 64 bf16) and one that does not;
+    out of range is refused."""
+    from pagedserve.model import cpu_kernels
+
+    ops = cpu_kernels.load(required=True)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(96, 1040, generator=g)
+    packs = [ops.pack_linear_weight(w)] + ([ops.pack_linear_weight_bf16(w)] if ops.packed_linear_bf16_supported() else [])
+    try:
+        for wp in packs:
+            for m in (1, 8, 13, 64, 80):
+                x = torch.randn(m, 1040, generator=g)
+                outs = []
+                for ahead in (0, 64, 4096, 1 << 16):
+                    ops.set_gemm_prefetch(ahead)
+                    outs.append(ops.packed_linear(x, wp))
+                assert all(torch.equal(outs[0], o) for o in outs[1:]), (wp.dtype, m)
+    finally:
+        ops.set_gemm_prefetch(4096)
+    for bad in (-1, (1 << 16) + 1):
+        with pytest.raises(RuntimeError, match="0..65536"):
+            ops.set_gemm_prefetch(bad)
+
+
 def test_packed_linear_refusals_and_tied_weights():
     """Shapes the packed layout cannot hold stay on F.linear; bad calls say what is wrong; packing
     a head tied to the embedding leaves the embedding's table as it was."""

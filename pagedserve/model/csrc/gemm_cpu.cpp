@@ -16,6 +16,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include "parallel.h"
+#include "prefetch.h"
 
 #include <algorithm>
 
@@ -47,16 +48,23 @@ static void gemm_panels512(const float* A, int64_t lda, const float* Wp, const f
       // pair's first tile waited on memory; with all of it in the first tile (as before), that
       // tile asked for more than the core's fill buffers carry. 30 layers' distinct weights in
       // turn: M = 64 255 -> 289-297 GFLOP/s, M = 32 222 -> 266-274, M = 128 280 -> 300-308.
-      const float* next = j + 3 < jpf ? bp + 2 * K * NR : nullptr;
+      // Up to 16 rows (decode, a MoE expert) the first row tile asks for its own panels a few KiB
+      // ahead into L2 instead (prefetch.h): faster there than the next pair into L1, slower from
+      // 24 rows on.
+      const int64_t ahead = M <= 16 ? pagedserve::gemm_prefetch_bytes().load(std::memory_order_relaxed) : 0;
+      const float* next = j + 3 < jpf && !ahead ? bp + 2 * K * NR : nullptr;
       const int64_t tiles = (M + MR5 - 1) / MR5, chunk = (kc + tiles - 1) / tiles;
       const int64_t every = std::max<int64_t>(1, kc / chunk);
       for (int64_t ir = 0, t = 0; ir < M; ir += MR5, ++t) {
         const int64_t rows = std::min(MR5, M - ir);
         const float* pf = next ? next + t * chunk * NR : nullptr;
+        const int64_t tile_ahead = ir == 0 ? ahead : 0;  // the first row tile streams the pair
         if (pair)
-          tile512_rows<2>(rows, A + ir * lda + pc, lda, bp, NR, K * NR, C + ir * ldc + j * NR, ldc, kc, pc == 0, b, pf, every);
+          tile512_rows<2>(rows, A + ir * lda + pc, lda, bp, NR, K * NR, C + ir * ldc + j * NR, ldc, kc, pc == 0, b, pf, every,
+                          tile_ahead);
         else
-          tile512_rows<1>(rows, A + ir * lda + pc, lda, bp, NR, K * NR, C + ir * ldc + j * NR, ldc, kc, pc == 0, b, nullptr);
+          tile512_rows<1>(rows, A + ir * lda + pc, lda, bp, NR, K * NR, C + ir * ldc + j * NR, ldc, kc, pc == 0, b, nullptr, 1,
+                          tile_ahead);
       }
     }
   }
@@ -87,6 +95,11 @@ static void gemm_panels(const float* A, int64_t lda, const float* Wp, const floa
   }
 }
 #endif
+
+void set_gemm_prefetch(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0 && bytes <= 1 << 16, "prefetch distance: 0..65536 bytes, got ", bytes);
+  pagedserve::gemm_prefetch_bytes().store(bytes);
+}
 
 bool packed_linear_supported() {
 #if defined(__AVX2__) && defined(__FMA__)

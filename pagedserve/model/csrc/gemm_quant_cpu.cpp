@@ -250,7 +250,8 @@ namespace qgemm {
 // thread usually takes next). With the weights streaming from memory (30 layers of SmolLM2, 66 MB),
 // the hardware prefetcher alone left each unit's load waiting before its dot products: at M = 4-16
 // rows the time was close to the stream's plus the products'. benchmarks/quant_weights.py measures
-// it on and off (set_quant_prefetch); 768 bytes gained less, 2048 about the same.
+// it on and off (set_quant_prefetch); 768 bytes gained less, 2048 about the same, and into L2
+// (prefetcht1, what the float GEMMs use: prefetch.h) measured the same within the noise.
 static std::atomic<int64_t>& prefetch_bytes() {
   static std::atomic<int64_t> v{1024};
   return v;

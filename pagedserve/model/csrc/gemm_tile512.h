@@ -33,7 +33,7 @@
 template <int R, int NP>
 static inline void tile512(const float* __restrict A, int64_t lda, const float* __restrict Bp, int64_t ldb,
                            int64_t pstride, float* __restrict C, int64_t ldc, int64_t kc, bool first, const float* bias,
-                           const float* pf = nullptr, int64_t pf_every = 1) {
+                           const float* pf = nullptr, int64_t pf_every = 1, int64_t ahead = 0) {
   static_assert(R >= 1 && R <= 12 && (NP == 1 || NP == 2), "12 rows x 2 panels at most");
   const __m512 z = _mm512_setzero_ps();
   __m512 c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z, c40 = z, c41 = z, c50 = z, c51 = z;
@@ -50,6 +50,10 @@ static inline void tile512(const float* __restrict A, int64_t lda, const float* 
       _mm_prefetch(reinterpret_cast<const char*>(pf + pstride), _MM_HINT_T0);
       pf += ldb;
     }
+    if (ahead) {  // the streamed panels `ahead` bytes on, into L2 (prefetch.h)
+      _mm_prefetch(reinterpret_cast<const char*>(Bp + k * ldb) + ahead, _MM_HINT_T1);
+      if constexpr (NP > 1) _mm_prefetch(reinterpret_cast<const char*>(B1 + k * ldb) + ahead, _MM_HINT_T1);
+    }
     PS5_ROW(0) PS5_ROW(1) PS5_ROW(2) PS5_ROW(3) PS5_ROW(4) PS5_ROW(5)
     PS5_ROW(6) PS5_ROW(7) PS5_ROW(8) PS5_ROW(9) PS5_ROW(10) PS5_ROW(11)
   }
@@ -63,20 +67,21 @@ static inline void tile512(const float* __restrict A, int64_t lda, const float* 
 
 template <int NP>
 static inline void tile512_rows(int64_t rows, const float* A, int64_t lda, const float* Bp, int64_t ldb, int64_t pstride, float* C,
-                                int64_t ldc, int64_t kc, bool first, const float* bias, const float* pf, int64_t pf_every = 1) {
+                                int64_t ldc, int64_t kc, bool first, const float* bias, const float* pf, int64_t pf_every = 1,
+                                int64_t ahead = 0) {
   switch (rows) {
-    case 12: tile512<12, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every); break;
-    case 11: tile512<11, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every); break;
-    case 10: tile512<10, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every); break;
-    case 9: tile512<9, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every); break;
-    case 8: tile512<8, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every); break;
-    case 7: tile512<7, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every); break;
-    case 6: tile512<6, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every); break;
-    case 5: tile512<5, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every); break;
-    case 4: tile512<4, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every); break;
-    case 3: tile512<3, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every); break;
-    case 2: tile512<2, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every); break;
-    default: tile512<1, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every); break;
+    case 12: tile512<12, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every, ahead); break;
+    case 11: tile512<11, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every, ahead); break;
+    case 10: tile512<10, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every, ahead); break;
+    case 9: tile512<9, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every, ahead); break;
+    case 8: tile512<8, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every, ahead); break;
+    case 7: tile512<7, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every, ahead); break;
+    case 6: tile512<6, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every, ahead); break;
+    case 5: tile512<5, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every, ahead); break;
+    case 4: tile512<4, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every, ahead); break;
+    case 3: tile512<3, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every, ahead); break;
+    case 2: tile512<2, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every, ahead); break;
+    default: tile512<1, NP>(A, lda, Bp, ldb, pstride, C, ldc, kc, first, bias, pf, pf_every, ahead); break;
   }
 }
 #endif

@@ -34,7 +34,8 @@ constexpr int64_t NR = 16;  // columns per panel
 
 template <int R, int NP>
 static inline void tile(const uint32_t* __restrict A, int64_t lda, const uint16_t* __restrict Bp, int64_t pstride,
-                        float* __restrict C, int64_t ldc, int64_t kp, bool first, const float* bias) {
+                        float* __restrict C, int64_t ldc, int64_t kp, bool first, const float* bias,
+                        int64_t ahead = 0) {
   const __m512 z = _mm512_setzero_ps();
   __m512 c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z, c40 = z, c41 = z, c50 = z, c51 = z;
   __m512 c60 = z, c61 = z, c70 = z, c71 = z, c80 = z, c81 = z, c90 = z, c91 = z;
@@ -43,6 +44,10 @@ static inline void tile(const uint32_t* __restrict A, int64_t lda, const uint16_
   for (int64_t p = 0; p < kp; ++p) {
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(Bp + p * 2 * NR);
     const __m512bh b1 = NP > 1 ? (__m512bh)_mm512_loadu_si512(B1 + p * 2 * NR) : (__m512bh)_mm512_setzero_si512();
+    if (ahead) {  // the streamed panels `ahead` bytes on, into L2 (prefetch.h)
+      _mm_prefetch(reinterpret_cast<const char*>(Bp + p * 2 * NR) + ahead, _MM_HINT_T1);
+      if constexpr (NP > 1) _mm_prefetch(reinterpret_cast<const char*>(B1 + p * 2 * NR) + ahead, _MM_HINT_T1);
+    }
     BF_ROW(0) BF_ROW(1) BF_ROW(2) BF_ROW(3) BF_ROW(4) BF_ROW(5)
     BF_ROW(6) BF_ROW(7) BF_ROW(8) BF_ROW(9) BF_ROW(10) BF_ROW(11)
   }

@@ -508,6 +508,7 @@ std::tuple<torch::Tensor, torch::Tensor, std::vector<int64_t>> moe_route(torch::
 torch::Tensor moe_combine(torch::Tensor ys, torch::Tensor order, torch::Tensor weights);
 void set_quant_vnni_max_rows(int64_t n);
 void set_quant_prefetch(int64_t bytes);
+void set_gemm_prefetch(int64_t bytes);
 void set_quant_activation_passes(int64_t n);
 
 // Every kernel runs without the GIL (plain C++ on tensors): the server's event loop thread can
@@ -563,6 +564,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "batches of up to this many rows take quant_linear's integer (VNNI) kernel; 0: never");
   m.def("set_quant_prefetch", &set_quant_prefetch,
         "quant_linear's integer kernel prefetches the weights this many bytes ahead (default 1024; 0: off)");
+  m.def("set_gemm_prefetch", &set_gemm_prefetch,
+        "the packed float32/bf16 GEMMs, at up to 12 rows, prefetch their weights this many bytes ahead into L2 "
+        "(default 4096; 0: off)");
   m.def("set_quant_activation_passes", &set_quant_activation_passes,
         "int8 passes per activation in quant_linear's integer kernel: 2 (~15 bits, default) or 1 (8 bits)");
   m.def("quant_embedding", &quant_embedding, "rows of a quantized matrix (layout of quant_linear) as float32",
