@@ -189,8 +189,8 @@ class Session:
         steps = 64 if self.cuda else 4
         out = {}
         for eager in (False, True):
-            if self.cuda or eager:
-                llm = self._llm(enforce_eager=eager)
+            if self.cuda or eager:  # graphs: only the sizes measured (each capture costs device time)
+                llm = self._llm(enforce_eager=eager, **({} if eager else {"cuda_graph_sizes": [1, 256]}))
             else:  # dry run: the graph runner's static buffers and padding, run eagerly (tests/test_cuda_graphs.py)
                 from pagedserve.engine.cuda_graphs import DecodeGraphs
 
@@ -226,7 +226,7 @@ class Session:
 
         spec = load_model_spec(str(self.model_dir / "config.json"))
         hw = measure_this_machine(spec)
-        llm = self._llm()
+        llm = self._llm(**({"cuda_graph_sizes": list(PLANNER_BATCHES)} if self.cuda else {}))
         rows = []
         batches = PLANNER_BATCHES if self.cuda else (1, 4)
         for b in batches:
