@@ -7,7 +7,9 @@
 // 16-48). Into L1 (prefetcht0) the same distances gained little: a prefetch into L1 holds one of
 // the core's few L1 miss buffers for a whole memory latency, which capped a core near 12 GB/s
 // while its arithmetic ran; an L2 fill does not. 2-8 KiB ahead measured alike; 0 turns it off
-// (set_gemm_prefetch: benchmarks, and the test that it changes no bit).
+// (set_gemm_prefetch: benchmarks, and the test that it changes no bit). In the AVX-512 tiles
+// (float32 and bf16) only: the AVX2 build's tile keeps the hardware prefetcher alone, as nothing
+// here could measure an AVX2-only CPU.
 #pragma once
 #include <atomic>
 #include <cstdint>
