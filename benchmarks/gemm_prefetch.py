@@ -27,8 +27,8 @@ ON = 4096
 
 
 def decode_rows(dtype: str, rounds: int) -> list[dict]:
-    from pagedserve import LLM, SamplingParams
-    from pagedserve.bench.workload import synthetic_workload
+    from pagedserve import LLM
+    from pagedserve.bench.decoding import decode_window, start_decoding, stop_decoding
     from pagedserve.model import cpu_kernels
     from pagedserve.model.loader import resolve_model
 
@@ -37,26 +37,17 @@ def decode_rows(dtype: str, rounds: int) -> list[dict]:
     eng = llm.engine
     rows = []
     for b in BATCHES:
-        for i, r in enumerate(synthetic_workload(b, (64, 64), (1, 1), seed=b)):
-            eng.add_request(f"w{b}-{i}", r.prompt_token_ids, SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
-        while len(eng.scheduler.running) < b or any(r.num_output_tokens < 2 for r in eng.scheduler.running):
-            eng.step()
+        ids = start_decoding(eng, b, 64)
         times = {0: [], ON: []}
         for _ in range(rounds):
             for ahead in (0, ON):
                 k.set_gemm_prefetch(ahead)
-                t = time.perf_counter()
-                for _ in range(STEPS):
-                    eng.step()
-                times[ahead].append((time.perf_counter() - t) / STEPS * 1e3)
+                times[ahead].append(decode_window(eng, STEPS)[0] * 1e3)
         k.set_gemm_prefetch(ON)
         off, on = statistics.median(times[0]), statistics.median(times[ON])
         rows.append({"what": f"decode {dtype}", "batch": b, "off_ms": off, "on_ms": on, "on_over_off": on / off})
         print(f"decode {dtype:8s} batch {b:3d}: {off:7.2f} -> {on:7.2f} ms per step ({on / off:.2f}x)", flush=True)
-        for i in range(b):
-            eng.abort_request(f"w{b}-{i}")
-        while eng.has_unfinished_requests():
-            eng.step()
+        stop_decoding(eng, ids)
     return rows
 
 

@@ -151,28 +151,12 @@ class Session:
 
     def _decode_window(self, llm, batch: int, prompt: int, steps: int) -> tuple[float, float]:
         """(seconds per decode step, average context) with `batch` requests of `prompt` tokens decoding."""
-        from pagedserve import SamplingParams
-        from pagedserve.bench.workload import synthetic_workload
+        from pagedserve.bench.decoding import decode_window, start_decoding, stop_decoding
 
         eng = llm.engine
-        vocab = (100, min(49000, eng.arch.vocab_size - 1))
-        for i, r in enumerate(synthetic_workload(batch, (prompt, prompt), (1, 1), vocab, seed=batch)):
-            eng.add_request(f"w{batch}-{i}", r.prompt_token_ids,
-                            SamplingParams(temperature=0, max_tokens=steps + 64, ignore_eos=True))
-        while len(eng.scheduler.running) < batch or any(r.num_output_tokens < 2 for r in eng.scheduler.running):
-            eng.step()
-        eng.step()
-        ctx = sum(r.num_tokens for r in eng.scheduler.running) / batch + steps / 2
-        self.sync()
-        t = time.perf_counter()
-        for _ in range(steps):
-            eng.step()
-        self.sync()
-        dt = (time.perf_counter() - t) / steps
-        for i in range(batch):
-            eng.abort_request(f"w{batch}-{i}")
-        while eng.has_unfinished_requests():
-            eng.step()
+        ids = start_decoding(eng, batch, prompt, steps + 64, (100, min(49000, eng.arch.vocab_size - 1)))
+        dt, ctx = decode_window(eng, steps, self.sync)
+        stop_decoding(eng, ids)
         return dt, ctx
 
     def _bytes_per_token(self, llm, ctx: float) -> float:
@@ -192,12 +176,8 @@ class Session:
             if self.cuda or eager:  # graphs: only the sizes measured (each capture costs device time)
                 llm = self._llm(enforce_eager=eager, **({} if eager else {"cuda_graph_sizes": [1, 256]}))
             else:  # dry run: the graph runner's static buffers and padding, run eagerly (tests/test_cuda_graphs.py)
-                from pagedserve.engine.cuda_graphs import DecodeGraphs
-
                 llm = self._llm(attention_backend="triton")
-                r = llm.engine.runner
-                r.graphs = DecodeGraphs(r.model, r.kv_caches, [1, 2, 4, 8], r.max_model_len, r.block_size, r.device,
-                                        capture=False)
+                llm.engine.runner.use_decode_graphs([1, 2, 4, 8], capture=False)
             key = "eager" if eager else "graphs"
             g = llm.engine.runner.graphs
             dt, ctx = self._decode_window(llm, 1, 512 if self.cuda else 24, steps)

@@ -15,8 +15,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from pagedserve import LLM, SamplingParams
-from pagedserve.bench.workload import synthetic_workload
+from pagedserve import LLM
+from pagedserve.bench.decoding import decode_window, start_decoding, stop_decoding
+from pagedserve.model.loader import resolve_model
 from pagedserve.planner.plan import Plan, PlanInputs, Workload
 from pagedserve.planner.specs import MachineProbe, load_model_spec, measure_this_machine
 
@@ -25,36 +26,6 @@ BATCHES = [1, 8, 32, 64, 128]
 PROMPT = 128
 STEPS = 6
 ROUNDS = 5
-
-
-def start_batch(llm, batch: int) -> None:
-    """`batch` requests of PROMPT tokens, prefilled and decoding."""
-    eng = llm.engine
-    reqs = synthetic_workload(batch, prompt_len=(PROMPT, PROMPT), output_len=(400, 400), seed=batch)
-    for i, r in enumerate(reqs):
-        params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
-        eng.add_request(f"b{batch}-{i}", r.prompt_token_ids, params)
-    while len(eng.scheduler.running) < batch or any(r.num_output_tokens < 2 for r in eng.scheduler.running):
-        eng.step()
-    eng.step()
-
-
-def engine_window(llm, batch: int) -> tuple[float, float]:
-    """Decode tokens/s over STEPS steps, and the average context they attended to."""
-    eng = llm.engine
-    ctx = sum(r.num_tokens for r in eng.scheduler.running) / batch
-    t = time.perf_counter()
-    for _ in range(STEPS):
-        eng.step()
-    return batch * STEPS / (time.perf_counter() - t), ctx + STEPS / 2
-
-
-def stop_batch(llm, batch: int) -> None:
-    eng = llm.engine
-    for i in range(batch):
-        eng.abort_request(f"b{batch}-{i}")
-    while eng.has_unfinished_requests():
-        eng.step()
 
 
 def with_points(hw, batch: int, lin_s_per_byte: float, elementwise_s: float):
@@ -69,7 +40,11 @@ def main():
     spec = load_model_spec("default")
     hw = measure_this_machine(spec)
     print(f"measured: matmul {hw.bf16_tflops * 1000:.0f} GFLOP/s, weight streaming {hw.bandwidth_gbs:.1f} GB/s")
-    llm = LLM(None, max_model_len=1024, kv_cache_memory=2 << 30, max_num_seqs=256, max_num_batched_tokens=2048)
+    # The float32 weights the planner is asked about (weight_dtype fp32 below): the converted folder,
+    # since the default spec now serves the GGUF kept quantized (sessions 19-22), which this
+    # comparison measured by mistake from then on.
+    llm = LLM(str(resolve_model(None)), dtype="float32", max_model_len=1024, kv_cache_memory=2 << 30, max_num_seqs=256,
+              max_num_batched_tokens=2048)
     # The machine's speed drifts by 10-30% over minutes (other tenants): measuring the planner's
     # figures once and the engine minutes later compared two different machines. So, per batch,
     # engine windows alternate with fresh measurements of the planner's batch-dependent figures,
@@ -77,17 +52,18 @@ def main():
     probe = MachineProbe(spec)
     rows = []
     for b in BATCHES:
-        start_batch(llm, b)
+        ids = start_decoding(llm.engine, b, PROMPT)
         measured, predicted, ctxs = [], [], []
         for _ in range(ROUNDS):
-            tok_s, ctx = engine_window(llm, b)
+            step_s, ctx = decode_window(llm.engine, STEPS)
+            tok_s = b / step_s
             fresh = with_points(hw, b, probe.linear_s_per_byte(b), probe.layer_elementwise_s(b))
             plan = Plan(PlanInputs(model=spec, hw=fresh, weight_dtype="fp32", max_model_len=1024,
                                    workload=Workload(input_tokens=PROMPT, output_tokens=16)))
             measured.append(tok_s)
             predicted.append(plan.step_time(b, context=ctx)["tokens_per_s"])
             ctxs.append(ctx)
-        stop_batch(llm, b)
+        stop_decoding(llm.engine, ids)
         meas, pred = statistics.median(measured), statistics.median(predicted)
         err = pred / meas - 1
         rows.append({"batch": b, "context": statistics.mean(ctxs), "measured_tok_s": meas, "predicted_tok_s": pred,

@@ -55,11 +55,11 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, {**DTYPES, **KV_ONLY_DTYPES}[name])
 
 
-# Prompt tokens + decodes one engine step may carry (--max-num-batched-tokens) when not given; the
-# planner models prefill with the same budget.
 # --load-format (vLLM's names): the checkpoint's weights, or random ones of the config's shapes
 # (benchmarks of large models where no checkpoint can be read, as on a GPU machine without network).
 LOAD_FORMATS = ("auto", "dummy")
+# Prompt tokens + decodes one engine step may carry (--max-num-batched-tokens) when not given; the
+# planner models prefill with the same budget.
 DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 2048, "cpu": 512}
 
 
@@ -142,8 +142,7 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
-        if self.cuda_graph_sizes is not None and (not self.cuda_graph_sizes or min(self.cuda_graph_sizes) < 1):
-            raise ValueError(f"--cuda-graph-sizes must be positive batch sizes, got {self.cuda_graph_sizes}")
+        self.resolve_cuda_graph_sizes()  # its checks, now
         if self.nnodes < 1 or self.tensor_parallel_size % self.nnodes:
             raise ValueError(f"--nnodes {self.nnodes} must divide --tensor-parallel-size {self.tensor_parallel_size} "
                              "(the same number of ranks on every node)")
@@ -177,6 +176,19 @@ class EngineConfig:
         if dev.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         return dev
+
+    def resolve_cuda_graph_sizes(self) -> list[int]:
+        """The decode batch sizes captured as CUDA graphs, as vLLM reads --cuda-graph-sizes: none ->
+        [1, 2, 4] + multiples of 8 up to max_num_seqs (at most 512); one value N -> the same pattern
+        up to N; several -> exactly those. Sizes above max_num_seqs are dropped (no decode step is
+        larger)."""
+        given = self.cuda_graph_sizes
+        if given is not None and (not given or min(given) < 1):
+            raise ValueError(f"--cuda-graph-sizes must be positive batch sizes, got {given}")
+        if given is None or len(given) == 1:
+            top = min(self.max_num_seqs, 512) if given is None else given[0]
+            given = [s for s in (1, 2, 4) if s <= top] + list(range(8, top + 1, 8))
+        return sorted({s for s in given if s <= self.max_num_seqs})
 
     def resolve_max_num_batched_tokens(self, device: torch.device) -> int:
         return self.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS["cuda" if device.type == "cuda" else "cpu"]

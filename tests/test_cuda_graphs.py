@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from pagedserve.engine.cuda_graphs import DecodeGraphs, capture_sizes, graphs_unsupported
+from pagedserve.config import EngineConfig
+from pagedserve.engine.cuda_graphs import graphs_unsupported
+
+
+def capture_sizes(given, max_num_seqs):
+    return EngineConfig(cuda_graph_sizes=given, max_num_seqs=max_num_seqs).resolve_cuda_graph_sizes()
 
 
 def test_capture_sizes_follow_vllms_flag():
@@ -30,8 +35,7 @@ def _llm(tiny_dirs, **kw):
 
 
 def _graphs(runner, sizes):
-    return DecodeGraphs(runner.model, runner.kv_caches, sizes, runner.max_model_len, runner.block_size,
-                        runner.device, capture=False)
+    return runner.use_decode_graphs(sizes, capture=False)
 
 
 def test_a_padded_replay_computes_the_eager_step_and_writes_only_real_slots(tiny_dirs):
@@ -88,7 +92,7 @@ def test_the_engine_with_the_graph_runner_gives_the_eager_tokens(tiny_dirs):
     want = llm.generate(prompts, params, use_tqdm=False)
     runner = llm.engine.runner
     assert runner.graphs is None  # no graphs on a CPU by default
-    runner.graphs = _graphs(runner, [1, 2, 4])
+    _graphs(runner, [1, 2, 4])
     got = llm.generate(prompts, params, use_tqdm=False)
     assert runner.graphs.replays >= 8
     for a, b in zip(want, got):

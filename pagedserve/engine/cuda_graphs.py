@@ -42,20 +42,6 @@ from pagedserve.model.attention import PAD_SLOT, AttentionMetadata
 log = logging.getLogger("pagedserve.graphs")
 
 
-def capture_sizes(cuda_graph_sizes: list[int] | None, max_num_seqs: int) -> list[int]:
-    """vLLM's --cuda-graph-sizes: none -> [1, 2, 4] + multiples of 8 up to max_num_seqs (at most
-    512); one value N -> the same pattern up to N; several -> exactly those. Sizes above
-    max_num_seqs are dropped (no decode step is larger)."""
-    if cuda_graph_sizes is not None and any(s < 1 for s in cuda_graph_sizes):
-        raise ValueError(f"--cuda-graph-sizes must be positive batch sizes, got {cuda_graph_sizes}")
-    if cuda_graph_sizes is None or len(cuda_graph_sizes) == 1:
-        top = min(max_num_seqs, 512) if cuda_graph_sizes is None else cuda_graph_sizes[0]
-        sizes = [s for s in (1, 2, 4) if s <= top] + list(range(8, top + 1, 8))
-    else:
-        sizes = list(cuda_graph_sizes)
-    return sorted({s for s in sizes if s <= max_num_seqs})
-
-
 def graphs_unsupported(model, backend_name: str, tp_size: int) -> str | None:
     """Why this model cannot be captured (None: it can)."""
     from pagedserve.model.moe import SparseMoE

@@ -16,7 +16,7 @@ import torch
 from pagedserve.config import CPU_DEFAULT_KV_CACHE_BYTES, KV_SCALE_BYTES, RUNTIME_RESERVE_FRACTION, EngineConfig
 from pagedserve.distributed.parallel import init_tensor_parallel, tp
 from pagedserve.distributed.shard import local_arch, shard_weights
-from pagedserve.engine.cuda_graphs import DecodeGraphs, capture_sizes, graphs_unsupported
+from pagedserve.engine.cuda_graphs import DecodeGraphs, graphs_unsupported
 from pagedserve.engine.cpu_memory import keep_freed_memory, lazily_zeroed_cpu_tensor, populate
 from pagedserve.engine.kv_cache import KVCacheManager
 from pagedserve.engine.request import Request
@@ -153,7 +153,7 @@ class ModelRunner:
         graph_sizes, why_eager = [], "enforce_eager"
         if self.device.type == "cuda" and not cfg.enforce_eager:
             why_eager = graphs_unsupported(self.model, backend.name, self.tp_size)
-            graph_sizes = [] if why_eager else capture_sizes(cfg.cuda_graph_sizes, cfg.max_num_seqs)
+            graph_sizes = [] if why_eager else cfg.resolve_cuda_graph_sizes()
         # CUDA, one rank: the largest step's activations measured, not guessed (vLLM's profile run);
         # the graphs' own pool is about a decode step at their largest size (activations scale with
         # the tokens of a step).
@@ -190,12 +190,19 @@ class ModelRunner:
         self.max_concurrency = self.num_blocks / blocks_per_seq
         self.graphs: DecodeGraphs | None = None
         if graph_sizes:
-            self.graphs = DecodeGraphs(self.model, self.kv_caches, graph_sizes, max_model_len, self.block_size,
-                                       self.device)
+            self.use_decode_graphs(graph_sizes)
             log.info("decode steps of up to %d requests replay CUDA graphs: %d batch sizes captured in %.1fs",
                      graph_sizes[-1], len(graph_sizes), self.graphs.capture_seconds)
         elif self.device.type == "cuda":
             log.info("decode steps run eagerly (no CUDA graphs): %s", why_eager)
+
+    def use_decode_graphs(self, sizes: list[int], capture: bool = True) -> DecodeGraphs:
+        """Pure decode steps of up to max(sizes) requests go through cuda_graphs.py from now on:
+        captured graphs, or with capture=False (no GPU: tests, gpu_session's dry run) the same static
+        buffers and padding run eagerly."""
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, sizes, self.max_model_len, self.block_size, self.device,
+                                   capture)
+        return self.graphs
 
     def _int8_activation_rows(self, cfg, kernels) -> int:
         """quant_linear's int8_rows for --activation-dtype: 0 (float), or 1 (int8: every batch); a CPU

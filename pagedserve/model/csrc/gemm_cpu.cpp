@@ -96,10 +96,7 @@ static void gemm_panels(const float* A, int64_t lda, const float* Wp, const floa
 }
 #endif
 
-void set_gemm_prefetch(int64_t bytes) {
-  TORCH_CHECK(bytes >= 0 && bytes <= 1 << 16, "prefetch distance: 0..65536 bytes, got ", bytes);
-  pagedserve::gemm_prefetch_bytes().store(bytes);
-}
+void set_gemm_prefetch(int64_t bytes) { pagedserve::set_prefetch_bytes(pagedserve::gemm_prefetch_bytes(), bytes); }
 
 bool packed_linear_supported() {
 #if defined(__AVX2__) && defined(__FMA__)

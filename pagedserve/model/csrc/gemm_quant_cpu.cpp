@@ -30,6 +30,7 @@
 //   above 4 rows in tiles of 10 rows (the 64-byte unit unpacked once for ten rows).
 #include <torch/extension.h>
 #include "parallel.h"
+#include "prefetch.h"
 
 #include <algorithm>
 #include <atomic>
@@ -252,10 +253,6 @@ namespace qgemm {
 // rows the time was close to the stream's plus the products'. benchmarks/quant_weights.py measures
 // it on and off (set_quant_prefetch); 768 bytes gained less, 2048 about the same, and into L2
 // (prefetcht1, what the float GEMMs use: prefetch.h) measured the same within the noise.
-static std::atomic<int64_t>& prefetch_bytes() {
-  static std::atomic<int64_t> v{1024};
-  return v;
-}
 static inline __m512i bcast4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
@@ -278,7 +275,7 @@ static void vnni_tile(const QW& w, const QX& xq, int64_t r0, int64_t j, const fl
   const __m512i nib = _mm512_set1_epi8(15), u128 = _mm512_set1_epi8(char(0x80));
   const __m512 second = _mm512_set1_ps(1.f / 254.f);
   const uint8_t* up = w.panel(j);
-  const int64_t pf = prefetch_bytes().load(std::memory_order_relaxed);  // 0: the line being read (no-op)
+  const int64_t pf = pagedserve::quant_prefetch_bytes().load(std::memory_order_relaxed);  // 0: the line read (no-op)
   for (int64_t g = 0; g < ng; ++g) {
     __m512i acc[R][PASSES], corr = _mm512_setzero_si512();
     for (int r = 0; r < R; ++r)
@@ -549,12 +546,7 @@ torch::Tensor quant_embedding(torch::Tensor ids, torch::Tensor qw, torch::Tensor
 }
 
 void set_quant_vnni_max_rows(int64_t n) { vnni_max_rows().store(n); }
-void set_quant_prefetch(int64_t bytes) {
-#if defined(PAGEDSERVE_VNNI_GEMM)
-  TORCH_CHECK(bytes >= 0 && bytes <= 1 << 16, "prefetch distance: 0..65536 bytes, got ", bytes);
-  qgemm::prefetch_bytes().store(bytes);
-#endif
-}
+void set_quant_prefetch(int64_t bytes) { pagedserve::set_prefetch_bytes(pagedserve::quant_prefetch_bytes(), bytes); }
 void set_quant_activation_passes(int64_t n) {
   TORCH_CHECK(n == 1 || n == 2, "activation passes: 1 or 2, got ", n);
   activation_passes().store(n);

@@ -565,8 +565,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_quant_prefetch", &set_quant_prefetch,
         "quant_linear's integer kernel prefetches the weights this many bytes ahead (default 1024; 0: off)");
   m.def("set_gemm_prefetch", &set_gemm_prefetch,
-        "the packed float32/bf16 GEMMs, at up to 12 rows, prefetch their weights this many bytes ahead into L2 "
-        "(default 4096; 0: off)");
+        "the packed float32/bf16 GEMMs, at decode sizes (float32 up to 16 rows, bf16 up to 64), prefetch their "
+        "weights this many bytes ahead into L2 (default 4096; 0: off)");
   m.def("set_quant_activation_passes", &set_quant_activation_passes,
         "int8 passes per activation in quant_linear's integer kernel: 2 (~15 bits, default) or 1 (8 bits)");
   m.def("quant_embedding", &quant_embedding, "rows of a quantized matrix (layout of quant_linear) as float32",

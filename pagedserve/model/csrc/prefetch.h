@@ -11,6 +11,8 @@
 // (float32 and bf16) only: the AVX2 build's tile keeps the hardware prefetcher alone, as nothing
 // here could measure an AVX2-only CPU.
 #pragma once
+#include <torch/extension.h>
+
 #include <atomic>
 #include <cstdint>
 
@@ -18,5 +20,18 @@ namespace pagedserve {
 inline std::atomic<int64_t>& gemm_prefetch_bytes() {
   static std::atomic<int64_t> v{4096};
   return v;
+}
+
+// The quantized (VNNI) GEMM's distance (gemm_quant_cpu.cpp: 1 KiB ahead, into L1).
+inline std::atomic<int64_t>& quant_prefetch_bytes() {
+  static std::atomic<int64_t> v{1024};
+  return v;
+}
+
+// set_gemm_prefetch / set_quant_prefetch: a hint never faults, but a distance is a benchmark's
+// choice within 64 KiB.
+inline void set_prefetch_bytes(std::atomic<int64_t>& knob, int64_t bytes) {
+  TORCH_CHECK(bytes >= 0 && bytes <= 1 << 16, "prefetch distance: 0..65536 bytes, got ", bytes);
+  knob.store(bytes);
 }
 }  // namespace pagedserve
