@@ -267,8 +267,9 @@ def test_measure_this_machine(default_model_dir):
     assert curve[512] / 512 < curve[1] / 2
     assert len(hw.measured["layer_elementwise_curve"]) == 10
     # One layer's host cost (Python, dispatches) at one token: above a bare op dispatch, and above
-    # the elementwise kernels alone at one token, which it includes.
-    assert hw.measured["layer_host_s"] > 5 * hw.measured["op_dispatch_s"]
+    # the elementwise kernels alone at one token, which it includes. The margin is 2x, not more:
+    # with the C++ layer loop a layer is a few dispatches, and a loaded CI box once measured 4.4x.
+    assert hw.measured["layer_host_s"] > 2 * hw.measured["op_dispatch_s"]
     assert hw.measured["layer_host_s"] > hw.measured["layer_elementwise_curve"][0][1]
     p = Plan(PlanInputs(model=spec, hw=hw, weight_dtype="fp32", max_model_len=2048))
     assert p.memory["fits"]
