@@ -324,6 +324,7 @@ def test_cheaper_intervals_are_exact_against_a_brute_force_scan():
     users = np.geomspace(1, 1e8, 600)
     checked = with_gaps = 0
     for p in [p for p in _catalog_plans() if p.inp.weight_dtype in ("bf16", "awq")]:
+        own = {u: p._monthly_self_host(u) for u in users}  # the same for every price row
         for name, prices in p.inp.api_prices.items():
             spans, total = p.cheaper_intervals(prices)
             if total > len(spans):  # the full list, for the check
@@ -335,11 +336,11 @@ def test_cheaper_intervals_are_exact_against_a_brute_force_scan():
             for u in users:
                 if any(abs(u - e) <= 1e-9 * e for e in edges):
                     continue  # on a boundary either answer is right
-                direct = p._monthly_self_host(u) <= p._monthly_api(u, prices)
+                direct = own[u] <= p._monthly_api(u, prices)
                 listed = any(lo <= u and (hi is None or u <= hi) for lo, hi in spans)
                 assert direct == listed, (p.inp.model.name, p.inp.hw.name, name, u, spans[:3])
             x = p.cost["api"][name]["crossover_daily_users"]
-            first = next((u for u in users if p._monthly_self_host(u) <= p._monthly_api(u, prices)), None)
+            first = next((u for u in users if own[u] <= p._monthly_api(u, prices)), None)
             assert (x is None) == (not spans) and (first is None or x <= first * (1 + 1e-9))
             if x is not None:  # cheaper just after it, dearer just before (the scan may step over a narrow span)
                 assert p._monthly_self_host(x * (1 + 1e-9)) <= p._monthly_api(x * (1 + 1e-9), prices)
@@ -367,10 +368,13 @@ def test_plan_json_is_valid_json_against_its_schema():
     from pagedserve.planner.specs import HERE
 
     schema = json.loads((HERE / "plan.schema.json").read_text())
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)  # once: jsonschema.validate re-checks the schema on every call
+    validator = cls(schema)
     nulls = 0
     for p in _catalog_plans():
         doc = json.loads(json.dumps(p.to_json(), allow_nan=False))  # raises on Infinity / NaN
-        jsonschema.validate(doc, schema)
+        validator.validate(doc)
         nulls += len(doc["nulls"])
         for path, why in doc["nulls"].items():
             assert why and path

@@ -6,6 +6,8 @@ from the catalog (hardware.yaml, vendor datasheets) or from measuring this machi
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import math
 import time
@@ -18,6 +20,18 @@ from pagedserve.config import KV_SCALE_BYTES, SCALED_KV_DTYPES
 from pagedserve.model.arch import moe_fields
 
 HERE = Path(__file__).parent
+
+
+def read_yaml(path: Path):
+    """A YAML file's data, parsed once per version of the file (a sweep of plans parsed the
+    catalogs hundreds of times: pure-Python YAML was 80% of its time). A copy: callers may change it."""
+    st = path.stat()
+    return copy.deepcopy(_parsed_yaml(str(path), st.st_mtime_ns, st.st_size))
+
+
+@functools.lru_cache(maxsize=16)
+def _parsed_yaml(path: str, mtime_ns: int, size: int):
+    return yaml.safe_load(Path(path).read_text())
 
 # Bits per weight of the decoder's linear layers. Embeddings and the output head stay 16-bit
 # (fp32 for fp32 models), as vLLM's fp8/int8/AWQ/GPTQ checkpoints keep them. int4 = 4 bits plus a
@@ -108,7 +122,7 @@ class ModelSpec:
 
 def load_model_spec(model: str) -> ModelSpec:
     """A config.json path, a known model name (known_models.yaml), a model folder, a GGUF or a hub id."""
-    known = yaml.safe_load((HERE / "known_models.yaml").read_text())
+    known = read_yaml(HERE / "known_models.yaml")
     if model in known:
         return ModelSpec.from_config(known[model], model)
     p = Path(model).expanduser()
@@ -190,7 +204,7 @@ class HardwareSpec:
 
 
 def load_catalog(path: Path | None = None) -> dict[str, HardwareSpec]:
-    data = yaml.safe_load((path or HERE / "hardware.yaml").read_text())
+    data = read_yaml(path or HERE / "hardware.yaml")
     return {name: HardwareSpec(name=name, **fields) for name, fields in data.items()}
 
 
