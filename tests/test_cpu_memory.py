@@ -1,10 +1,45 @@
 """How the CPU engine takes memory from Linux (pagedserve/engine/cpu_memory.py)."""
 
+import re
 import resource
+from pathlib import Path
 
+import pytest
 import torch
 
-from pagedserve.engine.cpu_memory import keep_freed_memory, lazily_zeroed_cpu_tensor, populate
+from pagedserve.engine.cpu_memory import HugePageArena, keep_freed_memory, lazily_zeroed_cpu_tensor, populate
+
+
+def resident_kib_of_mapping(ptr: int) -> int:
+    """Rss (KiB) of the mapping that holds address `ptr` (/proc/self/smaps)."""
+    cur = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        m = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+        if m:
+            cur = (int(m.group(1), 16), int(m.group(2), 16))
+        elif cur and cur[0] <= ptr < cur[1] and line.startswith("Rss:"):
+            return int(line.split()[1])
+    raise LookupError(hex(ptr))
+
+
+def assert_packed_weights_in_one_arena(model) -> int:
+    """Every packed weight of `model` (a shared quantized one once) lies in one buffer, in module
+    order, each on a 4 KiB boundary, the first on a 2 MiB one. Returns how many tensors."""
+    from pagedserve.model.llama import Linear
+
+    seen, tensors = set(), []
+    for m in model.modules():
+        if isinstance(m, Linear) and m.packed is not None:
+            key = id(m.quant) if m.quant is not None else id(m)
+            if key not in seen:
+                seen.add(key)
+                tensors += [m.weight] if m.quant is None else list(m.quant.pack())
+    assert tensors
+    ptrs = [t.data_ptr() for t in tensors]
+    assert ptrs[0] % (2 << 20) == 0 and all(p % HugePageArena.ALIGN == 0 for p in ptrs)
+    for t, p, nxt in zip(tensors, ptrs, ptrs[1:]):  # back to back, in order
+        assert nxt == p + HugePageArena.padded(t.numel() * t.element_size())
+    return len(tensors)
 
 
 def _faults_of_repeated_allocations(n: int, sizes: tuple[int, ...]) -> int:
@@ -34,6 +69,53 @@ def test_lazily_zeroed_cache_is_zero_and_huge_page_aligned():
     assert t.dtype == torch.float16 and t.shape == (3, 5, 16, 64)
     assert t.data_ptr() % (2 << 20) == 0  # whole cache lines per row, huge pages from the first byte
     assert t.count_nonzero() == 0
+
+
+def test_lazily_zeroed_memory_is_untouched_even_after_the_heap_was_used():
+    """Fresh pages, never glibc's recycled heap: calloc of a size the heap could serve wrote the
+    zeros itself (resident at once, on 4 KiB pages before any huge-page advice)."""
+    keep_freed_memory()
+    junk = [torch.ones((24 << 20) // 4) for _ in range(4)]  # heap chunks, written, then freed
+    del junk
+    t = lazily_zeroed_cpu_tensor(((16 << 20) // 4,), torch.float32)
+    assert resident_kib_of_mapping(t.data_ptr()) == 0
+    t[:: 1024].fill_(1.0)
+    assert resident_kib_of_mapping(t.data_ptr()) >= 16 << 10  # each touch faults its page(s) in
+
+
+def test_huge_page_arena_places_copies_back_to_back():
+    a = HugePageArena([10, 5000, 4096 * 3])
+    x, y, z = torch.arange(10, dtype=torch.uint8), torch.randn(1250), torch.randn(3, 1024)
+    px, py, pz = a.place(x), a.place(y), a.place(z)
+    assert torch.equal(px, x) and torch.equal(py, y) and torch.equal(pz, z) and pz.shape == (3, 1024)
+    assert px.data_ptr() % (2 << 20) == 0
+    assert py.data_ptr() == px.data_ptr() + 4096 and pz.data_ptr() == py.data_ptr() + 8192
+    with pytest.raises(ValueError, match="no room"):
+        a.place(torch.zeros(1))
+
+
+def test_packed_weights_share_one_arena_and_compute_the_same(tiny_dirs):
+    """The arena changes where the weights are, not one bit of what is computed."""
+    from pagedserve import LLM, SamplingParams
+    from pagedserve.model import cpu_kernels, llama
+
+    assert cpu_kernels.packed_linear() is not None  # every CPU this runs on has AVX2 (the arena holds packed weights)
+    kw = dict(kv_cache_memory=16 << 20, max_model_len=256, dtype="float32")
+    llama.WEIGHTS_ON_HUGE_PAGES = False
+    try:
+        plain = LLM(str(tiny_dirs["llama"]), **kw)
+    finally:
+        llama.WEIGHTS_ON_HUGE_PAGES = True
+    arena = LLM(str(tiny_dirs["llama"]), **kw)
+    assert assert_packed_weights_in_one_arena(arena.engine.runner.model) > 4
+    with pytest.raises(AssertionError):
+        assert_packed_weights_in_one_arena(plain.engine.runner.model)
+    sp = SamplingParams(temperature=0, max_tokens=24, logprobs=3, ignore_eos=True)
+    prompts = ["The arena holds", "Every packed weight of the model in one buffer"]
+    a, b = (llm.generate(prompts, sp, use_tqdm=False) for llm in (plain, arena))
+    for x, y in zip(a, b):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        assert x.outputs[0].logprobs == y.outputs[0].logprobs
 
 
 def test_populate_faults_the_cache_in_and_keeps_it_zero():

@@ -345,6 +345,10 @@ def test_default_model_stays_quantized_in_memory(quantized_llm):
     assert all(w.q is None for w in runner.quantized_weights.values())
     assert runner.weight_bytes == packed + floats
     assert runner.model.fused is not None or cpu_kernels.load() is None
+    if cpu_kernels.load() is not None:  # the packed tensors sit in one huge-page buffer (cpu_memory.py)
+        from test_cpu_memory import assert_packed_weights_in_one_arena
+
+        assert assert_packed_weights_in_one_arena(runner.model) == 2 * len(runner.quantized_weights)
 
 
 def test_default_model_quantized_generates_what_its_float_copy_does(quantized_llm, llm):

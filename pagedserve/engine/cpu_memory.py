@@ -1,8 +1,10 @@
 """How the CPU engine asks Linux for memory.
 
-Four measured costs, each avoided here:
+Five measured costs, each avoided here:
 - TLB misses: decode attention jumps between scattered KV blocks; on 4 KiB pages each jump is a
   TLB miss. The KV cache asks for transparent huge pages (2 MiB).
+- The same for weights: every decode step streams them all, a TLB miss and a stopped hardware
+  prefetch each 4 KiB. Packed weights are copied onto huge pages (HugePageArena).
 - Writing GiBs of zeros at start-up: the cache is calloc'ed, so the OS zero-fills each page on
   first touch instead (a 4 GiB cache took 4 s to zero).
 - Page faults on every step: glibc hands large freed blocks back to the OS (munmap, a trimmed
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
 
 import numpy as np
 import torch
@@ -45,16 +48,47 @@ def advise_huge_pages(t: torch.Tensor) -> None:
 
 
 def lazily_zeroed_cpu_tensor(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """A zero tensor whose pages the OS zero-fills on first touch: numpy's zeros is calloc, which
-    maps fresh pages for large sizes, so startup does not write GiBs of zeros (4 GiB took 4 s)."""
+    """A zero tensor whose pages the OS zero-fills on first touch: a fresh private anonymous
+    mapping, so startup does not write GiBs of zeros (4 GiB took 4 s). Not calloc: glibc may hand
+    out heap memory it has already touched (then it writes the zeros itself, and the pages are
+    4 KiB ones before any advice: a weight arena after packing got no huge page at all)."""
     nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-    # calloc returns page + 16 bytes: start at the next 2 MiB boundary instead, so cache rows are
-    # whole cache lines (a 256-byte row spanned five lines) and huge pages cover the whole tensor.
-    raw = np.zeros(nbytes + _HUGE, dtype=np.uint8)
+    # Start at a 2 MiB boundary, so cache rows are whole cache lines and huge pages cover the tensor.
+    raw = np.frombuffer(mmap.mmap(-1, nbytes + _HUGE, flags=mmap.MAP_PRIVATE), dtype=np.uint8)
     skip = -raw.ctypes.data % _HUGE
     t = torch.from_numpy(raw[skip : skip + nbytes]).view(dtype).view(shape)
     advise_huge_pages(t)  # before the first touch, so the lazily faulted pages can be huge
     return t
+
+
+class HugePageArena:
+    """One buffer on transparent huge pages that tensors are copied into end to end, in the order
+    placed. Packed weights go here, in the order the layers stream them: every decode step reads
+    them all, and on 4 KiB pages each page is a TLB miss and a stop for the hardware prefetchers.
+    One buffer rather than one per tensor, because most of a small model's weights are under a
+    huge page each (SmolLM2's int4 projections are 0.1-0.5 MiB). Measured on packed float32/bf16
+    GEMMs streaming 330-650 MB, alternating in one process: 4-10% faster at 1-16 rows. Each copy
+    starts on a 4 KiB boundary (as a fresh mapping did). The buffer's pages are faulted in as it is
+    filled, so a caller that drops each source as it places its copy stays near one copy resident."""
+
+    ALIGN = 4096
+
+    def __init__(self, nbytes: list[int]):
+        self.total = sum(self.padded(n) for n in nbytes)
+        self._buf = lazily_zeroed_cpu_tensor((max(self.total, 1),), torch.uint8)
+        self._next = 0
+
+    @classmethod
+    def padded(cls, nbytes: int) -> int:
+        return -(-nbytes // cls.ALIGN) * cls.ALIGN
+
+    def place(self, t: torch.Tensor) -> torch.Tensor:
+        n = t.numel() * t.element_size()
+        if self._next + n > self.total:
+            raise ValueError(f"the arena holds {self.total} bytes: no room for {n} more at {self._next}")
+        out = self._buf[self._next : self._next + n].view(t.dtype).view(t.shape).copy_(t)
+        self._next += self.padded(n)
+        return out
 
 
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.distributed.parallel import tp
+from pagedserve.engine.cpu_memory import HugePageArena
 from pagedserve.model.arch import ModelArch
 from pagedserve.model.attention import AttentionBackend, AttentionMetadata, ScaledKV
 from pagedserve.model.quantization.weight import QuantizedWeight
@@ -134,6 +135,11 @@ def build_for_checkpoint(device: torch.device, dtype: torch.dtype):
         Linear.random_init = True
 
 
+# Packed weights in one buffer on huge pages (below); False leaves each where packing put it
+# (benchmarks/huge_pages.py compares the two in one process).
+WEIGHTS_ON_HUGE_PAGES = True
+
+
 def use_cpu_kernels(model: nn.Module, kernels, pack: bool = True, weight_dtype: torch.dtype = torch.float32,
                     int8_activation_rows: int = 0) -> int:
     """Install the C++ CPU kernels (cpu_kernels.load()) in `model`: fused RMSNorm, rotary and
@@ -158,9 +164,33 @@ def use_cpu_kernels(model: nn.Module, kernels, pack: bool = True, weight_dtype: 
               and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"):
             m.pack(kernels, weight_dtype)
             n += 1
+    if n and WEIGHTS_ON_HUGE_PAGES:
+        _packed_weights_onto_huge_pages(model)
     if isinstance(model, LlamaForCausalLM):
         model.fuse_layers(kernels)
     return n
+
+
+def _packed_weights_onto_huge_pages(model: nn.Module) -> None:
+    """Every packed weight moved into one buffer on huge pages, in the order the layers stream
+    them (engine/cpu_memory.py HugePageArena: 4-10% faster weight streaming). Before fuse_layers
+    and the MoE grouped call take their references to the weights."""
+    owners, seen = [], set()
+    for m in model.modules():
+        if isinstance(m, Linear) and m.packed is not None:
+            if m.quant is None:
+                owners.append(m)
+            elif id(m.quant) not in seen:  # a tied embedding and head share one quantized weight
+                seen.add(id(m.quant))
+                owners.append(m.quant)
+    sizes = [t.numel() * t.element_size() for o in owners
+             for t in ((o.weight,) if isinstance(o, Linear) else o.pack())]
+    arena = HugePageArena(sizes)
+    for o in owners:  # each source is dropped as its copy is placed: ~one copy resident throughout
+        if isinstance(o, Linear):
+            o.weight = nn.Parameter(arena.place(o.weight.detach()), requires_grad=False)
+        else:
+            o.move_packed(arena.place)
 
 
 def dequantize_unpacked(model: nn.Module, dtype: torch.dtype) -> list[str]:

@@ -203,6 +203,10 @@ class QuantizedWeight:
             self.q = self.scales = self.offsets = None  # one copy resident: q alone is a byte a value
         return self._packed
 
+    def move_packed(self, place) -> None:
+        """Put the packed tensors where `place(tensor) -> copy` puts them (a HugePageArena)."""
+        self._packed = tuple(place(t) for t in self.pack())
+
     def nbytes(self) -> int:
         """Bytes the packed form keeps resident."""
         n, k = self.shape
