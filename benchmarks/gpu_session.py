@@ -187,7 +187,12 @@ class Session:
                                     "graph_sizes": None if g is None else len(g.sizes),
                                     "capture_s": None if g is None else g.capture_seconds,
                                     "replayed_steps": None if g is None else g.replays}
-            if not eager:
+            if not eager:  # the same with a step in flight (--async-scheduling): host work beside the device's
+                llm.engine.cfg.async_scheduling = True
+                dt, ctx = self._decode_window(llm, 1, 512 if self.cuda else 12, steps)
+                llm.engine.cfg.async_scheduling = False
+                out["batch1_graphs_async"] = {"ms_per_token": dt * 1e3, "context": ctx,
+                                              "hbm_fraction": self._bytes_per_token(llm, ctx) / self.ceil["copy_bytes_per_s"] / dt}
                 batch = 256 if self.cuda else 3  # dry run: padded to 4
                 dt, ctx = self._decode_window(llm, batch, 1000 if self.cuda else 10, max(steps // 2, 1))
                 m = llm.engine.runner.model

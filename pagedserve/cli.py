@@ -170,6 +170,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "device (benchmarks where the checkpoint cannot be read; the folder still needs a tokenizer)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: run every decode step eagerly instead of replaying CUDA graphs (no effect on CPU)")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="keep one step in flight: launch each step before the last one's tokens reach the host, so "
+                        "a GPU's host work (scheduling, inputs, outputs) overlaps its kernels; stop strings and stop "
+                        "tokens then cost one extra step. Penalties and structured outputs wait for their tokens")
     p.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None,
                    help="CUDA: decode batch sizes captured as graphs; one value N: 1, 2, 4 and multiples of 8 up to "
                         "N; several: exactly those (default: up to --max-num-seqs, at most 512)")
@@ -202,7 +206,7 @@ def build_server_app(args: argparse.Namespace):
         background_prefill_tokens=args.batch_prefill_tokens, tensor_parallel_size=args.tensor_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel, nnodes=args.nnodes, node_rank=args.node_rank,
         master_addr=args.master_addr, master_port=args.master_port, enforce_eager=args.enforce_eager,
-        cuda_graph_sizes=args.cuda_graph_sizes, load_format=args.load_format,
+        cuda_graph_sizes=args.cuda_graph_sizes, load_format=args.load_format, async_scheduling=args.async_scheduling,
     )
     if cfg.node_rank > 0:  # this node only runs ranks: no engine, no API (serve() sees args.node_rank)
         return None, None, cfg

@@ -106,6 +106,12 @@ class EngineConfig:
     # captured follow vLLM's --cuda-graph-sizes (None: [1, 2, 4] + multiples of 8 to max_num_seqs).
     enforce_eager: bool = False
     cuda_graph_sizes: list[int] | None = None
+    # vLLM's --async-scheduling: one step in flight. Each step is launched before the last one's
+    # tokens reach the host (the next inputs take them on the device), so on a GPU the host's
+    # planning, input preparation and output processing overlap the device's work. Steps wait for
+    # the last tokens while a request with penalties or a grammar may run (they read every token).
+    # Off by default, as in vLLM; on a CPU it changes nothing but the order of work.
+    async_scheduling: bool = False
     load_format: str = "auto"  # LOAD_FORMATS: auto = the checkpoint's files; dummy = random weights from config.json
 
     @property

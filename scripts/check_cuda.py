@@ -107,6 +107,7 @@ def main(dirs: list[str]) -> int:
                 check(f"{d} triton == torch attention on cuda (kv {kv})", outs["torch"] == outs["triton"])
         if triton_available():
             check_graphs(d, prompts, check)
+            check_async(d, prompts, check)
     util = LLM(dirs[0], device="cuda", gpu_memory_utilization=0.3, max_model_len=512)
     total = torch.cuda.get_device_properties(0).total_memory
     kv = util.engine.runner.kv_bytes
@@ -158,6 +159,52 @@ def check_graphs(d, prompts, check) -> None:
         torch.cuda.empty_cache()
     check(f"{d} graph replay == eager (greedy, bf16)", outs[True] == outs[False])
     print(f"     decode at batch 1: {step_ms[True]:.2f} ms/token eager, {step_ms[False]:.2f} ms/token from graphs")
+
+
+def check_async(d, prompts, check) -> None:
+    """--async-scheduling on the GPU: the synchronous engine's tokens; no launch waits for the
+    device (torch's sync debug mode counts the synchronizing calls inside ModelRunner.launch);
+    decode at batch 1 with and without it."""
+    import warnings
+
+    from pagedserve import LLM, SamplingParams
+
+    params = [SamplingParams(temperature=0, max_tokens=8 + 5 * i, ignore_eos=True, logprobs=1 if i % 2 else None)
+              for i in range(len(prompts))]
+    m = LLM(d, device="cuda", dtype="bfloat16", kv_cache_memory=256 << 20, max_model_len=1024)
+    eng, runner = m.engine, m.engine.runner
+    outs, step_ms = {}, {}
+    one = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)
+    launch, syncs = runner.launch, []
+
+    def watched(*a, **k):
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                return launch(*a, **k)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            syncs.extend(str(x.message)[:120] for x in w if "synchroniz" in str(x.message))
+
+    for on in (False, True):
+        eng.cfg.async_scheduling = on
+        outs[on] = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in m.generate(prompts, params, use_tqdm=False)]
+        m.generate([prompts[0]], one, use_tqdm=False)  # warm
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        m.generate([prompts[0]], one, use_tqdm=False)
+        torch.cuda.synchronize()
+        step_ms[on] = (time.perf_counter() - t0) / 256 * 1e3
+    runner.launch = watched
+    m.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    runner.launch = launch
+    check(f"{d} async scheduling == synchronous (greedy, logprobs, bf16)", outs[True] == outs[False])
+    check(f"{d} no synchronizing call inside a launch", not syncs, f"({len(syncs)}: {sorted(set(syncs))[:3]})")
+    print(f"     decode at batch 1: {step_ms[False]:.2f} ms/token synchronous, {step_ms[True]:.2f} with a step in flight")
+    check(f"{d} no leaks with async scheduling", eng.kv.num_free_blocks == eng.kv.num_blocks)
+    del m
+    torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -101,6 +101,13 @@ def test_the_engine_with_the_graph_runner_gives_the_eager_tokens(tiny_dirs):
             (ta, pa), (tb, pb) = next(iter(la.items())), next(iter(lb.items()))
             assert ta == tb and abs(pa.logprob - pb.logprob) < 1e-4
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+    # --async-scheduling: the tokens in flight are written into the static ids on the device
+    llm.engine.cfg.async_scheduling = True
+    replays = runner.graphs.replays
+    again = llm.generate(prompts, params, use_tqdm=False)
+    assert runner.graphs.replays >= replays + 8
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in got]
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
 
 
 def test_what_cannot_be_captured_is_named(tiny_dirs):

@@ -52,7 +52,8 @@ def _request(rng: random.Random):
     if rng.random() < 0.3:
         kw.update(min_tokens=rng.randrange(0, 30), max_tokens=40, stop_token_ids=[rng.randrange(V)])
     return SimpleNamespace(sampling_params=SamplingParams(**kw), all_token_ids=prompt + output,
-                           output_token_ids=output, num_output_tokens=len(output), eos_token_ids={2, 7},
+                           output_token_ids=output, num_output_tokens=len(output), num_sampled_tokens=len(output),
+                           eos_token_ids={2, 7},
                            generator=None)
 
 

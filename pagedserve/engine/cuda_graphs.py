@@ -74,9 +74,10 @@ class DecodeGraphs:
         n = top * (5 + self.width)  # the most a step sends: 5 per row and full-width tables
         self.inputs = torch.zeros(n, dtype=torch.int64, device=device)
         self.tables = torch.zeros(top, self.width, dtype=torch.int64, device=device)
-        host = torch.zeros(n, dtype=torch.int64)
-        self.host = host.pin_memory() if device.type == "cuda" else host
-        self.host_np = self.host.numpy()
+        hosts = [torch.zeros(n, dtype=torch.int64) for _ in range(2)]
+        self.host = [h.pin_memory() for h in hosts] if device.type == "cuda" else hosts
+        self.host_np = [h.numpy() for h in self.host]
+        self._turn, self._copied = 0, [None, None]  # which host buffer is next; its transfer's event
         self.graphs: dict[int, _Graph] = {}
         self.capture_seconds = 0.0
         t0 = time.perf_counter()
@@ -131,12 +132,19 @@ class DecodeGraphs:
 
     def run(self, ids: np.ndarray, positions: np.ndarray, blocks: np.ndarray, offsets: np.ndarray,
             lens: np.ndarray, tables: list[np.ndarray], size: int | None = None,
-            replay: bool = True) -> torch.Tensor | None:
+            replay: bool = True, fill=None) -> torch.Tensor | None:
         """One decode step of n = len(ids) requests: hidden states [n, hidden]. (`size`/`replay`:
-        the inputs of a given size set up without running, for capture.)"""
+        the inputs of a given size set up without running, for capture. `fill(ids)`: writes the
+        tokens still in flight into the ids on the device, --async-scheduling.)"""
         n = len(ids)
         b = size or next(s for s in self.sizes if s >= n)
-        w, h = max([len(t) for t in tables], default=1), self.host_np
+        # Two pinned host buffers in turn: with a step in flight (--async-scheduling) the last
+        # step's transfer may not have run yet when this one is written.
+        turn = self._turn
+        self._turn ^= 1
+        if self._copied[turn] is not None:
+            self._copied[turn].synchronize()
+        w, h = max([len(t) for t in tables], default=1), self.host_np[turn]
         used = 5 * b + b * w
         h[:used] = 0  # padding rows: token 0 at position 0, context 1 over block 0 (read, never written)
         h[0:n], h[b:b + n] = ids, positions
@@ -147,10 +155,15 @@ class DecodeGraphs:
         rows = h[5 * b:used].reshape(b, w)
         for i, t in enumerate(tables):
             rows[i, :len(t)] = t
-        # One transfer: pinned and asynchronous on a GPU (the host buffer is refilled only by the
-        # next step, which starts after this one's sampled tokens came back: a synchronization),
-        # then the tables' w columns into the static table, on the device.
-        self.inputs[:used].copy_(self.host[:used], non_blocking=True)
+        # One transfer: pinned and asynchronous on a GPU (its buffer is refilled two steps later,
+        # after the event says the transfer ran), then the tables' w columns into the static
+        # table, on the device.
+        self.inputs[:used].copy_(self.host[turn][:used], non_blocking=True)
+        if self.device.type == "cuda":
+            self._copied[turn] = torch.cuda.Event()
+            self._copied[turn].record()
+        if fill is not None:
+            fill(self.inputs[0:b])
         self.tables[:b, :w].copy_(self.inputs[5 * b:used].view(b, w))
         if not replay:
             return None

@@ -19,11 +19,11 @@ from pagedserve.config import EngineConfig
 from pagedserve.engine.cpu_threads import container_threads
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.kv_cache import KVCacheManager
-from pagedserve.engine.model_runner import ModelRunner
+from pagedserve.engine.model_runner import ModelRunner, PendingStep
 from pagedserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedserve.engine.request import Request, RequestStatus
 from pagedserve.engine.sampling_params import OutputKind, SamplingParams
-from pagedserve.engine.scheduler import Scheduler
+from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
 from pagedserve.engine.structured_output import StructuredOutputManager
 from pagedserve.engine.thread_tuner import ThreadTuner
 from pagedserve.distributed.shard import check_tensor_parallel
@@ -119,6 +119,7 @@ class LLMEngine:
         self._seq = itertools.count()
         self._ids = itertools.count()
         self._pending_outputs: list[RequestOutput] = []  # e.g. aborts, reported on the next step
+        self._inflight: tuple[SchedulerOutput, PendingStep] | None = None  # --async-scheduling: launched, not processed
         self.served_model_name = cfg.served_model_name or (cfg.model or "SmolLM2-135M-Instruct")
         self.startup_seconds = time.monotonic() - t0
         r = self.runner
@@ -303,7 +304,12 @@ class LLMEngine:
 
     # -- the step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """schedule -> launch the model -> process its tokens. With --async-scheduling the tokens
+        processed are the last step's: this step is launched first, so on a GPU the host plans,
+        prepares and launches it while the device still finishes the last one (one step in flight)."""
         outputs, self._pending_outputs = self._pending_outputs, []
+        if self._inflight is not None and self._needs_host_tokens():
+            outputs.extend(self._process(*self._take_inflight()))  # penalties / grammars read every token
         sched = self.scheduler.schedule()
         self.stats.last_step_time = time.monotonic()
         if sched.grammar_failed:
@@ -314,24 +320,53 @@ class LLMEngine:
                 self._finish(parent, req, RequestStatus.FINISHED_ABORTED)
                 failed.setdefault(parent.request_id, set()).add(req.index)
             outputs.extend(self._make_outputs(failed))
-        if not sched.requests:
-            if self.scheduler.num_waiting and not self.scheduler.num_running:
-                self.structured.wait_for_compile(0.05)  # only compiling requests: do not spin
-            return outputs
-        now = time.monotonic()
-        for r in sched.requests:
-            if r.metrics.first_scheduled_time is None:
-                r.metrics.first_scheduled_time = now
-        if self.tuner is not None:
-            self.tuner.before_step()
-        result = self.runner.execute(sched, self.kv, self.structured)
-        if self.tuner is not None:
-            self.tuner.after_step(sched.total_tokens)
-        self.scheduler.update_after_step(sched)
-        self.stats.steps += 1
+        launched = None
+        if sched.requests:
+            now = time.monotonic()
+            for r in sched.requests:
+                if r.metrics.first_scheduled_time is None:
+                    r.metrics.first_scheduled_time = now
+            if self.tuner is not None:
+                self.tuner.before_step()
+            launched = (sched, self.runner.launch(sched, self.kv, self.structured))
+            if self.tuner is not None:
+                self.tuner.after_step(sched.total_tokens)
+            self.scheduler.update_after_step(sched)
+            self.stats.steps += 1
+        if self._inflight is not None:  # the last step's tokens, while this one runs
+            outputs.extend(self._process(*self._take_inflight()))
+        if launched is not None:
+            if self.cfg.async_scheduling:
+                for r in launched[1].sample_reqs:
+                    r.num_inflight += 1
+                self._inflight = launched
+            else:
+                outputs.extend(self._process(*launched))
+        elif self.scheduler.num_waiting and not self.scheduler.num_running:
+            self.structured.wait_for_compile(0.05)  # only compiling requests: do not spin
+        self.stats.last_step_time = time.monotonic()
+        return outputs
+
+    def _take_inflight(self) -> tuple[SchedulerOutput, PendingStep]:
+        launched, self._inflight = self._inflight, None
+        for r in launched[1].sample_reqs:
+            r.num_inflight -= 1
+        return launched
+
+    def _needs_host_tokens(self) -> bool:
+        """A request that may be scheduled reads its own tokens on the host to sample: penalties
+        count them, a grammar's mask follows them. Its last token must have come back first."""
+        return any(r.grammar is not None or r.sampling_params.needs_penalties
+                   for r in itertools.chain(self.scheduler.running, (r for _, r in self.scheduler.waiting)))
+
+    def _process(self, sched: SchedulerOutput, pending: PendingStep) -> list[RequestOutput]:
+        """A step's tokens (waited for on the host) into the requests: stop checks, outputs."""
+        result = pending.result()
         now = time.monotonic()
         changed: dict[str, set[int]] = {}
         for req in sched.requests:
+            if req.finished:  # aborted, or stopped by the token before this one (a step in flight)
+                continue
             parent = self.req_to_parent[req.request_id]
             if req.request_id in result.prompt_logprobs and req.index == 0:
                 for tok, lp in result.prompt_logprobs[req.request_id]:
@@ -345,9 +380,7 @@ class LLMEngine:
                 for sib in parent.pending:
                     self.scheduler.add(sib)
                 parent.pending = []
-        outputs.extend(self._make_outputs(changed))
-        self.stats.last_step_time = time.monotonic()
-        return outputs
+        return self._make_outputs(changed)
 
     def _append(self, parent: _Parent, req: Request, tok: int, lp, now: float) -> None:
         p = req.sampling_params

@@ -163,7 +163,8 @@ class KVCacheManager:
         blocks = self.req_blocks.get(req.request_id)
         if not blocks:
             return
-        num_full = min(req.num_computed_tokens // self.block_size, len(blocks))
+        # (a token in flight, --async-scheduling, is computed but not yet known: its block waits)
+        num_full = min(min(req.num_computed_tokens, req.num_tokens) // self.block_size, len(blocks))
         for block, h in zip(blocks[:num_full], self._hashes(req, num_full)):
             if block.hash is None:
                 self.pool.register(block, h)

@@ -26,7 +26,7 @@ from pagedserve.model.arch import ModelArch
 from pagedserve.model import cpu_kernels
 from pagedserve.model.attention import AttentionMetadata, PrefillChunk, ScaledKV, get_attention_backend
 from pagedserve.model.llama import LlamaForCausalLM, build_for_checkpoint, dequantize_unpacked, use_cpu_kernels
-from pagedserve.model.sampler import Sampler, SamplerOutput, top_logprobs
+from pagedserve.model.sampler import PendingSample, Sampler, top_logprobs
 
 log = logging.getLogger("pagedserve.runner")
 
@@ -36,6 +36,26 @@ class StepResult:
     sampled: dict[str, int]  # request id -> new token (only requests that finished their tokens)
     logprobs: dict[str, tuple]  # request id -> sampler logprob tuple
     prompt_logprobs: dict[str, list]  # request id -> list of (token, logprob tuple) for this chunk
+
+
+@dataclass
+class PendingStep:
+    """A step launched on the device: `result()` waits for its sampled tokens on the host. Until
+    then the host is free to plan and prepare the next step (--async-scheduling)."""
+
+    sample_reqs: list[Request]  # the requests that sample a token in this step, in row order
+    sample: PendingSample | None
+    prompt_logprobs: dict[str, list]
+
+    def result(self) -> StepResult:
+        res = StepResult({}, {}, self.prompt_logprobs)
+        if self.sample is not None:
+            s = self.sample.host()
+            for r, tok, lp in zip(self.sample_reqs, s.token_ids, s.logprobs):
+                res.sampled[r.request_id] = tok
+                if lp is not None:
+                    res.logprobs[r.request_id] = lp
+        return res
 
 
 def kv_cache_bytes(cfg: EngineConfig, device: torch.device, weight_bytes: int, activation_bytes: int | None = None,
@@ -189,6 +209,8 @@ class ModelRunner:
         self._populating: threading.Thread | None = None
         self.max_concurrency = self.num_blocks / blocks_per_seq
         self.graphs: DecodeGraphs | None = None
+        self._last_tokens: torch.Tensor | None = None  # the last launch's samples, on the device
+        self._last_rows: dict[str, int] = {}  # request id -> its row in them
         if graph_sizes:
             self.use_decode_graphs(graph_sizes)
             log.info("decode steps of up to %d requests replay CUDA graphs: %d batch sizes captured in %.1fs",
@@ -302,6 +324,12 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput, kv: KVCacheManager, structured: StructuredOutputManager | None = None) -> StepResult:
+        return self.launch(out, kv, structured).result()
+
+    def launch(self, out: SchedulerOutput, kv: KVCacheManager, structured: StructuredOutputManager | None = None) -> PendingStep:
+        """The step's work queued on the device (on a CPU: done) without waiting for its tokens.
+        A request with a token in flight (Request.num_inflight: the previous launch sampled it and
+        the host has not seen it) takes it on the device from that launch's samples."""
         bs = self.block_size
         decodes: list[Request] = []
         prefills: list[Request] = []
@@ -316,6 +344,8 @@ class ModelRunner:
         sample_idx: list[int] = []
         sample_reqs: list[Request] = []
         plp_spans: list[tuple[Request, int, int, int]] = []  # req, first row, rows, first position
+        inflight_rows: list[int] = []  # rows whose token is in flight, and where it is in the last samples
+        inflight_src: list[int] = []
         tables = [np.asarray(kv.block_ids(r.request_id), dtype=np.int64) for r in ordered]
         t = 0
         for r, table in zip(ordered, tables):
@@ -323,45 +353,63 @@ class ModelRunner:
             c = r.num_computed_tokens
             pos = np.arange(c, c + n, dtype=np.int64)
             tokens.extend(r.all_token_ids[c : c + n])
+            if c + n > r.num_tokens:  # its last token is in flight: a placeholder, filled on the device
+                tokens.append(0)
+                inflight_rows.append(t + n - 1)
+                inflight_src.append(self._last_rows[r.request_id])
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
             if n > 1:
                 chunk_specs.append((t, n, c + n))
             if r.sampling_params.prompt_logprobs is not None and c < r.num_prompt_tokens:
                 plp_spans.append((r, t, min(n, r.num_prompt_tokens - c), c))
-            if c + n == r.num_tokens:
+            if c + n == r.num_planned_tokens:
                 sample_idx.append(t + n - 1)
                 sample_reqs.append(r)
             t += n
 
         nd = len(decodes)
         slot = np.concatenate(slots)
+        fill = self._inflight_fill(inflight_rows, inflight_src)
         if self.graphs is not None and not prefills and not plp_spans and self.graphs.fits(nd):
             # a pure decode step: replayed from the CUDA graph of its padded size (cuda_graphs.py)
             # (every decode samples: its hidden rows are the sampled ones, in order)
             hidden = self.graphs.run(np.asarray(tokens, dtype=np.int64), np.concatenate(positions), slot // bs,
                                      slot % bs, np.array([r.num_computed_tokens + 1 for r in decodes], dtype=np.int64),
-                                     tables)
+                                     tables, fill=fill)
             sample_rows = None
         else:
             hidden, sample_rows = self._eager_step(tokens, positions, slot, tables, decodes, chunk_specs, sample_idx,
-                                                   plp_spans)
-        result = StepResult({}, {}, {})
-        if plp_spans:
-            result.prompt_logprobs = self._prompt_logprobs(hidden, plp_spans)
+                                                   plp_spans, fill)
+        prompt_lps = self._prompt_logprobs(hidden, plp_spans) if plp_spans else {}
+        pending = None
         if sample_reqs:
             logits = self._logits(hidden[sample_rows] if plp_spans else hidden)
             mask = None
             if structured is not None and any(r.grammar is not None for r in sample_reqs):
                 mask = structured.bitmask([r.grammar for r in sample_reqs])
-            s: SamplerOutput = self.sampler(logits, sample_reqs, mask)
-            for r, tok, lp in zip(sample_reqs, s.token_ids, s.logprobs):
-                result.sampled[r.request_id] = tok
-                if lp is not None:
-                    result.logprobs[r.request_id] = lp
-        return result
+            pending = self.sampler.sample(logits, sample_reqs, mask)
+        # what the next launch reads its in-flight tokens from
+        self._last_tokens = pending.tokens if pending is not None else None
+        self._last_rows = {r.request_id: i for i, r in enumerate(sample_reqs)}
+        return PendingStep(sample_reqs, pending, prompt_lps)
 
-    def _eager_step(self, tokens, positions, slot, tables, decodes, chunk_specs, sample_idx, plp_spans):
+    def _inflight_fill(self, rows: list[int], src: list[int]):
+        """The step's in-flight tokens as a function that writes them into its input ids on the
+        device (from the last launch's samples), or None when it has none."""
+        if not rows:
+            return None
+        both = torch.tensor([rows, src], dtype=torch.int64)
+        if self.device.type != "cpu":  # pinned: an asynchronous copy, queued behind the last launch
+            both = both.pin_memory().to(self.device, non_blocking=True)
+        dev_rows, dev_src, last = both[0], both[1], self._last_tokens
+
+        def fill(ids: torch.Tensor) -> None:
+            ids.index_copy_(0, dev_rows, last.index_select(0, dev_src))
+
+        return fill
+
+    def _eager_step(self, tokens, positions, slot, tables, decodes, chunk_specs, sample_idx, plp_spans, fill=None):
         """The step's forward without graphs: (hidden states of the sampled rows, or of every row
         when prompt logprobs want them; the sampled rows' indices on the device)."""
         bs, nd = self.block_size, len(decodes)
@@ -379,6 +427,8 @@ class ModelRunner:
         for i in range(len(chunk_specs)):
             parts[f"chunk{i}"] = tables[nd + i]
         on_dev = self._to_device(parts)  # one host -> device copy for the whole step
+        if fill is not None:
+            fill(on_dev["ids"])
         meta = AttentionMetadata(
             slot_blocks=on_dev["blocks"],
             slot_offsets=on_dev["offsets"],

@@ -49,6 +49,9 @@ class Request:
 
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
+    # --async-scheduling: tokens sampled on the device whose values the host has not seen yet (0 or
+    # 1: the step in flight). The scheduler plans with them; the runner reads them on the device.
+    num_inflight: int = 0
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
     stop_reason: int | str | None = None
@@ -75,6 +78,16 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def num_planned_tokens(self) -> int:
+        """Tokens with the one in flight (what the next step continues from)."""
+        return len(self.all_token_ids) + self.num_inflight
+
+    @property
+    def num_sampled_tokens(self) -> int:
+        """Output tokens with the one in flight."""
+        return len(self.output_token_ids) + self.num_inflight
 
     @property
     def sort_key(self) -> tuple[int, float, int]:

@@ -75,7 +75,7 @@ class Scheduler:
         late = self._overdue_prompt()
         if late is not None:
             self.num_prompt_first_steps += 1
-            first = [r for r in self.running if r.num_output_tokens == 0 or r.priority < late.priority]
+            first = [r for r in self.running if r.num_sampled_tokens == 0 or r.priority < late.priority]
             budget = self._run(first, out, budget, preempt=True)
             budget = self._admit(out, budget)
             # Decodes take what is left. They preempt no one, unless the prompts got nothing (no
@@ -116,7 +116,7 @@ class Scheduler:
             return None
         deadline = self.clock() - self.ttft_target_s
         for r in self.running:
-            if r.num_output_tokens == 0 and r.arrival_time <= deadline:
+            if r.num_sampled_tokens == 0 and r.arrival_time <= deadline:
                 return r
         if self.waiting and len(self.running) < self.max_num_seqs:
             r = self.waiting[0][1]
@@ -135,7 +135,9 @@ class Scheduler:
             background = self._bg_seats is not None and self.background.is_background(req.priority)
             if background and self._bg_seats == 0:
                 continue  # past the background share: paused this step, its KV kept (oldest lines go on)
-            n = self._background_tokens(req, min(req.num_tokens - req.num_computed_tokens, budget))
+            if req.num_inflight and req.num_sampled_tokens >= req.max_tokens:
+                continue  # its token in flight is its last (async scheduling): nothing more to compute
+            n = self._background_tokens(req, min(req.num_planned_tokens - req.num_computed_tokens, budget))
             if n == 0:  # a background prompt past this step's share: it goes on next step
                 continue
             while not self.kv.allocate_slots(req, n):
@@ -161,6 +163,8 @@ class Scheduler:
         compiling = []
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
             req = self.waiting[0][1]
+            if req.num_inflight:
+                break  # preempted with a token in flight: admitted once the host has that token
             if req.grammar is not None and not req.grammar.ready():
                 compiling.append(heapq.heappop(self.waiting))
                 continue

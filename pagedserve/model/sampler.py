@@ -28,6 +28,33 @@ class SamplerOutput:
     logprobs: list[tuple[float, int, list[int], list[float]] | None]
 
 
+class PendingSample:
+    """A step's sampled tokens (and the logprobs asked for) still on the device: `host()` brings
+    them over. On a GPU the copies start at once, asynchronously, into pinned memory, so the host
+    can prepare the next step meanwhile (--async-scheduling); `tokens` stays on the device for the
+    next step's inputs."""
+
+    def __init__(self, tokens: torch.Tensor, want: list[int], ks: list[int], lp_parts: tuple | None):
+        self.tokens, self._want, self._ks = tokens, want, ks
+        parts = (tokens, *(lp_parts or ()))
+        self._event = None
+        if tokens.device.type == "cuda":
+            parts = tuple(t.to("cpu", non_blocking=True) for t in parts)  # pinned: the caching host allocator's
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._parts = parts
+
+    def host(self) -> SamplerOutput:
+        if self._event is not None:
+            self._event.synchronize()
+        token_list = self._parts[0].tolist()
+        lp_out: list = [None] * len(token_list)
+        if self._want:
+            for i, row in zip(self._want, _top_logprobs_rows(*self._parts[1:], self._ks)):
+                lp_out[i] = row
+        return SamplerOutput(token_list, lp_out)
+
+
 class Sampler:
     def __init__(self, vocab_size: int, argmax: Callable[[torch.Tensor], torch.Tensor] | None = None):
         """argmax: a faster row-wise argmax with torch.argmax's result (the C++ CPU kernel's) for
@@ -35,15 +62,19 @@ class Sampler:
         self.vocab_size = vocab_size
         self._argmax = argmax
 
-    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, reqs: list[Request], bitmask: torch.Tensor | None = None) -> SamplerOutput:
         """bitmask: the step's structured-output mask (rows line up with `reqs`), or None."""
+        return self.sample(logits, reqs, bitmask).host()
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, reqs: list[Request], bitmask: torch.Tensor | None = None) -> PendingSample:
+        """The same, left on the device (`PendingSample.host()` brings it over)."""
         logits = logits.float()
         if bitmask is not None:
             apply_bitmask(logits, bitmask)  # in place: the model's logits tensor is ours to edit
         raw = logits
         params = [r.sampling_params for r in reqs]
-        masks = any(p.logit_bias or r.num_output_tokens < p.min_tokens for p, r in zip(params, reqs))
+        masks = any(p.logit_bias or r.num_sampled_tokens < p.min_tokens for p, r in zip(params, reqs))
         penalties = any(p.needs_penalties for p in params)
         if masks or penalties:  # edits happen in place: copy once, keep the raw logits for logprobs
             logits = logits.clone()
@@ -58,16 +89,15 @@ class Sampler:
             tokens = self._argmax(logits) if fast else logits.argmax(dim=-1)
         else:
             tokens = self._sample(logits, reqs, greedy)
-        token_list = tokens.tolist()
 
-        lp_out: list = [None] * len(reqs)
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        ks = [params[i].logprobs for i in want]
+        parts = None
         if want:
-            logprobs = torch.log_softmax(raw[want], dim=-1)
-            rows = batch_top_logprobs(logprobs, [token_list[i] for i in want], [params[i].logprobs for i in want])
-            for i, row in zip(want, rows):
-                lp_out[i] = row
-        return SamplerOutput(token_list, lp_out)
+            rows = _to(want, logits.device)
+            logprobs = torch.log_softmax(raw[rows], dim=-1)
+            parts = _top_logprobs_tensors(logprobs, tokens[rows], max(ks))
+        return PendingSample(tokens, want, ks, parts)
 
     def _apply_bias_and_min_tokens(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         """logit_bias added and min_tokens' banned tokens set to -inf, for every row at once: the
@@ -79,16 +109,16 @@ class Sampler:
                 bias_rows += [i] * len(p.logit_bias)
                 bias_ids += list(p.logit_bias.keys())
                 bias_vals += list(p.logit_bias.values())
-            if r.num_output_tokens < p.min_tokens:
+            if r.num_sampled_tokens < p.min_tokens:
                 banned = list(p.stop_token_ids or []) + list(r.eos_token_ids)
                 ban_rows += [i] * len(banned)
                 ban_ids += banned
         dev = logits.device
         if bias_rows:
-            logits.index_put_((torch.tensor(bias_rows, device=dev), torch.tensor(bias_ids, device=dev)),
-                              torch.tensor(bias_vals, dtype=logits.dtype, device=dev), accumulate=True)
+            logits.index_put_((_to(bias_rows, dev), _to(bias_ids, dev)),
+                              _to(bias_vals, dev, logits.dtype), accumulate=True)
         if ban_rows:
-            logits[torch.tensor(ban_rows, device=dev), torch.tensor(ban_ids, device=dev)] = -float("inf")
+            logits[_to(ban_rows, dev), _to(ban_ids, dev)] = -float("inf")
         return logits
 
     def _apply_penalties(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
@@ -102,25 +132,25 @@ class Sampler:
         seen_rows, seen_ids = np.repeat(np.arange(n), [len(a) for a in seen]), np.concatenate(seen)
         out_rows, out_ids = np.repeat(np.arange(n), [len(a) for a in outs]), np.concatenate(outs)
         sub = logits[rows]
-        rep = torch.tensor([p.repetition_penalty for p in ps], dtype=sub.dtype, device=dev)[:, None]
+        rep = _to([p.repetition_penalty for p in ps], dev, sub.dtype)[:, None]
         mask = torch.zeros(n, V, dtype=torch.bool, device=dev)
         mask[torch.from_numpy(seen_rows).to(dev), torch.from_numpy(seen_ids).to(dev)] = True
         sub = torch.where(mask & (rep != 1.0), torch.where(sub > 0, sub / rep, sub * rep), sub)
         counts = torch.zeros(n, V, dtype=sub.dtype, device=dev)
         counts.index_put_((torch.from_numpy(out_rows).to(dev), torch.from_numpy(out_ids).to(dev)),
                           torch.ones(len(out_rows), dtype=sub.dtype, device=dev), accumulate=True)
-        freq = torch.tensor([p.frequency_penalty for p in ps], dtype=sub.dtype, device=dev)[:, None]
-        pres = torch.tensor([p.presence_penalty for p in ps], dtype=sub.dtype, device=dev)[:, None]
+        freq = _to([p.frequency_penalty for p in ps], dev, sub.dtype)[:, None]
+        pres = _to([p.presence_penalty for p in ps], dev, sub.dtype)[:, None]
         logits[rows] = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
         return logits
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request], greedy: list[bool]) -> torch.Tensor:
         params = [r.sampling_params for r in reqs]
         dev = logits.device
-        temp = torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)], device=dev)
+        temp = _to([1.0 if g else p.temperature for g, p in zip(greedy, params)], dev)
         probs = torch.softmax(logits / temp[:, None], dim=-1)
         if any(p.min_p > 0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], device=dev)
+            min_p = _to([p.min_p for p in params], dev)
             top = probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < min_p[:, None] * top, 0.0)
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
@@ -130,25 +160,32 @@ class Sampler:
         noise = torch.empty_like(probs)
         unseeded = [i for i, r in enumerate(reqs) if r.generator is None]
         if unseeded:
-            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=dev).exponential_()
+            noise[_to(unseeded, dev)] = torch.empty(len(unseeded), probs.shape[1], device=dev).exponential_()
         for i, r in enumerate(reqs):
             if r.generator is not None:
                 noise[i].exponential_(generator=r.generator)
         sampled = (probs / noise).argmax(dim=-1)
         if any(greedy):
-            g = torch.tensor(greedy, device=dev)
+            g = _to(greedy, dev)
             sampled = torch.where(g, logits.argmax(dim=-1), sampled)
         return sampled
+
+
+def _to(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host list as a tensor on `device`; on a GPU pinned and asynchronous (torch.tensor(...,
+    device=cuda) waits for the copy, which would stall --async-scheduling's step in flight)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def _top_k_top_p(probs: torch.Tensor, params) -> torch.Tensor:
     sorted_p, idx = probs.sort(dim=-1, descending=True)
     V = probs.shape[1]
     dev = probs.device
-    k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=dev)
+    k = _to([p.top_k if p.top_k > 0 else V for p in params], dev)
     ranks = torch.arange(V, device=dev)[None, :]
     mask = ranks >= k[:, None]
-    top_p = torch.tensor([p.top_p for p in params], device=dev)
+    top_p = _to([p.top_p for p in params], dev)
     # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
     cum = sorted_p.cumsum(dim=-1) - sorted_p
     mask |= cum >= top_p[:, None] * sorted_p.sum(dim=-1, keepdim=True)
@@ -160,13 +197,21 @@ def _top_k_top_p(probs: torch.Tensor, params) -> torch.Tensor:
 def batch_top_logprobs(logprobs: torch.Tensor, chosen: list[int], ks: list[int]) -> list[tuple]:
     """top_logprobs for every row at once ([R, V] log-probabilities): one gather, one rank count,
     one top-k at the largest k, and one transfer to the host, instead of a few per row."""
-    dev = logprobs.device
-    chosen_t = torch.tensor(chosen, device=dev)
-    chosen_lp = logprobs.gather(1, chosen_t[:, None])  # [R, 1]
-    ranks = ((logprobs > chosen_lp).sum(dim=-1) + 1).tolist()
-    kmax = max(ks)
+    chosen_t = torch.tensor(chosen, device=logprobs.device)
+    return _top_logprobs_rows(*_top_logprobs_tensors(logprobs, chosen_t, max(ks)), ks)
+
+
+def _top_logprobs_tensors(logprobs: torch.Tensor, chosen: torch.Tensor, kmax: int) -> tuple[torch.Tensor, ...]:
+    """The device half: (chosen logprobs [R], ranks [R], top values [R, kmax], top ids [R, kmax])."""
+    chosen_lp = logprobs.gather(1, chosen[:, None])  # [R, 1]
+    ranks = (logprobs > chosen_lp).sum(dim=-1) + 1
     vals, ids = logprobs.topk(kmax, dim=-1) if kmax else (logprobs[:, :0], logprobs[:, :0].long())
-    chosen_lp, vals, ids = chosen_lp[:, 0].tolist(), vals.tolist(), ids.tolist()
+    return chosen_lp[:, 0], ranks, vals, ids
+
+
+def _top_logprobs_rows(chosen_lp, ranks, vals, ids, ks: list[int]) -> list[tuple]:
+    """The host half: one (chosen logprob, rank, top ids, top logprobs) per row, k of them each."""
+    chosen_lp, ranks, vals, ids = chosen_lp.tolist(), ranks.tolist(), vals.tolist(), ids.tolist()
     out = []
     for r, k in enumerate(ks):
         # Tokens a grammar forbids have -inf: they are not alternatives (and not valid JSON).
