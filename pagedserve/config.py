@@ -110,7 +110,8 @@ class EngineConfig:
     # tokens reach the host (the next inputs take them on the device), so on a GPU the host's
     # planning, input preparation and output processing overlap the device's work. Steps wait for
     # the last tokens while a request with penalties or a grammar may run (they read every token).
-    # Off by default, as in vLLM; on a CPU it changes nothing but the order of work.
+    # Off by default, as in vLLM. On a CPU nothing overlaps (the model runs on the host): tokens
+    # only reach clients a step later.
     async_scheduling: bool = False
     load_format: str = "auto"  # LOAD_FORMATS: auto = the checkpoint's files; dummy = random weights from config.json
 

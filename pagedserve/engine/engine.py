@@ -120,6 +120,9 @@ class LLMEngine:
         self._ids = itertools.count()
         self._pending_outputs: list[RequestOutput] = []  # e.g. aborts, reported on the next step
         self._inflight: tuple[SchedulerOutput, PendingStep] | None = None  # --async-scheduling: launched, not processed
+        if cfg.async_scheduling and self.runner.device.type == "cpu":
+            log.warning("--async-scheduling on a CPU: the model runs on the host, so nothing overlaps and each token "
+                        "reaches its client one step later; it is meant for GPUs")
         self.served_model_name = cfg.served_model_name or (cfg.model or "SmolLM2-135M-Instruct")
         self.startup_seconds = time.monotonic() - t0
         r = self.runner
