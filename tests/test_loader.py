@@ -169,3 +169,62 @@ def test_load_format_dummy_makes_random_weights_of_the_configs_shapes(tiny_dirs)
     with pytest.raises(ValueError, match="load_format"):
         LLM(str(tiny_dirs["llama3"]), load_format="npcache")
     assert build_parser().parse_args(["serve", "--load-format", "dummy"]).load_format == "dummy"
+
+
+def _same_tensors(mine, ref):
+    import numpy as np
+
+    assert [t.name for t in mine] == [t.name for t in ref]
+    for a, b in zip(mine, ref):
+        assert a.tensor_type == b.tensor_type and a.shape.tolist() == b.shape.tolist(), a.name
+        assert a.data.shape == b.data.shape and a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data), a.name
+
+
+def test_gguf_tensors_are_gguf_pys_without_reading_the_metadata(tmp_path):
+    """model/gguf_file.py against gguf-py's GGUFReader: the default model (its 49k-token vocabulary
+    in the metadata), and a file with every metadata value type, a custom alignment and tensors
+    of plain and block types. Bad files get errors that say what is wrong."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+    from gguf.quants import quantize
+
+    from pagedserve.model.gguf_file import read_gguf_tensors
+
+    _same_tensors(read_gguf_tensors(default_model_gguf()), GGUFReader(default_model_gguf()).tensors)
+    path = tmp_path / "all.gguf"
+    w = GGUFWriter(str(path), "llama")
+    w.add_custom_alignment(64)
+    w.add_string("s", "text é")
+    w.add_array("strings", ["a", "bé", ""])
+    w.add_array("ints", [1, 2, 3])
+    w.add_array("floats", [0.5, 1.5])
+    w.add_array("nested", [[1, 2], [3]])
+    w.add_bool("b", True)
+    for name, vtype in (("u8", GGUFValueType.UINT8), ("i16", GGUFValueType.INT16), ("u64", GGUFValueType.UINT64),
+                        ("f64", GGUFValueType.FLOAT64)):
+        w.add_key_value(name, 7, vtype)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 64)).astype(np.float32)
+    w.add_tensor("f32", x)
+    w.add_tensor("f16", x.astype(np.float16))
+    for kind in ("Q8_0", "Q4_0", "Q4_1"):
+        t = GGMLQuantizationType[kind]
+        w.add_tensor(kind.lower(), quantize(rng.standard_normal((4, 256)).astype(np.float32), t), raw_dtype=t)
+    for kind in ("Q5_K", "Q6_K"):  # no quantizer in gguf-py: raw blocks of the right size
+        t = GGMLQuantizationType[kind]
+        block, size = GGML_QUANT_SIZES[t]
+        raw = rng.integers(0, 255, (4, 512 // block * size), dtype=np.uint8)
+        w.add_tensor(kind.lower(), raw, raw_shape=raw.shape, raw_dtype=t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    mine = read_gguf_tensors(path)
+    assert len(mine) == 7 and mine[0].data.ctypes.data % 64 == 0
+    _same_tensors(mine, GGUFReader(path).tensors)
+    (tmp_path / "bad.gguf").write_bytes(b"GGML" + bytes(60))
+    with pytest.raises(ValueError, match="not a GGUF"):
+        read_gguf_tensors(tmp_path / "bad.gguf")
+    (tmp_path / "cut.gguf").write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="past the end"):
+        read_gguf_tensors(tmp_path / "cut.gguf")

@@ -233,15 +233,14 @@ def read_gguf_weights(path: Path, num_heads: int, num_kv_heads: int, arch: str,
     quantization/gguf.py KEPT_QUANTIZED as QuantizedWeight (exact). Other quantized types (Q2_K,
     Q3_K, IQ*) are dequantized to float32, and the log says which."""
     import torch
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
+    from pagedserve.model.gguf_file import read_gguf_tensors
     from pagedserve.model.quantization import gguf as gguf_quant
 
-    reader = GGUFReader(path)
     weights: dict[str, torch.Tensor | QuantizedWeight] = {}
     expanded: dict[str, int] = {}
-    for t in reader.tensors:
+    for t in read_gguf_tensors(path):
         name = gguf_tensor_name(t.name)
         if name is None:
             continue
