@@ -323,9 +323,6 @@ class ModelRunner:
             self._populating.join()
 
     # ------------------------------------------------------------------------------------------
-    def execute(self, out: SchedulerOutput, kv: KVCacheManager, structured: StructuredOutputManager | None = None) -> StepResult:
-        return self.launch(out, kv, structured).result()
-
     def launch(self, out: SchedulerOutput, kv: KVCacheManager, structured: StructuredOutputManager | None = None) -> PendingStep:
         """The step's work queued on the device (on a CPU: done) without waiting for its tokens.
         A request with a token in flight (Request.num_inflight: the previous launch sampled it and
