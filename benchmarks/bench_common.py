@@ -45,3 +45,20 @@ def finish(res: dict, out: Path, report: Callable[[dict], None], plot: Callable[
     path = out.with_suffix(".png")
     fig.savefig(path, dpi=110)
     print(f"plot: {path}")
+
+
+def on_off_plot(rows: list[dict], ylabel: str, title: str):
+    """Rows of {"what", "batch", "on_over_off"} from an on/off A/B in one process: a line per
+    "decode ..." series against the batch, a square for every other row (a single layer)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for what in sorted({r["what"] for r in rows if r["what"].startswith("decode")}):
+        rs = [r for r in rows if r["what"] == what]
+        ax.plot([r["batch"] for r in rs], [r["on_over_off"] for r in rs], "o-", label=what)
+    for r in rows:
+        if not r["what"].startswith("decode"):
+            ax.plot([r["batch"]], [r["on_over_off"]], "s", label=f"{r['what']} layer")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set(xscale="log", xlabel="batch", ylabel=ylabel, title=f"{title} (lower is better)")
+    ax.legend(fontsize=7)
+    return fig

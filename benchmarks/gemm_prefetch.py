@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import finish, machine, pyplot
+from bench_common import finish, machine, on_off_plot
 
 OUT = Path(__file__).parent / "results" / "gemm_prefetch.json"
 BATCHES = (1, 4, 8, 16, 32, 48)
@@ -91,16 +91,7 @@ def report(res: dict) -> None:
 
 
 def plot(res: dict):
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for what in sorted({r["what"] for r in res["rows"] if r["what"].startswith("decode")}):
-        rs = [r for r in res["rows"] if r["what"] == what]
-        ax.plot([r["batch"] for r in rs], [r["on_over_off"] for r in rs], "o-", label=what)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set(xscale="log", xlabel="decode batch", ylabel="step time, prefetch on / off",
-           title="L2 prefetch in the packed float GEMMs (lower is better)")
-    ax.legend()
-    return fig
+    return on_off_plot(res["rows"], "step time, prefetch on / off", "L2 prefetch in the packed float GEMMs")
 
 
 def main() -> None:

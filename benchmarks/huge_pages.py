@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from bench_common import finish, machine, pyplot
+from bench_common import finish, machine, on_off_plot
 
 OUT = Path(__file__).parent / "results" / "huge_pages.json"
 BATCHES = (1, 4, 8, 16, 32)
@@ -31,14 +30,9 @@ STEPS = 8
 
 def huge_kib_under(ptr: int) -> int:
     """AnonHugePages (KiB) of the mapping that holds address `ptr`."""
-    cur = None
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        m = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
-        if m:
-            cur = (int(m.group(1), 16), int(m.group(2), 16))
-        elif cur and cur[0] <= ptr < cur[1] and line.startswith("AnonHugePages:"):
-            return int(line.split()[1])
-    return 0
+    from pagedserve.engine.cpu_memory import mapping_kib
+
+    return mapping_kib(ptr, "AnonHugePages")
 
 
 def _first_packed(model):
@@ -123,19 +117,7 @@ def report(res: dict) -> None:
 
 
 def plot(res: dict):
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for what in sorted({r["what"] for r in res["rows"] if r["what"].startswith("decode")}):
-        rs = [r for r in res["rows"] if r["what"] == what]
-        ax.plot([r["batch"] for r in rs], [r["on_over_off"] for r in rs], "o-", label=what)
-    for r in res["rows"]:
-        if r["what"].startswith("olmoe"):
-            ax.plot([r["batch"]], [r["on_over_off"]], "s", label=f"{r['what']} layer")
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set(xscale="log", xlabel="batch", ylabel="step time, huge pages / 4 KiB pages",
-           title="Packed weights on transparent huge pages (lower is better)")
-    ax.legend()
-    return fig
+    return on_off_plot(res["rows"], "step time, huge pages / 4 KiB pages", "Packed weights on transparent huge pages")
 
 
 def main() -> None:

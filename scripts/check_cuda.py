@@ -126,6 +126,19 @@ def main(dirs: list[str]) -> int:
     return 1 if failures else 0
 
 
+def _ms_per_token(m, prompt, tokens: int = 256) -> float:
+    """Batch-1 decode: ms per token over `tokens` greedy tokens (after one warm run)."""
+    from pagedserve import SamplingParams
+
+    one = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    m.generate([prompt], one, use_tqdm=False)  # warm
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    m.generate([prompt], one, use_tqdm=False)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / tokens * 1e3
+
+
 def check_graphs(d, prompts, check) -> None:
     """Decode from CUDA graphs against --enforce-eager on the same model: tokens, step time, memory."""
     from pagedserve import LLM, SamplingParams
@@ -139,12 +152,7 @@ def check_graphs(d, prompts, check) -> None:
               "" if eager else f"({len(graphs.sizes)} sizes captured in {graphs.capture_seconds:.1f}s)")
         outs[eager] = [o.outputs[0].token_ids for o in m.generate(prompts, params, use_tqdm=False)]
         one = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)
-        m.generate([prompts[0]], one, use_tqdm=False)  # warm
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        m.generate([prompts[0]], one, use_tqdm=False)
-        torch.cuda.synchronize()
-        step_ms[eager] = (time.perf_counter() - t0) / 256 * 1e3
+        step_ms[eager] = _ms_per_token(m, prompts[0])
         if not eager:
             replays = graphs.replays
             m.generate(prompts[:1], one, use_tqdm=False)
@@ -174,7 +182,6 @@ def check_async(d, prompts, check) -> None:
     m = LLM(d, device="cuda", dtype="bfloat16", kv_cache_memory=256 << 20, max_model_len=1024)
     eng, runner = m.engine, m.engine.runner
     outs, step_ms = {}, {}
-    one = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)
     launch, syncs = runner.launch, []
 
     def watched(*a, **k):
@@ -190,12 +197,7 @@ def check_async(d, prompts, check) -> None:
     for on in (False, True):
         eng.cfg.async_scheduling = on
         outs[on] = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in m.generate(prompts, params, use_tqdm=False)]
-        m.generate([prompts[0]], one, use_tqdm=False)  # warm
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        m.generate([prompts[0]], one, use_tqdm=False)
-        torch.cuda.synchronize()
-        step_ms[on] = (time.perf_counter() - t0) / 256 * 1e3
+        step_ms[on] = _ms_per_token(m, prompts[0])
     runner.launch = watched
     m.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
     runner.launch = launch

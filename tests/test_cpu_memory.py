@@ -1,25 +1,12 @@
 """How the CPU engine takes memory from Linux (pagedserve/engine/cpu_memory.py)."""
 
-import re
 import resource
-from pathlib import Path
 
 import pytest
 import torch
 
-from pagedserve.engine.cpu_memory import HugePageArena, keep_freed_memory, lazily_zeroed_cpu_tensor, populate
-
-
-def resident_kib_of_mapping(ptr: int) -> int:
-    """Rss (KiB) of the mapping that holds address `ptr` (/proc/self/smaps)."""
-    cur = None
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        m = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
-        if m:
-            cur = (int(m.group(1), 16), int(m.group(2), 16))
-        elif cur and cur[0] <= ptr < cur[1] and line.startswith("Rss:"):
-            return int(line.split()[1])
-    raise LookupError(hex(ptr))
+from pagedserve.engine.cpu_memory import (HugePageArena, keep_freed_memory, lazily_zeroed_cpu_tensor, mapping_kib,
+                                          populate)
 
 
 def assert_packed_weights_in_one_arena(model) -> int:
@@ -78,9 +65,9 @@ def test_lazily_zeroed_memory_is_untouched_even_after_the_heap_was_used():
     junk = [torch.ones((24 << 20) // 4) for _ in range(4)]  # heap chunks, written, then freed
     del junk
     t = lazily_zeroed_cpu_tensor(((16 << 20) // 4,), torch.float32)
-    assert resident_kib_of_mapping(t.data_ptr()) == 0
+    assert mapping_kib(t.data_ptr(), "Rss") == 0
     t[:: 1024].fill_(1.0)
-    assert resident_kib_of_mapping(t.data_ptr()) >= 16 << 10  # each touch faults its page(s) in
+    assert mapping_kib(t.data_ptr(), "Rss") >= 16 << 10  # each touch faults its page(s) in
 
 
 def test_huge_page_arena_places_copies_back_to_back():

@@ -61,6 +61,20 @@ def lazily_zeroed_cpu_tensor(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     return t
 
 
+def mapping_kib(ptr: int, field: str) -> int:
+    """A field (KiB) of /proc/self/smaps for the mapping that holds address `ptr`: `Rss`,
+    `AnonHugePages` (how much of it the OS backs with huge pages), ..."""
+    cur = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+                lo, hi = line.split(" ", 1)[0].split("-")
+                cur = (int(lo, 16), int(hi, 16))
+            elif cur and cur[0] <= ptr < cur[1] and line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise LookupError(f"no mapping holds {ptr:#x}, or it has no {field}")
+
+
 class HugePageArena:
     """One buffer on transparent huge pages that tensors are copied into end to end, in the order
     placed. Packed weights go here, in the order the layers stream them: every decode step reads
