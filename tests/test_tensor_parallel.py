@@ -71,6 +71,16 @@ def test_two_ranks_equal_one(models, kind):
         assert (l1 - l2).abs().max().item() < 1e-4
 
 
+def test_two_ranks_with_a_step_in_flight(models):
+    """--async-scheduling under tensor parallelism: rank 0 fills the tokens in flight into the ids
+    before it sends them, so the other rank runs the same inputs."""
+    one, _ = _run(models["llama3"], 1)
+    two, _ = _run(models["llama3"], 2, async_scheduling=True)
+    for (t1, l1), (t2, l2) in zip(one, two):
+        assert t1 == t2
+        assert (l1 - l2).abs().max().item() < 1e-4
+
+
 def test_quantized_weights_stay_quantized_on_each_rank(models, tmp_path):
     """An int4 checkpoint (`pagedserve quantize`, groups of 16) split over two ranks: each rank
     keeps its rows and whole groups of columns quantized (nothing dequantized), and the answers
