@@ -5,8 +5,10 @@ masking -> repetition, presence and frequency penalties -> greedy argmax, or tem
 top_k/top_p -> draw. Logprobs are reported from the model's distribution after the grammar's mask
 (log_softmax of the logits the grammar allows), before bias and penalties.
 
-Seeded requests draw with their own torch.Generator, one row at a time, so their result does not
-depend on what else is in the batch; unseeded rows draw together.
+All rows draw their noise together; seeded requests then draw again with their own
+torch.Generator, one row at a time, so their result does not depend on what else is in the batch.
+Per-row parameters reach the device in one copy, pinned and asynchronous on a GPU, and the tokens
+and logprobs leave it the same way (`PendingSample`): nothing in a step waits for the device.
 """
 
 from __future__ import annotations
@@ -146,29 +148,44 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request], greedy: list[bool]) -> torch.Tensor:
         params = [r.sampling_params for r in reqs]
-        dev = logits.device
-        temp = _to([1.0 if g else p.temperature for g, p in zip(greedy, params)], dev)
+        V = logits.shape[1]
+        # Every row's parameters in one host -> device copy: temperature (1 for greedy rows),
+        # min_p, top_k (V: off; float32 holds it exactly), top_p, and whether the row is greedy.
+        temp, min_p, top_k, top_p, is_greedy = _to(
+            [[1.0 if g else p.temperature for g, p in zip(greedy, params)], [p.min_p for p in params],
+             [float(p.top_k) if p.top_k > 0 else float(V) for p in params], [p.top_p for p in params],
+             [float(g) for g in greedy]], logits.device, torch.float32)
         probs = torch.softmax(logits / temp[:, None], dim=-1)
         if any(p.min_p > 0 for p in params):
-            min_p = _to([p.min_p for p in params], dev)
             top = probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < min_p[:, None] * top, 0.0)
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-            probs = _top_k_top_p(probs, params)
-        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p; per-row generators keep
-        # a seeded request's draw independent of its neighbours.
-        noise = torch.empty_like(probs)
-        unseeded = [i for i, r in enumerate(reqs) if r.generator is None]
-        if unseeded:
-            noise[_to(unseeded, dev)] = torch.empty(len(unseeded), probs.shape[1], device=dev).exponential_()
+            probs = _top_k_top_p(probs, top_k, top_p)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p. Every row draws from the
+        # global generator; a seeded row then draws again from its own, so its result does not
+        # depend on its neighbours.
+        noise = torch.empty_like(probs).exponential_()
         for i, r in enumerate(reqs):
             if r.generator is not None:
                 noise[i].exponential_(generator=r.generator)
         sampled = (probs / noise).argmax(dim=-1)
         if any(greedy):
-            g = _to(greedy, dev)
-            sampled = torch.where(g, logits.argmax(dim=-1), sampled)
+            sampled = torch.where(is_greedy.bool(), logits.argmax(dim=-1), sampled)
         return sampled
+
+
+def _top_k_top_p(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Per row: the top_k most likely tokens (top_k = V: all), then the smallest prefix of them
+    whose mass reaches top_p (always at least the top token)."""
+    sorted_p, idx = probs.sort(dim=-1, descending=True)
+    V = probs.shape[1]
+    ranks = torch.arange(V, device=probs.device)[None, :]
+    mask = ranks >= top_k[:, None]
+    cum = sorted_p.cumsum(dim=-1) - sorted_p
+    mask |= cum >= top_p[:, None] * sorted_p.sum(dim=-1, keepdim=True)
+    mask[:, 0] = False
+    sorted_p = sorted_p.masked_fill(mask, 0.0)
+    return torch.zeros_like(probs).scatter_(1, idx, sorted_p)
 
 
 def _to(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -176,22 +193,6 @@ def _to(values: list, device: torch.device, dtype: torch.dtype | None = None) ->
     device=cuda) waits for the copy, which would stall --async-scheduling's step in flight)."""
     t = torch.tensor(values, dtype=dtype)
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-
-
-def _top_k_top_p(probs: torch.Tensor, params) -> torch.Tensor:
-    sorted_p, idx = probs.sort(dim=-1, descending=True)
-    V = probs.shape[1]
-    dev = probs.device
-    k = _to([p.top_k if p.top_k > 0 else V for p in params], dev)
-    ranks = torch.arange(V, device=dev)[None, :]
-    mask = ranks >= k[:, None]
-    top_p = _to([p.top_p for p in params], dev)
-    # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
-    cum = sorted_p.cumsum(dim=-1) - sorted_p
-    mask |= cum >= top_p[:, None] * sorted_p.sum(dim=-1, keepdim=True)
-    mask[:, 0] = False
-    sorted_p = sorted_p.masked_fill(mask, 0.0)
-    return torch.zeros_like(probs).scatter_(1, idx, sorted_p)
 
 
 def batch_top_logprobs(logprobs: torch.Tensor, chosen: list[int], ks: list[int]) -> list[tuple]:
