@@ -177,6 +177,17 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None,
                    help="CUDA: decode batch sizes captured as graphs; one value N: 1, 2, 4 and multiples of 8 up to "
                         "N; several: exactly those (default: up to --max-num-seqs, at most 512)")
+    p.add_argument("--tokenizer", default=None,
+                   help="where the tokenizer is, when not beside the weights: a folder with tokenizer.json or "
+                        "tokenizer_config.json, or anything --model takes")
+    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
+                   help="accepted: long prompts are always chunked by --max-num-batched-tokens (as in vLLM V1); "
+                        "--no-enable-chunked-prefill is refused")
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="1 only: pipeline parallelism is not implemented (split a model with --tensor-parallel-size)")
+    p.add_argument("--swap-space", type=float, default=None,
+                   help="accepted for vllm compatibility; no effect (preempted requests are recomputed, not swapped "
+                        "to CPU memory, as in vLLM V1): a warning says so")
     for flag in ("--trust-remote-code", "--disable-log-requests", "--disable-log-stats"):
         p.add_argument(flag, action="store_true", help="accepted for vllm compatibility; no effect")
 
@@ -189,6 +200,15 @@ def build_server_app(args: argparse.Namespace):
 
     if args.tensor_parallel_size < 1:
         raise ValueError(f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")
+    if args.pipeline_parallel_size != 1:
+        raise ValueError(f"--pipeline-parallel-size {args.pipeline_parallel_size}: pipeline parallelism is not "
+                         "implemented; split the model over ranks with --tensor-parallel-size instead")
+    if args.enable_chunked_prefill is False:
+        raise ValueError("--no-enable-chunked-prefill: pagedserve always chunks long prompts by "
+                         "--max-num-batched-tokens (as vLLM V1 does); to run whole prompts in one step, set "
+                         "--max-num-batched-tokens to at least --max-model-len")
+    if args.swap_space is not None:
+        log.warning("--swap-space has no effect: preempted requests are recomputed, not swapped to CPU memory")
     model = args.model or args.model_tag
     locate_model(model)  # a bad path or flag is reported now, not after torch and the model load
     limits = batch_limits(args)
@@ -199,7 +219,7 @@ def build_server_app(args: argparse.Namespace):
         block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
-        seed=args.seed, chat_template=args.chat_template, attention_backend=args.attention_backend,
+        seed=args.seed, chat_template=args.chat_template, tokenizer=args.tokenizer, attention_backend=args.attention_backend,
         num_threads=args.num_threads, structured_outputs_backend=args.structured_outputs_backend,
         ttft_target_ms=args.ttft_target_ms, adaptive_threads=args.adaptive_threads,
         background_priority=args.batch_priority, background_share=args.batch_share,

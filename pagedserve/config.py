@@ -81,6 +81,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     chat_template: str | None = None  # a path or a template string
+    tokenizer: str | None = None  # vLLM's --tokenizer: a folder (or cached hub id, or model spec) with the tokenizer
     attention_backend: str | None = None
     num_threads: int | None = None  # CPU threads for torch; default: all cores
     adaptive_threads: bool = True  # CPU: probe 1 vs num_threads while stepping, keep the faster (thread_tuner.py)

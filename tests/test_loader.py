@@ -228,3 +228,49 @@ def test_gguf_tensors_are_gguf_pys_without_reading_the_metadata(tmp_path):
     (tmp_path / "cut.gguf").write_bytes(path.read_bytes()[:-100])
     with pytest.raises(ValueError, match="past the end"):
         read_gguf_tensors(tmp_path / "cut.gguf")
+
+
+def test_tokenizer_flag_reads_the_tokenizer_from_elsewhere(tiny_dirs, tmp_path):
+    """vLLM's --tokenizer: weights in one folder, the tokenizer in another (here the same model's,
+    so the outputs must be the ones with the tokenizer beside the weights)."""
+    from pagedserve import LLM, SamplingParams
+
+    bare = tmp_path / "weights-only"
+    shutil.copytree(tiny_dirs["llama"], bare)
+    for f in bare.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")) or f.suffix in (".model", ".jinja", ".txt"):
+            f.unlink()
+    kw = dict(kv_cache_memory=8 << 20, max_model_len=128, dtype="float32")
+    with pytest.raises(ValueError, match="--tokenizer"):  # no tokenizer beside the weights, none named
+        LLM(str(bare), **kw)
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    want = LLM(str(tiny_dirs["llama"]), **kw).generate("a tokenizer", sp, use_tqdm=False)[0].outputs[0]
+    got = LLM(str(bare), tokenizer=str(tiny_dirs["llama"]), **kw).generate("a tokenizer", sp, use_tqdm=False)[0].outputs[0]
+    assert got.token_ids == want.token_ids and got.text == want.text
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="--tokenizer"):
+        LLM(str(bare), tokenizer=str(empty), **kw)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--no-enable-chunked-prefill"], "always chunks long prompts"),
+    (["--pipeline-parallel-size", "2"], "pipeline parallelism is not implemented"),
+])
+def test_vllm_flags_it_cannot_honour_are_refused_by_name(tiny_dirs, flags, message):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "pagedserve.cli", "serve", str(tiny_dirs["llama"]), *flags],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_vllm_flags_accepted_as_they_are():
+    from pagedserve.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--enable-chunked-prefill", "--swap-space", "4", "-pp", "1",
+                                      "--tokenizer", "some/tokenizer"])
+    assert args.enable_chunked_prefill is True and args.swap_space == 4 and args.pipeline_parallel_size == 1
+    assert args.tokenizer == "some/tokenizer"

@@ -28,7 +28,8 @@ from pagedserve.engine.structured_output import StructuredOutputManager
 from pagedserve.engine.thread_tuner import ThreadTuner
 from pagedserve.distributed.shard import check_tensor_parallel
 from pagedserve.model.arch import ModelArch
-from pagedserve.model.loader import checkpoint_quantization, dummy_or_weights, load_checkpoint, load_hf_config
+from pagedserve.model.loader import (checkpoint_quantization, dummy_or_weights, load_checkpoint, load_hf_config,
+                                     resolve_tokenizer)
 from pagedserve.model.tokenizer import load_tokenizer
 
 log = logging.getLogger("pagedserve.engine")
@@ -89,7 +90,8 @@ class LLMEngine:
         hf_cfg = load_hf_config(self.model_path)
         self.quantization = cfg.resolve_quantization(checkpoint_quantization(hf_cfg, gguf_file))
         self.arch = ModelArch.from_hf_config(hf_cfg)
-        self.tokenizer = load_tokenizer(self.model_path, cfg.chat_template)
+        self.tokenizer = load_tokenizer(resolve_tokenizer(cfg.tokenizer) if cfg.tokenizer else self.model_path,
+                                        cfg.chat_template)
         self.max_model_len = cfg.max_model_len or self.arch.max_position_embeddings
         if self.arch.sliding_window and self.max_model_len > self.arch.sliding_window:
             raise ValueError(

@@ -87,6 +87,17 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     return where if kind == "folder" else _resolve_hub_id(where)
 
 
+def resolve_tokenizer(spec: str) -> Path:
+    """--tokenizer: a folder holding tokenizer files (tokenizer.json or tokenizer_config.json), or
+    anything --model takes (a model folder, a GGUF, a hub id in the local cache)."""
+    path = Path(spec).expanduser()
+    if path.is_dir() and ((path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()):
+        return path
+    if path.is_dir() and not (path / "config.json").exists() and not list(path.glob("*.gguf")):
+        raise FileNotFoundError(f"--tokenizer {spec}: the folder has no tokenizer.json or tokenizer_config.json")
+    return resolve_model(spec)
+
+
 def _resolve_hub_id(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 

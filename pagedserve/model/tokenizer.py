@@ -112,7 +112,8 @@ def _load_hf(folder: Path):
         else:
             tok = AutoTokenizer.from_pretrained(str(folder))
     except Exception as e:
-        raise ValueError(f"could not load a tokenizer from {folder}: {e}") from e
+        raise ValueError(f"could not load a tokenizer from {folder} (if it lives elsewhere, name that folder with "
+                         f"--tokenizer): {str(e)[:500]}") from e
     if not getattr(tok, "is_fast", False) or not hasattr(tok, "_tokenizer"):
         raise ValueError(f"{folder} has no fast tokenizer (tokenizer.json); pagedserve needs one")
     return tok
