@@ -135,3 +135,19 @@ def test_offline_llm_waits_for_its_cache_and_the_server_path_does_not(tiny_dirs)
     assert runner._populating is first
     runner.wait_kv_populated()
     assert not first.is_alive()
+
+
+def test_weights_without_huge_pages_are_named_at_start(monkeypatch, caplog):
+    """Where the OS grants no huge pages (transparent_hugepage=never, fragmentation), the start-up
+    log says so, with the host's setting; the measured fraction is a share of the buffer."""
+    import logging
+
+    from pagedserve import LLM
+
+    a = HugePageArena([8 << 20])
+    a.place(torch.ones(2 << 20))
+    assert 0.0 <= a.huge_fraction() <= 1.0
+    monkeypatch.setattr(HugePageArena, "huge_fraction", lambda self: 0.0)
+    with caplog.at_level(logging.INFO, logger="pagedserve.runner"):
+        LLM(None, kv_cache_memory=16 << 20, max_model_len=256)
+    assert any("on huge pages (transparent_hugepage:" in r.getMessage() for r in caplog.records)

@@ -96,6 +96,13 @@ class HugePageArena:
     def padded(cls, nbytes: int) -> int:
         return -(-nbytes // cls.ALIGN) * cls.ALIGN
 
+    def huge_fraction(self) -> float:
+        """The share of the buffer the OS backs with huge pages now (0 where it gave none)."""
+        try:
+            return mapping_kib(self._buf.data_ptr(), "AnonHugePages") * 1024 / max(self.total, 1)
+        except (OSError, LookupError):  # not Linux
+            return 0.0
+
     def place(self, t: torch.Tensor) -> torch.Tensor:
         n = t.numel() * t.element_size()
         if self._next + n > self.total:
