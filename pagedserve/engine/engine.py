@@ -64,6 +64,12 @@ class EngineStats:
     last_step_time: float = field(default_factory=time.monotonic)
 
 
+def _reads_own_tokens(params: SamplingParams) -> bool:
+    """Whether sampling for these params reads the request's own tokens on the host (penalties
+    count them; a grammar's mask follows them)."""
+    return params.structured_outputs is not None or params.needs_penalties
+
+
 class LLMEngine:
     def __init__(self, cfg: EngineConfig):
         t0 = time.monotonic()
@@ -122,6 +128,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._pending_outputs: list[RequestOutput] = []  # e.g. aborts, reported on the next step
         self._inflight: tuple[SchedulerOutput, PendingStep] | None = None  # --async-scheduling: launched, not processed
+        self._host_token_parents = 0  # requests whose sampling reads their own tokens on the host (see below)
         if cfg.async_scheduling and self.runner.device.type == "cpu":
             log.warning("--async-scheduling on a CPU: the model runs on the host, so nothing overlaps and each token "
                         "reaches its client one step later; it is meant for GPUs")
@@ -271,6 +278,7 @@ class LLMEngine:
         if g is not None and g.ready() and g.error is not None:
             raise ValueError(g.error)
         self.parents[parent.request_id] = parent
+        self._host_token_parents += _reads_own_tokens(parent.params)
         for c in parent.children:
             self.req_to_parent[c.request_id] = parent
         # With prefix caching, siblings wait for the first one's prompt and then share its blocks.
@@ -360,9 +368,9 @@ class LLMEngine:
 
     def _needs_host_tokens(self) -> bool:
         """A request that may be scheduled reads its own tokens on the host to sample: penalties
-        count them, a grammar's mask follows them. Its last token must have come back first."""
-        return any(r.grammar is not None or r.sampling_params.needs_penalties
-                   for r in itertools.chain(self.scheduler.running, (r for _, r in self.scheduler.waiting)))
+        count them, a grammar's mask follows them. Its last token must have come back first.
+        (A count kept at enqueue and removal: not a walk over every waiting request each step.)"""
+        return self._host_token_parents > 0
 
     def _process(self, sched: SchedulerOutput, pending: PendingStep) -> list[RequestOutput]:
         """A step's tokens (waited for on the host) into the requests: stop checks, outputs."""
@@ -473,6 +481,7 @@ class LLMEngine:
             )
             if done:
                 del self.parents[pid]
+                self._host_token_parents -= _reads_own_tokens(parent.params)
                 for c in parent.children:
                     self.req_to_parent.pop(c.request_id, None)
         return outs
