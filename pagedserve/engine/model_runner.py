@@ -26,7 +26,7 @@ from pagedserve.model.arch import ModelArch
 from pagedserve.model import cpu_kernels
 from pagedserve.model.attention import AttentionMetadata, PrefillChunk, ScaledKV, get_attention_backend
 from pagedserve.model.llama import LlamaForCausalLM, build_for_checkpoint, dequantize_unpacked, use_cpu_kernels
-from pagedserve.model.sampler import PendingSample, Sampler, top_logprobs
+from pagedserve.model.sampler import PendingSample, Sampler, to_device, top_logprobs
 
 log = logging.getLogger("pagedserve.runner")
 
@@ -210,7 +210,7 @@ class ModelRunner:
         self.max_concurrency = self.num_blocks / blocks_per_seq
         self.graphs: DecodeGraphs | None = None
         self._last_tokens: torch.Tensor | None = None  # the last launch's samples, on the device
-        self._last_rows: dict[str, int] = {}  # request id -> its row in them
+        self._last_reqs: list[Request] = []  # the requests of its rows, in order
         if graph_sizes:
             self.use_decode_graphs(graph_sizes)
             log.info("decode steps of up to %d requests replay CUDA graphs: %d batch sizes captured in %.1fs",
@@ -353,7 +353,9 @@ class ModelRunner:
             if c + n > r.num_tokens:  # its last token is in flight: a placeholder, filled on the device
                 tokens.append(0)
                 inflight_rows.append(t + n - 1)
-                inflight_src.append(self._last_rows[r.request_id])
+                if not inflight_src:  # the last launch's rows by request (only when a token is in flight)
+                    last_rows = {q.request_id: i for i, q in enumerate(self._last_reqs)}
+                inflight_src.append(last_rows[r.request_id])
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
             if n > 1:
@@ -388,7 +390,7 @@ class ModelRunner:
             pending = self.sampler.sample(logits, sample_reqs, mask)
         # what the next launch reads its in-flight tokens from
         self._last_tokens = pending.tokens if pending is not None else None
-        self._last_rows = {r.request_id: i for i, r in enumerate(sample_reqs)}
+        self._last_reqs = sample_reqs
         return PendingStep(sample_reqs, pending, prompt_lps)
 
     def _inflight_fill(self, rows: list[int], src: list[int]):
@@ -396,10 +398,8 @@ class ModelRunner:
         device (from the last launch's samples), or None when it has none."""
         if not rows:
             return None
-        both = torch.tensor([rows, src], dtype=torch.int64)
-        if self.device.type != "cpu":  # pinned: an asynchronous copy, queued behind the last launch
-            both = both.pin_memory().to(self.device, non_blocking=True)
-        dev_rows, dev_src, last = both[0], both[1], self._last_tokens
+        dev_rows, dev_src = to_device([rows, src], self.device, torch.int64)  # queued behind the last launch
+        last = self._last_tokens
 
         def fill(ids: torch.Tensor) -> None:
             ids.index_copy_(0, dev_rows, last.index_select(0, dev_src))
@@ -445,9 +445,8 @@ class ModelRunner:
         """The step's int64 inputs as views of one tensor on the device: one copy (from pinned
         memory, asynchronous) instead of one per input, where the device is not the CPU."""
         sizes = [a.size for a in parts.values()]
-        buf = torch.from_numpy(np.concatenate(list(parts.values())) if parts else np.zeros(0, np.int64))
-        if self.device.type != "cpu":
-            buf = buf.pin_memory().to(self.device, non_blocking=True)
+        buf = to_device(torch.from_numpy(np.concatenate(list(parts.values())) if parts else np.zeros(0, np.int64)),
+                        self.device)
         return dict(zip(parts, buf.split(sizes)))
 
     # -- tensor parallelism: rank 0 tells the other ranks what to run, then runs it itself ------

@@ -96,7 +96,7 @@ class Sampler:
         ks = [params[i].logprobs for i in want]
         parts = None
         if want:
-            rows = _to(want, logits.device)
+            rows = to_device(want, logits.device)
             logprobs = torch.log_softmax(raw[rows], dim=-1)
             parts = _top_logprobs_tensors(logprobs, tokens[rows], max(ks))
         return PendingSample(tokens, want, ks, parts)
@@ -117,10 +117,10 @@ class Sampler:
                 ban_ids += banned
         dev = logits.device
         if bias_rows:
-            logits.index_put_((_to(bias_rows, dev), _to(bias_ids, dev)),
-                              _to(bias_vals, dev, logits.dtype), accumulate=True)
+            logits.index_put_((to_device(bias_rows, dev), to_device(bias_ids, dev)),
+                              to_device(bias_vals, dev, logits.dtype), accumulate=True)
         if ban_rows:
-            logits[_to(ban_rows, dev), _to(ban_ids, dev)] = -float("inf")
+            logits[to_device(ban_rows, dev), to_device(ban_ids, dev)] = -float("inf")
         return logits
 
     def _apply_penalties(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
@@ -134,15 +134,15 @@ class Sampler:
         seen_rows, seen_ids = np.repeat(np.arange(n), [len(a) for a in seen]), np.concatenate(seen)
         out_rows, out_ids = np.repeat(np.arange(n), [len(a) for a in outs]), np.concatenate(outs)
         sub = logits[rows]
-        rep = _to([p.repetition_penalty for p in ps], dev, sub.dtype)[:, None]
+        rep = to_device([p.repetition_penalty for p in ps], dev, sub.dtype)[:, None]
         mask = torch.zeros(n, V, dtype=torch.bool, device=dev)
         mask[torch.from_numpy(seen_rows).to(dev), torch.from_numpy(seen_ids).to(dev)] = True
         sub = torch.where(mask & (rep != 1.0), torch.where(sub > 0, sub / rep, sub * rep), sub)
         counts = torch.zeros(n, V, dtype=sub.dtype, device=dev)
         counts.index_put_((torch.from_numpy(out_rows).to(dev), torch.from_numpy(out_ids).to(dev)),
                           torch.ones(len(out_rows), dtype=sub.dtype, device=dev), accumulate=True)
-        freq = _to([p.frequency_penalty for p in ps], dev, sub.dtype)[:, None]
-        pres = _to([p.presence_penalty for p in ps], dev, sub.dtype)[:, None]
+        freq = to_device([p.frequency_penalty for p in ps], dev, sub.dtype)[:, None]
+        pres = to_device([p.presence_penalty for p in ps], dev, sub.dtype)[:, None]
         logits[rows] = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
         return logits
 
@@ -151,7 +151,7 @@ class Sampler:
         V = logits.shape[1]
         # Every row's parameters in one host -> device copy: temperature (1 for greedy rows),
         # min_p, top_k (V: off; float32 holds it exactly), top_p, and whether the row is greedy.
-        temp, min_p, top_k, top_p, is_greedy = _to(
+        temp, min_p, top_k, top_p, is_greedy = to_device(
             [[1.0 if g else p.temperature for g, p in zip(greedy, params)], [p.min_p for p in params],
              [float(p.top_k) if p.top_k > 0 else float(V) for p in params], [p.top_p for p in params],
              [float(g) for g in greedy]], logits.device, torch.float32)
@@ -188,11 +188,13 @@ def _top_k_top_p(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) 
     return torch.zeros_like(probs).scatter_(1, idx, sorted_p)
 
 
-def _to(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A host list as a tensor on `device`; on a GPU pinned and asynchronous (torch.tensor(...,
-    device=cuda) waits for the copy, which would stall --async-scheduling's step in flight)."""
-    t = torch.tensor(values, dtype=dtype)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+def to_device(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host values (a list, or a CPU tensor) as a tensor on `device`; off the CPU pinned and
+    asynchronous (torch.tensor(..., device=cuda) waits for the copy, which would stall
+    --async-scheduling's step in flight). The sampler's parameters and the runner's step inputs
+    both reach the device this way."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type != "cpu" else t
 
 
 def batch_top_logprobs(logprobs: torch.Tensor, chosen: list[int], ks: list[int]) -> list[tuple]:
