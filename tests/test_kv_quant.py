@@ -74,18 +74,18 @@ def test_preemption_and_prefix_caching_with_a_quantized_cache(default_model_dir,
     ample = LLM(str(default_model_dir), kv_cache_memory=64 << 20, enable_prefix_caching=False, **kw)
     tok = ample.get_tokenizer()
     prompts = [long_prompt(60 + 10 * i, tok) for i in range(8)]
-    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     ref = [o.outputs[0].token_ids for o in ample.generate(prompts, params, use_tqdm=False)]
     block_bytes = 2 * 30 * 3 * (64 + 4) * 16
-    small = LLM(str(default_model_dir), kv_cache_memory=24 * block_bytes, **kw)
+    small = LLM(str(default_model_dir), kv_cache_memory=24 * block_bytes, **kw)  # prefix caching on, as by default
     assert small.engine.kv.num_blocks == 24
     tight = [o.outputs[0].token_ids for o in small.generate(prompts, params, use_tqdm=False)]
     assert small.engine.scheduler.num_preemptions > 0, "the budget was meant to force preemption"
     same = sum(a == b for r, t in zip(ref, tight) for a, b in zip(r, t)) / sum(len(r) for r in ref)
-    assert all(len(t) == 48 for t in tight) and same >= 0.6, same
+    assert all(len(t) == 32 for t in tight) and same >= 0.6, same
     assert_no_leaks(small.engine)
 
-    cached = LLM(str(default_model_dir), kv_cache_memory=64 << 20, **kw)
+    cached = small  # its blocks now free, the cache's prefixes still indexed
     shared = long_prompt(150, tok)
     p = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     want = ample.generate(shared + " the market.", p, use_tqdm=False)[0]
