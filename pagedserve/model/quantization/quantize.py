@@ -10,7 +10,9 @@ GPU, in the layouts the loader reads back (and vLLM reads too).
   awq       AWQ: per input channel scales s = mean|x|^alpha searched on a calibration text (alpha
             on a grid of 20, the one whose quantized output is nearest the float one), folded into
             the op before (the RMSNorm weight for q/k/v and gate/up, up_proj's rows for down_proj),
-            then asymmetric int4 with zero points in groups of --group-size; AutoAWQ's GEMM layout
+            then each group's range clipped where that brings the quantized output nearer (AWQ's
+            clip search, on the same text), then asymmetric int4 with zero points in groups of
+            --group-size; AutoAWQ's GEMM layout
 
 The decoder layers' projections are quantized; the embeddings and the output head stay float (as
 llm-compressor and AutoAWQ leave them). A GGUF source is dequantized first.
@@ -37,6 +39,8 @@ log = logging.getLogger("pagedserve.quantize")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                "w1", "w2", "w3")  # Mixtral's experts' gate, down, up
 AWQ_GRID = 20
+AWQ_CLIP_STEPS = 8  # per end of a group's range
+AWQ_CLIP_MAX_SHRINK = 0.35
 
 
 def symmetric(w: torch.Tensor, bits: int, group: int | None) -> QuantizedWeight:
@@ -56,18 +60,52 @@ def symmetric(w: torch.Tensor, bits: int, group: int | None) -> QuantizedWeight:
     return QuantizedWeight((q + 8).to(torch.uint8), scale, -8 * scale, 4, g, "rtn int4")
 
 
-def asymmetric4(w: torch.Tensor, group: int) -> tuple[QuantizedWeight, torch.Tensor]:
-    """AWQ's int4: q in 0..15 with an integer zero point per group, w ~ (q - z) * s. Returns the
-    weight and the zero points [N, G]."""
+def asymmetric4(w: torch.Tensor, group: int, lo: torch.Tensor | None = None,
+                hi: torch.Tensor | None = None) -> tuple[QuantizedWeight, torch.Tensor]:
+    """AWQ's int4: q in 0..15 with an integer zero point per group, w ~ (q - z) * s, the grid
+    spanning each group's [lo, hi] [N, G] (default: its min and max; a narrower range clips).
+    Returns the weight and the zero points [N, G]."""
     n, k = w.shape
     wg = w.float().reshape(n, k // group, group)
-    lo, hi = wg.amin(-1), wg.amax(-1)
+    if lo is None or hi is None:
+        lo, hi = wg.amin(-1), wg.amax(-1)
     scale = ((hi - lo) / 15).clamp_min(1e-10)
     zero = torch.clamp(torch.round(-lo / scale), 0, 15)
     q = torch.clamp(torch.round(wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, 15).reshape(n, k)
     # offsets as the loader computes them from the stored fp16 scales (exact round trip)
     s16 = scale.half().float()
     return QuantizedWeight(q.to(torch.uint8), s16, -zero * s16, 4, group, "awq"), zero
+
+
+def awq_clip(w: torch.Tensor, x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """AWQ's clip search: each group's quantization range [lo, hi] [N, G], both ends shrunk toward
+    zero on a grid (AWQ_CLIP_STEPS x AWQ_CLIP_STEPS, down to 1 - AWQ_CLIP_MAX_SHRINK), chosen per
+    group where the layer's output on the calibration inputs x [T, K] moves least. A group's share of
+    that error is d^T H d, with d the group's weight error and H = X^T X / T of its own input
+    columns, so every candidate is scored exactly without a matmul over the tokens. Clipping trades
+    a few outliers' error for a finer grid under the rest. AutoAWQ shrinks a symmetric range by its
+    max |w|; both ends on their own fit asymmetric groups better (measured: benchmarks/README.md)."""
+    n, k = w.shape
+    g = k // group
+    w = w.float()
+    xg = x.float().reshape(-1, g, group)
+    h = torch.einsum("tgi,tgj->gij", xg, xg) / xg.shape[0]
+    wg = w.reshape(n, g, group)
+    lo0, hi0 = wg.amin(-1), wg.amax(-1)
+    best_lo, best_hi, best_err = lo0, hi0, None
+    ratios = [1 - AWQ_CLIP_MAX_SHRINK * i / (AWQ_CLIP_STEPS - 1) for i in range(AWQ_CLIP_STEPS)]
+    for a in ratios:
+        for b in ratios:
+            lo, hi = lo0 * a, hi0 * b
+            d = asymmetric4(w, group, lo, hi)[0].dequantize().reshape(n, g, group) - wg
+            err = torch.einsum("ngi,gij,ngj->ng", d, h, d)
+            if best_err is None:
+                best_err = err
+                continue
+            better = err < best_err
+            best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+            best_err = torch.minimum(err, best_err)
+    return best_lo, best_hi
 
 
 def gptq4(w: torch.Tensor, x: torch.Tensor, group: int, damp: float = 0.01, block: int = 128,
@@ -244,6 +282,7 @@ def _awq(folder: Path, weights: dict, names: list[str], group: int, calibration:
     inputs = _calibration(folder, calibration, max_tokens)
     layers = sorted({n.split(".mlp.")[0].split(".self_attn.")[0] for n in names}, key=lambda p: int(p.split(".")[-1]))
     out: dict[str, torch.Tensor] = {}
+    in_scale: dict[str, torch.Tensor] = {}
     for li, layer in enumerate(layers):
         # scale groups: (projections sharing an input, the op the inverse scale folds into)
         attn, mlp = f"{layer}.self_attn", f"{layer}.mlp"
@@ -254,13 +293,15 @@ def _awq(folder: Path, weights: dict, names: list[str], group: int, calibration:
             s = _awq_scales([weights[p + ".weight"] for p in projs], x, group)
             for p in projs:
                 weights[p + ".weight"] = weights[p + ".weight"] * s
+                in_scale[p] = s  # its calibration inputs, captured unscaled, are x / s now
             if fold.endswith("up_proj.weight"):
                 weights[fold] = weights[fold] / s.unsqueeze(1)  # up's output rows feed down's input channels
             else:
                 weights[fold] = weights[fold] / s
         for p in [f"{attn}.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
                  [f"{mlp}.{n}" for n in ("gate_proj", "up_proj", "down_proj")]:
-            qw, zero = asymmetric4(weights.pop(p + ".weight"), group)
+            w = weights.pop(p + ".weight")
+            qw, zero = asymmetric4(w, group, *awq_clip(w, inputs[p] / in_scale.get(p, 1), group))
             for part, t in awq_format.from_quantized_parts(qw.q, qw.scales, zero).items():
                 out[f"{p}.{part}"] = t
         log.info("AWQ: layer %d/%d", li + 1, len(layers))
