@@ -20,6 +20,8 @@
   python benchmarks/quant_weights.py --accuracy-only   # the accuracy/memory table (~3 min)
   python benchmarks/quant_weights.py --kernels-only    # the kernel table (~2 min)
   python benchmarks/quant_weights.py --kquants   # a llama.cpp Q4_K_M file: kept quantized vs its float copy
+  python benchmarks/quant_weights.py --second-model   # the accuracy table on a float Llama trained here
+                                                      # (benchmarks/second_model.py; ~2 min)
 
 --kquants: llama.cpp's own quantizer (libllama's llama_model_quantize, from the build
 benchmarks/peers.py makes) turns the F32 GGUF of the default model into Q4_K_M; SmolLM2's rows of
@@ -226,6 +228,16 @@ def report(results: dict) -> None:
                   f"{r['top1_agreement_pct']:.1f}%, greedy {r['greedy_agreement_pct']:.1f}%, weights "
                   f"{r['weight_bytes'] / 2**20:.0f} MiB = {r['weight_bytes'] / kq['file_bytes']:.2f}x the file "
                   f"({r['weights']})")
+    sm = results.get("second_model")
+    if sm:
+        tr = sm["_trained"]
+        print(f"second model (benchmarks/second_model.py: a {tr['config']['num_hidden_layers']}-layer Llama trained here "
+              f"{tr['minutes']:.0f} min, {tr['tokens_seen'] / 1e6:.1f}M tokens seen), {sm['date']}:")
+        for label, r in sm.items():
+            if not label.startswith("_") and label != "date":
+                print(f"  {label:>22}: ppl {r['perplexity']:.3f} ({r['ppl_delta_pct']:+.2f}%), top-1 "
+                      f"{r['top1_agreement_pct']:.1f}%, greedy {r['greedy_agreement_pct']:.1f}%, weights "
+                      f"{r['weight_bytes'] / 2**20:.1f} MiB ({r['weights']})")
 
 
 def plot(results: dict):
@@ -290,10 +302,36 @@ def kquants() -> dict:
     return res
 
 
+def second_model(workdir: Path) -> dict:
+    """The accuracy table on the float Llama that benchmarks/second_model.py trained here (the
+    default model exists only as Q4_1): float32 weights, then each `pagedserve quantize` method in
+    groups of 32, then float32 weights with int8 / fp8 KV caches."""
+    from second_model import OUT as folder
+
+    if not (folder / "model.safetensors").exists():
+        raise SystemExit(f"no second model at {folder}: run `python benchmarks/second_model.py` first")
+    from pagedserve.model.quantization.quantize import quantize_model
+
+    made = {m: str(quantize_model(str(folder), m, workdir / m, group_size=32)) for m in ("int8", "int4-rtn", "gptq", "awq")}
+    res = compare([("float32", str(folder), {"dtype": "float32"}),
+                   ("int8 (W8A16)", made["int8"], {"dtype": "float32"}),
+                   ("int4-rtn g32 (W4A16)", made["int4-rtn"], {"dtype": "float32"}),
+                   ("GPTQ g32", made["gptq"], {"dtype": "float32"}),
+                   ("AWQ g32", made["awq"], {"dtype": "float32"}),
+                   ("float32 + int8 KV", str(folder), {"dtype": "float32", "kv_cache_dtype": "int8"}),
+                   ("float32 + fp8 KV", str(folder), {"dtype": "float32", "kv_cache_dtype": "fp8"})])
+    train = json.loads((folder / "train_log.json").read_text())
+    res["_trained"] = {k: train[k] for k in ("date", "seed", "minutes", "steps", "tokens_seen", "corpus_tokens",
+                                             "eval_text_perplexity", "config")}
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--from-json", action="store_true")
     ap.add_argument("--kquants", action="store_true")
+    ap.add_argument("--second-model", action="store_true",
+                    help="the accuracy table on benchmarks/second_model.py's float Llama (merged into the JSON)")
     ap.add_argument("--accuracy-only", action="store_true", help="re-measure the accuracy table only (merged into the JSON)")
     ap.add_argument("--kernels-only", action="store_true", help="re-measure the kernel table only (merged into the JSON)")
     args = ap.parse_args()
@@ -302,6 +340,11 @@ def main():
     if args.kquants:
         results = json.loads(OUT.read_text())
         results["kquants"] = {"date": time.strftime("%Y-%m-%d %H:%M"), **kquants()}
+        return finish(results, OUT, report, plot)
+    if args.second_model:
+        results = json.loads(OUT.read_text())
+        with tempfile.TemporaryDirectory() as tmp:
+            results["second_model"] = {"date": time.strftime("%Y-%m-%d %H:%M"), **second_model(Path(tmp))}
         return finish(results, OUT, report, plot)
     if args.kernels_only:
         results = json.loads(OUT.read_text())
