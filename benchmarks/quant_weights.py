@@ -242,12 +242,18 @@ def report(results: dict) -> None:
 
 def plot(results: dict):
     plt = pyplot()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
-    acc = {k: v for k, v in results["accuracy"].items() if not k.startswith("_")}
-    a.barh(list(acc), [v["ppl_delta_pct"] for v in acc.values()], color="tab:blue")
-    a.set_xlabel("perplexity vs float32 weights (%)")
-    a.invert_yaxis()
-    a.set_title("accuracy (default model, fixed text)")
+    sm = {k: v for k, v in results.get("second_model", {}).items() if not k.startswith("_") and k != "date"}
+    fig, axes = plt.subplots(1, 3 if sm else 2, figsize=(19 if sm else 13, 4.5))
+    a, b = axes[0], axes[-1]
+    for ax, acc, title in ((a, results["accuracy"], "default model (its Q4_1 dequantized)"),
+                           (axes[1] if sm else None, sm, "second model (float, trained here)")):
+        if ax is None:
+            continue
+        acc = {k: v for k, v in acc.items() if not k.startswith("_")}
+        ax.barh(list(acc), [v["ppl_delta_pct"] for v in acc.values()], color="tab:blue")
+        ax.set_xlabel("perplexity vs float32 weights (%), fixed text")
+        ax.invert_yaxis()
+        ax.set_title(f"accuracy: {title}")
     rows = [int(r) for r in results["kernels"]]
     for kind in next(iter(results["kernels"].values())):
         b.plot(rows, [results["kernels"][str(r)][kind] for r in rows], "o-", label=kind)
