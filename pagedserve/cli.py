@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_q.add_argument("model", nargs="?", default=None, help="model folder, .gguf or hub id (default: the default model)")
     p_q.add_argument("--method", required=True, choices=QUANTIZE_METHODS,
                      help="int8: W8A16 per channel; int4-rtn: W4A16 round-to-nearest; gptq: int4 with GPTQ's "
-                          "error-compensating rounding; awq: activation-aware int4")
+                          "error-compensating rounding; awq: activation-aware int4 (scale search, then clip search)")
     p_q.add_argument("--out", required=True, type=Path, help="folder to write (replaced if it exists)")
     p_q.add_argument("--group-size", type=int, default=128, help="input features per scale (int4-rtn, gptq, awq)")
     p_q.add_argument("--calibration", type=Path, default=None,
