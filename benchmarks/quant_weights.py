@@ -79,9 +79,9 @@ def accuracy(workdir: Path) -> dict:
     return res
 
 
-def compare(variants: list[tuple[str, str | None, dict]]) -> dict:
-    """Each (label, model, engine kwargs) against the first: perplexity on the fixed text, top-1
-    and greedy agreement, resident weights."""
+def compare(variants: list[tuple[str, str | None, dict]], text: str | None = None) -> dict:
+    """Each (label, model, engine kwargs) against the first: perplexity on the fixed text (or
+    `text`), top-1 and greedy agreement, resident weights."""
     from pagedserve import SamplingParams
     from pagedserve.bench.accuracy import agreement_pct, prompt_stats
 
@@ -89,7 +89,7 @@ def compare(variants: list[tuple[str, str | None, dict]]) -> dict:
     res, base = {}, None
     for label, model, kw in variants:
         llm = _llm(model, **kw)
-        ids = llm.get_tokenizer()(TEXT.read_text()).input_ids
+        ids = llm.get_tokenizer()(text or TEXT.read_text()).input_ids
         ppl, top = prompt_stats(llm, ids)
         gen = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
         base = base or {"ppl": ppl, "top": top, "gen": gen}
@@ -233,11 +233,13 @@ def report(results: dict) -> None:
         tr = sm["_trained"]
         print(f"second model (benchmarks/second_model.py: a {tr['config']['num_hidden_layers']}-layer Llama trained here "
               f"{tr['minutes']:.0f} min, {tr['tokens_seen'] / 1e6:.1f}M tokens seen), {sm['date']}:")
-        for label, r in sm.items():
-            if not label.startswith("_") and label != "date":
-                print(f"  {label:>22}: ppl {r['perplexity']:.3f} ({r['ppl_delta_pct']:+.2f}%), top-1 "
-                      f"{r['top1_agreement_pct']:.1f}%, greedy {r['greedy_agreement_pct']:.1f}%, weights "
-                      f"{r['weight_bytes'] / 2**20:.1f} MiB ({r['weights']})")
+        for title, rows in (("the fixed eval text", sm), ("held-out text of its own kind", sm.get("_heldout", {}))):
+            print(f" on {title}:")
+            for label, r in rows.items():
+                if not label.startswith("_") and label not in ("date", "files"):
+                    print(f"  {label:>22}: ppl {r['perplexity']:.3f} ({r['ppl_delta_pct']:+.2f}%), top-1 "
+                          f"{r['top1_agreement_pct']:.1f}%, greedy {r['greedy_agreement_pct']:.1f}%, weights "
+                          f"{r['weight_bytes'] / 2**20:.1f} MiB ({r['weights']})")
 
 
 def plot(results: dict):
@@ -313,19 +315,24 @@ def second_model(workdir: Path) -> dict:
     default model exists only as Q4_1): float32 weights, then each `pagedserve quantize` method in
     groups of 32, then float32 weights with int8 / fp8 KV caches."""
     from second_model import OUT as folder
+    from second_model import heldout_text
 
     if not (folder / "model.safetensors").exists():
         raise SystemExit(f"no second model at {folder}: run `python benchmarks/second_model.py` first")
     from pagedserve.model.quantization.quantize import quantize_model
 
     made = {m: str(quantize_model(str(folder), m, workdir / m, group_size=32)) for m in ("int8", "int4-rtn", "gptq", "awq")}
-    res = compare([("float32", str(folder), {"dtype": "float32"}),
-                   ("int8 (W8A16)", made["int8"], {"dtype": "float32"}),
-                   ("int4-rtn g32 (W4A16)", made["int4-rtn"], {"dtype": "float32"}),
-                   ("GPTQ g32", made["gptq"], {"dtype": "float32"}),
-                   ("AWQ g32", made["awq"], {"dtype": "float32"}),
-                   ("float32 + int8 KV", str(folder), {"dtype": "float32", "kv_cache_dtype": "int8"}),
-                   ("float32 + fp8 KV", str(folder), {"dtype": "float32", "kv_cache_dtype": "fp8"})])
+    variants = [("float32", str(folder), {"dtype": "float32"}),
+                ("int8 (W8A16)", made["int8"], {"dtype": "float32"}),
+                ("int4-rtn g32 (W4A16)", made["int4-rtn"], {"dtype": "float32"}),
+                ("GPTQ g32", made["gptq"], {"dtype": "float32"}),
+                ("AWQ g32", made["awq"], {"dtype": "float32"}),
+                ("float32 + int8 KV", str(folder), {"dtype": "float32", "kv_cache_dtype": "int8"}),
+                ("float32 + fp8 KV", str(folder), {"dtype": "float32", "kv_cache_dtype": "fp8"})]
+    res = compare(variants)
+    text, files = heldout_text()
+    print("  on held-out text of its own kind:", flush=True)
+    res["_heldout"] = {"files": files, **compare(variants, text)}
     train = json.loads((folder / "train_log.json").read_text())
     res["_trained"] = {k: train[k] for k in ("date", "seed", "minutes", "steps", "tokens_seen", "corpus_tokens",
                                              "eval_text_perplexity", "config")}
