@@ -39,22 +39,25 @@ CONFIG = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_a
               tie_word_embeddings=True, hidden_act="silu")
 
 
+def _text_files(roots: list[Path], min_bytes: int, max_bytes: int):
+    """Text and documentation files (.txt/.rst/.md) under `roots`, in name order, of min_bytes <
+    size <= max_bytes, leaving out licenses, changelogs and the like."""
+    for root in roots:
+        for p in sorted(root.rglob("*")) if root.exists() else []:
+            if p.suffix in (".txt", ".rst", ".md") and p.is_file() and min_bytes < p.stat().st_size <= max_bytes \
+                    and not any(w in p.name.upper() for w in ("LICENSE", "COPYING", "CHANGE", "NEWS", "HISTORY",
+                                                               "AUTHORS", "RECORD")):
+                yield p
+
+
 def corpus_files() -> list[Path]:
     """English text already on this machine: prose first, then documentation, at most ~40 MB."""
     import sysconfig
 
-    roots = [Path(sysconfig.get_paths()["purelib"]), Path(sysconfig.get_paths()["stdlib"]), Path("/usr/share/vim"),
-             Path("/usr/share/doc")]
-    found: list[Path] = []
-    for root in roots:
-        if not root.exists():
-            continue
-        for p in sorted(root.rglob("*")):
-            if p.suffix in (".txt", ".rst", ".md") and p.is_file() and 20_000 < p.stat().st_size < 5_000_000 \
-                    and not any(w in p.name.upper() for w in ("LICENSE", "COPYING", "CHANGE", "NEWS", "HISTORY",
-                                                               "AUTHORS", "RECORD")):
-                found.append(p)
-    topics = Path(sysconfig.get_paths()["stdlib"]) / "pydoc_data" / "topics.py"
+    paths = sysconfig.get_paths()
+    found = list(_text_files([Path(paths["purelib"]), Path(paths["stdlib"]), Path("/usr/share/vim"),
+                              Path("/usr/share/doc")], 20_000, 5_000_000))
+    topics = Path(paths["stdlib"]) / "pydoc_data" / "topics.py"
     if topics.exists():
         found.append(topics)
     found.sort(key=lambda p: ("Opticks" not in p.name, str(p)))  # the one book first
@@ -75,18 +78,13 @@ def heldout_text(chars: int = 5000) -> tuple[str, list[str]]:
     import sysconfig
 
     picked, parts, folders = [], [], set()
-    per = chars // 4
-    for root in (Path("/usr/share/doc"), Path(sysconfig.get_paths()["purelib"])):
-        for p in sorted(root.rglob("*")) if root.exists() else []:
-            if len(parts) == 4:
-                break
-            if p.suffix in (".txt", ".rst", ".md") and p.is_file() and 8_000 < p.stat().st_size <= 20_000 \
-                    and p.parent not in folders:
-                text = p.read_text(errors="ignore")
-                if english_share(text) >= 0.8:
-                    parts.append(text[:per])
-                    picked.append(str(p))
-                    folders.add(p.parent)
+    for p in _text_files([Path("/usr/share/doc"), Path(sysconfig.get_paths()["purelib"])], 8_000, 20_000):
+        if len(parts) == 4:
+            break
+        if p.parent not in folders and english_share(text := p.read_text(errors="ignore")) >= 0.8:
+            parts.append(text[:chars // 4])
+            picked.append(str(p))
+            folders.add(p.parent)
     return "\n".join(parts), picked
 
 

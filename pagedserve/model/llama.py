@@ -193,11 +193,11 @@ def _packed_weights_onto_huge_pages(model: nn.Module) -> None:
             o.weight = nn.Parameter(arena.place(o.weight.detach()), requires_grad=False)
         else:
             o.move_packed(arena.place)
-    if arena.total >= 16 << 20 and arena.huge_fraction() < 0.5:
+    if arena.total >= 16 << 20 and (huge := arena.huge_fraction()) < 0.5:
         thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
         logging.getLogger("pagedserve.runner").info(
             "packed weights: %.0f%% of %.0f MiB on huge pages (transparent_hugepage: %s); decode steps read them a "
-            "few %% slower", 100 * arena.huge_fraction(), arena.total / 2**20,
+            "few %% slower", 100 * huge, arena.total / 2**20,
             thp.read_text().strip() if thp.exists() else "not available")
 
 

@@ -92,16 +92,13 @@ def awq_clip(w: torch.Tensor, x: torch.Tensor, group: int) -> tuple[torch.Tensor
     h = torch.einsum("tgi,tgj->gij", xg, xg) / xg.shape[0]
     wg = w.reshape(n, g, group)
     lo0, hi0 = wg.amin(-1), wg.amax(-1)
-    best_lo, best_hi, best_err = lo0, hi0, None
+    best_lo, best_hi, best_err = lo0, hi0, torch.full_like(lo0, float("inf"))
     ratios = [1 - AWQ_CLIP_MAX_SHRINK * i / (AWQ_CLIP_STEPS - 1) for i in range(AWQ_CLIP_STEPS)]
     for a in ratios:
         for b in ratios:
             lo, hi = lo0 * a, hi0 * b
             d = asymmetric4(w, group, lo, hi)[0].dequantize().reshape(n, g, group) - wg
             err = torch.einsum("ngi,gij,ngj->ng", d, h, d)
-            if best_err is None:
-                best_err = err
-                continue
             better = err < best_err
             best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
             best_err = torch.minimum(err, best_err)
